@@ -1,0 +1,1 @@
+"""The algorithms, one stage of the paper per module; no Dagster in here."""

@@ -1,0 +1,108 @@
+"""Atomic writes: every output is written to a temp file under
+``$DBPRUNE_HOME/.tmp/`` and renamed into place, so a crash never leaves a half
+file that a later step reads.  The temp folder is on the same file system as
+the target (both under ``$DBPRUNE_HOME``), which makes ``os.replace`` atomic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+
+def _tmp_root(target: Path, tmp_root: Path | None) -> Path:
+    root = tmp_root if tmp_root is not None else target.parent / ".tmp"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike[str], tmp_root: Path | None = None) -> Iterator[Path]:
+    """Yield a temp path; on success rename it onto ``target`` (file or folder)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    root = _tmp_root(target, tmp_root)
+    tmp = root / f"{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{''.join(target.suffixes[-1:])}"
+    try:
+        yield tmp
+        if tmp.is_dir() and target.is_dir():
+            # replace a folder: move the old one aside first, then swap
+            old = root / f"{target.name}.old.{uuid.uuid4().hex[:8]}"
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    finally:
+        if tmp.exists():
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_bytes(target: Path, data: bytes, tmp_root: Path | None = None) -> None:
+    with atomic_path(target, tmp_root) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_json(target: Path, obj: Any, tmp_root: Path | None = None) -> None:
+    write_bytes(target, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode(), tmp_root)
+
+
+def save_npy(target: Path, array: np.ndarray, tmp_root: Path | None = None) -> None:
+    with atomic_path(target, tmp_root) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_parquet(target: Path, table: Any, tmp_root: Path | None = None) -> None:
+    """Write a polars DataFrame or pyarrow Table atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not isinstance(table, pa.Table):
+        table = table.to_arrow()
+    with atomic_path(target, tmp_root) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def remove(target: Path) -> None:
+    """Remove a file or folder if present (idempotent)."""
+    if target.is_dir():
+        shutil.rmtree(target, ignore_errors=True)
+    else:
+        target.unlink(missing_ok=True)
+
+
+def scratch_dir(tmp_root: Path, prefix: str) -> tempfile.TemporaryDirectory[str]:
+    """A private scratch folder under the temp root, removed on exit."""
+    tmp_root.mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(prefix=prefix, dir=tmp_root)

@@ -1,0 +1,107 @@
+"""Where everything lives: the contract paths of ``shared/DESIGN.md``.
+
+Every file a run writes is under ``$DBPRUNE_HOME`` (default ``./data``); the
+input pool is ``$DBPRUNE_POOL`` (default ``$DBPRUNE_HOME/pool``).  Nothing else in
+the code base builds these paths by hand.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+#: file name used for the single partition of an unpartitioned table
+UNPARTITIONED = "all"
+
+
+@dataclass(frozen=True)
+class Layout:
+    home: Path
+    pool: Path
+
+    @classmethod
+    def from_env(cls, home: str | os.PathLike[str] | None = None, pool: str | os.PathLike[str] | None = None) -> "Layout":
+        home_p = Path(home or os.environ.get("DBPRUNE_HOME") or "data").expanduser().resolve()
+        pool_env = pool or os.environ.get("DBPRUNE_POOL")
+        pool_p = Path(pool_env).expanduser().resolve() if pool_env else home_p / "pool"
+        return cls(home=home_p, pool=pool_p)
+
+    # -- bookkeeping -------------------------------------------------------
+    @property
+    def tmp(self) -> Path:
+        return self.home / ".tmp"
+
+    @property
+    def dagster_home(self) -> Path:
+        return self.home / "dagster"
+
+    @property
+    def catalog(self) -> Path:
+        return self.home / "dbprune.duckdb"
+
+    @property
+    def config_file(self) -> Path:
+        return self.home / "config.yaml"
+
+    def state(self, asset: str, partition: str = UNPARTITIONED) -> Path:
+        """Commit marker of one materialised partition (fingerprint + summary)."""
+        return self.home / "state" / asset / f"{partition}.json"
+
+    # -- tables ------------------------------------------------------------
+    def table_dir(self, table: str) -> Path:
+        return self.home / "tables" / table
+
+    def table(self, table: str, partition: str = UNPARTITIONED) -> Path:
+        return self.table_dir(table) / f"{partition}.parquet"
+
+    # -- embeddings (clip-retrieval layout) --------------------------------
+    def img_emb(self, shard: str) -> Path:
+        return self.home / "embeddings" / "img_emb" / f"{shard}.npy"
+
+    def text_emb(self, shard: str) -> Path:
+        return self.home / "embeddings" / "text_emb" / f"{shard}.npy"
+
+    def emb_metadata(self, shard: str) -> Path:
+        return self.home / "embeddings" / "metadata" / f"{shard}.parquet"
+
+    # -- models, subsets, artefacts ---------------------------------------
+    @property
+    def encoder_dir(self) -> Path:
+        return self.home / "models" / "encoder"
+
+    def model_dir(self, strategy: str) -> Path:
+        return self.home / "models" / strategy
+
+    def subset_dir(self, strategy: str) -> Path:
+        return self.home / "subsets" / strategy
+
+    def artefact_dir(self, asset: str) -> Path:
+        """Plots and other files shown in the UI, per asset."""
+        return self.home / "artefacts" / asset
+
+    # -- the pool ----------------------------------------------------------
+    @property
+    def eval_dir(self) -> Path:
+        return self.pool / "eval"
+
+    @property
+    def reference_dir(self) -> Path:
+        return self.pool / "reference"
+
+    def shard_parquet(self, shard: str) -> Path:
+        return self.pool / f"{shard}.parquet"
+
+    def shard_tar(self, shard: str) -> Path:
+        return self.pool / f"{shard}.tar"
+
+
+def list_pool_shards(pool: Path) -> list[str]:
+    """Shard names of a pool folder: every ``NAME.parquet`` at its top level.
+
+    The parquet is the shard's ledger (one row per attempted sample), so a shard
+    whose tar is missing is still a shard; its rows get ``missing_in_tar``.
+    """
+    if not pool.is_dir():
+        return []
+    return sorted(p.stem for p in pool.glob("*.parquet") if p.is_file() and not p.name.startswith("."))

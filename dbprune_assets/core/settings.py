@@ -1,0 +1,246 @@
+"""Pipeline settings: one YAML file, validated before any run starts.
+
+A settings file names a ``profile`` (``paper`` or ``sample``) and overrides any
+field of it; unknown keys and out-of-range values are errors that name the
+setting and its allowed values.  Every knob of the pipeline lives here with a
+documented default; nothing needs a code edit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+STRATEGIES: tuple[str, ...] = ("dbp", "ssp", "random", "clip_score", "semdedup", "full")
+PROFILES: tuple[str, ...] = ("paper", "sample")
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class SettingsError(ValueError):
+    """A pipeline setting is invalid; the message names it and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PoolSettings(_Section):
+    """The synthetic sample pool (written when ``$DBPRUNE_POOL`` is absent)."""
+
+    shards: int = Field(6, gt=0, description="number of pool shards")
+    samples_per_shard: int = Field(500, gt=0, description="parquet rows per shard (failed rows included)")
+    concepts: int = Field(24, ge=2, le=64, description="number of visual concepts")
+    image_size: int = Field(48, ge=16, description="side of the rendered JPEGs, pixels")
+    reference_samples: int = Field(6000, ge=0, description="size of the clean reference split for the bootstrap encoder")
+    eval_per_class: int = Field(20, ge=1, description="labelled eval images per concept")
+    seed: int = Field(0, description="generator seed; the pool is a pure function of its settings")
+
+
+class EncoderSpec(_Section):
+    """One encoder: an open_clip architecture with a pretrained tag, an
+    ``hf-hub:`` id, a local checkpoint, or ``bootstrap``."""
+
+    model: str = Field("bootstrap", description="open_clip model name, 'hf-hub:ORG/REPO', or 'bootstrap'")
+    pretrained: str | None = Field(None, description="open_clip pretrained tag (e.g. 'laion2b_s34b_b79k') or a local checkpoint path")
+
+    @property
+    def is_bootstrap(self) -> bool:
+        return self.model == "bootstrap"
+
+
+class BootstrapSettings(_Section):
+    """The offline encoder: a small CLIP trained with open_clip_train on the
+    reference split (or, for a user pool without one, on the pool itself)."""
+
+    model: str = Field("dbprune-tiny", description="open_clip architecture to train")
+    epochs: int = Field(10, gt=0)
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(2e-3, gt=0)
+    warmup: int = Field(20, ge=0)
+    workers: int = Field(1, ge=0)
+    seed: int = Field(0)
+
+
+class EncoderSettings(_Section):
+    cluster_encoder: EncoderSpec = EncoderSpec()
+    score_encoder: EncoderSpec | None = Field(None, description="defaults to the cluster encoder")
+    bootstrap: BootstrapSettings = BootstrapSettings()
+
+    @property
+    def score(self) -> EncoderSpec:
+        return self.score_encoder or self.cluster_encoder
+
+
+class ComputeSettings(_Section):
+    device: Device = Field("auto", description="auto: cuda when present, else cpu")
+    batch_size: int = Field(256, gt=0, description="embedding batch size")
+    workers: int = Field(1, ge=0, description="image decoding worker processes (0 = in the main process)")
+    threads: int = Field(0, ge=0, description="torch/faiss CPU threads (0 = library default)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 autocast on cuda, fp32 on cpu")
+    tile: int = Field(4096, gt=0, description="SemDeDup column tile size")
+
+
+class IngestSettings(_Section):
+    verify_images: Literal["decode", "header", "none"] = Field(
+        "decode", description="how ingest checks images: full decode, header only, or not at all"
+    )
+
+
+class SemDedupSettings(_Section):
+    dedup_k: int = Field(50000, gt=0, description="SemDeDup k-means clusters")
+    eps: float = Field(0.07, gt=0, lt=1, description="duplicate when cosine similarity > 1 - eps")
+    niter: int = Field(100, gt=0)
+    sample_size: int = Field(2_000_000, gt=0, description="k-means training sample (bounded, uniform over the pool)")
+    seed: int = 0
+
+
+class ClipFilterSettings(_Section):
+    threshold: float | None = Field(None, ge=-1, le=1, description="keep clip_score >= threshold")
+    fraction: float | None = Field(0.5, gt=0, le=1, description="keep the top fraction (DataComp --fraction)")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> "ClipFilterSettings":
+        if (self.threshold is None) == (self.fraction is None):
+            raise ValueError("set exactly one of clip_filter.threshold or clip_filter.fraction (the other null)")
+        return self
+
+
+class DbpSettings(_Section):
+    k: int = Field(500, gt=0, description="DBP k-means clusters")
+    l: int = Field(20, gt=0, description="nearest other centroids for d_inter (capped at k-1)")
+    tau: float = Field(0.1, gt=0, description="softmax temperature")
+    keep_fraction: float | None = Field(0.25, gt=0, le=1, description="M = floor(keep_fraction * |candidates|)")
+    target_size: int | None = Field(None, gt=0, description="absolute M (instead of keep_fraction)")
+    r: float = Field(0.0, ge=0, description="cluster-balance ratio; lb_j = max(0, min(m, |C_j|-1)), m = floor(r*M/k), m = 1 when r = 0")
+    niter: int = Field(100, gt=0)
+    sample_size: int = Field(2_000_000, gt=0, description="k-means training sample (bounded, uniform over candidates)")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_size(self) -> "DbpSettings":
+        if (self.keep_fraction is None) == (self.target_size is None):
+            raise ValueError("set exactly one of dbp.keep_fraction or dbp.target_size (the other null)")
+        return self
+
+
+class SelectionSettings(_Section):
+    strategies: tuple[str, ...] = Field(STRATEGIES, description=f"strategies to materialise, of {', '.join(STRATEGIES)}")
+    seed: int = Field(0, description="seed of the random baseline")
+
+    @field_validator("strategies")
+    @classmethod
+    def _known(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [s for s in v if s not in STRATEGIES]
+        if bad:
+            raise ValueError(f"unknown strategy {bad}; allowed: {', '.join(STRATEGIES)}")
+        if not v:
+            raise ValueError(f"at least one strategy; allowed: {', '.join(STRATEGIES)}")
+        return v
+
+
+class ExportSettings(_Section):
+    shard_size: int = Field(10000, gt=0, description="samples per exported tar")
+    seed: int = Field(0, description="shuffle seed of the exported shards")
+
+
+class TrainSettings(_Section):
+    model: str = Field("ViT-B-32", description="open_clip architecture trained per strategy")
+    samples_seen: int = Field(128_000_000, gt=0, description="equal for every strategy: steps x global batch")
+    batch_size: int = Field(4096, gt=0, description="global batch")
+    lr: float = Field(5e-4, gt=0)
+    warmup: int = Field(500, ge=0)
+    precision: str = Field("amp_bf16")
+    workers: int = Field(4, ge=0)
+    train_seeds: tuple[int, ...] = Field((0,), min_length=1)
+
+
+class EvalSettings(_Section):
+    zeroshot: str | None = Field(None, description="labelled eval folder (default: the sample pool's eval/)")
+    retrieval: str | None = Field(None, description="captioned webdataset folder (default: the sample pool's eval/)")
+    batch_size: int = Field(256, gt=0)
+    bootstrap_samples: int = Field(1000, gt=0, description="bootstrap resamples for confidence intervals")
+
+
+class PipelineSettings(_Section):
+    profile: Literal["paper", "sample"] = "paper"
+    pool: PoolSettings = PoolSettings()
+    ingest: IngestSettings = IngestSettings()
+    encoder: EncoderSettings = EncoderSettings()
+    compute: ComputeSettings = ComputeSettings()
+    semdedup: SemDedupSettings = SemDedupSettings()
+    clip_filter: ClipFilterSettings = ClipFilterSettings()
+    dbp: DbpSettings = DbpSettings()
+    selection: SelectionSettings = SelectionSettings()
+    export: ExportSettings = ExportSettings()
+    train: TrainSettings = TrainSettings()
+    eval: EvalSettings = EvalSettings()
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of the named sections (what a stage's output depends on)."""
+        payload = {s: getattr(self, s).model_dump(mode="json") for s in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def profile_dict(name: str) -> dict[str, Any]:
+    if name not in PROFILES:
+        raise SettingsError(f"profile: unknown profile {name!r}; allowed: {', '.join(PROFILES)}")
+    text = resources.files("dbprune_assets").joinpath("profiles", f"{name}.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid pipeline settings in {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown setting (check the spelling; see the README's settings table)"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def build_settings(overrides: dict[str, Any] | None = None, profile: str | None = None, source: str = "settings") -> PipelineSettings:
+    """Profile defaults overlaid with ``overrides``; raises SettingsError."""
+    overrides = dict(overrides or {})
+    name = overrides.pop("profile", None) or profile or "paper"
+    data = _deep_merge(profile_dict(str(name)), overrides)
+    data["profile"] = name
+    try:
+        return PipelineSettings.model_validate(data)
+    except ValidationError as err:
+        raise SettingsError(_format_validation_error(err, source)) from None
+
+
+def load_settings(path: Path | None, profile: str | None = None) -> PipelineSettings:
+    """Read a settings YAML (a profile name plus overrides)."""
+    if path is None:
+        return build_settings({}, profile=profile)
+    path = Path(path)
+    if not path.is_file():
+        raise SettingsError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise SettingsError(f"--config {path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"--config {path}: expected a mapping of settings at the top level")
+    return build_settings(data, profile=profile, source=str(path))
