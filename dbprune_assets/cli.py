@@ -1,0 +1,201 @@
+"""The ``dbprune`` command: run, sample-pool, sql, ui."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .core.layout import Layout
+from .core.settings import PipelineSettings, SettingsError, build_settings, load_settings
+
+
+def _err(msg: str) -> int:
+    print(f"dbprune: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def resolve_settings(layout: Layout, config: Path | None, profile: str | None) -> PipelineSettings:
+    """--config FILE, else the saved config.yaml, else the profile that fits the pool."""
+    if config is not None:
+        return load_settings(config, profile=profile)
+    if profile is not None:
+        return build_settings({}, profile=profile)
+    from .defs.common import current_settings
+
+    return current_settings(layout)
+
+
+def preflight(layout: Layout, settings: PipelineSettings) -> None:
+    """Checks that need the file system, before any run starts."""
+    from .core.settings import SettingsError
+
+    for name, spec in (("cluster_encoder", settings.encoder.cluster_encoder), ("score_encoder", settings.encoder.score_encoder)):
+        if spec is None or spec.is_bootstrap:
+            continue
+        if spec.model.startswith("local-dir:") and not Path(spec.model[len("local-dir:"):]).is_dir():
+            raise SettingsError(f"encoder.{name}.model: folder {spec.model[len('local-dir:'):]} does not exist")
+        p = spec.pretrained
+        if p and ("/" in p or p.endswith((".pt", ".bin", ".safetensors", ".pth"))) and not Path(p).expanduser().exists():
+            raise SettingsError(
+                f"encoder.{name}.pretrained: checkpoint {p} does not exist; set an existing checkpoint path, "
+                "an open_clip pretrained tag, or model: bootstrap"
+            )
+    for name, path in (("eval.zeroshot", settings.eval.zeroshot), ("eval.retrieval", settings.eval.retrieval)):
+        if path and not Path(path).expanduser().exists():
+            raise SettingsError(f"{name}: {path} does not exist; point it at a labelled folder/webdataset or leave it null")
+
+
+def ensure_pool(layout: Layout, settings: PipelineSettings, echo=print) -> None:
+    if layout.pool.exists():
+        return
+    if os.environ.get("DBPRUNE_POOL"):
+        raise SettingsError(
+            f"DBPRUNE_POOL={layout.pool} does not exist; point it at a folder of img2dataset shards "
+            "(NNNNN.tar + NNNNN.parquet) or unset it to use the generated sample pool"
+        )
+    from .core.pool import write_sample_pool
+
+    echo(f"generating the sample pool in {layout.pool} …")
+    summary = write_sample_pool(layout.pool, settings.pool, tmp_root=layout.tmp)
+    echo(f"  {summary}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .core.atomic import write_bytes
+    from .runner import run_pipeline
+
+    layout = Layout.from_env()
+    try:
+        settings = resolve_settings(layout, args.config, args.profile)
+        preflight(layout, settings)
+        ensure_pool(layout, settings)
+    except SettingsError as e:
+        return _err(str(e))
+    layout.home.mkdir(parents=True, exist_ok=True)
+    write_bytes(layout.config_file, settings.to_yaml().encode(), layout.tmp)
+    print(f"dbprune: home {layout.home}, pool {layout.pool}, profile {settings.profile} "
+          f"(settings saved to {layout.config_file})")
+    report = run_pipeline(layout, settings, select=args.select, force=args.force)
+    print_summary(layout, report)
+    return 0 if report.ok else 1
+
+
+def print_summary(layout: Layout, report) -> None:
+    ran = sum(1 for g in report.groups if g.partitions)
+    print(f"\n{'done' if report.ok else 'FAILED'} in {report.seconds:.0f}s: {ran} group(s) ran, "
+          f"{len(report.groups) - ran} up to date")
+    if report.ok:
+        comparison = layout.artefact_dir("comparison") / "comparison.md"
+        if comparison.exists():
+            print("\n" + comparison.read_text())
+    print(
+        "\nwhere to look:\n"
+        f"  tables   {layout.home / 'tables'}  (SQL: dbprune sql \"SELECT status, count(*) FROM samples GROUP BY 1\")\n"
+        f"  subsets  {layout.home / 'subsets'}\n"
+        f"  models   {layout.home / 'models'}\n"
+        f"  UI       dbprune ui   (Dagster instance {layout.dagster_home})"
+    )
+
+
+def cmd_sample_pool(args: argparse.Namespace) -> int:
+    from .core.pool import write_sample_pool
+
+    layout = Layout.from_env()
+    out = Path(args.out).resolve() if args.out else layout.pool
+    over = {k: v for k, v in {
+        "shards": args.shards, "samples_per_shard": args.samples_per_shard, "concepts": args.concepts,
+        "image_size": args.image_size, "reference_samples": args.reference_samples, "seed": args.seed,
+    }.items() if v is not None}
+    try:
+        base = build_settings({}, profile="sample").pool
+        pool_settings = base.model_copy(update=over)
+        type(base).model_validate(pool_settings.model_dump())
+    except Exception as e:  # pydantic ValidationError
+        return _err(str(e))
+    if out.exists() and any(out.iterdir()):
+        if not args.overwrite:
+            return _err(f"{out} exists and is not empty; pass --overwrite to replace it")
+    summary = write_sample_pool(out, pool_settings, tmp_root=layout.tmp if not args.out else None)
+    print(summary)
+    return 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from .core.catalog import query, refresh_catalog
+
+    layout = Layout.from_env()
+    try:
+        refresh_catalog(layout, timeout_s=5)
+    except Exception:
+        pass  # a writer holds it; the views are still valid (globs)
+    try:
+        table = query(layout, args.query)
+    except Exception as e:
+        return _err(f"SQL failed: {e}")
+    df = pl.from_arrow(table)
+    if args.format == "csv":
+        sys.stdout.write(df.write_csv())
+    else:
+        with pl.Config(tbl_rows=args.max_rows, tbl_cols=-1, fmt_str_lengths=80, tbl_width_chars=200):
+            print(df)
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from .runner import dagster_instance
+
+    layout = Layout.from_env()
+    dagster_instance(layout)  # creates DAGSTER_HOME and exports it
+    argv = [sys.executable, "-m", "dagster", "dev", "-m", "dbprune_assets.definitions",
+            "-h", args.host, "-p", str(args.port)]
+    print(f"dbprune: Dagster UI on http://{args.host}:{args.port} (instance {layout.dagster_home})")
+    os.execv(sys.executable, argv)
+    return 0  # pragma: no cover
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dbprune", description="Density-Based Pruning of image-text pools (Dagster).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="materialise the asset graph (skips up-to-date partitions)")
+    r.add_argument("--config", type=Path, help="YAML of pipeline settings (a profile plus overrides)")
+    r.add_argument("--profile", choices=["paper", "sample"], help="start from this profile (default: the one that fits the pool)")
+    r.add_argument("--select", help="asset selection, as `dagster asset materialize --select` (e.g. '*pruned_subset')")
+    r.add_argument("--force", action="store_true", help="redo selected partitions even when up to date")
+    r.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("sample-pool", help="write the synthetic sample pool (img2dataset layout)")
+    s.add_argument("--out", help="folder (default $DBPRUNE_POOL or $DBPRUNE_HOME/pool)")
+    s.add_argument("--shards", type=int)
+    s.add_argument("--samples-per-shard", type=int)
+    s.add_argument("--concepts", type=int)
+    s.add_argument("--image-size", type=int)
+    s.add_argument("--reference-samples", type=int)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=cmd_sample_pool)
+
+    q = sub.add_parser("sql", help="query the DuckDB catalog")
+    q.add_argument("query")
+    q.add_argument("--format", choices=["table", "csv"], default="table")
+    q.add_argument("--max-rows", type=int, default=50)
+    q.set_defaults(fn=cmd_sql)
+
+    u = sub.add_parser("ui", help="the Dagster UI on the same instance as dbprune run")
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--port", type=int, default=3000)
+    u.set_defaults(fn=cmd_ui)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.fn(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Ingest: ``raw_metadata`` (one partition per pool shard), ``pool_manifest``,
+and the sensor that registers shards as they appear in the pool folder."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import dagster as dg
+
+from ..core.atomic import remove, write_parquet
+from ..core.layout import Layout, list_pool_shards
+from ..core.shards import STATUSES, ingest_shard
+from ..core.state import clear_state, combine_versions, read_state
+from .common import GRAPH, SHARDS, DbpruneResource, shard_partitions
+from .ui import md_table
+
+#: per-shard files every stage writes; removing a shard removes all of them
+PER_SHARD_TABLES = ("samples", "problems", "scores", "dedup_assignments", "candidates", "assignments", "cluster_sums")
+
+
+def remove_shard_outputs(layout: Layout, shard: str) -> None:
+    """Delete every file and commit marker a shard left behind."""
+    for table in PER_SHARD_TABLES:
+        remove(layout.table(table, shard))
+    for path in (layout.img_emb(shard), layout.text_emb(shard), layout.emb_metadata(shard)):
+        remove(path)
+    for asset, node in GRAPH.items():
+        if node.partitioning == "shard":
+            clear_state(layout, asset, shard)
+
+
+def sync_shard_partitions(instance: dg.DagsterInstance, layout: Layout) -> tuple[list[str], list[str]]:
+    """Make the dynamic partitions equal the pool's shards; returns (added, removed).
+
+    A shard that left the pool loses its partition, files and rows.
+    """
+    on_disk = list_pool_shards(layout.pool)
+    known = set(instance.get_dynamic_partitions(SHARDS))
+    added = [s for s in on_disk if s not in known]
+    removed = sorted(known - set(on_disk))
+    if added:
+        instance.add_dynamic_partitions(SHARDS, added)
+    for shard in removed:
+        instance.delete_dynamic_partition(SHARDS, shard)
+        remove_shard_outputs(layout, shard)
+    return added, removed
+
+
+@dg.asset(
+    partitions_def=shard_partitions,
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    group_name="ingest",
+    kinds={"python", "parquet"},
+    code_version=GRAPH["raw_metadata"].code,
+    description=(
+        "One row per parquet row of an img2dataset shard (failed downloads included) with its "
+        "status: ok, failed_download, undecodable, missing_in_tar, empty_caption or truncated_tar. "
+        "Writes tables/samples/<shard>.parquet and tables/problems/<shard>.parquet."
+    ),
+)
+def raw_metadata(context: dg.AssetExecutionContext, dbprune: DbpruneResource) -> dg.MaterializeResult:
+    s = dbprune.session(context)
+    totals: Counter[str] = Counter()
+    per_shard = []
+    problems_preview = []
+    for shard in context.partition_keys:
+        result = ingest_shard(s.layout.pool, shard, s.settings.ingest.verify_images)
+        write_parquet(s.layout.table("samples", shard), result.samples, s.layout.tmp)
+        write_parquet(s.layout.table("problems", shard), result.problems, s.layout.tmp)
+        counts = Counter(result.samples["status"].to_list())
+        totals.update(counts)
+        per_shard.append({"shard": shard, "rows": result.samples.height, **{k: counts.get(k, 0) for k in STATUSES}})
+        problems_preview.extend(result.problems.head(20).to_dicts())
+        s.commit("raw_metadata", shard, {"rows": result.samples.height, "status": dict(counts),
+                                         "problems": result.problems.height})
+        context.log.info(f"shard {shard}: {result.samples.height} rows, {dict(counts)}")
+    s.refresh_catalog("samples", "problems")
+    return dg.MaterializeResult(
+        metadata={
+            "rows": sum(r["rows"] for r in per_shard),
+            "ok": totals.get("ok", 0),
+            "by_status": dg.MetadataValue.json(dict(totals)),
+            "shards": dg.MetadataValue.md(md_table(per_shard)),
+            "problems": dg.MetadataValue.md(md_table(problems_preview[:50]) if problems_preview else "no problems"),
+            "seconds": s.elapsed(),
+        }
+    )
+
+
+@dg.asset(
+    deps=[dg.AssetDep(raw_metadata, partition_mapping=dg.AllPartitionMapping())],
+    group_name="ingest",
+    kinds={"python", "parquet"},
+    code_version=GRAPH["pool_manifest"].code,
+    description=(
+        "The set of shards and their versions. Its data version changes when a shard is added, "
+        "removed or re-ingested, which marks every global asset downstream stale, also for pools "
+        "of more than 100 shards (where Dagster stops tracking partition-level staleness)."
+    ),
+)
+def pool_manifest(context: dg.AssetExecutionContext, dbprune: DbpruneResource) -> dg.MaterializeResult:
+    s = dbprune.session(context)
+    versions = {shard: s.versions.data_version("raw_metadata", shard) for shard in s.shards}
+    missing = [k for k, v in versions.items() if v is None]
+    if missing:
+        raise dg.Failure(
+            f"pool_manifest: {len(missing)} shard(s) not ingested yet ({', '.join(missing[:5])}…): "
+            "materialise raw_metadata for them first (dbprune run does)"
+        )
+    import polars as pl
+
+    rows = []
+    status_totals: Counter[str] = Counter()
+    for shard in s.shards:
+        st = read_state(s.layout, "raw_metadata", shard)
+        summary = st.summary if st else {}
+        status_totals.update(summary.get("status", {}))
+        rows.append({"shard": shard, "data_version": versions[shard], "rows": summary.get("rows", 0),
+                     "ok": summary.get("status", {}).get("ok", 0)})
+    frame = pl.DataFrame(rows, schema={"shard": pl.Utf8, "data_version": pl.Utf8, "rows": pl.Int64, "ok": pl.Int64})
+    write_parquet(s.layout.table("pool_manifest"), frame, s.layout.tmp)
+    version = combine_versions(versions)
+    s.commit("pool_manifest", data_version=version, summary={"shards": len(rows), "status": dict(status_totals)})
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(version),
+        metadata={
+            "shards": len(rows),
+            "rows": int(frame["rows"].sum()) if rows else 0,
+            "ok": int(frame["ok"].sum()) if rows else 0,
+            "by_status": dg.MetadataValue.json(dict(status_totals)),
+            "pool": dg.MetadataValue.path(str(s.layout.pool)),
+        },
+    )
+
+
+@dg.sensor(
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    asset_selection=[raw_metadata],
+    description="Registers new pool shards as partitions (and drops vanished ones), then ingests the new ones.",
+)
+def pool_shards_sensor(context: dg.SensorEvaluationContext, dbprune: DbpruneResource) -> dg.SensorResult:
+    layout = dbprune.layout()
+    on_disk = list_pool_shards(layout.pool)
+    known = set(context.instance.get_dynamic_partitions(SHARDS))
+    added = [s for s in on_disk if s not in known]
+    removed = sorted(known - set(on_disk))
+    for shard in removed:
+        remove_shard_outputs(layout, shard)
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(partition_key=s, asset_selection=[raw_metadata.key]) for s in added],
+        dynamic_partitions_requests=[
+            *([shard_partitions.build_add_request(added)] if added else []),
+            *([shard_partitions.build_delete_request(removed)] if removed else []),
+        ],
+    )

@@ -1,0 +1,80 @@
+"""Settings: profiles load, unknown keys and bad values fail naming the setting."""
+
+from pathlib import Path
+
+import pytest
+
+from dbprune_assets.core.settings import STRATEGIES, SettingsError, build_settings, load_settings
+
+
+def test_profiles_load_and_differ():
+    paper = build_settings({}, profile="paper")
+    sample = build_settings({}, profile="sample")
+    assert paper.profile == "paper" and sample.profile == "sample"
+    assert paper.dbp.k == 500 and paper.dbp.l == 20 and paper.dbp.tau == 0.1
+    assert paper.semdedup.eps == 0.07 and paper.dbp.r == 0.0
+    assert sample.dbp.k < paper.dbp.k
+    assert sample.encoder.cluster_encoder.is_bootstrap
+    assert sample.encoder.score == sample.encoder.cluster_encoder  # same model by default
+    assert set(sample.selection.strategies) == set(STRATEGIES)
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ({"dbp": {"k": 0}}, "dbp.k"),
+        ({"dbp": {"tau": 0}}, "dbp.tau"),
+        ({"dbp": {"keep_fraction": 1.5}}, "dbp.keep_fraction"),
+        ({"dbp": {"keep_fraction": 0}}, "dbp.keep_fraction"),
+        ({"dbp": {"keep_fraction": None}}, "exactly one of dbp.keep_fraction or dbp.target_size"),
+        ({"selection": {"strategies": ["dbp", "magic"]}}, "unknown strategy"),
+        ({"dbp": {"kk": 3}}, "dbp.kk: unknown setting"),
+        ({"semdedup": {"eps": 1.5}}, "semdedup.eps"),
+        ({"clip_filter": {"threshold": 0.2}}, "exactly one of clip_filter.threshold or clip_filter.fraction"),
+        ({"compute": {"device": "tpu"}}, "compute.device"),
+    ],
+)
+def test_bad_values_name_the_setting(override, fragment):
+    with pytest.raises(SettingsError) as e:
+        build_settings(override, profile="sample")
+    assert fragment in str(e.value)
+
+
+def test_unknown_strategy_lists_allowed():
+    with pytest.raises(SettingsError) as e:
+        build_settings({"selection": {"strategies": ["nope"]}})
+    assert "allowed: dbp, ssp, random, clip_score, semdedup, full" in str(e.value)
+
+
+def test_unknown_profile():
+    with pytest.raises(SettingsError, match="allowed: paper, sample"):
+        build_settings({"profile": "huge"})
+
+
+def test_yaml_roundtrip(tmp_path: Path):
+    s = build_settings({"dbp": {"k": 7, "keep_fraction": None, "target_size": 100}}, profile="sample")
+    f = tmp_path / "c.yaml"
+    f.write_text(s.to_yaml())
+    again = load_settings(f)
+    assert again == s
+    assert again.dbp.target_size == 100 and again.dbp.keep_fraction is None
+
+
+def test_load_settings_errors(tmp_path: Path):
+    with pytest.raises(SettingsError, match="no such file"):
+        load_settings(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(SettingsError, match="mapping"):
+        load_settings(bad)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("profile: sample\ndbp:\n  tua: 0.2\n")
+    with pytest.raises(SettingsError, match=r"typo.yaml.*\n.*dbp.tua: unknown setting"):
+        load_settings(typo)
+
+
+def test_section_hash_tracks_only_its_sections():
+    a = build_settings({}, profile="sample")
+    b = build_settings({"dbp": {"tau": 0.5}}, profile="sample")
+    assert a.section_hash("semdedup") == b.section_hash("semdedup")
+    assert a.section_hash("dbp") != b.section_hash("dbp")
