@@ -95,7 +95,7 @@ def contiguous_ranges(all_keys: list[str], wanted: list[str]) -> list[tuple[str,
 
 
 def run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None = None, force: bool = False,
-                 echo: Echo = print) -> RunReport:
+                 echo: Echo = print, log_level: str = "INFO") -> RunReport:
     import dagster as dg
     from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
@@ -148,7 +148,8 @@ def run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None 
                 tags[ASSET_PARTITION_RANGE_START_TAG] = start
                 tags[ASSET_PARTITION_RANGE_END_TAG] = end
             result = job.execute_in_process(
-                instance=instance, asset_selection=asset_keys, tags=tags, raise_on_error=False
+                run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+                instance=instance, asset_selection=asset_keys, tags=tags, raise_on_error=False,
             )
             run_ids.append(result.run_id)
             if not result.success:

@@ -87,3 +87,18 @@ def test_other_errors_are_not_retried():
 
     with pytest.raises(ValueError, match="syntax"):
         with_retry(broken, timeout_s=5)
+
+
+def test_cluster_kept_comes_from_dbp_decisions(layout: Layout):
+    clusters = pl.DataFrame({"cluster": [0, 1], "size": [5, 3], "d_intra": [0.1, 0.2], "d_inter": [0.5, 0.4],
+                             "complexity": [0.05, 0.08], "probability": [0.4, 0.6], "quota": [2, 2]})
+    write_parquet(layout.table("clusters"), clusters, layout.tmp)
+    refresh_catalog(layout)
+    assert query(layout, "SELECT cluster, kept FROM clusters ORDER BY 1").to_pylist() == [
+        {"cluster": 0, "kept": None}, {"cluster": 1, "kept": None}]
+    quotas = pl.DataFrame({"strategy": ["dbp", "dbp", "ssp", "ssp"], "cluster": [0, 1, 0, 1],
+                           "quota": [2, 2, 2, 2], "kept": [2, 1, 9, 9]})
+    write_parquet(layout.table("quotas", "dbp"), quotas, layout.tmp)
+    refresh_catalog(layout)
+    assert query(layout, "SELECT cluster, quota, kept FROM clusters ORDER BY 1").to_pylist() == [
+        {"cluster": 0, "quota": 2, "kept": 2}, {"cluster": 1, "quota": 2, "kept": 1}]

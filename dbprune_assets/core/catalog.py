@@ -37,7 +37,7 @@ SCHEMAS: dict[str, list[tuple[str, str]]] = {
     "centroids": [("cluster", "INTEGER"), ("vector", "FLOAT[]")],
     "clusters": [
         ("cluster", "INTEGER"), ("size", "BIGINT"), ("d_intra", "DOUBLE"), ("d_inter", "DOUBLE"),
-        ("complexity", "DOUBLE"), ("probability", "DOUBLE"), ("quota", "BIGINT"), ("kept", "BIGINT"),
+        ("complexity", "DOUBLE"), ("probability", "DOUBLE"), ("quota", "BIGINT"), ("lower_bound", "BIGINT"), ("kept", "BIGINT"),
     ],
     "quotas": [("strategy", "VARCHAR"), ("cluster", "INTEGER"), ("quota", "BIGINT"), ("kept", "BIGINT")],
     "decisions": [
@@ -81,26 +81,42 @@ def _quote(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
 
+#: columns a view computes from other views rather than reading from its files:
+#: a cluster's ``kept`` is what the dbp decisions actually kept (via ``quotas``)
+DERIVED: dict[str, dict[str, str]] = {
+    "clusters": {"kept": "(SELECT q.kept FROM quotas q WHERE q.strategy = 'dbp' AND q.cluster = t.cluster)"},
+}
+#: views that others refer to are created first
+ORDER = ["quotas"] + [t for t in SCHEMAS if t != "quotas"]
+
+
 def view_sql(layout: Layout, table: str) -> str:
-    cols = SCHEMAS[table]
+    derived = DERIVED.get(table, {})
+    cols = [(c, t) for c, t in SCHEMAS[table] if c not in derived]
     folder = layout.table_dir(table)
     files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
     if files:
         pattern = _quote(str(folder / "*.parquet"))
-        select = ", ".join(f'CAST("{c}" AS {t}) AS "{c}"' for c, t in cols)
+        select = [f'CAST(t."{c}" AS {ty}) AS "{c}"' for c, ty in cols]
+        select += [f'CAST({expr} AS {dict(SCHEMAS[table])[c]}) AS "{c}"' for c, expr in derived.items()]
         return (
-            f'CREATE OR REPLACE VIEW "{table}" AS SELECT {select} '
-            f"FROM read_parquet({pattern}, union_by_name = true)"
+            f'CREATE OR REPLACE VIEW "{table}" AS SELECT {", ".join(select)} '
+            f"FROM read_parquet({pattern}, union_by_name = true) t"
         )
-    typed = ", ".join(f'CAST(NULL AS {t}) AS "{c}"' for c, t in cols)
+    typed = ", ".join(f'CAST(NULL AS {t}) AS "{c}"' for c, t in SCHEMAS[table])
     return f'CREATE OR REPLACE VIEW "{table}" AS SELECT {typed} WHERE false'
 
 
 def refresh_catalog(layout: Layout, tables: list[str] | None = None, timeout_s: float = 60.0) -> None:
-    """(Re)create the views of ``tables`` (default: all) in one brief read-write open."""
+    """(Re)create the catalog's views in one brief read-write open.
+
+    ``tables`` says which tables changed (kept for callers' clarity); every view
+    is recreated since some refer to others.
+    """
     import duckdb
 
-    names = tables or list(SCHEMAS)
+    # all views, always: it is a handful of statements, and views refer to each other
+    names = ORDER
     layout.catalog.parent.mkdir(parents=True, exist_ok=True)
 
     def _do() -> None:
@@ -126,7 +142,7 @@ def query(layout: Layout, sql: str, timeout_s: float = 60.0) -> Any:
     def _do() -> Any:
         con = duckdb.connect(str(layout.catalog), read_only=True)
         try:
-            return con.execute(sql).to_arrow_table()
+            return con.sql(sql).to_arrow_table()
         finally:
             con.close()
 

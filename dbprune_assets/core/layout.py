@@ -97,11 +97,17 @@ class Layout:
 
 
 def list_pool_shards(pool: Path) -> list[str]:
-    """Shard names of a pool folder: every ``NAME.parquet`` at its top level.
+    """Shard names of a pool folder: each ``NAME.parquet`` at its top level that
+    has a ``NAME.tar`` beside it or is named like img2dataset's shards (digits).
 
-    The parquet is the shard's ledger (one row per attempted sample), so a shard
-    whose tar is missing is still a shard; its rows get ``missing_in_tar``.
+    The parquet is the shard's ledger (one row per attempted sample), so a
+    numbered shard whose tar is missing is still a shard (its rows get
+    ``missing_in_tar``), while other parquet files beside the shards (such as
+    the sample pool's ``ground_truth.parquet``) are not.
     """
     if not pool.is_dir():
         return []
-    return sorted(p.stem for p in pool.glob("*.parquet") if p.is_file() and not p.name.startswith("."))
+    return sorted(
+        p.stem for p in pool.glob("*.parquet")
+        if p.is_file() and not p.name.startswith(".") and (p.stem.isdigit() or p.with_suffix(".tar").exists())
+    )

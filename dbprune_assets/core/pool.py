@@ -24,6 +24,7 @@ encoder); neither is part of the pool.  The pool is a pure function of its
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -72,6 +73,7 @@ MISMATCH_RATE = 0.08
 EXACT_SHARE = 0.5  # of copies; the rest are near duplicates
 ZIPF_EXPONENT = 1.0
 NEAR_VARIANTS: tuple[str, ...] = ("requality", "noise", "shift")
+NEAR_NOISE_SIGMA = 2.0  # extra pixel noise of a "noise" near duplicate
 
 EVAL_SHARD_SIZE = 1000
 REFERENCE_SHARD_SIZE = 1000
@@ -82,6 +84,7 @@ _TAR_MODE = 0o444
 _SUPERSAMPLE = 2
 _RING_INNER = 0.55
 _BASE_GRAY = 64.0
+_NOISE_BANK_SEED = 20240117
 
 CAPTION_TEMPLATES: tuple[str, ...] = (
     "a photo of {a_name}",
@@ -215,6 +218,14 @@ class PoolSummary:
     reference_samples: int
     seconds: float = field(default=0.0, compare=False)
 
+    def __str__(self) -> str:
+        statuses = ", ".join(f"{k} {v}" for k, v in self.status_counts.items())
+        return (
+            f"{self.samples} rows in {len(self.shards)} shards ({statuses}); {self.duplicates} planted duplicates, "
+            f"{self.mismatched} mismatched captions; eval {self.eval_samples}, reference {self.reference_samples} "
+            f"samples; {self.seconds:.1f} s -> {self.pool_dir}"
+        )
+
 
 # ---------------------------------------------------------------------------
 # public API
@@ -287,7 +298,7 @@ def make_concepts(settings: PoolSettings) -> list[Concept]:
     variability, so the two are not confounded.
     """
     n = settings.concepts
-    rng = np.random.default_rng([settings.seed, 1])
+    rng = _stream(settings.seed, 1)
     shapes = [SHAPES[i] for i in rng.permutation(len(SHAPES))]
     colors = [list(COLORS)[i] for i in rng.permutation(len(COLORS))]
     pairs = [(shapes[i % 8], colors[(i + i // 8) % 8]) for i in range(n)]
@@ -314,6 +325,13 @@ def make_concepts(settings: PoolSettings) -> list[Concept]:
 # ---------------------------------------------------------------------------
 
 
+def _stream(seed: int, stream: int) -> np.random.Generator:
+    """An independent random stream per part of the pool (concepts, rows,
+    layout, images, eval, reference), so changing one part's size leaves the
+    others unchanged.  Any integer seed works, negative ones included."""
+    return np.random.default_rng([seed % 2**64, stream])
+
+
 def _shard_names(n: int) -> list[str]:
     width = max(5, len(str(n - 1)))
     return [f"{i:0{width}d}" for i in range(n)]
@@ -329,7 +347,7 @@ def _planted_count(total: int, rate: float) -> int:
     return max(1, round(total * rate))
 
 
-def _concept_counts(concepts: Sequence[Concept], total: int) -> np.ndarray:
+def concept_counts(concepts: Sequence[Concept], total: int) -> np.ndarray:
     """Integer rows per concept following the Zipf weights, with a small floor.
 
     The floor (up to 15 rows) keeps every concept clusterable; the rest is
@@ -351,16 +369,18 @@ def _concept_counts(concepts: Sequence[Concept], total: int) -> np.ndarray:
 
 def _plan_pool(settings: PoolSettings, concepts: Sequence[Concept]) -> list[_Row]:
     """Decide every pool row: concept, rendering, duplicate group, defects, caption."""
-    rng = np.random.default_rng([settings.seed, 2])
+    rng = _stream(settings.seed, 2)
     total = settings.shards * settings.samples_per_shard
     size = settings.image_size
     n_copies = min(round(total * DUPLICATE_RATE), total // 3)
     group_copies: list[int] = []
-    while sum(group_copies) < n_copies:
-        group_copies.append(min(int(rng.integers(1, 4)), n_copies - sum(group_copies)))
+    left = n_copies
+    while left > 0:
+        group_copies.append(min(int(rng.integers(1, 4)), left))
+        left -= group_copies[-1]
     n_base = total - n_copies
 
-    concept_ids = np.repeat(np.arange(len(concepts)), _concept_counts(concepts, n_base))
+    concept_ids = np.repeat(np.arange(len(concepts)), concept_counts(concepts, n_base))
     concept_ids = concept_ids[rng.permutation(n_base)]
     rows = [_Row(concept=int(c), params=sample_params(concepts[int(c)], rng, size)) for c in concept_ids]
 
@@ -387,11 +407,10 @@ def _make_copy(original: _Row, group: int, rng: np.random.Generator) -> _Row:
         dx, dy = [(1, 0), (-1, 0), (0, 1), (0, -1)][int(rng.integers(4))]
         m = params.main
         params = _replace_params(params, main=Blob(m.shape, m.cx + dx, m.cy + dy, m.radius, m.rotation, m.rgb))
-    elif variant == "noise":
+    elif variant == "noise":  # the seed of the extra noise, added to the original's pixels
         params = _replace_params(params, noise_seed=int(rng.integers(2**31)))
     elif variant == "requality":
-        q = params.quality
-        params = _replace_params(params, quality=q - 20 if q >= 80 else q + 12)
+        params = _replace_params(params, quality=params.quality - 10)
     return _Row(concept=original.concept, params=params, dup_group=group, dup_kind=kind, variant=variant, source=original)
 
 
@@ -459,8 +478,11 @@ def _describe(params: RenderParams, size: int) -> dict[str, str]:
     third = size / 3
     col = "left" if m.cx < third else ("right" if m.cx > 2 * third else "")
     row = "top" if m.cy < third else ("bottom" if m.cy > 2 * third else "")
-    pos = f"in the {row} {col}".replace("  ", " ").strip() if (row or col) else "in the center"
-    if pos == "in the":
+    if row and col:
+        pos = f"in the {row} {col}"
+    elif row or col:
+        pos = f"at the {row}" if row else f"on the {col}"
+    else:
         pos = "in the center"
     lum = float(np.dot(params.bg_rgb, (0.299, 0.587, 0.114)))
     tone = "dark" if lum < 110 else "light"
@@ -489,38 +511,50 @@ def make_caption(name: str, params: RenderParams, size: int, rng: np.random.Gene
 # rendering
 # ---------------------------------------------------------------------------
 
-_UNIT_POLYGONS: dict[str, np.ndarray] = {
-    "square": np.array([(-0.85, -0.85), (0.85, -0.85), (0.85, 0.85), (-0.85, 0.85)]),
-    "triangle": np.array([(math.cos(a), math.sin(a)) for a in np.deg2rad([-90, 30, 150])]),
-    "diamond": np.array([(0.0, -1.0), (0.62, 0.0), (0.0, 1.0), (-0.62, 0.0)]),
-    "hexagon": np.array([(math.cos(a), math.sin(a)) for a in np.deg2rad(np.arange(0, 360, 60))]),
-    "star": np.array(
-        [((1.0 if i % 2 == 0 else 0.45) * math.cos(a), (1.0 if i % 2 == 0 else 0.45) * math.sin(a))
-         for i, a in enumerate(np.deg2rad(np.arange(-90, 270, 36)))]
-    ),
-    "cross": np.array(
-        [(-0.3, -1), (0.3, -1), (0.3, -0.3), (1, -0.3), (1, 0.3), (0.3, 0.3),
-         (0.3, 1), (-0.3, 1), (-0.3, 0.3), (-1, 0.3), (-1, -0.3), (-0.3, -0.3)]
+
+def _regular(n: int, start_deg: float, radii: Sequence[float] = (1.0,)) -> tuple[tuple[float, float], ...]:
+    step = 360.0 / n
+    return tuple(
+        (radii[i % len(radii)] * math.cos(math.radians(start_deg + i * step)),
+         radii[i % len(radii)] * math.sin(math.radians(start_deg + i * step)))
+        for i in range(n)
+    )
+
+
+#: unit-radius outlines of the polygon shapes (circle and ring are ellipses)
+_UNIT_POLYGONS: dict[str, tuple[tuple[float, float], ...]] = {
+    "square": ((-0.85, -0.85), (0.85, -0.85), (0.85, 0.85), (-0.85, 0.85)),
+    "triangle": _regular(3, -90),
+    "diamond": ((0.0, -1.0), (0.62, 0.0), (0.0, 1.0), (-0.62, 0.0)),
+    "hexagon": _regular(6, 0),
+    "star": _regular(10, -90, (1.0, 0.45)),
+    "cross": (
+        (-0.3, -1.0), (0.3, -1.0), (0.3, -0.3), (1.0, -0.3), (1.0, 0.3), (0.3, 0.3),
+        (0.3, 1.0), (-0.3, 1.0), (-0.3, 0.3), (-1.0, 0.3), (-1.0, -0.3), (-0.3, -0.3),
     ),
 }
+
+
+def _clamp(x: float, lo: float, hi: float) -> float:
+    return float(min(max(x, lo), hi))
 
 
 def sample_params(concept: Concept, rng: np.random.Generator, size: int) -> RenderParams:
     """Draw one rendering of ``concept``; every jitter scales with its variability.
 
-    At variability 0 renderings still differ by a few pixels of position, ~8%
-    of size, ~8 degrees of rotation, a slight shade and background change and
+    At variability 0 renderings still differ by a few pixels of position, ~12%
+    of size, ~12 degrees of rotation, a slight shade and background change and
     pixel noise (similar, never duplicates); at 1 they vary in position, size,
     rotation, shade, background color and texture and carry distractor shapes.
     """
     v = concept.variability
     s = float(size)
-    radius = float(np.clip(0.30 * s * math.exp(rng.uniform(-1, 1) * (0.08 + 0.45 * v)), 0.14 * s, 0.46 * s))
-    span = (0.06 + 0.22 * v) * s
+    radius = _clamp(0.30 * s * math.exp(rng.uniform(-1, 1) * (0.12 + 0.42 * v)), 0.14 * s, 0.46 * s)
+    span = (0.09 + 0.19 * v) * s
     lo, hi = radius * 0.7, s - radius * 0.7
-    cx = float(np.clip(s / 2 + rng.uniform(-1, 1) * span, lo, hi))
-    cy = float(np.clip(s / 2 + rng.uniform(-1, 1) * span, lo, hi))
-    rotation = float(rng.uniform(-1, 1) * (8 + 172 * v))
+    cx = _clamp(s / 2 + rng.uniform(-1, 1) * span, lo, hi)
+    cy = _clamp(s / 2 + rng.uniform(-1, 1) * span, lo, hi)
+    rotation = float(rng.uniform(-1, 1) * (12 + 168 * v))
     rgb = _jitter_color(COLORS[concept.color], rng, v)
     bg = _background_color(rgb, rng, v)
     texture = "none"
@@ -544,7 +578,7 @@ def sample_params(concept: Concept, rng: np.random.Generator, size: int) -> Rend
 
 
 def _jitter_color(base: tuple[int, int, int], rng: np.random.Generator, v: float) -> tuple[float, float, float]:
-    shade = np.asarray(base, dtype=float) + rng.uniform(-1, 1, 3) * (10 + 45 * v)
+    shade = np.asarray(base, dtype=float) + rng.uniform(-1, 1, 3) * (12 + 43 * v)
     shade *= math.exp(rng.uniform(-1, 1) * (0.05 + 0.25 * v))
     return tuple(float(x) for x in np.clip(shade, 0, 255))  # type: ignore[return-value]
 
@@ -576,8 +610,8 @@ def _distractor(rng: np.random.Generator, s: float) -> Blob:
     )
 
 
-def _shape_mask(blob: Blob, size: int) -> np.ndarray:
-    """Anti-aliased coverage mask (float32, 0..1) of one shape, drawn supersampled."""
+def _shape_mask(blob: Blob, size: int) -> Image.Image:
+    """Anti-aliased coverage mask (mode "L") of one shape, drawn supersampled."""
     ss = _SUPERSAMPLE
     canvas = Image.new("L", (size * ss, size * ss), 0)
     draw = ImageDraw.Draw(canvas)
@@ -588,19 +622,20 @@ def _shape_mask(blob: Blob, size: int) -> np.ndarray:
             ri = r * _RING_INNER
             draw.ellipse([cx - ri, cy - ri, cx + ri, cy + ri], fill=0)
     else:
-        a = math.radians(blob.rotation)
-        rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
-        pts = _UNIT_POLYGONS[blob.shape] @ rot.T * r + (cx, cy)
-        draw.polygon([tuple(p) for p in pts.tolist()], fill=255)
-    return np.asarray(canvas.reduce(ss), dtype=np.float32) * (1.0 / 255.0)
+        ca, sa = math.cos(math.radians(blob.rotation)), math.sin(math.radians(blob.rotation))
+        draw.polygon([(cx + r * (x * ca - y * sa), cy + r * (x * sa + y * ca)) for x, y in _UNIT_POLYGONS[blob.shape]], fill=255)
+    return canvas.reduce(ss)
 
 
-def _background(p: RenderParams, size: int) -> np.ndarray:
-    img = np.empty((size, size, 3), dtype=np.float32)
-    img[:] = p.bg_rgb
+def _rgb_int(rgb: Sequence[float]) -> tuple[int, int, int]:
+    return (int(round(rgb[0])), int(round(rgb[1])), int(round(rgb[2])))
+
+
+def _background(p: RenderParams, size: int) -> Image.Image:
+    """The canvas before shapes: a flat color, or a flat color plus a texture."""
     if p.texture == "none":
-        return img
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+        return Image.new("RGB", (size, size), _rgb_int(p.bg_rgb))
+    yy, xx = _grid(size)
     u = xx * math.cos(p.texture_angle) + yy * math.sin(p.texture_angle)
     if p.texture == "gradient":
         t = (u - 0.5) * 2.0
@@ -612,19 +647,38 @@ def _background(p: RenderParams, size: int) -> np.ndarray:
     else:  # smooth blotchy noise
         small = np.random.default_rng(p.texture_seed).integers(0, 256, (4, 4), dtype=np.uint8)
         t = np.asarray(Image.fromarray(small).resize((size, size), Image.BICUBIC), dtype=np.float32) / 127.5 - 1.0
-    img += (t * p.texture_amp)[..., None]
-    return img
+    img = np.asarray(p.bg_rgb, dtype=np.float32) + (t * p.texture_amp)[..., None]
+    return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB")
 
 
 def render(p: RenderParams, size: int) -> np.ndarray:
     """Render ``p`` as an RGB uint8 array of shape (size, size, 3)."""
     img = _background(p, size)
     for blob in (*p.distractors, p.main):
-        m = _shape_mask(blob, size)[..., None]
-        img = img * (1.0 - m) + np.asarray(blob.rgb, dtype=np.float32) * m
-    noise = np.random.default_rng(p.noise_seed).standard_normal((size, size, 3), dtype=np.float32)
-    img += noise * p.noise_sigma
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+        img.paste(_rgb_int(blob.rgb), None, _shape_mask(blob, size))
+    out = np.asarray(img, dtype=np.float32) + _noise(p.noise_seed, size) * p.noise_sigma
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=8)
+def _noise_bank(size: int) -> np.ndarray:
+    """A fixed run of standard normal values; an image's noise is a window of it."""
+    return np.random.default_rng(_NOISE_BANK_SEED).standard_normal(size * size * 3 * 64, dtype=np.float32)
+
+
+def _noise(seed: int, size: int) -> np.ndarray:
+    """Pixel noise for ``seed``: a window of the bank at a seed-chosen offset
+    (windows at different offsets are pixel-wise independent draws)."""
+    bank = _noise_bank(size)
+    n = size * size * 3
+    start = seed % (bank.size - n)
+    return bank[start : start + n].reshape(size, size, 3)
+
+
+@functools.lru_cache(maxsize=8)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    return yy, xx
 
 
 def encode_jpeg(pixels: np.ndarray, quality: int) -> bytes:
@@ -634,3 +688,309 @@ def encode_jpeg(pixels: np.ndarray, quality: int) -> bytes:
     return buf.getvalue()
 
 
+class _ImageMaker:
+    """Renders rows to JPEG bytes; copies are derived from their original's
+    rendering, which is cached until the pool is written."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._originals: dict[int, tuple[np.ndarray, bytes]] = {}
+
+    def original(self, row: _Row) -> tuple[np.ndarray, bytes]:
+        """Pixels and JPEG bytes of a duplicate group's original (cached)."""
+        if id(row) not in self._originals:
+            pixels = render(row.params, self.size)
+            self._originals[id(row)] = (pixels, encode_jpeg(pixels, row.params.quality))
+        return self._originals[id(row)]
+
+    def __call__(self, row: _Row) -> bytes:
+        if row.source is None:
+            if row.dup_kind == "original":
+                return self.original(row)[1]
+            return encode_jpeg(render(row.params, self.size), row.params.quality)
+        pixels, data = self.original(row.source)
+        if row.variant == "exact":
+            return data
+        if row.variant == "requality":  # decode and re-encode, as a re-upload would
+            decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+            return encode_jpeg(decoded, row.params.quality)
+        if row.variant == "noise":  # the same picture with a little extra pixel noise
+            noisy = pixels.astype(np.float32) + _noise(row.params.noise_seed, self.size) * NEAR_NOISE_SIGMA
+            return encode_jpeg(np.clip(np.rint(noisy), 0, 255).astype(np.uint8), row.params.quality)
+        return encode_jpeg(render(row.params, self.size), row.params.quality)  # 1-px shift
+
+
+def _corrupt(data: bytes, variant: int, rng: np.random.Generator) -> bytes:
+    """Undecodable bytes: a JPEG cut in half (even variant) or random garbage
+    with a JPEG signature (odd), as broken downloads look."""
+    if variant % 2 == 0:
+        return data[: max(16, len(data) * 2 // 5)]
+    return b"\xff\xd8\xff\xe0" + rng.bytes(max(64, len(data) // 2))
+
+
+# ---------------------------------------------------------------------------
+# laying out and writing the pool
+# ---------------------------------------------------------------------------
+
+
+def _assign_layout(rows: Sequence[_Row], settings: PoolSettings, shard_names: Sequence[str]) -> None:
+    """Give every row its shard, img2dataset key, DataComp uid, url and the
+    metadata a download would have produced."""
+    rng = _stream(settings.seed, 5)
+    per_shard = settings.samples_per_shard
+    index_width = max(4, len(str(per_shard - 1)))
+    shard_width = len(shard_names[0])
+    seen: set[str] = set()
+    for i, row in enumerate(rows):
+        s_idx, idx = divmod(i, per_shard)
+        row.shard = shard_names[s_idx]
+        row.key = _key(s_idx, idx, shard_width, index_width)
+        uid = rng.bytes(16).hex()
+        while uid in seen:
+            uid = rng.bytes(16).hex()
+        seen.add(uid)
+        row.uid = uid
+        slug = _SLUG_WORDS[int(rng.integers(len(_SLUG_WORDS)))]
+        domain = _DOMAINS[int(rng.integers(len(_DOMAINS)))]
+        row.url = f"https://{domain}/{int(rng.integers(10, 99))}/{slug}-{int(rng.integers(10**5, 10**6))}.jpg"
+        side = int(rng.integers(180, 1200))
+        row.original_size = (side, int(side * rng.uniform(0.6, 1.6)))
+        if row.planted == "failed_download":
+            row.error_message = _ERRORS[int(rng.integers(len(_ERRORS)))]
+
+
+_SLUG_WORDS: tuple[str, ...] = ("shape", "icon", "clipart", "vector", "sticker", "badge", "logo", "symbol", "pattern")
+
+
+def _render_images(rows: Sequence[_Row], size: int, seed: int) -> None:
+    """Fill ``row.image`` for every row that was 'downloaded'."""
+    rng = _stream(seed, 6)
+    maker = _ImageMaker(size)
+    n_undecodable = 0
+    for row in rows:
+        if row.planted == "failed_download":
+            continue
+        row.image = maker(row)
+        if row.planted == "undecodable":
+            row.image = _corrupt(row.image, n_undecodable, rng)
+            n_undecodable += 1
+
+
+def _tar_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = _TAR_MTIME
+    info.mode = _TAR_MODE
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info, io.BytesIO(data)
+
+
+def write_tar(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> int:
+    """Write webdataset samples (key, {ext: bytes}) to ``path`` with fixed
+    header fields; members of a sample in sorted extension order, as
+    webdataset's TarWriter does.  Returns the number of samples."""
+    n = 0
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for key, members in samples:
+            for ext in sorted(members):
+                tf.addfile(*_tar_member(f"{key}.{ext}", members[ext]))
+            n += 1
+    return n
+
+
+_SHARD_SCHEMA = pa.schema(
+    [
+        ("uid", pa.string()),
+        ("key", pa.string()),
+        ("caption", pa.string()),
+        ("url", pa.string()),
+        ("status", pa.string()),
+        ("error_message", pa.string()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("original_width", pa.int64()),
+        ("original_height", pa.int64()),
+        ("sha256", pa.string()),
+    ]
+)
+
+
+def _write_parquet(path: Path, table: pa.Table) -> None:
+    """Parquet with fixed writer settings (deterministic bytes)."""
+    pq.write_table(table, path, compression="zstd", compression_level=3, use_dictionary=True, write_statistics=True)
+
+
+def _download_record(row: _Row, size: int) -> dict[str, Any]:
+    """The parquet/json record img2dataset writes for one attempted sample."""
+    ok = row.image is not None
+    return {
+        "uid": row.uid,
+        "key": row.key,
+        "caption": row.caption,
+        "url": row.url,
+        "status": "success" if ok else "failed_to_download",
+        "error_message": None if ok else row.error_message,
+        "width": size if ok else None,
+        "height": size if ok else None,
+        "original_width": row.original_size[0] if ok else None,
+        "original_height": row.original_size[1] if ok else None,
+        "sha256": hashlib.sha256(row.image).hexdigest() if row.image is not None else None,
+    }
+
+
+def _write_pool_shards(folder: Path, rows: Sequence[_Row], shard_names: Sequence[str], settings: PoolSettings) -> None:
+    """Render the images and write ``NNNNN.tar`` + ``NNNNN.parquet`` per shard."""
+    size = settings.image_size
+    _assign_layout(rows, settings, shard_names)
+    _render_images(rows, size, settings.seed)
+    per = settings.samples_per_shard
+    for s_idx, shard in enumerate(shard_names):
+        shard_rows = rows[s_idx * per : (s_idx + 1) * per]
+        records = [_download_record(r, size) for r in shard_rows]
+        _write_parquet(folder / f"{shard}.parquet", pa.Table.from_pylist(records, schema=_SHARD_SCHEMA))
+        write_tar(
+            folder / f"{shard}.tar",
+            (
+                (r.key, {"jpg": r.image, "txt": r.caption.encode(), "json": json.dumps(rec).encode()})
+                for r, rec in zip(shard_rows, records)
+                if r.image is not None
+            ),
+        )
+
+
+_GROUND_TRUTH_SCHEMA = pa.schema(
+    [
+        ("uid", pa.string()),
+        ("shard", pa.string()),
+        ("key", pa.string()),
+        ("concept", pa.int32()),
+        ("concept_name", pa.string()),
+        ("variability", pa.float64()),
+        ("dup_group", pa.int32()),
+        ("dup_kind", pa.string()),
+        ("dup_variant", pa.string()),
+        ("mismatched", pa.bool_()),
+        ("caption_concept", pa.int32()),
+        ("planted_status", pa.string()),
+    ]
+)
+
+
+def _write_ground_truth(path: Path, rows: Sequence[_Row], concepts: Sequence[Concept]) -> None:
+    records = [
+        {
+            "uid": r.uid,
+            "shard": r.shard,
+            "key": r.key,
+            "concept": r.concept,
+            "concept_name": concepts[r.concept].name,
+            "variability": concepts[r.concept].variability,
+            "dup_group": r.dup_group,
+            "dup_kind": r.dup_kind,
+            "dup_variant": r.variant,
+            "mismatched": r.mismatched,
+            "caption_concept": r.caption_concept,
+            "planted_status": r.planted,
+        }
+        for r in rows
+    ]
+    _write_parquet(path, pa.Table.from_pylist(records, schema=_GROUND_TRUTH_SCHEMA))
+
+
+# ---------------------------------------------------------------------------
+# eval and reference splits
+# ---------------------------------------------------------------------------
+
+
+def _write_split(folder: Path, samples: Sequence[dict[str, bytes]], shard_size: int) -> None:
+    """Write webdataset shards ``00000.tar``... and ``sizes.json`` (read by
+    open_clip_train to count samples)."""
+    folder.mkdir(parents=True)
+    sizes: dict[str, int] = {}
+    for s_idx, start in enumerate(range(0, len(samples), shard_size)):
+        name = f"{s_idx:05d}.tar"
+        chunk = samples[start : start + shard_size]
+        sizes[name] = write_tar(folder / name, ((_key(s_idx, i, 5, 4), m) for i, m in enumerate(chunk)))
+    (folder / "sizes.json").write_text(json.dumps(sizes, indent=2, sort_keys=True) + "\n")
+
+
+def _clean_samples(concept_ids: Sequence[int], concepts: Sequence[Concept], size: int, rng: np.random.Generator) -> list[tuple[int, bytes, str]]:
+    """(concept, jpeg, caption) renderings with correct captions."""
+    out = []
+    for c in concept_ids:
+        params = sample_params(concepts[c], rng, size)
+        caption = make_caption(concepts[c].name, params, size, rng)
+        out.append((c, encode_jpeg(render(params, size), params.quality), caption))
+    return out
+
+
+def _write_eval_split(folder: Path, settings: PoolSettings, concepts: Sequence[Concept]) -> int:
+    """``eval/``: classnames, templates and labelled, captioned shards."""
+    rng = _stream(settings.seed, 3)
+    ids = np.repeat(np.arange(len(concepts)), settings.eval_per_class)
+    ids = ids[rng.permutation(len(ids))].tolist()
+    samples = [
+        {"jpg": jpg, "cls": str(c).encode(), "txt": cap.encode()}
+        for c, jpg, cap in _clean_samples(ids, concepts, settings.image_size, rng)
+    ]
+    _write_split(folder, samples, EVAL_SHARD_SIZE)
+    (folder / "classnames.txt").write_text("".join(f"{c.name}\n" for c in concepts))
+    (folder / "templates.txt").write_text("".join(f"{t}\n" for t in EVAL_TEMPLATES))
+    return len(samples)
+
+
+def _write_reference_split(folder: Path, settings: PoolSettings, concepts: Sequence[Concept]) -> int:
+    """``reference/``: clean, balanced captioned shards for the bootstrap encoder."""
+    rng = _stream(settings.seed, 4)
+    n, k = settings.reference_samples, len(concepts)
+    counts = np.full(k, n // k)
+    counts[rng.permutation(k)[: n % k]] += 1
+    ids = np.repeat(np.arange(k), counts)
+    ids = ids[rng.permutation(len(ids))].tolist()
+    samples = []
+    for c, jpg, cap in _clean_samples(ids, concepts, settings.image_size, rng):
+        meta = {"caption": cap, "concept": c, "concept_name": concepts[c].name}
+        samples.append({"jpg": jpg, "txt": cap.encode(), "json": json.dumps(meta).encode()})
+    _write_split(folder, samples, REFERENCE_SHARD_SIZE)
+    return len(samples)
+
+
+def _pool_info(
+    settings: PoolSettings,
+    concepts: Sequence[Concept],
+    rows: Sequence[_Row],
+    counts: dict[str, int],
+    shard_names: Sequence[str],
+    eval_n: int,
+    ref_n: int,
+) -> dict[str, Any]:
+    per_concept = np.bincount([r.concept for r in rows], minlength=len(concepts))
+    return {
+        "generator": GENERATOR,
+        "generator_version": GENERATOR_VERSION,
+        "settings": settings.model_dump(mode="json"),
+        "rows": len(rows),
+        "shards": list(shard_names),
+        "planted_status_counts": counts,
+        "duplicates": {
+            "groups": len({r.dup_group for r in rows if r.dup_group >= 0}),
+            "exact": sum(r.dup_kind == "exact" for r in rows),
+            "near": sum(r.dup_kind == "near" for r in rows),
+        },
+        "mismatched": sum(r.mismatched for r in rows),
+        "concepts": [
+            {
+                "id": c.id,
+                "name": c.name,
+                "shape": c.shape,
+                "color": c.color,
+                "variability": c.variability,
+                "frequency": round(c.frequency, 6),
+                "rows": int(per_concept[c.id]),
+            }
+            for c in concepts
+        ],
+        "eval": {"samples": eval_n, "classes": len(concepts), "per_class": settings.eval_per_class},
+        "reference": {"samples": ref_n},
+    }

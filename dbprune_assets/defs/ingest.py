@@ -1,7 +1,6 @@
 """Ingest: ``raw_metadata`` (one partition per pool shard), ``pool_manifest``,
 and the sensor that registers shards as they appear in the pool folder."""
 
-from __future__ import annotations
 
 from collections import Counter
 

@@ -1,0 +1,443 @@
+"""Reading img2dataset shards: ingest (one status per parquet row) and streaming.
+
+An img2dataset / DataComp pool is ``NNNNN.tar`` (webdataset samples
+``KEY.jpg``, ``KEY.txt``, ``KEY.json``) beside ``NNNNN.parquet``, the shard's
+ledger with one row per *attempted* sample, failed downloads included.  Ingest
+joins the two and gives every parquet row exactly one status (``STATUSES``);
+nothing is dropped, and whatever is wrong is recorded as a problem that names
+the shard, the key and the cause.
+
+Tars are read as streams (``tarfile`` mode ``"r|"``): memory is bounded by one
+sample's members, never the shard.  A damaged tar is read up to the damage.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+#: every status a sample can get at ingest, in the contract's order
+STATUSES: tuple[str, ...] = ("ok", "failed_download", "undecodable", "missing_in_tar", "empty_caption", "truncated_tar")
+
+#: member extensions treated as the sample's image, in order of preference
+IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+
+VerifyMode = Literal["decode", "header", "none"]
+
+SAMPLES_SCHEMA: dict[str, pl.DataType] = {
+    "uid": pl.String(),
+    "shard": pl.String(),
+    "key": pl.String(),
+    "row": pl.Int32(),
+    "caption": pl.String(),
+    "width": pl.Int32(),
+    "height": pl.Int32(),
+    "status": pl.String(),
+}
+
+PROBLEMS_SCHEMA: dict[str, pl.DataType] = {
+    "shard": pl.String(),
+    "key": pl.String(),
+    "stage": pl.String(),
+    "cause": pl.String(),
+}
+
+_STAGE = "ingest"
+# img2dataset's parquet status values
+_SUCCESS = "success"
+_FAILED_TO_RESIZE = "failed_to_resize"
+# parquet columns ingest reads (the rest of img2dataset's columns are ignored)
+_COLUMNS = ("uid", "key", "caption", "status", "error_message", "width", "height")
+
+
+class ShardError(ValueError):
+    """A shard cannot be read; the message names the file, the cause and what to do."""
+
+
+@dataclass(frozen=True)
+class ShardIngest:
+    """Ingest result of one shard.
+
+    ``samples``: one row per parquet row, in parquet order (``SAMPLES_SCHEMA``).
+    ``problems``: what is wrong (``PROBLEMS_SCHEMA``).  Every non-ok sample has a
+    row naming its key, except when the whole tar is missing or damaged: that is
+    one row for the shard with a null key (its samples carry the status).
+    Tar members without a parquet row are reported too.
+    """
+
+    shard: str
+    samples: pl.DataFrame
+    problems: pl.DataFrame
+
+    def status_counts(self) -> dict[str, int]:
+        """Rows per status, every status of ``STATUSES`` present (0 when absent)."""
+        counts = dict.fromkeys(STATUSES, 0)
+        for status, n in self.samples.group_by("status").len().iter_rows():
+            counts[status] = n
+        return counts
+
+
+# ---------------------------------------------------------------------------
+# streaming tar members
+# ---------------------------------------------------------------------------
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """webdataset's split of a member name into (key, extension): the key is
+    the file name up to its first dot, ``000030017.jpg`` -> ("000030017", "jpg")."""
+    base = name.rsplit("/", 1)[-1]
+    key, _, ext = base.partition(".")
+    return key, ext.lower()
+
+
+@dataclass
+class _Damage:
+    """Set by ``_groups`` when the tar stops being readable."""
+
+    cause: str | None = None
+    offset: int = 0
+
+
+def _has_end_marker(tar_path: Path, offset: int) -> bool:
+    """True when a zero block (tar's end-of-archive marker) sits at ``offset``.
+
+    tarfile silently treats a file cut at a member boundary, or inside a
+    header, as a clean end; the missing marker is how such a cut shows.
+    """
+    with open(tar_path, "rb") as f:
+        f.seek(offset)
+        block = f.read(tarfile.BLOCKSIZE)
+    return len(block) == tarfile.BLOCKSIZE and block.count(0) == tarfile.BLOCKSIZE
+
+
+def _groups(tar_path: Path, keys: set[str] | None, damage: _Damage) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Samples of a tar in tar order: (key, {ext: bytes}) for adjacent members
+    sharing a key, only for ``keys`` when given (others are skipped unread).
+
+    Stops at the first damage, records it in ``damage`` and drops the sample
+    being read when it struck; samples before it are yielded.  With ``keys`` it
+    stops as soon as every wanted key was yielded.
+    """
+    remaining = set(keys) if keys is not None else None
+    cur_key: str | None = None
+    cur: dict[str, bytes] = {}
+    tf: tarfile.TarFile | None = None
+    try:
+        with tarfile.open(tar_path, mode="r|") as tf:
+            for member in tf:
+                if not member.isfile():
+                    continue
+                key, ext = split_member_name(member.name)
+                if key != cur_key:
+                    if cur_key is not None and cur:
+                        yield cur_key, cur
+                        if remaining is not None:
+                            remaining.discard(cur_key)
+                            if not remaining:
+                                return
+                    cur_key, cur = key, {}
+                if keys is not None and key not in keys:
+                    continue
+                fileobj = tf.extractfile(member)
+                data = fileobj.read() if fileobj is not None else b""
+                if len(data) != member.size:
+                    raise tarfile.ReadError("unexpected end of data")
+                cur[ext] = data
+            end_offset = tf.offset
+        if cur_key is not None and cur:
+            yield cur_key, cur
+        if not _has_end_marker(tar_path, end_offset):
+            damage.cause = "the file ends without tar's end-of-archive marker (it was cut short)"
+            damage.offset = end_offset
+    except (tarfile.TarError, EOFError, OSError, ValueError) as err:
+        damage.cause = f"{type(err).__name__}: {err}"
+        damage.offset = tf.offset if tf is not None else 0
+
+
+def iter_shard_members(tar_path: Path, keys: set[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield (key, {ext: bytes}) per sample of the tar, in tar order, for the
+    wanted ``keys`` (all when None): every member (jpg, txt, json, ...) of a
+    sample, as needed to re-shard it with its original bytes.
+
+    Raises ``ShardError`` when the tar is missing, when damage stops the read
+    before every wanted sample was seen, or when a wanted key is not in the tar.
+    """
+    tar_path = Path(tar_path)
+    if not tar_path.is_file():
+        raise ShardError(f"{tar_path}: the shard's tar does not exist; restore it or re-run ingest for shard {tar_path.stem}")
+    damage = _Damage()
+    seen: set[str] = set()
+    for key, members in _groups(tar_path, keys, damage):
+        seen.add(key)
+        yield key, members
+    missing = set() if keys is None else set(keys) - seen
+    if damage.cause is not None and (keys is None or missing):
+        raise ShardError(
+            f"{tar_path}: the tar is damaged near byte {damage.offset} ({damage.cause}); "
+            f"{len(missing) if keys is not None else 'the remaining'} samples could not be read. "
+            f"Re-copy or re-download the shard, then re-run ingest for shard {tar_path.stem}"
+        )
+    if missing:
+        raise ShardError(
+            f"{tar_path}: {len(missing)} wanted keys are not in the tar (e.g. {sorted(missing)[:3]}); "
+            f"the tar changed since it was ingested: re-run ingest for shard {tar_path.stem}"
+        )
+
+
+def _image_member(members: dict[str, bytes]) -> tuple[str, bytes] | None:
+    for ext in IMAGE_EXTS:
+        if ext in members:
+            return ext, members[ext]
+    return None
+
+
+def iter_shard_images(tar_path: Path, keys: set[str] | None = None) -> Iterator[tuple[str, bytes]]:
+    """Yield (key, image bytes) per sample, in tar order, for the wanted
+    ``keys`` (all samples with an image when None); the original bytes, not
+    re-encoded.  Errors as ``iter_shard_members``; a wanted key without an
+    image member is a ``ShardError`` too."""
+    tar_path = Path(tar_path)
+    seen: set[str] = set()
+    for key, members in iter_shard_members(tar_path, keys):
+        if key in seen:
+            continue
+        image = _image_member(members)
+        if image is None:
+            if keys is not None:
+                raise ShardError(
+                    f"{tar_path}: sample {key} has no image member ({', '.join(sorted(members))} only); "
+                    f"the tar changed since it was ingested: re-run ingest for shard {tar_path.stem}"
+                )
+            continue
+        seen.add(key)
+        yield key, image[1]
+
+
+# ---------------------------------------------------------------------------
+# ingest
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Seen:
+    """What the tar holds for one key."""
+
+    image_name: str | None  # member name of the image, None when there is none
+    members: tuple[str, ...]
+    width: int | None = None
+    height: int | None = None
+    error: str | None = None  # why the image does not decode
+    text: str | None = None  # KEY.txt, read only when the parquet has no caption column
+
+
+def check_image(data: bytes, mode: VerifyMode) -> tuple[int | None, int | None, str | None]:
+    """(width, height, error) of image bytes: ``decode`` decodes every pixel,
+    ``header`` reads only the header, ``none`` checks nothing."""
+    if mode == "none":
+        return None, None, None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+            if mode == "decode":
+                im.load()
+        return int(width), int(height), None
+    except Exception as err:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        return None, None, f"{type(err).__name__}: {err}"
+
+
+def _scan_tar(tar_path: Path, verify: VerifyMode, want_text: bool) -> tuple[dict[str, _Seen], _Damage]:
+    """Stream the tar once and record, per key, its image check and members."""
+    damage = _Damage()
+    seen: dict[str, _Seen] = {}
+    for key, members in _groups(tar_path, None, damage):
+        if key in seen:  # a key split over non-adjacent members: keep the first
+            continue
+        image = _image_member(members)
+        info = _Seen(image_name=f"{key}.{image[0]}" if image else None, members=tuple(f"{key}.{e}" for e in sorted(members)))
+        if image is not None:
+            info.width, info.height, info.error = check_image(image[1], verify)
+        if want_text and "txt" in members:
+            info.text = members["txt"].decode("utf-8", errors="replace")
+        seen[key] = info
+    return seen, damage
+
+
+def _read_ledger(parquet_path: Path, shard: str) -> tuple[pl.DataFrame, bool]:
+    """The shard's parquet, normalised: key, status, caption, uid,
+    error_message (String) and width, height (Int32), in parquet order; and
+    whether it has a caption column (without one, captions come from KEY.txt)."""
+    if not parquet_path.is_file():
+        raise ShardError(f"{parquet_path}: shard {shard} has no parquet (the shard's ledger); restore it or remove the shard from the pool")
+    try:
+        names = set(pq.read_schema(parquet_path).names)
+        table = pq.read_table(parquet_path, columns=[c for c in _COLUMNS if c in names])
+    except (pa.ArrowException, OSError) as err:
+        raise ShardError(
+            f"{parquet_path}: cannot read shard {shard}'s parquet ({type(err).__name__}: {err}); "
+            "the file is damaged or not parquet: re-download the shard or remove it from the pool"
+        ) from err
+    if "key" not in names:
+        raise ShardError(
+            f"{parquet_path}: shard {shard}'s parquet has no 'key' column (columns: {sorted(names)}); "
+            "it is not img2dataset output: write the pool with img2dataset (output_format webdataset)"
+        )
+    df = pl.from_arrow(table) if table.num_rows else pl.DataFrame(schema={c: pl.String() for c in table.column_names})
+    assert isinstance(df, pl.DataFrame)
+    out: dict[str, pl.Series] = {}
+    for col in ("key", "status", "caption", "uid", "error_message"):
+        out[col] = df[col].cast(pl.String) if col in df.columns else pl.Series(col, [None] * df.height, pl.String)
+    for col in ("width", "height"):
+        s = df[col] if col in df.columns else pl.Series(col, [None] * df.height, pl.Int32)
+        if s.dtype.is_float():
+            s = s.fill_nan(None)
+        out[col] = s.cast(pl.Int32, strict=False)
+    if "status" not in df.columns:  # a ledger without status: every row claims a download
+        out["status"] = pl.Series("status", [_SUCCESS] * df.height, pl.String)
+    ledger = pl.DataFrame(out)
+    null_keys = ledger["key"].is_null()
+    if null_keys.any():
+        row = int(null_keys.arg_true()[0])
+        raise ShardError(
+            f"{parquet_path}: row {row} of shard {shard} has a null key ({int(null_keys.sum())} rows in all); "
+            "img2dataset always writes one: the parquet is damaged, re-download the shard"
+        )
+    return ledger, "caption" in names
+
+
+@dataclass
+class _Verdicts:
+    """Per-row statuses and the problems found, built row by row."""
+
+    shard: str
+    status: list[str] = field(default_factory=list)
+    width: list[int | None] = field(default_factory=list)
+    height: list[int | None] = field(default_factory=list)
+    caption: list[str | None] = field(default_factory=list)
+    problems: list[tuple[str, str | None, str, str]] = field(default_factory=list)
+
+    def problem(self, key: str | None, cause: str) -> None:
+        self.problems.append((self.shard, key, _STAGE, cause))
+
+
+def _judge_row(
+    v: _Verdicts,
+    row: dict[str, object],
+    seen: dict[str, _Seen] | None,
+    damage: _Damage,
+    tar_name: str,
+    caption_from_tar: bool,
+) -> None:
+    """Give one parquet row its status, width, height and caption.
+
+    Precedence: failed_download (img2dataset's failed_to_resize counts as
+    undecodable) > missing_in_tar / truncated_tar > undecodable > empty_caption > ok.
+    """
+    key = str(row["key"])
+    raw, caption = row["status"], row["caption"]
+    width, height = row["width"], row["height"]
+    info = seen.get(key) if seen is not None else None
+    if info is not None and caption_from_tar:
+        caption = info.text
+    if raw != _SUCCESS:
+        if raw == _FAILED_TO_RESIZE:
+            status = "undecodable"
+            v.problem(key, f"img2dataset could not resize the image ({row['error_message'] or 'no error_message'}); the sample is skipped")
+        else:
+            status = "failed_download"
+            detail = row["error_message"] or "no error_message"
+            what = "download failed" if raw == "failed_to_download" else f"parquet status is {raw!r}, not 'success'"
+            v.problem(key, f"{what} ({detail}); the sample is skipped (re-run img2dataset with retries to recover it)")
+    elif seen is None:
+        status = "missing_in_tar"  # the whole tar is missing: one problem for the shard
+    elif info is None or info.image_name is None:
+        if info is None and damage.cause is not None:
+            status = "truncated_tar"  # unreadable behind the damage: one problem for the shard
+        else:
+            status = "missing_in_tar"
+            found = f"only {', '.join(info.members)}" if info is not None else "no member"
+            v.problem(key, f"parquet says success but {tar_name} has {found} for key {key} (no image); re-download the shard to recover the sample")
+    elif info.error is not None:
+        status = "undecodable"
+        v.problem(key, f"{info.image_name} in {tar_name} does not decode ({info.error}); the sample is skipped")
+    else:
+        status = "empty_caption" if caption is None or not str(caption).strip() else "ok"
+        if status == "empty_caption":
+            v.problem(key, f"caption of {key} is {'missing' if caption is None else 'empty'}; CLIP training needs one, the sample is skipped")
+        if info.width is not None:
+            width, height = info.width, info.height
+    v.status.append(status)
+    v.width.append(width)  # type: ignore[arg-type]
+    v.height.append(height)  # type: ignore[arg-type]
+    v.caption.append(caption)  # type: ignore[arg-type]
+
+
+def _shard_level_problems(v: _Verdicts, tar_path: Path, seen: dict[str, _Seen] | None, damage: _Damage, ledger: pl.DataFrame) -> None:
+    """Problems of the tar as a whole: missing, damaged, members without rows, repeated keys."""
+    n_success = int((ledger["status"] == _SUCCESS).sum())
+    if seen is None:
+        v.problem(
+            None,
+            f"{tar_path} is missing: the {n_success} rows its parquet marks 'success' get status missing_in_tar; "
+            f"restore {tar_path.name} from the download, or remove {tar_path.stem}.parquet to drop the shard",
+        )
+        return
+    if damage.cause is not None:
+        n_lost = sum(s == "truncated_tar" for s in v.status)
+        v.problem(
+            None,
+            f"{tar_path} is truncated or damaged near byte {damage.offset} ({damage.cause}); samples before it are read, "
+            f"the {n_lost} rows after it get status truncated_tar: re-copy or re-download the shard and re-ingest it",
+        )
+    keys = set(ledger["key"].to_list())
+    for key, info in seen.items():
+        if key not in keys:
+            v.problem(key, f"tar member {info.image_name or info.members[0]} has no parquet row; it is ignored")
+    repeated = ledger.group_by("key", maintain_order=True).len().filter(pl.col("len") > 1)
+    for key, n in repeated.iter_rows():
+        v.problem(key, f"key {key} appears {n} times in {tar_path.stem}.parquet; the rows share one tar sample: deduplicate the parquet")
+
+
+def ingest_shard(pool_dir: Path, shard: str, verify_images: VerifyMode = "decode") -> ShardIngest:
+    """Join ``{shard}.parquet`` with ``{shard}.tar`` and give every parquet row a status.
+
+    ``uid`` is the parquet's uid column where present (DataComp), else the key;
+    width/height come from the image when it was checked, else the parquet.
+    Raises ``ShardError`` when the parquet is missing or unreadable; everything
+    else (missing or truncated tar, missing members, bad images, empty
+    captions, members without rows) becomes a status and a problem row.
+    """
+    pool_dir = Path(pool_dir)
+    parquet_path, tar_path = pool_dir / f"{shard}.parquet", pool_dir / f"{shard}.tar"
+    ledger, has_caption = _read_ledger(parquet_path, shard)
+    caption_from_tar = not has_caption
+    seen: dict[str, _Seen] | None = None
+    damage = _Damage()
+    if tar_path.is_file():
+        seen, damage = _scan_tar(tar_path, verify_images, want_text=caption_from_tar)
+    v = _Verdicts(shard)
+    for row in ledger.iter_rows(named=True):
+        _judge_row(v, row, seen, damage, tar_path.name, caption_from_tar)
+    _shard_level_problems(v, tar_path, seen, damage, ledger)
+    samples = pl.DataFrame(
+        {
+            "uid": ledger["uid"].fill_null(ledger["key"]),
+            "shard": [shard] * ledger.height,
+            "key": ledger["key"],
+            "row": pl.int_range(0, ledger.height, dtype=pl.Int32, eager=True),
+            "caption": pl.Series(v.caption, dtype=pl.String),
+            "width": pl.Series(v.width, dtype=pl.Int32),
+            "height": pl.Series(v.height, dtype=pl.Int32),
+            "status": pl.Series(v.status, dtype=pl.String),
+        },
+        schema=SAMPLES_SCHEMA,
+    )
+    problems = pl.DataFrame(v.problems, schema=PROBLEMS_SCHEMA, orient="row")
+    return ShardIngest(shard=shard, samples=samples, problems=problems)

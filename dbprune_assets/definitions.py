@@ -1,0 +1,27 @@
+"""The Dagster code location: ``dagster dev -m dbprune_assets.definitions``
+(or ``dbprune ui``).  Importing it is cheap: torch, open_clip and faiss are
+imported inside the assets that use them."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from .defs.common import DbpruneResource
+from .defs.dbp import centroids, cluster_assignments, cluster_complexity
+from .defs.dedup import candidates, dedup_assignments, dedup_centroids, semantic_dedup
+from .defs.embedding import embeddings, encoder
+from .defs.ingest import pool_manifest, pool_shards_sensor, raw_metadata
+from .defs.subsets import pruned_subset
+
+ASSETS = [
+    raw_metadata, pool_manifest, encoder, embeddings,
+    dedup_centroids, dedup_assignments, semantic_dedup, candidates,
+    centroids, cluster_assignments, cluster_complexity,
+    pruned_subset,
+]
+
+defs = dg.Definitions(
+    assets=ASSETS,
+    sensors=[pool_shards_sensor],
+    resources={"dbprune": DbpruneResource()},
+)

@@ -1,0 +1,146 @@
+"""The encoder and the per-shard embeddings (image, text, clip_score)."""
+
+
+import json
+
+import dagster as dg
+import numpy as np
+
+from ..core.atomic import write_json, write_parquet
+from ..core.layout import Layout, list_pool_shards
+from .common import GRAPH, DbpruneResource, shard_partitions
+from .ingest import raw_metadata
+from .ui import image_md, md_table, png_bytes
+
+
+def _reference_shards(layout: Layout) -> tuple[list, int, str]:
+    """Training data of the bootstrap encoder: the pool's clean reference split,
+    else (a user pool) the pool itself, which is said out loud."""
+    ref = layout.reference_dir
+    sizes = ref / "sizes.json"
+    if sizes.is_file():
+        counts = json.loads(sizes.read_text())
+        return [ref / name for name in sorted(counts)], int(sum(counts.values())), "reference split"
+    shards = [layout.shard_tar(s) for s in list_pool_shards(layout.pool) if layout.shard_tar(s).exists()]
+    if not shards:
+        raise dg.Failure(f"no reference split ({sizes}) and no pool tars in {layout.pool} to train the bootstrap "
+                         "encoder on; set encoder.cluster_encoder to a pretrained model or a local checkpoint")
+    import polars as pl
+
+    n = 0
+    for s in list_pool_shards(layout.pool):
+        n += pl.read_parquet(layout.shard_parquet(s), columns=["key"]).height
+    return shards, n, "the pool itself (no reference split found: the scorer sees the pool's own mismatches)"
+
+
+@dg.asset(
+    group_name="encode",
+    kinds={"pytorch", "openclip"},
+    code_version=GRAPH["encoder"].code,
+    description=(
+        "The cluster and score encoders: an open_clip architecture with a pretrained tag, an hf-hub: id or a local "
+        "checkpoint, or the offline default `bootstrap` (a small CLIP trained with open_clip_train on the pool's "
+        "clean reference split). Its data version is the weights hash, so embeddings turn stale when it changes."
+    ),
+)
+def encoder(context: dg.AssetExecutionContext, dbprune: DbpruneResource) -> dg.MaterializeResult:
+    from ..core.bootstrap import train_bootstrap
+    from ..core.encoders import load_encoder, resolve_encoder, weights_hash
+
+    from .dedup import torch_device
+
+    s = dbprune.session(context)
+    cfg = s.settings.encoder
+    device = torch_device(s.settings.compute.device)
+    bootstrap_dir = s.layout.encoder_dir / "bootstrap"
+    metadata: dict[str, object] = {}
+    if cfg.cluster_encoder.is_bootstrap or cfg.score.is_bootstrap:
+        shards, n, source = _reference_shards(s.layout)
+        context.log.info(f"training the bootstrap encoder on {source}: {n} samples in {len(shards)} tar(s)")
+        result = train_bootstrap(shards, n, bootstrap_dir, cfg.bootstrap, device,
+                                 logs_dir=s.layout.home / "logs" / "bootstrap", tmp_root=s.layout.tmp)
+        steps = [p[0] for p in result.loss_curve]
+        losses = [p[1] for p in result.loss_curve]
+
+        def draw(fig):
+            ax = fig.add_subplot(111)
+            ax.plot(steps, losses)
+            ax.set_xlabel("step")
+            ax.set_ylabel("contrastive loss")
+            ax.set_title(f"bootstrap encoder ({cfg.bootstrap.model}) on {source.split(' (')[0]}")
+
+        metadata["bootstrap_training_data"] = source
+        metadata["bootstrap_samples"] = n
+        metadata["bootstrap_seconds"] = round(result.seconds, 1)
+        if losses:
+            metadata["bootstrap_final_loss"] = float(losses[-1])
+            metadata["bootstrap_loss_curve"] = image_md(png_bytes(draw, (6, 3)), "bootstrap loss",
+                                                        s.layout.artefact_dir("encoder") / "loss.png", s.layout.tmp)
+    resolved = {}
+    hashes = {}
+    for role, spec in (("cluster", cfg.cluster_encoder), ("score", cfg.score)):
+        r = resolve_encoder(spec, bootstrap_dir)
+        enc = load_encoder(r, "cpu")  # proves it loads (and fetches weights) before any shard needs it
+        resolved[role] = {"spec": spec.model_dump(), "embed_dim": enc.embed_dim, "name": enc.name}
+        hashes[role] = weights_hash(enc.weights_path) if enc.weights_path else "random-init"
+        metadata[f"{role}_encoder"] = enc.name
+        metadata[f"{role}_embed_dim"] = enc.embed_dim
+    version = f"{hashes['cluster'][:16]}-{hashes['score'][:16]}"
+    write_json(s.layout.encoder_dir / "encoder.json", {"resolved": resolved, "weights": hashes}, s.layout.tmp)
+    st = s.commit("encoder", data_version=version, summary={"resolved": resolved, "weights": hashes})
+    metadata["weights_hash"] = version
+    metadata["seconds"] = s.elapsed()
+    return dg.MaterializeResult(data_version=dg.DataVersion(st.data_version), metadata=metadata)
+
+
+@dg.asset(
+    partitions_def=shard_partitions,
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    deps=[raw_metadata, encoder],
+    group_name="encode",
+    kinds={"pytorch", "numpy"},
+    code_version=GRAPH["embeddings"].code,
+    pool="dbprune_gpu",
+    description=(
+        "Image and text embeddings (L2-normalised, float16) of every ok sample and its clip_score = cos(image, text) "
+        "from the score encoder, in clip-retrieval's layout: embeddings/{img_emb,text_emb,metadata}/<shard>. "
+        "Streamed from the tar in batches, decoded in worker processes; GPU with autocast when present."
+    ),
+)
+def embeddings(context: dg.AssetExecutionContext, dbprune: DbpruneResource) -> dg.MaterializeResult:
+    import polars as pl
+
+    from ..core.embed import embed_shard
+    from ..core.encoders import load_encoder, resolve_encoder
+
+    from .dedup import torch_device
+
+    s = dbprune.session(context)
+    cfg = s.settings.encoder
+    device = torch_device(s.settings.compute.device)
+    bootstrap_dir = s.layout.encoder_dir / "bootstrap"
+    cluster_enc = load_encoder(resolve_encoder(cfg.cluster_encoder, bootstrap_dir), device)
+    score_enc = None if cfg.score == cfg.cluster_encoder else load_encoder(resolve_encoder(cfg.score, bootstrap_dir), device)
+    stats_rows = []
+    for shard in context.partition_keys:
+        samples = pl.read_parquet(s.layout.table("samples", shard))
+        ok = samples.filter(pl.col("status") == "ok").select("uid", "key", "caption", "row")
+        stats = embed_shard(
+            s.layout.shard_tar(shard), ok, cluster_enc, score_enc,
+            s.layout.img_emb(shard), s.layout.text_emb(shard), s.layout.emb_metadata(shard),
+            s.settings.compute, s.layout.tmp, shard=shard,
+        )
+        meta = pl.read_parquet(s.layout.emb_metadata(shard), columns=["uid", "shard", "clip_score"])
+        write_parquet(s.layout.table("scores", shard), meta, s.layout.tmp)
+        s.commit("embeddings", shard, {"rows": stats.n, "images_per_s": round(stats.images_per_s, 1)})
+        stats_rows.append({"shard": shard, "ok_samples": stats.n, "seconds": round(stats.seconds, 2),
+                           "images/s": round(stats.images_per_s, 1), "device": stats.device})
+        context.log.info(f"shard {shard}: {stats.n} embeddings, {stats.images_per_s:.0f} images/s on {stats.device}")
+    s.refresh_catalog("scores")
+    total = sum(r["ok_samples"] for r in stats_rows)
+    secs = sum(r["seconds"] for r in stats_rows) or 1e-9
+    return dg.MaterializeResult(metadata={
+        "embedded": total, "images_per_s": round(total / secs, 1), "device": device,
+        "embed_dim": cluster_enc.embed_dim, "shards": dg.MetadataValue.md(md_table(stats_rows)),
+        "seconds": s.elapsed(),
+    })
