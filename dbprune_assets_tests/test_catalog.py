@@ -91,7 +91,8 @@ def test_other_errors_are_not_retried():
 
 def test_cluster_kept_comes_from_dbp_decisions(layout: Layout):
     clusters = pl.DataFrame({"cluster": [0, 1], "size": [5, 3], "d_intra": [0.1, 0.2], "d_inter": [0.5, 0.4],
-                             "complexity": [0.05, 0.08], "probability": [0.4, 0.6], "quota": [2, 2]})
+                             "complexity": [0.05, 0.08], "probability": [0.4, 0.6], "quota": [2, 2],
+                             "lower_bound": [1, 1]})
     write_parquet(layout.table("clusters"), clusters, layout.tmp)
     refresh_catalog(layout)
     assert query(layout, "SELECT cluster, kept FROM clusters ORDER BY 1").to_pylist() == [
