@@ -90,7 +90,7 @@ def pruned_subset(context: dg.AssetExecutionContext, dbprune: DbpruneResource) -
                 checks["quota"].append(f"{strategy}: clusters {bad[:10].tolist()} kept != quota")
         exp = export_subset(out, s.layout.pool, s.layout.subset_dir(strategy), s.settings.export.shard_size,
                             s.settings.export.seed, s.layout.tmp)
-        problems = verify_export(s.layout.subset_dir(strategy), out)
+        problems = verify_export(s.layout.subset_dir(strategy), out, tmp_root=s.layout.tmp)
         checks["export"] += [f"{strategy}: {p}" for p in problems]
         con = duckdb.connect()
         n_samples, n_dec, n_distinct = con.execute(

@@ -1,0 +1,582 @@
+"""Export a strategy's kept samples as webdataset shards open_clip_train reads.
+
+``subsets/<strategy>/`` (``shared/DESIGN.md``, "Formats and where things live"):
+
+* ``NNNNN.tar``: the kept samples' **original member bytes** (every tar member
+  of the sample: jpg, txt, json, ...), resharded into equal shards of
+  ``shard_size`` (the last may be shorter) in a shuffled order: a sample's
+  global position is its rank by ``(uid_hash(seed, uid), uid, shard)``
+  (:func:`dbprune_assets.core.strategies.register_uid_hash`), and output shard
+  ``i`` holds positions ``[i * shard_size, (i + 1) * shard_size)`` in order;
+* ``sizes.json``: ``{"00000.tar": n, ...}``, what open_clip_train's
+  ``get_dataset_size`` reads;
+* ``uids.npy``: DataComp's subset format, the sorted ``np.dtype("u8,u8")`` array
+  of the kept 32-hex uids (high 64 bits, low 64 bits); a pool whose uids are not
+  all 32-hex writes ``keys.txt`` instead (the kept uids, which are then the
+  keys, one per line, sorted).
+
+Members are named ``KEY.EXT`` (the source extension, as ingest's reader
+reports it), in source tar order.  Tar members get deterministic headers (mtime 0, uid/gid 0, no owner names,
+mode 0o644, PAX format), so the same decisions and seed export byte-identical
+files.
+
+Memory is bounded by one sample, the kept-key map of one source shard and one
+output shard's index, never the subset: pass 1 streams every source tar once
+(``tarfile`` ``r|`` through :func:`dbprune_assets.core.shards.iter_shard_members`,
+the reader ingest uses, stopping at the shard's last kept sample) and appends each kept sample's encoded tar blocks to a
+spool file of its output shard (at most ``max_open`` spool files open, LRU,
+reopened in append mode); pass 2 reads one spool's record headers, sorts them
+by position and copies the blocks into the final tar.  The whole folder is
+built under the temp root and swapped in atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import tarfile
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+import numpy as np
+
+from .atomic import atomic_path, scratch_dir
+from .strategies import INPUT_SCHEMAS, connect, create_view, parquet_files
+
+SIZES_FILE = "sizes.json"
+UIDS_FILE = "uids.npy"
+KEYS_FILE = "keys.txt"
+UID_DTYPE = np.dtype("u8,u8")
+_HEX32 = "[0-9a-fA-F]{32}"
+_SHARD_RE = re.compile(r"^(\d{5,})\.tar$")
+_BLOCK = tarfile.BLOCKSIZE  # 512
+_RECORD = tarfile.RECORDSIZE  # 10240
+_REC_HEADER = struct.Struct("<qq")  # spool record: position, byte length
+
+
+@dataclass
+class ExportSummary:
+    """What :func:`export_subset` wrote."""
+
+    out_dir: Path
+    n_samples: int
+    n_shards: int
+    shard_size: int
+    seed: int
+    id_file: str  #: "uids.npy" or "keys.txt"
+    bytes_written: int  #: total size of the tar files
+    sizes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def samples(self) -> int:
+        """Alias of ``n_samples``."""
+        return self.n_samples
+
+    @property
+    def shards(self) -> int:
+        """Alias of ``n_shards``."""
+        return self.n_shards
+
+    @property
+    def train_data(self) -> str:
+        """``--train-data`` for open_clip_train (brace pattern)."""
+        return brace_pattern(self.out_dir, self.n_shards)
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "samples": self.n_samples,
+            "shards": self.n_shards,
+            "shard_size": self.shard_size,
+            "seed": self.seed,
+            "id_file": self.id_file,
+            "bytes": self.bytes_written,
+            "train_data": self.train_data if self.n_shards else "",
+        }
+
+
+def shard_name(i: int) -> str:
+    return f"{i:05d}.tar"
+
+
+def brace_pattern(out_dir: Path, n_shards: int) -> str:
+    if n_shards <= 0:
+        raise ValueError(f"{out_dir}: the subset is empty, there are no shards to train on")
+    if n_shards == 1:
+        return str(Path(out_dir) / shard_name(0))
+    last = shard_name(n_shards - 1)[: -len(".tar")]
+    first = f"{0:0{len(last)}d}"
+    return str(Path(out_dir) / f"{{{first}..{last}}}.tar")
+
+
+def train_data_spec(out_dir: Path) -> tuple[str, int]:
+    """``(pattern, n_samples)`` of an exported subset: the brace pattern for
+    ``open_clip_train --train-data PATTERN --dataset-type webdataset
+    --train-num-samples N`` and the number of samples (from ``sizes.json``)."""
+    out_dir = Path(out_dir)
+    sizes = _read_sizes(out_dir)
+    names = sorted(sizes)
+    expected = [shard_name(i) for i in range(len(names))]
+    if names != expected:
+        raise ValueError(f"{out_dir / SIZES_FILE}: shards {names[:3]}... are not numbered 00000.tar onwards")
+    return brace_pattern(out_dir, len(names)), int(sum(sizes.values()))
+
+
+def _read_sizes(out_dir: Path) -> dict[str, int]:
+    path = out_dir / SIZES_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no {SIZES_FILE}; export the subset first")
+    sizes = json.loads(path.read_text())
+    if not isinstance(sizes, dict):
+        raise ValueError(f"{path}: expected an object of shard -> size")
+    return {str(k): int(v) for k, v in sizes.items()}
+
+
+# ---------------------------------------------------------------------------
+# reading source tars
+# ---------------------------------------------------------------------------
+def split_key(name: str) -> tuple[str | None, str | None]:
+    """webdataset's split of a member name into (key, extension): the key is
+    the path up to the first dot of the file name."""
+    m = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)
+    if not m:
+        return None, None
+    return m.group(1), m.group(2)
+
+
+def _iter_tar_samples(tar_path: Path) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+    """Used by :func:`verify_export` to read exported tars the way webdataset
+    groups them (open_clip_train's view).  Stream a webdataset tar: ``(key, [(member name, bytes), ...])`` per run of
+    consecutive members with the same key, in tar order (regular files only;
+    names without an extension are skipped, as webdataset does)."""
+    key: str | None = None
+    members: list[tuple[str, bytes]] = []
+    with tarfile.open(tar_path, mode="r|") as tf:
+        for info in tf:
+            if not info.isfile():
+                continue
+            k, _ = split_key(info.name)
+            if k is None:
+                continue
+            f = tf.extractfile(info)
+            data = f.read() if f is not None else b""
+            if k != key:
+                if key is not None:
+                    yield key, members
+                key, members = k, []
+            members.append((info.name, data))
+    if key is not None:
+        yield key, members
+
+
+def encode_member(name: str, data: bytes) -> bytes:
+    """One tar member (header + data + padding) with deterministic header fields."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    return header + data + b"\0" * ((-len(data)) % _BLOCK)
+
+
+def _tar_trailer(length: int) -> bytes:
+    """End-of-archive: two zero blocks, then zero padding to a full record (as tarfile writes)."""
+    end = length + 2 * _BLOCK
+    return b"\0" * (2 * _BLOCK + (-end) % _RECORD)
+
+
+class _Spools:
+    """Append-only spool files, one per output shard, at most ``max_open`` open."""
+
+    def __init__(self, folder: Path, max_open: int) -> None:
+        self.folder = folder
+        self.max_open = max(1, int(max_open))
+        self.open: OrderedDict[int, IO[bytes]] = OrderedDict()
+
+    def path(self, i: int) -> Path:
+        return self.folder / f"{i:05d}.spool"
+
+    def append(self, i: int, pos: int, blob: bytes) -> None:
+        f = self.open.get(i)
+        if f is None:
+            if len(self.open) >= self.max_open:
+                _, old = self.open.popitem(last=False)
+                old.close()
+            f = open(self.path(i), "ab")
+            self.open[i] = f
+        else:
+            self.open.move_to_end(i)
+        f.write(_REC_HEADER.pack(pos, len(blob)))
+        f.write(blob)
+
+    def close(self) -> None:
+        while self.open:
+            _, f = self.open.popitem()
+            f.close()
+
+
+# ---------------------------------------------------------------------------
+# export
+# ---------------------------------------------------------------------------
+def _kept_view(con: Any, decisions_path: Path, samples_dir: Path) -> None:
+    create_view(con, "dec", [Path(decisions_path)], INPUT_SCHEMAS["decisions"])
+    create_view(con, "samples", parquet_files(samples_dir), INPUT_SCHEMAS["samples"])
+    con.execute(
+        """
+        CREATE OR REPLACE TEMP VIEW kept AS
+        SELECT d.shard, d.uid, s.key FROM dec d JOIN samples s ON s.shard = d.shard AND s.uid = d.uid
+        WHERE d.keep
+        """
+    )
+
+
+def _check_kept(con: Any, decisions_path: Path, samples_dir: Path) -> int:
+    n_dec = con.execute("SELECT count(*) FROM dec WHERE keep").fetchall()[0][0]
+    n_kept, n_keys = con.execute("SELECT count(*), count(DISTINCT key) FROM kept").fetchall()[0]
+    if n_kept != n_dec:
+        rows = con.execute(
+            "SELECT d.shard, d.uid FROM dec d ANTI JOIN samples s ON s.shard = d.shard AND s.uid = d.uid WHERE d.keep LIMIT 1"
+        ).fetchall()
+        ex = rows[0] if rows else None
+        where = f", e.g. shard {ex[0]} uid {ex[1]} has no samples row" if ex else " ((shard, uid) repeats in samples)"
+        raise ValueError(
+            f"{decisions_path}: {n_dec} kept decisions map to {n_kept} samples rows of {samples_dir}{where}; "
+            "the decisions are out of date"
+        )
+    if n_keys != n_kept:
+        key, n = con.execute("SELECT key, count(*) FROM kept GROUP BY key HAVING count(*) > 1 ORDER BY key LIMIT 1").fetchall()[0]
+        raise ValueError(f"{decisions_path}: tar key {key!r} is shared by {n} kept samples; keys must be unique to export")
+    return int(n_kept)
+
+
+def _all_hex(con: Any) -> bool:
+    bad = con.execute(f"SELECT count(*) FROM dec WHERE uid IS NULL OR NOT regexp_full_match(uid, '{_HEX32}')").fetchall()[0][0]
+    return bad == 0
+
+
+def export_subset(
+    decisions_path: Path,
+    pool_dir: Path,
+    out_dir: Path,
+    shard_size: int,
+    seed: int,
+    tmp_root: Path,
+    *,
+    samples_dir: Path | None = None,
+    max_open: int = 256,
+    memory_limit: str = "1GB",
+    threads: int | None = None,
+) -> ExportSummary:
+    """Write the kept samples of ``decisions_path`` to ``out_dir`` (see the
+    module docstring): ``NNNNN.tar`` + ``sizes.json`` + ``uids.npy`` (or
+    ``keys.txt``).  Source tars are ``pool_dir/<shard>.tar``; tar keys come
+    from the samples table (default: ``tables/samples`` beside the decisions'
+    ``tables/decisions``).  ``out_dir`` is replaced atomically.  Raises
+    ValueError naming shard and key when a kept sample is missing from its tar
+    or appears twice."""
+    decisions_path = Path(decisions_path)
+    pool_dir = Path(pool_dir)
+    out_dir = Path(out_dir)
+    tmp_root = Path(tmp_root)
+    if shard_size <= 0:
+        raise ValueError(f"shard_size must be > 0, got {shard_size}")
+    if not decisions_path.is_file():
+        raise FileNotFoundError(f"{decisions_path}: no decisions; materialise the strategy first")
+    samples_dir = Path(samples_dir) if samples_dir is not None else decisions_path.parent.parent / "samples"
+    tmp_root.mkdir(parents=True, exist_ok=True)
+
+    with scratch_dir(tmp_root, "export-") as work_s:
+        work = Path(work_s)
+        con = connect(work / "db", memory_limit, threads)
+        try:
+            _kept_view(con, decisions_path, samples_dir)
+            n = _check_kept(con, decisions_path, samples_dir)
+            hex_uids = _all_hex(con)
+            con.execute(
+                f"""
+                CREATE TABLE ranked AS
+                SELECT shard, key, uid,
+                       row_number() OVER (ORDER BY uid_hash(uid, {int(seed)}), uid, shard) - 1 AS pos
+                FROM kept ORDER BY shard, key
+                """
+            )
+            n_shards = -(-n // shard_size)
+            sizes = {shard_name(i): min(shard_size, n - i * shard_size) for i in range(n_shards)}
+            spool_dir = work / "spool"
+            spool_dir.mkdir()
+            spools = _Spools(spool_dir, max_open)
+            try:
+                shards = [r[0] for r in con.execute("SELECT DISTINCT shard FROM ranked ORDER BY shard").fetchall()]
+                for shard in shards:
+                    wanted = dict(
+                        con.execute("SELECT key, pos FROM ranked WHERE shard = ?", [shard]).fetchall()
+                    )
+                    _spool_shard(pool_dir / f"{shard}.tar", shard, wanted, spools, shard_size)
+            finally:
+                spools.close()
+
+            with atomic_path(out_dir, tmp_root) as tmp:
+                tmp.mkdir(parents=True)
+                total = 0
+                for i in range(n_shards):
+                    total += _finish_shard(spools.path(i), tmp / shard_name(i), i, shard_size, sizes[shard_name(i)])
+                (tmp / SIZES_FILE).write_text(json.dumps(sizes, indent=2, sort_keys=True) + "\n")
+                if hex_uids:
+                    _write_uids_npy(con, tmp / UIDS_FILE, n)
+                    id_file = UIDS_FILE
+                else:
+                    _write_keys_txt(con, tmp / KEYS_FILE)
+                    id_file = KEYS_FILE
+                _fsync_tree(tmp)
+        finally:
+            con.close()
+    return ExportSummary(
+        out_dir=out_dir,
+        n_samples=n,
+        n_shards=n_shards,
+        shard_size=shard_size,
+        seed=seed,
+        id_file=id_file,
+        bytes_written=total,
+        sizes=sizes,
+    )
+
+
+def _spool_shard(tar_path: Path, shard: str, wanted: dict[str, int], spools: _Spools, shard_size: int) -> None:
+    """Pass 1 for one source shard: append each wanted sample to its output spool.
+
+    Reads with :func:`dbprune_assets.core.shards.iter_shard_members` (the
+    reader ingest uses, so "a sample" means the same thing in both): a stream
+    that stops once every wanted key was seen and raises when one is missing.
+    Members are re-named ``KEY.EXT`` in tar order; their bytes are unchanged.
+    """
+    from .shards import ShardError, iter_shard_members
+
+    if not wanted:
+        return
+    done: set[str] = set()
+    try:
+        for key, members in iter_shard_members(tar_path, set(wanted)):
+            if key in done:
+                raise ValueError(f"shard {shard}, key {key}: its members are not contiguous in {tar_path}")
+            done.add(key)
+            pos = wanted[key]
+            blob = b"".join(encode_member(f"{key}.{ext}", data) for ext, data in members.items())
+            spools.append(pos // shard_size, pos, blob)
+    except ShardError as err:
+        missing = sorted(set(wanted) - done)
+        raise ValueError(
+            f"shard {shard}: {len(missing)} kept samples could not be exported, e.g. key {missing[0] if missing else '?'}: {err}"
+        ) from err
+
+
+def _finish_shard(spool: Path, out: Path, i: int, shard_size: int, expected: int) -> int:
+    """Pass 2 for one output shard: copy its spooled samples in position order."""
+    index: list[tuple[int, int, int]] = []  # (pos, offset, length)
+    with open(spool, "rb") as f:
+        offset = 0
+        while True:
+            head = f.read(_REC_HEADER.size)
+            if not head:
+                break
+            pos, length = _REC_HEADER.unpack(head)
+            offset += _REC_HEADER.size
+            index.append((pos, offset, length))
+            offset += length
+            f.seek(offset)
+        index.sort()
+        first = i * shard_size
+        if [p for p, _, _ in index] != list(range(first, first + expected)):
+            raise RuntimeError(f"export: output shard {i} got {len(index)} samples, expected {expected}")
+        written = 0
+        with open(out, "wb") as o:
+            for _, off, length in index:
+                f.seek(off)
+                o.write(f.read(length))
+                written += length
+            o.write(_tar_trailer(written))
+            o.flush()
+            os.fsync(o.fileno())
+            size = o.tell()
+    spool.unlink()
+    return size
+
+
+def _write_uids_npy(con: Any, path: Path, n: int) -> None:
+    """DataComp's subset file, built out of core: DuckDB sorts, numpy memmaps."""
+    if n == 0:
+        np.save(path, np.zeros(0, dtype=UID_DTYPE), allow_pickle=False)
+        return
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=UID_DTYPE, shape=(n,))
+    reader = con.sql(
+        """
+        SELECT CAST('0x' || substr(uid, 1, 16) AS UBIGINT) AS hi, CAST('0x' || substr(uid, 17, 16) AS UBIGINT) AS lo
+        FROM kept ORDER BY hi, lo
+        """
+    ).to_arrow_reader(1 << 16)
+    at = 0
+    for batch in reader:
+        m = batch.num_rows
+        arr["f0"][at : at + m] = batch.column(0).to_numpy()
+        arr["f1"][at : at + m] = batch.column(1).to_numpy()
+        at += m
+    if at != n:
+        raise RuntimeError(f"export: wrote {at} uids, expected {n}")
+    arr.flush()
+    del arr
+
+
+def _write_keys_txt(con: Any, path: Path) -> None:
+    reader = con.sql("SELECT uid FROM kept ORDER BY uid").to_arrow_reader(1 << 16)
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for batch in reader:
+            for uid in batch.column(0).to_pylist():
+                f.write(uid + "\n")
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.iterdir():
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------------------
+# verification (the asset check)
+# ---------------------------------------------------------------------------
+def verify_export(
+    out_dir: Path,
+    decisions_path: Path,
+    *,
+    samples_dir: Path | None = None,
+    tmp_root: Path | None = None,
+    memory_limit: str = "1GB",
+    limit: int = 5,
+) -> list[str]:
+    """Problems of an exported subset against its decisions (empty = healthy):
+    missing / extra / repeated samples, shard files vs ``sizes.json``, unequal
+    shard sizes, and ``uids.npy`` / ``keys.txt`` vs the kept uids.  Streams the
+    tars; the comparison runs in DuckDB (bounded memory)."""
+    import tempfile
+
+    import pyarrow as pa
+
+    out_dir = Path(out_dir)
+    decisions_path = Path(decisions_path)
+    samples_dir = Path(samples_dir) if samples_dir is not None else decisions_path.parent.parent / "samples"
+    problems: list[str] = []
+    if not out_dir.is_dir():
+        return [f"{out_dir}: no exported subset"]
+    try:
+        sizes = _read_sizes(out_dir)
+    except (OSError, ValueError) as err:
+        return [str(err)]
+    tars = sorted(p.name for p in out_dir.iterdir() if _SHARD_RE.match(p.name))
+    if sorted(sizes) != tars:
+        problems.append(f"{SIZES_FILE} lists {sorted(set(sizes) - set(tars))[:limit]} without a tar; tars {sorted(set(tars) - set(sizes))[:limit]} are not in it")
+    if tars != [shard_name(i) for i in range(len(tars))]:
+        problems.append(f"shards are not numbered 00000.tar onwards: {tars[:limit]}")
+    counts = [sizes[t] for t in sorted(sizes)]
+    if len(counts) > 1 and (len(set(counts[:-1])) != 1 or counts[-1] > counts[0]):
+        problems.append(f"shard sizes are not equal (but the last): {counts[:limit]}...")
+
+    if tmp_root is not None:
+        Path(tmp_root).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="verify-export-", dir=tmp_root) as work:
+        con = connect(Path(work), memory_limit)
+        try:
+            _kept_view(con, decisions_path, samples_dir)
+            con.execute("CREATE TABLE found (tar VARCHAR, key VARCHAR)")
+            for t in tars:
+                buf: list[str] = []
+                n_t = 0
+                try:
+                    for key, _ in _iter_tar_samples(out_dir / t):
+                        buf.append(key)
+                        n_t += 1
+                        if len(buf) >= 1 << 16:
+                            _insert_found(con, pa, t, buf)
+                            buf = []
+                except (tarfile.TarError, OSError) as err:
+                    problems.append(f"{t}: unreadable ({err})")
+                _insert_found(con, pa, t, buf)
+                if t in sizes and sizes[t] != n_t:
+                    problems.append(f"{t}: holds {n_t} samples, {SIZES_FILE} says {sizes[t]}")
+            repeated = con.execute(
+                f"SELECT key, count(*) FROM found GROUP BY key HAVING count(*) > 1 ORDER BY key LIMIT {limit}"
+            ).fetchall()
+            if repeated:
+                problems.append(f"samples exported more than once: {[k for k, _ in repeated]}")
+            n_missing = con.execute("SELECT count(*) FROM kept k ANTI JOIN found f ON f.key = k.key").fetchall()[0][0]
+            if n_missing:
+                ex = [r[0] for r in con.execute(f"SELECT k.key FROM kept k ANTI JOIN found f ON f.key = k.key ORDER BY 1 LIMIT {limit}").fetchall()]
+                problems.append(f"{n_missing} kept samples are missing from the export, e.g. {ex}")
+            n_extra = con.execute("SELECT count(*) FROM found f ANTI JOIN kept k ON f.key = k.key").fetchall()[0][0]
+            if n_extra:
+                ex = [r[0] for r in con.execute(f"SELECT f.key FROM found f ANTI JOIN kept k ON f.key = k.key ORDER BY 1 LIMIT {limit}").fetchall()]
+                problems.append(f"{n_extra} exported samples are not kept by the decisions, e.g. {ex}")
+            n_kept = con.execute("SELECT count(*) FROM kept").fetchall()[0][0]
+            if sum(sizes.values()) != n_kept:
+                problems.append(f"{SIZES_FILE} totals {sum(sizes.values())} samples, the decisions keep {n_kept}")
+            problems += _verify_ids(con, out_dir, n_kept, _all_hex(con), limit)
+        finally:
+            con.close()
+    return problems
+
+
+def _insert_found(con: Any, pa: Any, tar: str, keys: list[str]) -> None:
+    if not keys:
+        return
+    con.register("found_batch", pa.table({"tar": [tar] * len(keys), "key": keys}))
+    con.execute("INSERT INTO found SELECT tar, key FROM found_batch")
+    con.unregister("found_batch")
+
+
+def _verify_ids(con: Any, out_dir: Path, n_kept: int, hex_uids: bool, limit: int) -> list[str]:
+    uids_p, keys_p = out_dir / UIDS_FILE, out_dir / KEYS_FILE
+    if hex_uids:
+        if keys_p.exists():
+            return [f"{KEYS_FILE} present, but the uids are 32-hex (expected {UIDS_FILE} only)"]
+        if not uids_p.is_file():
+            return [f"{UIDS_FILE} is missing"]
+        arr = np.load(uids_p, mmap_mode="r", allow_pickle=False)
+        if arr.dtype != UID_DTYPE or arr.ndim != 1:
+            return [f"{UIDS_FILE}: dtype {arr.dtype} shape {arr.shape}, expected 1-d {UID_DTYPE}"]
+        if len(arr) != n_kept:
+            return [f"{UIDS_FILE}: {len(arr)} uids, the decisions keep {n_kept}"]
+        reader = con.sql(
+            """
+            SELECT CAST('0x' || substr(uid, 1, 16) AS UBIGINT), CAST('0x' || substr(uid, 17, 16) AS UBIGINT)
+            FROM kept ORDER BY 1, 2
+            """
+        ).to_arrow_reader(1 << 16)
+        at = 0
+        for batch in reader:
+            m = batch.num_rows
+            if not (
+                np.array_equal(arr["f0"][at : at + m], batch.column(0).to_numpy())
+                and np.array_equal(arr["f1"][at : at + m], batch.column(1).to_numpy())
+            ):
+                return [f"{UIDS_FILE}: differs from the sorted kept uids near entry {at}"]
+            at += m
+        return []
+    if uids_p.exists():
+        return [f"{UIDS_FILE} present, but the uids are not all 32-hex (expected {KEYS_FILE})"]
+    if not keys_p.is_file():
+        return [f"{KEYS_FILE} is missing"]
+    reader = con.sql("SELECT uid FROM kept ORDER BY uid").to_arrow_reader(1 << 16)
+    with open(keys_p, encoding="utf-8") as f:
+        for batch in reader:
+            for uid in batch.column(0).to_pylist():
+                line = f.readline()
+                if line.rstrip("\n") != uid:
+                    return [f"{KEYS_FILE}: {line.rstrip()!r} where the sorted kept uids have {uid!r}"]
+        if f.readline():
+            return [f"{KEYS_FILE}: more lines than the {n_kept} kept samples"]
+    return []
