@@ -37,52 +37,74 @@ EmbSource = Union[np.ndarray, Callable[[np.ndarray], np.ndarray]]
 # ---------------------------------------------------------------------------
 
 
-def _row_names(bad: np.ndarray, uids: Sequence[str] | np.ndarray | None, limit: int = 5) -> str:
+def _row_names(bad: np.ndarray, uids: Sequence[str] | np.ndarray | None, offset: int = 0, limit: int = 5) -> str:
     rows = np.flatnonzero(bad)[:limit]
     if uids is None:
-        return ", ".join(f"row {int(r)}" for r in rows)
-    return ", ".join(f"row {int(r)} (uid {uids[int(r)]})" for r in rows)
+        return ", ".join(f"row {int(r) + offset}" for r in rows)
+
+    def name(u: object) -> str:
+        return u.decode("utf-8", "replace") if isinstance(u, bytes) else str(u)
+
+    return ", ".join(f"row {int(r) + offset} (uid {name(uids[int(r)])})" for r in rows)
 
 
-def check_rows(x: np.ndarray, what: str, uids: Sequence[str] | np.ndarray | None = None) -> np.ndarray:
+def _check_sq_norms(sq: np.ndarray, what: str, uids: Sequence[str] | np.ndarray | None, offset: int) -> None:
+    """Raise on rows whose squared norm is non-finite (NaN/inf values) or ~0."""
+    n = len(sq)
+    bad = ~np.isfinite(sq)
+    if bad.any():
+        # a non-finite squared norm means a NaN/inf value (or an absurdly large one)
+        raise ValueError(
+            f"{what}: {int(bad.sum())} of {n} embedding rows hold NaN/inf values "
+            f"(first: {_row_names(bad, uids, offset)}); re-embed the shard"
+        )
+    zero = sq < ZERO_NORM * ZERO_NORM
+    if zero.any():
+        raise ValueError(
+            f"{what}: {int(zero.sum())} of {n} embedding rows have zero norm "
+            f"(first: {_row_names(zero, uids, offset)}); re-embed the shard"
+        )
+
+
+def check_rows(
+    x: np.ndarray, what: str, uids: Sequence[str] | np.ndarray | None = None, offset: int = 0, block: int = 65536
+) -> np.ndarray:
     """Validate embedding rows; return their float32 L2 norms.
 
     Raises ValueError naming ``what`` (e.g. the shard) and the first bad rows
-    when a row holds NaN/inf or its norm is below :data:`ZERO_NORM`.
+    (numbered from ``offset``, with their uids when given) when a row holds
+    NaN/inf or its norm is below :data:`ZERO_NORM`.  Works in blocks of
+    ``block`` rows (a float32 copy of one block at a time).
     """
     x = np.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"{what}: expected a 2-D (n, d) embedding array, got shape {x.shape}")
-    if x.shape[0] == 0:
-        return np.zeros(0, dtype=np.float32)
-    x32 = x.astype(np.float32, copy=False)
-    finite = np.isfinite(x32).all(axis=1)
-    if not finite.all():
-        bad = ~finite
-        raise ValueError(
-            f"{what}: {int(bad.sum())} of {len(x)} embedding rows hold NaN/inf values "
-            f"(first: {_row_names(bad, uids)}); re-embed the shard"
-        )
-    norms = np.sqrt(np.einsum("ij,ij->i", x32, x32, dtype=np.float32))
-    zero = norms < ZERO_NORM
-    if zero.any():
-        raise ValueError(
-            f"{what}: {int(zero.sum())} of {len(x)} embedding rows have zero norm "
-            f"(first: {_row_names(zero, uids)}); re-embed the shard"
-        )
-    return norms
+    n = len(x)
+    sq = np.empty(n, dtype=np.float32)
+    for a in range(0, n, block):
+        xb = np.asarray(x[a : a + block], dtype=np.float32)
+        sq[a : a + len(xb)] = np.einsum("ij,ij->i", xb, xb)
+    _check_sq_norms(sq, what, uids, offset)
+    return np.sqrt(sq)
 
 
-def l2_normalize_checked(x: np.ndarray, what: str, uids: Sequence[str] | np.ndarray | None = None) -> np.ndarray:
+def l2_normalize_checked(
+    x: np.ndarray, what: str, uids: Sequence[str] | np.ndarray | None = None, offset: int = 0
+) -> np.ndarray:
     """Float32, C-contiguous, unit-L2-norm copy of ``x`` (n, d).
 
     Raises ValueError naming ``what`` (shard/rows) and the first offending rows
-    (with their uid when ``uids`` is given) when rows are NaN/inf or zero-norm.
+    (numbered from ``offset``, with their uid when ``uids`` is given) when rows
+    are NaN/inf or zero-norm.
     """
-    norms = check_rows(x, what, uids)
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"{what}: expected a 2-D (n, d) embedding array, got shape {x.shape}")
     out = np.array(x, dtype=np.float32, order="C", copy=True)
     if len(out):
-        out /= norms[:, None]
+        sq = np.einsum("ij,ij->i", out, out)
+        _check_sq_norms(sq, what, uids, offset)
+        out *= (1.0 / np.sqrt(sq))[:, None]
     return out
 
 
@@ -113,7 +135,10 @@ def _as_utf8(uids: Sequence[str] | np.ndarray) -> np.ndarray:
         return arr
     if arr.dtype.kind != "U":
         arr = arr.astype(str)
-    return np.strings.encode(arr, "utf-8")
+    try:  # fast path: ASCII (hex uids, most keys), where the cast equals UTF-8
+        return arr.astype(f"S{max(arr.dtype.itemsize // 4, 1)}")
+    except UnicodeEncodeError:
+        return np.strings.encode(arr, "utf-8")
 
 
 def uid_hash(uids: Sequence[str] | np.ndarray, seed: int, batch: int = 1 << 20) -> np.ndarray:
@@ -216,7 +241,7 @@ class UniformSample:
         rows = np.asarray(rows)
         if rows.ndim != 2 or rows.shape[0] != len(cand):
             raise ValueError(f"{name or 'chunk'}: embedding loader returned shape {rows.shape} for {len(cand)} rows")
-        check_rows(rows, f"{name or 'chunk'} (k-means sample rows)", uids=u[cand].astype(str))
+        check_rows(rows, f"{name or 'chunk'} (k-means sample rows)", uids=u[cand])
         if self._e is None:
             self._e = np.zeros((0, rows.shape[1]), dtype=rows.dtype)
         elif rows.shape[1] != self._e.shape[1]:
@@ -295,6 +320,17 @@ def _gpu(use_gpu: bool | None) -> bool:
     if use_gpu and not have:
         raise ValueError("use_gpu=True but faiss sees no GPU; set compute.device to cpu or auto")
     return bool(use_gpu)
+
+
+_GPU_RES: list = []
+
+
+def _gpu_resources():  # one per process: creating them costs ~100 ms and GPU memory
+    import faiss
+
+    if not _GPU_RES:
+        _GPU_RES.append(faiss.StandardGpuResources())
+    return _GPU_RES[0]
 
 
 def spherical_kmeans(
@@ -406,14 +442,13 @@ def nearest_centroid(
     index = faiss.IndexFlatIP(d)
     index.add(c)
     if _gpu(use_gpu):
-        res = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(res, 0, index)
+        index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, index)
     kk = min(2, kc)
     one = np.float32(1.0)
     with faiss_threads(threads):
         for a in range(0, n, chunk):
             b = min(a + chunk, n)
-            xc = l2_normalize_checked(x[a:b], f"{what} rows {a}..{b - 1}", None if uids is None else uids[a:b])
+            xc = l2_normalize_checked(x[a:b], what, None if uids is None else uids[a:b], offset=a)
             D, I = index.search(xc, kk)
             best = I[:, 0].astype(np.int32)
             sim = D[:, 0].astype(np.float32)

@@ -1,0 +1,202 @@
+"""SemDeDup: the tiled per-cluster rule against the full-matrix reference, the
+tie and non-transitivity rules by hand, and the streaming pool driver."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from dbprune_assets.core.semdedup import (
+    DUPLICATE_COLUMNS,
+    DedupShard,
+    plan_buckets,
+    semdedup_bruteforce,
+    semdedup_cluster,
+    semdedup_pool,
+)
+
+EPS = 0.07
+
+
+def _cluster(n, d=32, seed=0, spread=0.35):
+    """One synthetic cluster with planted exact and near duplicates and tied distances."""
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=d)
+    c /= np.linalg.norm(c)
+    x = c + spread * rng.normal(size=(n, d))
+    if n >= 30:
+        x[n // 4 : n // 4 + 6] = x[3]  # 7 exact copies
+        x[n // 2 : n // 2 + 4] = x[5] + 1e-3 * rng.normal(size=(4, d))  # near copies
+        x[n - 3 :] = x[n - 4]  # copies at the end too
+    else:
+        x[-1] = x[0]
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x = x.astype(np.float16)
+    dist = (1 - x.astype(np.float32) @ c.astype(np.float32)).astype(np.float32)
+    dist[: n // 5] = dist[0]  # a block of tied distances: order by uid
+    dist = np.round(dist, 3).astype(np.float32)  # more ties
+    ids = np.array([f"{u:08x}" for u in rng.permutation(n)])
+    return x, dist, ids
+
+
+def _same(a, b):
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(u, v)
+
+
+@pytest.mark.parametrize("n", [2, 3, 37, 150])
+def test_tiled_equals_bruteforce_for_any_tile(n):
+    x, dist, ids = _cluster(n, seed=n)
+    ref = semdedup_bruteforce(x, dist, ids, EPS)
+    if n > 20:
+        assert ref[0].sum() >= 5  # the planted duplicates are found
+    for tile in sorted({1, 7, max(1, n - 1), n, n + 5, 4096}):
+        _same(semdedup_cluster(x, dist, ids, EPS, tile=tile), ref)
+
+
+def test_loose_eps_many_duplicates_float32_input():
+    x, dist, ids = _cluster(120, seed=7, spread=0.08)
+    for eps in (0.02, 0.3):
+        ref = semdedup_bruteforce(x, dist, ids, eps)
+        _same(semdedup_cluster(x, dist, ids, eps, tile=16), ref)
+    # float32 input: still the same decisions as the float64 reference
+    x32 = x.astype(np.float32)
+    ref = semdedup_bruteforce(x32, dist, ids, 0.3)
+    got = semdedup_cluster(x32, dist, ids, 0.3, tile=16)
+    np.testing.assert_array_equal(got[0], ref[0])
+
+
+def test_hand_example_farther_member_survives():
+    # c is farthest (0.9), then a (0.5), then b (0.2); a == b, c orthogonal
+    emb = np.array([[1, 0], [1, 0], [0, 1]], dtype=np.float16)  # a, b, c
+    dist = np.array([0.5, 0.2, 0.9], dtype=np.float32)
+    ids = np.array(["a", "b", "c"])
+    dup, of, sim = semdedup_cluster(emb, dist, ids, EPS, tile=2)
+    assert dup.tolist() == [False, True, False]
+    assert of.tolist() == [-1, 0, -1]  # b is a duplicate of a (the farther one)
+    assert sim[0] == 0.0 and sim[1] == 1.0 and sim[2] == -np.inf  # c comes first: no predecessor
+
+
+def test_equal_distance_ties_by_uid():
+    emb = np.array([[0, 1], [0, 1], [0, 1]], dtype=np.float16)
+    dist = np.array([0.3, 0.3, 0.3], dtype=np.float32)
+    ids = np.array(["u2", "u0", "u1"])
+    dup, of, _ = semdedup_cluster(emb, dist, ids, EPS)
+    # order u0, u1, u2: u0 survives; u1 and u2 both point at u0 (first of the equal maxima)
+    assert dup.tolist() == [True, False, True]
+    assert of.tolist() == [1, -1, 1]
+
+
+def test_rule_is_pairwise_not_transitive():
+    # angles 0, t, 2t with cos t = 0.95 > 0.93 > cos 2t = 0.805
+    t = np.arccos(0.95)
+    emb = np.array([[np.cos(k * t), np.sin(k * t)] for k in range(3)], dtype=np.float16)
+    dist = np.array([0.3, 0.2, 0.1], dtype=np.float32)  # farthest first: 0, 1, 2
+    dup, of, sim = semdedup_cluster(emb, dist, np.array(["a", "b", "c"]), EPS)
+    assert dup.tolist() == [False, True, True]
+    assert of.tolist() == [-1, 0, 1]  # c is a duplicate of b although b itself is one
+    assert abs(sim[2] - 0.95) < 2e-3
+
+
+def test_small_and_bad_inputs():
+    for n in (0, 1):
+        dup, of, sim = semdedup_cluster(np.ones((n, 4), np.float16), np.zeros(n, np.float32), np.array(["x"] * n), EPS)
+        assert len(dup) == n and not dup.any() and (of == -1).all()
+    emb = np.ones((3, 4), np.float16)
+    emb[1, 2] = np.nan
+    with pytest.raises(ValueError, match=r"cluster 12.*NaN/inf.*row 1"):
+        semdedup_cluster(emb, np.zeros(3, np.float32), np.array(["a", "b", "c"]), EPS, what="dedup cluster 12")
+    with pytest.raises(ValueError, match="eps"):
+        semdedup_cluster(np.ones((3, 4), np.float16), np.zeros(3, np.float32), np.array(["a", "b", "c"]), 1.5)
+
+
+# ---------------------------------------------------------------------------
+# the pool driver
+# ---------------------------------------------------------------------------
+
+
+def _pool(k=5, n=400, d=24, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d))
+    x[50:60] = x[10]  # duplicates that will land in other shards
+    x[200:203] = x[399] + 1e-3 * rng.normal(size=(3, d))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x = x.astype(np.float16)
+    cluster = rng.integers(0, k, n).astype(np.int32)
+    cluster[50:60] = cluster[10]
+    cluster[200:203] = cluster[399]
+    dist = np.round(rng.uniform(0, 1, n), 2).astype(np.float32)  # many ties
+    uids = np.array([f"{u:032x}" for u in rng.permutation(10 * n)[:n]])
+    cuts = [0, 90, 250, 251, 400]
+    shards = {
+        f"{i:05d}": DedupShard(f"{i:05d}", uids[a:b], x[a:b], cluster[a:b], dist[a:b])
+        for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))
+    }
+    return shards, (x, cluster, dist, uids)
+
+
+def _expected(k, x, cluster, dist, uids, eps=EPS):
+    rows = []
+    for c in range(k):
+        m = np.flatnonzero(cluster == c)
+        dup, of, sim = semdedup_bruteforce(x[m], dist[m], uids[m], eps)
+        for j in np.flatnonzero(dup):
+            rows.append((uids[m[j]], c, uids[m[of[j]]], float(sim[j])))
+    return sorted(rows)
+
+
+def _got(frames):
+    df = pl.concat(frames) if frames else pl.DataFrame()
+    return sorted(zip(df["uid"], df["cluster"], df["duplicate_of"], df["similarity"])) if len(df) else []
+
+
+def test_pool_matches_per_cluster_reference_and_is_order_independent(tmp_path):
+    k = 5
+    shards, (x, cluster, dist, uids) = _pool(k)
+    expect = _expected(k, x, cluster, dist, uids, eps=0.5)
+    assert len(expect) > 20
+    names = sorted(shards)
+    a = list(semdedup_pool(names, shards.__getitem__, k, 0.5, tile=16, tmp_dir=tmp_path, bucket_rows=60))
+    assert _got(a) == expect
+    assert all(tuple(f.columns) == DUPLICATE_COLUMNS for f in a)
+    # shard column names the right shard
+    df = pl.concat(a)
+    where = {u: s for s in names for u in shards[s].uids}
+    assert all(where[u] == s for u, s in zip(df["uid"], df["shard"]))
+    assert all(where[u] == s for u, s in zip(df["duplicate_of"], df["duplicate_of_shard"]))
+    # reversed shard order, one big bucket, known sizes: identical frames
+    sizes = np.bincount(cluster, minlength=k)
+    b = list(semdedup_pool(names[::-1], shards.__getitem__, k, 0.5, tile=1000, tmp_dir=tmp_path, cluster_sizes=sizes))
+    assert pl.concat(a).equals(pl.concat(b))
+    assert list(tmp_path.iterdir()) == []  # scratch buckets removed
+
+
+def test_pool_default_eps_planted_duplicates(tmp_path):
+    k = 3
+    shards, (x, cluster, dist, uids) = _pool(k, seed=1)
+    got = _got(list(semdedup_pool(sorted(shards), shards.__getitem__, k, EPS, tile=8, tmp_dir=tmp_path)))
+    assert got == _expected(k, x, cluster, dist, uids)
+    assert len(got) >= 12  # 10 copies of row 10 (9 flagged + ...) and the near copies of row 399
+
+
+def test_pool_errors(tmp_path):
+    k = 4
+    shards, (x, cluster, *_rest) = _pool(k)
+    names = sorted(shards)
+    stale = np.bincount(cluster, minlength=k)
+    stale[0] -= 1
+    with pytest.raises(ValueError, match="cluster_sizes"):
+        list(semdedup_pool(names, shards.__getitem__, k, EPS, 8, tmp_path, cluster_sizes=stale))
+    with pytest.raises(ValueError, match=r"outside \[0, 2\)"):
+        list(semdedup_pool(names, shards.__getitem__, 2, EPS, 8, tmp_path))
+    bad = dict(shards)
+    e = bad["00001"].emb.copy()
+    e[7] = 0
+    bad["00001"] = DedupShard("00001", bad["00001"].uids, e, bad["00001"].cluster, bad["00001"].distance)
+    with pytest.raises(ValueError, match=r"shard 00001.*zero norm.*row 7"):
+        list(semdedup_pool(names, bad.__getitem__, k, EPS, 8, tmp_path))
+
+
+def test_plan_buckets():
+    assert plan_buckets(np.array([3, 3, 3, 10, 0, 1]), 6).tolist() == [0, 0, 1, 2, 3, 3]
