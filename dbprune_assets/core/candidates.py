@@ -3,7 +3,8 @@
 Out of core with DuckDB: the dedup survivors' scores are an anti-join of the
 per-shard score files with the duplicates table; the threshold comes from
 :func:`clip_filter.clip_threshold`; the survivors above it are written back
-per shard (``tables/candidates/<shard>.parquet``: uid, shard, row, clip_score,
+per shard (``tables/candidates/<shard>.parquet``: uid, shard, row (the
+sample's parquet row), emb_row (its row in the embedding arrays), clip_score,
 in row order) with one partitioned COPY, so memory is DuckDB's buffer pool,
 not the pool.
 """
@@ -56,8 +57,11 @@ def select_candidates(metadata_files: dict[str, Path], duplicates_files: list[Pa
             if threads:
                 con.execute(f"SET threads = {int(threads)}")
             metas = ", ".join(_q(p) for p in metadata_files.values())
+            # row: the sample's parquet row; emb_row: its row in the shard's .npy files
+            # (clip-retrieval layout: metadata rows are aligned with the arrays)
             con.execute(f"CREATE VIEW meta AS SELECT uid, shard, CAST(row AS INTEGER) AS row, "
-                        f"CAST(clip_score AS FLOAT) AS clip_score FROM read_parquet([{metas}])")
+                        f"CAST(file_row_number AS INTEGER) AS emb_row, CAST(clip_score AS FLOAT) AS clip_score "
+                        f"FROM read_parquet([{metas}], file_row_number = true)")
             if duplicates_files:
                 dups = ", ".join(_q(p) for p in duplicates_files)
                 con.execute(f"CREATE VIEW dups AS SELECT DISTINCT uid FROM read_parquet([{dups}])")
@@ -73,9 +77,9 @@ def select_candidates(metadata_files: dict[str, Path], duplicates_files: list[Pa
                 thr = clip_threshold([], threshold, None)
             part_dir = Path(work) / "parts"
             con.execute(
-                f"COPY (SELECT uid, shard, row, clip_score FROM survivors WHERE CAST(clip_score AS DOUBLE) >= ? "
+                f"COPY (SELECT uid, shard, row, emb_row, clip_score FROM survivors WHERE CAST(clip_score AS DOUBLE) >= ? "
                 f"ORDER BY shard, row) TO {_q(part_dir)} (FORMAT parquet, PARTITION_BY (shard), "
-                f"WRITE_PARTITION_COLUMNS true, FILENAME_PATTERN 'part')",
+                f"WRITE_PARTITION_COLUMNS true, FILENAME_PATTERN 'part{{i}}')",
                 [thr if np.isfinite(thr) else 1e30],
             )
             per_shard = dict(con.execute(
@@ -83,15 +87,19 @@ def select_candidates(metadata_files: dict[str, Path], duplicates_files: list[Pa
                 [thr if np.isfinite(thr) else 1e30]).fetchall())
             survivors = ok - n_dups
             empty_sql = ("SELECT CAST(NULL AS VARCHAR) AS uid, CAST(NULL AS VARCHAR) AS shard, "
-                         "CAST(NULL AS INTEGER) AS row, CAST(NULL AS FLOAT) AS clip_score WHERE false")
+                         "CAST(NULL AS INTEGER) AS row, CAST(NULL AS INTEGER) AS emb_row, "
+                         "CAST(NULL AS FLOAT) AS clip_score WHERE false")
             out_dir.mkdir(parents=True, exist_ok=True)
             for shard in metadata_files:
                 target = out_dir / f"{shard}.parquet"
-                src = part_dir / f"shard={shard}" / "part.parquet"
+                parts = sorted((part_dir / f"shard={shard}").glob("*.parquet"))
                 with atomic_path(target, tmp_root) as tmp:
-                    if src.exists():
-                        # keep DuckDB's ordering; one file per shard (the pattern has no {i})
-                        shutil.move(str(src), tmp)
+                    if len(parts) == 1:  # the usual case: DuckDB wrote one ordered file
+                        shutil.move(str(parts[0]), tmp)
+                    elif parts:  # several writer threads: merge, in row order
+                        files = ", ".join(_q(p) for p in parts)
+                        con.execute(f"COPY (SELECT * FROM read_parquet([{files}]) ORDER BY row) TO {_q(tmp)} "
+                                    "(FORMAT parquet)")
                     else:
                         con.execute(f"COPY ({empty_sql}) TO {_q(tmp)} (FORMAT parquet)")
         finally:

@@ -64,7 +64,7 @@ def cluster_assignments(context: dg.AssetExecutionContext, dbprune: DbpruneResou
     for shard in context.partition_keys:
         _, emb = shard_embeddings(s.layout, shard)
         cand = pl.read_parquet(s.layout.table("candidates", shard))
-        rows = cand["row"].to_numpy().astype(np.int64)
+        rows = cand["emb_row"].to_numpy().astype(np.int64)
         x = np.asarray(emb[rows]) if len(rows) else np.zeros((0, cent.shape[1]), np.float16)
         if len(rows):
             cluster, dist = nearest_centroid(x, cent, use_gpu=use_gpu(s.settings.compute.device),

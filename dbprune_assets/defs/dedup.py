@@ -68,7 +68,7 @@ def sample_chunks(layout: Layout, shards: list[str], table: str | None) -> Itera
     """(uids, row loader, shard) per shard, for the bounded uniform sample.
 
     ``table=None``: every ``ok`` sample with an embedding; else the rows listed
-    in ``tables/<table>/<shard>.parquet`` (uid, row).
+    in ``tables/<table>/<shard>.parquet`` (uid, emb_row).
     """
     import polars as pl
 
@@ -77,8 +77,8 @@ def sample_chunks(layout: Layout, shards: list[str], table: str | None) -> Itera
         if table is None:
             uids, rows = meta["uid"].to_numpy(), np.arange(meta.height)
         else:
-            sel = pl.read_parquet(layout.table(table, shard), columns=["uid", "row"])
-            uids, rows = sel["uid"].to_numpy(), sel["row"].to_numpy().astype(np.int64)
+            sel = pl.read_parquet(layout.table(table, shard), columns=["uid", "emb_row"])
+            uids, rows = sel["uid"].to_numpy(), sel["emb_row"].to_numpy().astype(np.int64)
         yield uids, (lambda idx, e=emb, r=rows: np.asarray(e[r[idx]])), shard
 
 
@@ -142,7 +142,7 @@ def dedup_assignments(context: dg.AssetExecutionContext, dbprune: DbpruneResourc
         cluster, dist = nearest_centroid(np.asarray(emb), cent, use_gpu=use_gpu(s.settings.compute.device),
                                          threads=s.settings.compute.threads, what=f"shard {shard}",
                                          uids=meta["uid"].to_numpy())
-        frame = pl.DataFrame({"uid": meta["uid"], "shard": meta["shard"], "row": np.arange(meta.height, dtype=np.int32),
+        frame = pl.DataFrame({"uid": meta["uid"], "shard": meta["shard"], "row": meta["row"].cast(pl.Int32),
                               "cluster": cluster.astype(np.int32), "distance": dist.astype(np.float32)})
         write_parquet(s.layout.table("dedup_assignments", shard), frame, s.layout.tmp)
         s.commit("dedup_assignments", shard, {"rows": frame.height})
@@ -216,8 +216,12 @@ def semantic_dedup(context: dg.AssetExecutionContext, dbprune: DbpruneResource) 
     with atomic_path(s.layout.table("duplicates"), s.layout.tmp) as tmp:
         writer = None
         try:
+            sizes = np.zeros(k, np.int64)  # from the cluster column alone: no extra pass over embeddings
+            for shard in s.shards:
+                col = pl.read_parquet(s.layout.table("dedup_assignments", shard), columns=["cluster"])["cluster"]
+                sizes += np.bincount(col.to_numpy(), minlength=k)[:k]
             for frame in semdedup_pool(s.shards, load, k, cfg.eps, s.settings.compute.tile, s.layout.tmp,
-                                       torch_device(s.settings.compute.device)):
+                                       torch_device(s.settings.compute.device), cluster_sizes=sizes):
                 if frame.height == 0:
                     continue
                 table = frame.to_arrow()

@@ -79,7 +79,7 @@ def encoder(context: dg.AssetExecutionContext, dbprune: DbpruneResource) -> dg.M
     resolved = {}
     hashes = {}
     for role, spec in (("cluster", cfg.cluster_encoder), ("score", cfg.score)):
-        r = resolve_encoder(spec, bootstrap_dir)
+        r = resolve_encoder(spec, bootstrap_dir, setting=f"encoder.{role}_encoder")
         enc = load_encoder(r, "cpu")  # proves it loads (and fetches weights) before any shard needs it
         resolved[role] = {"spec": spec.model_dump(), "embed_dim": enc.embed_dim, "name": enc.name}
         hashes[role] = weights_hash(enc.weights_path) if enc.weights_path else "random-init"
@@ -120,7 +120,8 @@ def embeddings(context: dg.AssetExecutionContext, dbprune: DbpruneResource) -> d
     device = torch_device(s.settings.compute.device)
     bootstrap_dir = s.layout.encoder_dir / "bootstrap"
     cluster_enc = load_encoder(resolve_encoder(cfg.cluster_encoder, bootstrap_dir), device)
-    score_enc = None if cfg.score == cfg.cluster_encoder else load_encoder(resolve_encoder(cfg.score, bootstrap_dir), device)
+    score_enc = None if cfg.score == cfg.cluster_encoder else load_encoder(
+        resolve_encoder(cfg.score, bootstrap_dir, setting="encoder.score_encoder"), device)
     stats_rows = []
     for shard in context.partition_keys:
         samples = pl.read_parquet(s.layout.table("samples", shard))
