@@ -81,7 +81,7 @@ class ComputeSettings(_Section):
     device: Device = Field("auto", description="auto: cuda when present, else cpu")
     batch_size: int = Field(256, gt=0, description="embedding batch size")
     workers: int = Field(1, ge=0, description="image decoding worker processes (0 = in the main process)")
-    threads: int = Field(0, ge=0, description="torch/faiss CPU threads (0 = library default)")
+    threads: int = Field(0, ge=0, description="torch/faiss CPU threads (0 = the cores left after the decode workers)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 autocast on cuda, fp32 on cpu")
     tile: int = Field(4096, gt=0, description="SemDeDup column tile size")
 

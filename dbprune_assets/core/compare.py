@@ -1,0 +1,340 @@
+"""All strategies side by side: mean ± std over training seeds, bootstrap CIs, verdicts.
+
+``summarize`` reduces the ``eval`` table (strategy, seed, task, metric, value)
+to one row per strategy x task x metric:
+
+* ``mean`` and ``std`` over seeds (``std`` with ddof=1; 0 for a single seed);
+* ``ci_lo`` / ``ci_hi``: a 95% percentile bootstrap interval of the mean,
+  resampling the *seeds* with replacement ``n_boot`` times.  With few seeds it
+  is coarse: with 3 seeds the resampled mean takes at most 10 distinct values
+  and each extreme (all three draws the same seed) has probability
+  1/27 = 3.7% > 2.5%, so the 95% interval is the range [min, max] of the seed
+  scores; two strategies then "separate" only when every seed of one beats
+  every seed of the other.  From 4 seeds on (1/256 < 2.5%) it is narrower than
+  the range; with 1 seed it is the point itself.  It reflects seed-to-seed
+  variation of training only, not the sampling error of the finite
+  evaluation set;
+* ``subset_size`` and ``samples_seen`` of the strategy (training at equal
+  compute: the latter should be one number for all).
+
+``verdicts`` turns the summary into plain sentences: two strategies differ
+on a metric only where their intervals do not overlap (touching counts as
+overlap); otherwise "no difference", whichever way the means point; with a
+single seed there is no interval and no verdict.  The focus strategy (dbp)
+losing is reported as such.
+
+Rows follow ``STRATEGIES`` order (dbp, ssp, random, clip_score, semdedup,
+full), then any other strategy name alphabetically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import polars as pl
+
+from dbprune_assets.core.settings import STRATEGIES
+
+CI_LEVEL = 0.95
+SUMMARY_SCHEMA: dict[str, Any] = {
+    "strategy": pl.Utf8,
+    "task": pl.Utf8,
+    "metric": pl.Utf8,
+    "mean": pl.Float64,
+    "std": pl.Float64,
+    "n_seeds": pl.Int64,
+    "ci_lo": pl.Float64,
+    "ci_hi": pl.Float64,
+    "subset_size": pl.Int64,
+    "samples_seen": pl.Int64,
+    "seeds": pl.List(pl.Int64),
+    "values": pl.List(pl.Float64),
+}
+#: preferred metric order in tables and plots
+METRIC_ORDER: tuple[str, ...] = (
+    "acc1",
+    "acc5",
+    "image_retrieval_recall@1",
+    "image_retrieval_recall@5",
+    "image_retrieval_recall@10",
+    "text_retrieval_recall@1",
+    "text_retrieval_recall@5",
+    "text_retrieval_recall@10",
+)
+
+
+def _strategy_key(name: str) -> tuple[int, str]:
+    return (STRATEGIES.index(name), "") if name in STRATEGIES else (len(STRATEGIES), name)
+
+
+def _metric_key(task: str, metric: str) -> tuple[int, str, str]:
+    return (METRIC_ORDER.index(metric) if metric in METRIC_ORDER else len(METRIC_ORDER), task, metric)
+
+
+def _stream_seed(seed: int, *parts: str) -> int:
+    """A per-(strategy, task, metric) seed: results do not depend on row order."""
+    h = hashlib.sha256("\x1f".join([str(int(seed)), *parts]).encode()).digest()
+    return int.from_bytes(h[:8], "little")
+
+
+def bootstrap_ci(values: Sequence[float], n_boot: int, seed: int, level: float = CI_LEVEL) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (resampled with
+    replacement ``n_boot`` times, ``numpy.random.default_rng(seed)``)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return (float("nan"), float("nan"))
+    if v.size == 1 or n_boot <= 0:
+        return (float(v.mean()), float(v.mean())) if v.size == 1 else (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, v.size, size=(int(n_boot), v.size))
+    means = v[idx].mean(axis=1)
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
+    return float(lo), float(hi)
+
+
+def summarize(
+    eval_rows: pl.DataFrame,
+    subset_sizes: Mapping[str, int],
+    samples_seen: Mapping[str, int],
+    n_boot: int,
+    seed: int,
+) -> pl.DataFrame:
+    """One row per strategy x task x metric (see the module docstring); columns
+    ``SUMMARY_SCHEMA``.  ``eval_rows`` needs strategy, seed, task, metric,
+    value; a (strategy, seed, task, metric) given twice is an error."""
+    need = {"strategy", "seed", "task", "metric", "value"}
+    missing = need - set(eval_rows.columns)
+    if missing:
+        raise ValueError(f"summarize: eval rows lack columns {sorted(missing)}")
+    df = eval_rows.select(
+        pl.col("strategy").cast(pl.Utf8),
+        pl.col("seed").cast(pl.Int64),
+        pl.col("task").cast(pl.Utf8),
+        pl.col("metric").cast(pl.Utf8),
+        pl.col("value").cast(pl.Float64),
+    )
+    dup = df.group_by(["strategy", "seed", "task", "metric"]).len().filter(pl.col("len") > 1)
+    if dup.height:
+        r = dup.row(0, named=True)
+        raise ValueError(f"summarize: {r['len']} rows for strategy {r['strategy']}, seed {r['seed']}, {r['task']} {r['metric']}")
+    out: list[dict[str, Any]] = []
+    groups = df.sort(["strategy", "task", "metric", "seed"]).group_by(["strategy", "task", "metric"], maintain_order=True)
+    for (strategy, task, metric), g in groups:
+        vals = g["value"].to_numpy()
+        n = int(vals.size)
+        lo, hi = bootstrap_ci(vals, n_boot, _stream_seed(seed, str(strategy), str(task), str(metric)))
+        out.append(
+            {
+                "strategy": strategy,
+                "task": task,
+                "metric": metric,
+                "mean": float(vals.mean()),
+                "std": float(vals.std(ddof=1)) if n > 1 else 0.0,
+                "n_seeds": n,
+                "ci_lo": lo,
+                "ci_hi": hi,
+                "subset_size": _opt_int(subset_sizes.get(str(strategy))),
+                "samples_seen": _opt_int(samples_seen.get(str(strategy))),
+                "seeds": [int(s) for s in g["seed"].to_list()],
+                "values": [float(v) for v in vals],
+            }
+        )
+    out.sort(key=lambda r: (_strategy_key(r["strategy"]), _metric_key(r["task"], r["metric"])))
+    return pl.DataFrame(out, schema=SUMMARY_SCHEMA)
+
+
+def _opt_int(v: Any) -> int | None:
+    return None if v is None else int(v)
+
+
+# ---------------------------------------------------------------------------
+# verdicts
+
+
+def compare_intervals(a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
+    """``"higher"`` / ``"lower"`` when a's interval lies entirely above / below
+    b's, ``"same"`` when they overlap (or touch), ``"unknown"`` with < 2 seeds."""
+    if int(a["n_seeds"]) < 2 or int(b["n_seeds"]) < 2:
+        return "unknown"
+    if a["ci_lo"] > b["ci_hi"]:
+        return "higher"
+    if a["ci_hi"] < b["ci_lo"]:
+        return "lower"
+    return "same"
+
+
+def _fmt(r: Mapping[str, Any]) -> str:
+    return f"{r['mean']:.3f} ± {r['std']:.3f} [{r['ci_lo']:.3f}, {r['ci_hi']:.3f}]"
+
+
+def _metric_label(task: str, metric: str) -> str:
+    return metric if task in ("zeroshot", "retrieval") else f"{task}/{metric}"
+
+
+def verdicts(summary: pl.DataFrame, baseline: str = "full", focus: str = "dbp") -> list[str]:
+    """Plain sentences: per metric, ``focus`` against ``baseline`` and against
+    every other strategy; a difference only where the 95% intervals separate.
+    The first sentence is the overall count against the baseline."""
+    rows = summary.to_dicts()
+    by = {(r["strategy"], r["task"], r["metric"]): r for r in rows}
+    strategies = sorted({r["strategy"] for r in rows}, key=_strategy_key)
+    metrics = sorted({(r["task"], r["metric"]) for r in rows}, key=lambda tm: _metric_key(*tm))
+    if focus not in strategies:
+        return [f"No scores for {focus}: nothing to compare."]
+    others = [s for s in strategies if s != focus]
+    if not others:
+        return [f"Only {focus} was evaluated: nothing to compare it with."]
+    base = baseline if baseline in strategies and baseline != focus else None
+    n_seeds = sorted({int(r["n_seeds"]) for r in rows})
+    out: list[str] = []
+    counts = {"higher": 0, "lower": 0, "same": 0, "unknown": 0}
+    per_metric: list[str] = []
+    for task, metric in metrics:
+        f = by.get((focus, task, metric))
+        label = _metric_label(task, metric)
+        if f is None:
+            per_metric.append(f"{label}: {focus} has no score.")
+            continue
+        parts: list[str] = []
+        if base is not None and (base, task, metric) in by:
+            b = by[(base, task, metric)]
+            c = compare_intervals(f, b)
+            counts[c] += 1
+            head = f"{label}: {focus} {_fmt(f)} vs {base} {_fmt(b)}: "
+            if c == "higher":
+                head += f"{focus} is higher than {base} (the intervals separate)."
+            elif c == "lower":
+                head += f"{focus} is lower than {base} (the intervals separate): {focus} loses here."
+            elif c == "same":
+                head += "no difference (the intervals overlap)."
+            else:
+                head += "cannot tell (a single seed gives no interval)."
+            per_metric.append(head)
+        for o in others:
+            if o == base or (o, task, metric) not in by:
+                continue
+            c = compare_intervals(f, by[(o, task, metric)])
+            parts.append(
+                {"higher": f"higher than {o}", "lower": f"lower than {o}", "same": f"no difference from {o}",
+                 "unknown": f"cannot tell against {o}"}[c]
+            )
+        if parts:
+            per_metric.append(f"{label}, {focus} against the other strategies: " + "; ".join(parts) + ".")
+    if base is not None:
+        judged = counts["higher"] + counts["lower"] + counts["same"]
+        if judged == 0:
+            out.append(f"{focus} vs {base}: a single training seed gives no confidence interval, so no difference can be claimed.")
+        elif counts["higher"] == 0 and counts["lower"] == 0:
+            out.append(f"{focus} vs {base}: no difference on any of the {judged} metrics (every 95% interval overlaps).")
+        else:
+            out.append(
+                f"{focus} vs {base}: higher on {counts['higher']}, lower on {counts['lower']}, "
+                f"no difference on {counts['same']} of {judged} metrics (95% bootstrap intervals over seeds)."
+            )
+    else:
+        out.append(f"No scores for the baseline {baseline}; {focus} is compared with the other strategies only.")
+    seeds_note = (
+        f"Intervals resample {n_seeds[0]} training seeds"
+        if len(n_seeds) == 1 else f"Intervals resample {n_seeds[0]}-{n_seeds[-1]} training seeds"
+    )
+    if n_seeds and n_seeds[-1] <= 3:
+        seeds_note += ", so they are coarse: with 3 or fewer seeds a 95% interval is the range of the seed scores"
+    elif n_seeds and n_seeds[-1] < 5:
+        seeds_note += ", so they are coarse"
+    out.append(seeds_note + "; they do not include the evaluation set's own sampling error.")
+    return out + per_metric
+
+
+# ---------------------------------------------------------------------------
+# table and plot
+
+
+def _columns(summary: pl.DataFrame) -> list[tuple[str, str]]:
+    return sorted({(r["task"], r["metric"]) for r in summary.select("task", "metric").to_dicts()}, key=lambda tm: _metric_key(*tm))
+
+
+def markdown_table(summary: pl.DataFrame, digits: int = 3) -> str:
+    """Strategies as rows; subset size, samples seen, seeds, then one column per
+    metric holding ``mean ± std [lo, hi]``."""
+    cols = _columns(summary)
+    rows = summary.to_dicts()
+    by = {(r["strategy"], r["task"], r["metric"]): r for r in rows}
+    strategies = sorted({r["strategy"] for r in rows}, key=_strategy_key)
+    header = ["strategy", "subset size", "samples seen", "seeds"] + [_metric_label(t, m) for t, m in cols]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |"]
+    for s in strategies:
+        any_row = next(r for r in rows if r["strategy"] == s)
+        cells = [
+            s,
+            "" if any_row["subset_size"] is None else f"{any_row['subset_size']:,}",
+            "" if any_row["samples_seen"] is None else f"{any_row['samples_seen']:,}",
+            str(max(int(r["n_seeds"]) for r in rows if r["strategy"] == s)),
+        ]
+        for t, m in cols:
+            r = by.get((s, t, m))
+            cells.append(
+                "" if r is None
+                else f"{r['mean']:.{digits}f} ± {r['std']:.{digits}f} [{r['ci_lo']:.{digits}f}, {r['ci_hi']:.{digits}f}]"
+            )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def comparison_plot(summary: pl.DataFrame) -> bytes:
+    """PNG: one panel per metric, a bar per strategy at its mean with the 95%
+    bootstrap interval as error bar and the seed scores as dots."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    cols = _columns(summary)
+    rows = summary.to_dicts()
+    by = {(r["strategy"], r["task"], r["metric"]): r for r in rows}
+    strategies = sorted({r["strategy"] for r in rows}, key=_strategy_key)
+    n = max(1, len(cols))
+    ncols = min(4, n)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.9 * nrows), dpi=100, squeeze=False)
+    colors = plt.get_cmap("tab10")
+    try:
+        for i, (t, m) in enumerate(cols):
+            ax = axes[i // ncols][i % ncols]
+            xs, means, err_lo, err_hi = [], [], [], []
+            for j, s in enumerate(strategies):
+                r = by.get((s, t, m))
+                if r is None:
+                    continue
+                xs.append(j)
+                means.append(r["mean"])
+                err_lo.append(max(0.0, r["mean"] - r["ci_lo"]))
+                err_hi.append(max(0.0, r["ci_hi"] - r["mean"]))
+                ax.scatter([j] * len(r["values"]), r["values"], s=8, color="black", zorder=3)
+            ax.bar(xs, means, color=[colors(j % 10) for j in xs], yerr=[err_lo, err_hi], capsize=3, alpha=0.85)
+            ax.set_xticks(range(len(strategies)))
+            ax.set_xticklabels(strategies, rotation=45, ha="right", fontsize=8)
+            ax.set_title(_metric_label(t, m), fontsize=9)
+            ax.set_ylim(0, max(1e-6, max((r["ci_hi"] for r in rows if (r["task"], r["metric"]) == (t, m)), default=1.0)) * 1.15)
+            ax.grid(axis="y", alpha=0.3)
+        for k in range(len(cols), nrows * ncols):
+            axes[k // ncols][k % ncols].axis("off")
+        fig.suptitle("mean over seeds, 95% bootstrap interval; dots: seeds", fontsize=9)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        return buf.getvalue()
+    finally:
+        plt.close(fig)
+
+
+def summary_metadata(summary: pl.DataFrame) -> dict[str, Any]:
+    """Flat ``{"<strategy>/<metric>": "mean ± std [lo, hi]"}`` for UI metadata."""
+    return {
+        f"{r['strategy']}/{_metric_label(r['task'], r['metric'])}": f"{_fmt(r)} (n={r['n_seeds']})"
+        for r in summary.to_dicts()
+    }

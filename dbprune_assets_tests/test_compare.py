@@ -1,0 +1,143 @@
+"""Comparison: mean / std / bootstrap CI by hand, verdicts only where the
+intervals separate (including when dbp loses), the table and the plot."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import polars as pl
+import pytest
+
+from dbprune_assets.core.compare import (
+    SUMMARY_SCHEMA,
+    bootstrap_ci,
+    compare_intervals,
+    comparison_plot,
+    markdown_table,
+    summarize,
+    summary_metadata,
+    verdicts,
+)
+
+
+def _rows(scores: dict[str, dict[str, list[float]]]) -> pl.DataFrame:
+    """{strategy: {metric: [value per seed]}} -> eval rows."""
+    out = []
+    for s, metrics in scores.items():
+        for m, vals in metrics.items():
+            task = "zeroshot" if m.startswith("acc") else "retrieval"
+            for seed, v in enumerate(vals):
+                out.append({"strategy": s, "seed": seed, "task": task, "metric": m, "value": v})
+    return pl.DataFrame(out)
+
+
+def test_bootstrap_ci_by_hand() -> None:
+    v = np.array([0.1, 0.2, 0.6])
+    # the same procedure written out
+    rng = np.random.default_rng(7)
+    idx = rng.integers(0, 3, size=(500, 3))
+    means = v[idx].mean(axis=1)
+    assert bootstrap_ci(v, 500, 7) == pytest.approx(tuple(np.quantile(means, [0.025, 0.975])))
+    # against the exact bootstrap distribution (all 27 equally likely resamples): each extreme
+    # has probability 1/27 > 2.5%, so with 3 seeds the 95% interval is the range of the seeds
+    exact = np.array([v[list(c)].mean() for c in itertools.product(range(3), repeat=3)])
+    assert np.quantile(exact, [0.025, 0.975], method="inverted_cdf") == pytest.approx([0.1, 0.6])
+    assert bootstrap_ci(v, 2000, 1) == pytest.approx((0.1, 0.6))
+    # with 6 seeds it is narrower than the range
+    v6 = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.9])
+    lo, hi = bootstrap_ci(v6, 4000, 3)
+    assert v6.min() < lo < v6.mean() < hi < v6.max()
+    assert bootstrap_ci([0.4], 100, 0) == (0.4, 0.4)
+    assert bootstrap_ci([0.3, 0.3, 0.3], 100, 0) == pytest.approx((0.3, 0.3))
+
+
+def test_summarize_mean_std_ci() -> None:
+    df = _rows({"dbp": {"acc1": [0.1, 0.2, 0.3], "acc5": [0.5, 0.5, 0.5]}, "full": {"acc1": [0.6]}})
+    s = summarize(df, {"dbp": 700, "full": 2900}, {"dbp": 19968, "full": 19968}, n_boot=200, seed=0)
+    assert s.schema == pl.Schema(SUMMARY_SCHEMA)
+    assert s["strategy"].to_list() == ["dbp", "dbp", "full"]
+    assert s["metric"].to_list() == ["acc1", "acc5", "acc1"]
+    r = s.row(0, named=True)
+    assert r["mean"] == pytest.approx(0.2) and r["std"] == pytest.approx(0.1) and r["n_seeds"] == 3
+    assert 0.1 <= r["ci_lo"] < 0.2 < r["ci_hi"] <= 0.3
+    assert r["subset_size"] == 700 and r["samples_seen"] == 19968
+    assert r["values"] == [0.1, 0.2, 0.3] and r["seeds"] == [0, 1, 2]
+    flat = s.row(1, named=True)
+    assert flat["std"] == 0.0 and flat["ci_lo"] == pytest.approx(0.5) and flat["ci_hi"] == pytest.approx(0.5)
+    one = s.row(2, named=True)
+    assert one["std"] == 0.0 and one["n_seeds"] == 1 and (one["ci_lo"], one["ci_hi"]) == (0.6, 0.6)
+    # deterministic and independent of row order
+    s2 = summarize(df.reverse(), {"dbp": 700, "full": 2900}, {"dbp": 19968, "full": 19968}, n_boot=200, seed=0)
+    assert s2.equals(s)
+
+
+def test_summarize_rejects_duplicates_and_missing_columns() -> None:
+    df = pl.DataFrame({"strategy": ["dbp", "dbp"], "seed": [0, 0], "task": ["zeroshot"] * 2, "metric": ["acc1"] * 2, "value": [0.1, 0.2]})
+    with pytest.raises(ValueError, match="2 rows"):
+        summarize(df, {}, {}, 10, 0)
+    with pytest.raises(ValueError, match="lack columns"):
+        summarize(df.drop("seed"), {}, {}, 10, 0)
+
+
+SEP_HIGH = [0.80, 0.81, 0.82]
+BASE = [0.50, 0.51, 0.52]
+SEP_LOW = [0.20, 0.21, 0.22]
+OVERLAP = [0.49, 0.53, 0.55]
+
+
+def test_compare_intervals() -> None:
+    a = {"n_seeds": 3, "ci_lo": 0.6, "ci_hi": 0.7}
+    assert compare_intervals(a, {"n_seeds": 3, "ci_lo": 0.4, "ci_hi": 0.5}) == "higher"
+    assert compare_intervals(a, {"n_seeds": 3, "ci_lo": 0.75, "ci_hi": 0.8}) == "lower"
+    assert compare_intervals(a, {"n_seeds": 3, "ci_lo": 0.7, "ci_hi": 0.8}) == "same"  # touching = overlap
+    assert compare_intervals(a, {"n_seeds": 1, "ci_lo": 0.1, "ci_hi": 0.1}) == "unknown"
+
+
+def test_verdicts_separated_overlapping_and_dbp_loses() -> None:
+    df = _rows({
+        "dbp": {"acc1": SEP_HIGH, "acc5": OVERLAP, "image_retrieval_recall@1": SEP_LOW},
+        "random": {"acc1": SEP_HIGH, "acc5": BASE, "image_retrieval_recall@1": SEP_HIGH},
+        "full": {"acc1": BASE, "acc5": BASE, "image_retrieval_recall@1": BASE},
+    })
+    s = summarize(df, {}, {}, n_boot=1000, seed=0)
+    v = verdicts(s)
+    text = "\n".join(v)
+    assert v[0] == "dbp vs full: higher on 1, lower on 1, no difference on 1 of 3 metrics (95% bootstrap intervals over seeds)."
+    assert "coarse" in text
+    acc1 = next(x for x in v if x.startswith("acc1: dbp 0.810"))
+    assert "dbp is higher than full (the intervals separate)" in acc1
+    acc5 = next(x for x in v if x.startswith("acc5: dbp"))
+    assert acc5.endswith("no difference (the intervals overlap).")
+    ir = next(x for x in v if x.startswith("image_retrieval_recall@1: dbp 0.210"))
+    assert "dbp is lower than full" in ir and "loses" in ir
+    assert "acc1, dbp against the other strategies: no difference from random." in v
+    assert "acc5, dbp against the other strategies: no difference from random." in v
+    assert "image_retrieval_recall@1, dbp against the other strategies: lower than random." in v
+
+
+def test_verdicts_all_overlap_and_single_seed() -> None:
+    s = summarize(_rows({"dbp": {"acc1": OVERLAP}, "full": {"acc1": BASE}}), {}, {}, 500, 0)
+    assert verdicts(s)[0] == "dbp vs full: no difference on any of the 1 metrics (every 95% interval overlaps)."
+    s1 = summarize(_rows({"dbp": {"acc1": [0.9]}, "full": {"acc1": [0.1]}}), {}, {}, 500, 0)
+    v = verdicts(s1)
+    assert "no difference can be claimed" in v[0]
+    assert any("cannot tell" in x for x in v)
+    assert verdicts(summarize(_rows({"full": {"acc1": BASE}}), {}, {}, 10, 0)) == ["No scores for dbp: nothing to compare."]
+
+
+def test_markdown_table_and_plot() -> None:
+    df = _rows({
+        "full": {"acc1": BASE, "text_retrieval_recall@5": BASE},
+        "dbp": {"acc1": [0.1, 0.2, 0.3], "text_retrieval_recall@5": SEP_HIGH},
+    })
+    s = summarize(df, {"dbp": 1234, "full": 5678}, {"dbp": 19968, "full": 19968}, 300, 0)
+    md = markdown_table(s)
+    lines = md.strip().splitlines()
+    assert lines[0] == "| strategy | subset size | samples seen | seeds | acc1 | text_retrieval_recall@5 |"
+    assert lines[2].startswith("| dbp | 1,234 | 19,968 | 3 | 0.200 ± 0.100 [")
+    assert lines[3].startswith("| full | 5,678 | 19,968 | 3 | 0.510 ± 0.010 [")
+    png = comparison_plot(s)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    meta = summary_metadata(s)
+    assert meta["dbp/acc1"].startswith("0.200 ± 0.100 [") and meta["dbp/acc1"].endswith("(n=3)")
