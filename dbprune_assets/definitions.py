@@ -12,12 +12,13 @@ from .defs.dedup import candidates, dedup_assignments, dedup_centroids, semantic
 from .defs.embedding import embeddings, encoder
 from .defs.ingest import pool_manifest, pool_shards_sensor, raw_metadata
 from .defs.subsets import pruned_subset
+from .defs.training import comparison, eval_scores, trained_model
 
 ASSETS = [
     raw_metadata, pool_manifest, encoder, embeddings,
     dedup_centroids, dedup_assignments, semantic_dedup, candidates,
     centroids, cluster_assignments, cluster_complexity,
-    pruned_subset,
+    pruned_subset, trained_model, eval_scores, comparison,
 ]
 
 defs = dg.Definitions(
