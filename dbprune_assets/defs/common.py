@@ -59,6 +59,20 @@ GRAPH: dict[str, Node] = {
 }
 
 
+def use_gpu(device: str) -> bool | None:
+    """faiss/torch device choice from ``compute.device``: None = when present."""
+    return None if device == "auto" else device == "cuda"
+
+
+def torch_device(device: str) -> str:
+    """The torch device for ``compute.device`` (auto: cuda when present)."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def settings_digest(settings: PipelineSettings, paths: tuple[str, ...]) -> str:
     payload: dict[str, Any] = {}
     for path in paths:

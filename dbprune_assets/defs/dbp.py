@@ -8,7 +8,8 @@ import numpy as np
 
 from ..core.atomic import write_parquet
 from .common import GRAPH, DbpruneResource, shard_partitions
-from .dedup import ALL_SHARDS, candidates, centroid_frame, read_centroids, sample_chunks, shard_embeddings, use_gpu
+from .common import use_gpu
+from .dedup import ALL_SHARDS, candidates, centroid_frame, read_centroids, sample_chunks, shard_embeddings
 from .ingest import pool_manifest
 from .ui import image_grid, image_md, md_table, png_bytes
 

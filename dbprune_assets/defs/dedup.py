@@ -9,25 +9,12 @@ import numpy as np
 
 from ..core.atomic import write_parquet
 from ..core.layout import Layout
-from .common import GRAPH, DbpruneResource, shard_partitions
+from .common import GRAPH, DbpruneResource, shard_partitions, torch_device, use_gpu
 from .embedding import embeddings
 from .ingest import pool_manifest
 from .ui import image_md, md_table, png_bytes
 
 ALL_SHARDS = dg.AllPartitionMapping()
-
-
-def use_gpu(device: str) -> bool | None:
-    """faiss/torch device choice from ``compute.device``: None = when present."""
-    return None if device == "auto" else device == "cuda"
-
-
-def torch_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def centroid_frame(centroids: np.ndarray):

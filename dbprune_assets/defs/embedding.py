@@ -8,7 +8,7 @@ import numpy as np
 
 from ..core.atomic import write_json, write_parquet
 from ..core.layout import Layout, list_pool_shards
-from .common import GRAPH, DbpruneResource, shard_partitions
+from .common import GRAPH, DbpruneResource, shard_partitions, torch_device
 from .ingest import raw_metadata
 from .ui import image_md, md_table, png_bytes
 
@@ -46,8 +46,6 @@ def _reference_shards(layout: Layout) -> tuple[list, int, str]:
 def encoder(context: dg.AssetExecutionContext, dbprune: DbpruneResource) -> dg.MaterializeResult:
     from ..core.bootstrap import train_bootstrap
     from ..core.encoders import load_encoder, resolve_encoder, weights_hash
-
-    from .dedup import torch_device
 
     s = dbprune.session(context)
     cfg = s.settings.encoder
@@ -112,8 +110,6 @@ def embeddings(context: dg.AssetExecutionContext, dbprune: DbpruneResource) -> d
 
     from ..core.embed import embed_shard
     from ..core.encoders import load_encoder, resolve_encoder
-
-    from .dedup import torch_device
 
     s = dbprune.session(context)
     cfg = s.settings.encoder

@@ -8,8 +8,7 @@ import dagster as dg
 
 from ..core.atomic import write_bytes, write_parquet
 from ..core.state import read_state
-from .common import GRAPH, DbpruneResource, strategy_partitions
-from .dedup import torch_device
+from .common import GRAPH, DbpruneResource, strategy_partitions, torch_device
 from .subsets import pruned_subset
 from .ui import image_md, md_table
 
