@@ -71,7 +71,7 @@ EMPTY_CAPTION_RATE = 0.005
 DUPLICATE_RATE = 0.10  # copies (not originals) of duplicate groups
 MISMATCH_RATE = 0.08
 EXACT_SHARE = 0.5  # of copies; the rest are near duplicates
-ZIPF_EXPONENT = 1.0
+ZIPF_EXPONENT = 0.8
 NEAR_VARIANTS: tuple[str, ...] = ("requality", "noise", "shift")
 NEAR_NOISE_SIGMA = 2.0  # extra pixel noise of a "noise" near duplicate
 
@@ -293,9 +293,8 @@ def make_concepts(settings: PoolSettings) -> list[Concept]:
 
     Pairs follow a Latin-square pattern so shapes and colors are used equally
     often (a concept differs from many others in both).  Variability is spread
-    evenly over [0, 1]; Zipf frequencies are assigned by a permutation chosen
-    among seeded candidates to have the least rank correlation with
-    variability, so the two are not confounded.
+    evenly over [0, 1]; Zipf frequencies are dealt round-robin over
+    variability terciles, so the two are not confounded.
     """
     n = settings.concepts
     rng = _stream(settings.seed, 1)
@@ -306,14 +305,20 @@ def make_concepts(settings: PoolSettings) -> list[Concept]:
     variability = np.linspace(0.0, 1.0, n)[rng.permutation(n)]
     weights = 1.0 / np.arange(1, n + 1) ** ZIPF_EXPONENT
     weights = weights / weights.sum()
-    var_rank = np.argsort(np.argsort(variability))
-    best, best_corr = None, math.inf
-    for _ in range(64):
-        perm = rng.permutation(n)  # concept i gets frequency rank perm[i]
-        corr = abs(float(np.corrcoef(var_rank, perm)[0, 1]))
-        if corr < best_corr:
-            best, best_corr = perm, corr
-    assert best is not None
+    # frequency ranks dealt round-robin over variability terciles (low, middle,
+    # high, low, ...), so each level of variability gets the same spread of
+    # frequencies: rank correlation ~0, and no level owns the head of the tail
+    order = np.argsort(variability)  # concept ids by variability
+    strata = [list(order[i::3]) for i in range(3)] if n >= 3 else [list(order)]
+    for st in strata:
+        rng.shuffle(st)
+    dealt: list[int] = []
+    while any(strata):
+        for st in strata:
+            if st:
+                dealt.append(int(st.pop()))
+    best = np.empty(n, dtype=int)
+    best[np.asarray(dealt)] = np.arange(n)  # concept i gets frequency rank best[i]
     return [
         Concept(id=i, shape=s, color=c, variability=round(float(variability[i]), 6), frequency=float(weights[best[i]]))
         for i, (s, c) in enumerate(pairs)
@@ -539,6 +544,10 @@ def _clamp(x: float, lo: float, hi: float) -> float:
     return float(min(max(x, lo), hi))
 
 
+#: how much the scene around every concept's shape varies (same for all concepts)
+SCENE_VARIABILITY = 0.2
+
+
 def sample_params(concept: Concept, rng: np.random.Generator, size: int) -> RenderParams:
     """Draw one rendering of ``concept``; every jitter scales with its variability.
 
@@ -548,30 +557,38 @@ def sample_params(concept: Concept, rng: np.random.Generator, size: int) -> Rend
     rotation, shade, background color and texture and carry distractor shapes.
     """
     v = concept.variability
+    g = math.sqrt(v)  # geometric spread grows fast at first, so every step of v shows
     s = float(size)
-    radius = _clamp(0.30 * s * math.exp(rng.uniform(-1, 1) * (0.12 + 0.42 * v)), 0.14 * s, 0.46 * s)
-    span = (0.09 + 0.19 * v) * s
+    radius = _clamp(0.30 * s * math.exp(rng.uniform(-1, 1) * (0.08 + 0.55 * g)), 0.13 * s, 0.46 * s)
+    span = (0.05 + 0.30 * g) * s
     lo, hi = radius * 0.7, s - radius * 0.7
     cx = _clamp(s / 2 + rng.uniform(-1, 1) * span, lo, hi)
     cy = _clamp(s / 2 + rng.uniform(-1, 1) * span, lo, hi)
-    rotation = float(rng.uniform(-1, 1) * (12 + 168 * v))
-    rgb = _jitter_color(COLORS[concept.color], rng, v)
-    bg = _background_color(rgb, rng, v)
+    # rotation and shade vary only a little, whatever the variability: turned far
+    # enough a square is a diamond, and shaded far enough orange is red; a varied
+    # concept should be spread out, not confused with its neighbours
+    rotation = float(rng.uniform(-1, 1) * (10 + 30 * v))
+    rgb = _jitter_color(COLORS[concept.color], rng, 0.15)
+    # the scene around the shape (background, texture, clutter) is drawn from one
+    # distribution for every concept: variability lives in the concept itself
+    # (its geometry and shade), so a varied concept is spread out in embedding
+    # space without drifting towards every other varied concept
+    bg = _background_color(rgb, rng, SCENE_VARIABILITY)
     texture = "none"
-    if rng.random() < 0.9 * v:
+    if rng.random() < 0.9 * SCENE_VARIABILITY:
         texture = ("gradient", "noise", "stripes", "checker")[int(rng.integers(4))]
-    n_distractors = min(6, int(rng.poisson(3.5 * v)))
+    n_distractors = min(6, int(rng.poisson(3.5 * SCENE_VARIABILITY)))
     distractors = tuple(_distractor(rng, s) for _ in range(n_distractors))
     return RenderParams(
         main=Blob(concept.shape, cx, cy, radius, rotation, rgb),
         distractors=distractors,
         bg_rgb=bg,
         texture=texture,
-        texture_amp=float(15 + 45 * v * rng.random()),
+        texture_amp=float(15 + 45 * SCENE_VARIABILITY * rng.random()),
         texture_angle=float(rng.uniform(0, math.pi)),
         texture_freq=float(rng.uniform(2, 6)),
         texture_seed=int(rng.integers(2**31)),
-        noise_sigma=float(1.5 + 8 * v),
+        noise_sigma=float(1.5 + 8 * SCENE_VARIABILITY),
         noise_seed=int(rng.integers(2**31)),
         quality=int(rng.integers(80, 96)),
     )

@@ -1,0 +1,145 @@
+"""The README's commands, run as a user runs them: `dbprune run` end to end on
+a tiny pool (ingest to comparison), again (everything up to date),
+`dbprune sql`, `dbprune sample-pool` and `dbprune ui`."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from dbprune_assets.core.settings import STRATEGIES
+
+from .conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory: pytest.TempPathFactory):
+    from .conftest import write_config
+
+    root = tmp_path_factory.mktemp("cli")
+    home = root / "home"
+    cfg = write_config(root / "tiny.yaml")
+    env = {"DBPRUNE_HOME": str(home), "DBPRUNE_POOL": "", "DAGSTER_HOME": ""}
+    t0 = time.monotonic()
+    proc = run_cli("run", "--config", str(cfg), env=env)
+    seconds = time.monotonic() - t0
+    return home, env, proc, seconds
+
+
+def test_run_end_to_end(full_run):
+    home, _, proc, seconds = full_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    print(f"tiny end-to-end run: {seconds:.0f}s")
+    assert "generating the sample pool" in out
+    assert "## comparison" in out  # the comparison table closes the run
+    assert "where to look" in out
+    assert (home / "config.yaml").exists() and (home / "dbprune.duckdb").exists()
+    for strategy in STRATEGIES:
+        sub = home / "subsets" / strategy
+        sizes = json.loads((sub / "sizes.json").read_text())
+        decisions = pl.read_parquet(home / "tables" / "decisions" / f"{strategy}.parquet")
+        assert sum(sizes.values()) == int(decisions["keep"].sum())
+        assert (sub / "uids.npy").exists()
+        assert (home / "models" / strategy / "open_clip_config.json").exists()
+        ev = pl.read_parquet(home / "tables" / "eval" / f"{strategy}.parquet")
+        assert set(ev["metric"]) == {"acc1", "acc5", *(f"{d}_retrieval_recall@{k}" for d in ("image", "text")
+                                                          for k in (1, 5, 10))}
+        assert ev["value"].is_between(0, 1).all()
+
+
+def test_models_load_with_open_clip(full_run):
+    import open_clip
+    import torch
+
+    home = full_run[0]
+    from dbprune_assets.core.encoders import register_model_configs
+
+    register_model_configs()
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{home / 'models' / 'dbp'}")
+    tok = open_clip.get_tokenizer(f"local-dir:{home / 'models' / 'dbp'}")
+    with torch.no_grad():
+        t = model.encode_text(tok(["a red circle"]))
+    assert t.shape[0] == 1
+
+
+def test_second_run_is_up_to_date(full_run):
+    home, env, _, _ = full_run
+    t0 = time.monotonic()
+    proc = run_cli("run", env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "▶" not in proc.stdout, proc.stdout  # nothing re-ran
+    assert proc.stdout.count("up to date") >= 8
+    print(f"second run (all up to date): {time.monotonic() - t0:.1f}s")
+
+
+def test_sql(full_run):
+    home, env, _, _ = full_run
+    proc = run_cli("sql", "SELECT strategy, count(*) AS n, sum(keep::INT) AS kept FROM decisions GROUP BY 1 ORDER BY 1",
+                   "--format", "csv", env=env)
+    assert proc.returncode == 0, proc.stderr
+    rows = proc.stdout.strip().splitlines()
+    assert rows[0] == "strategy,n,kept" and len(rows) == 1 + len(STRATEGIES)
+    bad = run_cli("sql", "SELECT * FROM no_such_table", env=env)
+    assert bad.returncode != 0 and "no_such_table" in bad.stderr
+
+
+def test_sample_pool_command(tmp_path: Path):
+    out = tmp_path / "pool"
+    proc = run_cli("sample-pool", "--out", str(out), "--shards", "1", "--samples-per-shard", "20",
+                   "--concepts", "4", "--image-size", "24", "--reference-samples", "16")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "00000.tar").exists() and (out / "00000.parquet").exists()
+    assert pl.read_parquet(out / "00000.parquet").height == 20
+    again = run_cli("sample-pool", "--out", str(out))
+    assert again.returncode != 0 and "--overwrite" in again.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ui_serves_the_same_instance(full_run):
+    home, env, _, _ = full_run
+    import os
+    import shutil
+
+    port = _free_port()
+    exe = shutil.which("dbprune") or str(Path(sys.executable).parent / "dbprune")
+    proc = subprocess.Popen([exe, "ui", "--port", str(port)], env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        body = None
+        while time.monotonic() < deadline:
+            try:
+                q = json.dumps({"query": "{ runsOrError { ... on Runs { results { runId status } } } }"}).encode()
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=q,
+                                             headers={"Content-Type": "application/json"})
+                body = json.loads(urllib.request.urlopen(req, timeout=5).read())
+                break
+            except Exception:
+                time.sleep(1)
+        assert body is not None, "the UI did not come up"
+        runs = body["data"]["runsOrError"]["results"]
+        assert runs and all(r["status"] == "SUCCESS" for r in runs)  # the runs dbprune run made
+    finally:
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
