@@ -293,8 +293,8 @@ def make_concepts(settings: PoolSettings) -> list[Concept]:
 
     Pairs follow a Latin-square pattern so shapes and colors are used equally
     often (a concept differs from many others in both).  Variability is spread
-    evenly over [0, 1]; Zipf frequencies are dealt round-robin over
-    variability terciles, so the two are not confounded.
+    evenly over [0, 1]; Zipf frequencies are dealt round-robin over three
+    interleaved variability strata, so the two are not confounded.
     """
     n = settings.concepts
     rng = _stream(settings.seed, 1)
@@ -305,9 +305,10 @@ def make_concepts(settings: PoolSettings) -> list[Concept]:
     variability = np.linspace(0.0, 1.0, n)[rng.permutation(n)]
     weights = 1.0 / np.arange(1, n + 1) ** ZIPF_EXPONENT
     weights = weights / weights.sum()
-    # frequency ranks dealt round-robin over variability terciles (low, middle,
-    # high, low, ...), so each level of variability gets the same spread of
-    # frequencies: rank correlation ~0, and no level owns the head of the tail
+    # frequency ranks dealt round-robin over three interleaved variability strata
+    # (variability ranks 0, 3, 6, ...; 1, 4, 7, ...; 2, 5, 8, ...), each shuffled:
+    # a random assignment in which every three consecutive frequency ranks take
+    # one concept of each stratum, so frequency and variability are not confounded
     order = np.argsort(variability)  # concept ids by variability
     strata = [list(order[i::3]) for i in range(3)] if n >= 3 else [list(order)]
     for st in strata:
