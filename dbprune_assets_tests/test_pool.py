@@ -204,7 +204,7 @@ def test_duplicate_groups(gt: pl.DataFrame, members: dict[str, bytes]) -> None:
         if row["dup_kind"] == "exact":
             assert copy == orig
         else:
-            assert row["dup_kind"] == "near" and row["dup_variant"] in ("requality", "noise", "shift")
+            assert row["dup_kind"] == "near" and row["dup_variant"] in ("requality", "noise", "rescale")
             assert copy != orig
             near_diffs.append(float(np.abs(_pixels(copy) - _pixels(orig)).mean()))
     assert near_diffs, "the tiny pool plants near duplicates"
@@ -262,7 +262,7 @@ def test_default_pool_plan_is_long_tailed_and_unconfounded() -> None:
         assert sorted(stratum[c.id] for c in by_freq[i:i + 3]) == [0, 1, 2]
     assert np.diff(np.sort(var)) == pytest.approx(np.full(23, 1 / 23), abs=1e-5)
     rank = lambda x: np.argsort(np.argsort(x))  # noqa: E731
-    assert abs(np.corrcoef(rank(var), rank(freq))[0, 1]) < 0.2  # no significant link (p > 0.3 at n = 24)
+    assert abs(np.corrcoef(rank(var), rank(freq))[0, 1]) < 0.05
     counts = concept_counts(concepts, 2700)
     assert counts.sum() == 2700 and counts.min() >= 15 and counts.max() >= 5 * counts.min()
 

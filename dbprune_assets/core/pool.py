@@ -10,7 +10,7 @@ known answers:
   [0, 1], and a long-tailed (Zipf) frequency assigned independently of it, so
   DBP's "keep more of complex concepts" can be measured without confounding;
 * ~10% of rows are exact (same JPEG bytes) or near (re-encoded, re-noised or
-  1-px shifted) duplicates of another row, in groups of 2-4 (SemDeDup);
+  re-scaled) duplicates of another row, in groups of 2-4 (SemDeDup);
 * ~8% of captions belong to another concept (the CLIP-score filter);
 * ~2% rows failed to download, ~0.5% have an undecodable image behind a
   "success" status and ~0.5% an empty caption (ingest).
@@ -72,7 +72,7 @@ DUPLICATE_RATE = 0.10  # copies (not originals) of duplicate groups
 MISMATCH_RATE = 0.08
 EXACT_SHARE = 0.5  # of copies; the rest are near duplicates
 ZIPF_EXPONENT = 0.8
-NEAR_VARIANTS: tuple[str, ...] = ("requality", "noise", "shift")
+NEAR_VARIANTS: tuple[str, ...] = ("requality", "noise", "rescale")
 NEAR_NOISE_SIGMA = 2.0  # extra pixel noise of a "noise" near duplicate
 
 EVAL_SHARD_SIZE = 1000
@@ -186,7 +186,7 @@ class _Row:
     params: RenderParams
     dup_group: int = -1
     dup_kind: str | None = None
-    variant: str | None = None  # exact | requality | noise | shift (copies only)
+    variant: str | None = None  # exact | requality | noise | rescale (copies only)
     source: "_Row | None" = None  # the group's original (copies only)
     planted: str = "ok"
     mismatched: bool = False
@@ -310,16 +310,23 @@ def make_concepts(settings: PoolSettings) -> list[Concept]:
     # a random assignment in which every three consecutive frequency ranks take
     # one concept of each stratum, so frequency and variability are not confounded
     order = np.argsort(variability)  # concept ids by variability
-    strata = [list(order[i::3]) for i in range(3)] if n >= 3 else [list(order)]
-    for st in strata:
-        rng.shuffle(st)
-    dealt: list[int] = []
-    while any(strata):
+    var_rank = np.argsort(order)
+    best, best_corr = None, math.inf
+    for _ in range(64):  # of 64 seeded deals, the one least rank-correlated with variability
+        strata = [list(order[i::3]) for i in range(3)] if n >= 3 else [list(order)]
         for st in strata:
-            if st:
-                dealt.append(int(st.pop()))
-    best = np.empty(n, dtype=int)
-    best[np.asarray(dealt)] = np.arange(n)  # concept i gets frequency rank best[i]
+            rng.shuffle(st)
+        dealt: list[int] = []
+        while any(strata):
+            for st in strata:
+                if st:
+                    dealt.append(int(st.pop()))
+        ranks = np.empty(n, dtype=int)
+        ranks[np.asarray(dealt)] = np.arange(n)  # concept i gets frequency rank ranks[i]
+        corr = abs(float(np.corrcoef(var_rank, ranks)[0, 1]))
+        if corr < best_corr:
+            best, best_corr = ranks, corr
+    assert best is not None
     return [
         Concept(id=i, shape=s, color=c, variability=round(float(variability[i]), 6), frequency=float(weights[best[i]]))
         for i, (s, c) in enumerate(pairs)
@@ -409,11 +416,7 @@ def _make_copy(original: _Row, group: int, rng: np.random.Generator) -> _Row:
     else:
         kind, variant = "near", NEAR_VARIANTS[int(rng.integers(len(NEAR_VARIANTS)))]
     params = original.params
-    if variant == "shift":
-        dx, dy = [(1, 0), (-1, 0), (0, 1), (0, -1)][int(rng.integers(4))]
-        m = params.main
-        params = _replace_params(params, main=Blob(m.shape, m.cx + dx, m.cy + dy, m.radius, m.rotation, m.rgb))
-    elif variant == "noise":  # the seed of the extra noise, added to the original's pixels
+    if variant == "noise":  # the seed of the extra noise, added to the original's pixels
         params = _replace_params(params, noise_seed=int(rng.integers(2**31)))
     elif variant == "requality":
         params = _replace_params(params, quality=params.quality - 10)
@@ -735,7 +738,12 @@ class _ImageMaker:
         if row.variant == "noise":  # the same picture with a little extra pixel noise
             noisy = pixels.astype(np.float32) + _noise(row.params.noise_seed, self.size) * NEAR_NOISE_SIGMA
             return encode_jpeg(np.clip(np.rint(noisy), 0, 255).astype(np.uint8), row.params.quality)
-        return encode_jpeg(render(row.params, self.size), row.params.quality)  # 1-px shift
+        if row.variant == "rescale":  # re-uploaded at 3/4 of the size, shown at the original size
+            small = self.size * 3 // 4
+            img = Image.fromarray(pixels).resize((small, small), Image.BILINEAR).resize((self.size, self.size),
+                                                                                          Image.BILINEAR)
+            return encode_jpeg(np.asarray(img), row.params.quality)
+        raise ValueError(f"unknown near-duplicate variant {row.variant!r}")
 
 
 def _corrupt(data: bytes, variant: int, rng: np.random.Generator) -> bytes:
