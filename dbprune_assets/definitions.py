@@ -21,8 +21,16 @@ ASSETS = [
     pruned_subset, trained_model, eval_scores, comparison,
 ]
 
-defs = dg.Definitions(
-    assets=ASSETS,
-    sensors=[pool_shards_sensor],
-    resources={"dbprune": DbpruneResource()},
-)
+
+
+def build_defs(dbprune: DbpruneResource | None = None) -> dg.Definitions:
+    """The definitions, with the resource bound to a given home (``dbprune run``
+    binds the home it works on; the code location reads the environment)."""
+    return dg.Definitions(
+        assets=ASSETS,
+        sensors=[pool_shards_sensor],
+        resources={"dbprune": dbprune or DbpruneResource()},
+    )
+
+
+defs = build_defs()
