@@ -9,7 +9,7 @@ import numpy as np
 from ..core.atomic import write_parquet
 from .common import GRAPH, DbpruneResource, shard_partitions
 from .common import use_gpu
-from .dedup import ALL_SHARDS, candidates, centroid_frame, read_centroids, sample_chunks, shard_embeddings
+from .dedup import ALL_SHARDS, candidates, fit_centroids, read_centroids, shard_embeddings
 from .ingest import pool_manifest
 from .ui import image_grid, image_md, md_table, png_bytes
 
@@ -23,22 +23,10 @@ from .ui import image_grid, image_md, md_table, png_bytes
                 "sample of the candidates' image embeddings. Writes tables/centroids/all.parquet.",
 )
 def centroids(context: dg.AssetExecutionContext, dbprune: DbpruneResource) -> dg.MaterializeResult:
-    from ..core.kmeans import UniformSample, spherical_kmeans
-
     s = dbprune.session(context)
     cfg = s.settings.dbp
-    sample = UniformSample(cfg.sample_size, cfg.seed)
-    for uids, loader, shard in sample_chunks(s.layout, s.shards, "candidates"):
-        sample.add(uids, loader, name=f"shard {shard}")
-    cent = spherical_kmeans(sample.embeddings, cfg.k, cfg.niter, cfg.seed, use_gpu(s.settings.compute.device),
-                            threads=s.settings.compute.threads, what="candidate image embeddings")
-    write_parquet(s.layout.table("centroids"), centroid_frame(cent), s.layout.tmp)
-    s.refresh_catalog("centroids")
-    st = s.commit("centroids", summary={"k": len(cent), "sample": len(sample), "candidates": sample.seen})
-    return dg.MaterializeResult(
-        data_version=dg.DataVersion(st.data_version),
-        metadata={"k": len(cent), "sample_size": len(sample), "candidates": sample.seen, "seconds": s.elapsed()},
-    )
+    return fit_centroids(s, "centroids", "candidates", cfg.k, cfg.niter, cfg.sample_size, cfg.seed,
+                         "candidate image embeddings")
 
 
 @dg.asset(

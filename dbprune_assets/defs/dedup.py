@@ -9,7 +9,7 @@ import numpy as np
 
 from ..core.atomic import write_parquet
 from ..core.layout import Layout
-from .common import GRAPH, DbpruneResource, shard_partitions, torch_device, use_gpu
+from .common import GRAPH, DbpruneResource, Session, shard_partitions, torch_device, use_gpu
 from .embedding import embeddings
 from .ingest import pool_manifest
 from .ui import image_md, md_table, png_bytes
@@ -69,15 +69,25 @@ def sample_chunks(layout: Layout, shards: list[str], table: str | None) -> Itera
         yield uids, (lambda idx, e=emb, r=rows: np.asarray(e[r[idx]])), shard
 
 
-def kmeans_plot(sizes: np.ndarray, title: str) -> bytes:
-    def draw(fig):
-        ax = fig.add_subplot(111)
-        ax.bar(np.arange(len(sizes)), np.sort(sizes)[::-1], width=1.0)
-        ax.set_xlabel("cluster (by size)")
-        ax.set_ylabel("members")
-        ax.set_title(title)
+def fit_centroids(s: Session, asset: str, source: str | None, k: int, niter: int, sample_size: int, seed: int,
+                  what: str) -> dg.MaterializeResult:
+    """Spherical k-means on a bounded uniform sample of ``source``'s rows (every
+    ok sample when None), written as ``tables/<asset>/all.parquet``."""
+    from ..core.kmeans import UniformSample, spherical_kmeans
 
-    return png_bytes(draw, (6, 3))
+    sample = UniformSample(sample_size, seed)
+    for uids, loader, shard in sample_chunks(s.layout, s.shards, source):
+        sample.add(uids, loader, name=f"shard {shard}")
+    cent = spherical_kmeans(sample.embeddings, k, niter, seed, use_gpu(s.settings.compute.device),
+                            threads=s.settings.compute.threads, what=what)
+    write_parquet(s.layout.table(asset), centroid_frame(cent), s.layout.tmp)
+    s.refresh_catalog()
+    st = s.commit(asset, summary={"k": len(cent), "sample": len(sample), "rows": sample.seen})
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(st.data_version),
+        metadata={"k": len(cent), "sample_size": len(sample), "rows_sampled_from": sample.seen,
+                  "seconds": s.elapsed()},
+    )
 
 
 @dg.asset(
@@ -89,21 +99,10 @@ def kmeans_plot(sizes: np.ndarray, title: str) -> bytes:
                 "samples' image embeddings. Writes tables/dedup_centroids/all.parquet.",
 )
 def dedup_centroids(context: dg.AssetExecutionContext, dbprune: DbpruneResource) -> dg.MaterializeResult:
-    from ..core.kmeans import UniformSample, spherical_kmeans
-
     s = dbprune.session(context)
     cfg = s.settings.semdedup
-    sample = UniformSample(cfg.sample_size, cfg.seed)
-    for uids, loader, shard in sample_chunks(s.layout, s.shards, None):
-        sample.add(uids, loader, name=f"shard {shard}")
-    cent = spherical_kmeans(sample.embeddings, cfg.dedup_k, cfg.niter, cfg.seed, use_gpu(s.settings.compute.device),
-                            threads=s.settings.compute.threads, what="ok image embeddings")
-    write_parquet(s.layout.table("dedup_centroids"), centroid_frame(cent), s.layout.tmp)
-    st = s.commit("dedup_centroids", summary={"k": len(cent), "sample": len(sample), "pool": sample.seen})
-    return dg.MaterializeResult(
-        data_version=dg.DataVersion(st.data_version),
-        metadata={"k": len(cent), "sample_size": len(sample), "ok_samples": sample.seen, "seconds": s.elapsed()},
-    )
+    return fit_centroids(s, "dedup_centroids", None, cfg.dedup_k, cfg.niter, cfg.sample_size, cfg.seed,
+                         "ok image embeddings")
 
 
 @dg.asset(
