@@ -34,8 +34,12 @@ def preflight(layout: Layout, settings: PipelineSettings) -> None:
     for name, spec in (("cluster_encoder", settings.encoder.cluster_encoder), ("score_encoder", settings.encoder.score_encoder)):
         if spec is None or spec.is_bootstrap:
             continue
-        if spec.model.startswith("local-dir:") and not Path(spec.model[len("local-dir:"):]).is_dir():
-            raise SettingsError(f"encoder.{name}.model: folder {spec.model[len('local-dir:'):]} does not exist")
+        if spec.model.startswith("local-dir:") and not (Path(spec.model[len("local-dir:"):]).expanduser() / "open_clip_config.json").is_file():
+            raise SettingsError(
+                f"encoder.{name}.model: {spec.model[len('local-dir:'):]} is not an open_clip folder (no such folder, or "
+                "no open_clip_config.json in it); set local-dir: to an existing open_clip folder, an open_clip "
+                "architecture with a pretrained tag or checkpoint, an hf-hub: id, or model: bootstrap"
+            )
         p = spec.pretrained
         if p and ("/" in p or p.endswith((".pt", ".bin", ".safetensors", ".pth"))) and not Path(p).expanduser().exists():
             raise SettingsError(
@@ -149,7 +153,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from .runner import dagster_instance
 
     layout = Layout.from_env()
-    dagster_instance(layout)  # creates DAGSTER_HOME and exports it
+    dagster_instance(layout)  # creates the instance folder and its dagster.yaml
+    os.environ["DAGSTER_HOME"] = str(layout.dagster_home)  # dagster dev serves this instance
+    os.environ["DBPRUNE_HOME"] = str(layout.home)
+    os.environ["DBPRUNE_POOL"] = str(layout.pool)
     argv = [sys.executable, "-m", "dagster", "dev", "-m", "dbprune_assets.definitions",
             "-h", args.host, "-p", str(args.port)]
     print(f"dbprune: Dagster UI on http://{args.host}:{args.port} (instance {layout.dagster_home})")

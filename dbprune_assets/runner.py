@@ -45,11 +45,13 @@ def dagster_instance(layout: Layout):  # -> dg.DagsterInstance
     import dagster as dg
 
     layout.dagster_home.mkdir(parents=True, exist_ok=True)
-    os.environ["DAGSTER_HOME"] = str(layout.dagster_home)
     cfg = layout.dagster_home / "dagster.yaml"
     if not cfg.exists():
-        cfg.write_text("telemetry:\n  enabled: false\n")
-    return dg.DagsterInstance.get()
+        from .core.atomic import write_bytes
+
+        write_bytes(cfg, b"telemetry:\n  enabled: false\n", layout.tmp)  # atomic: a kill never leaves half of it
+    # this home's instance, whatever $DAGSTER_HOME says (`dbprune ui` exports it for dagster dev)
+    return dg.DagsterInstance.from_config(str(layout.dagster_home))
 
 
 def plan_groups(keys: list[str], parents: dict[str, set[str]], partitioning: dict[str, str | None]) -> list[list[str]]:
@@ -99,12 +101,20 @@ def run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None 
     import dagster as dg
     from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-    from .defs.common import GRAPH, Versions
+    from .defs.common import GRAPH, DbpruneResource, Versions
     from .defs.ingest import sync_shard_partitions
-    from .definitions import defs
+    from .definitions import build_defs
+
+    defs = build_defs(DbpruneResource(home=str(layout.home), pool=str(layout.pool)))
+
+    from .core.atomic import clean_stale_tmp, process_tmp_name
+    from .core.state import clear_state
 
     t0 = time.monotonic()
     instance = dagster_instance(layout)
+    clean_stale_tmp(layout.tmp_base)  # half-written files of killed processes
+    for run_id in fail_orphaned_runs(instance):
+        echo(f"run {run_id} was left unfinished by a process that no longer runs; marked it failed")
     added, removed = sync_shard_partitions(instance, layout)
     if added or removed:
         echo(f"pool: {len(added)} shard(s) added, {len(removed)} removed")
@@ -142,8 +152,13 @@ def run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None 
         asset_keys = [dg.AssetKey(a) for a in group]
         ranges = [(None, None)] if kind is None else contiguous_ranges(
             shards if kind == "shard" else list(STRATEGIES), stale)
+        # a partition is redone from scratch: drop its commit markers first, so a
+        # crash half-way through (even of a --force re-run) leaves it out of date
+        for a in group:
+            for p in stale:
+                clear_state(layout, a, p)
         for start, end in ranges:
-            tags = {"dbprune/cli": "run"}
+            tags = {"dbprune/cli": "run", PROCESS_TAG: process_tmp_name()}
             if start is not None:
                 tags[ASSET_PARTITION_RANGE_START_TAG] = start
                 tags[ASSET_PARTITION_RANGE_END_TAG] = end
@@ -161,6 +176,30 @@ def run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None 
         echo(f"✓ {label}: {len(stale) if kind else 1} partition(s) in {dt:.1f}s")
         results.append(GroupResult(group, stale, skipped, dt, run_ids))
     return RunReport(results, time.monotonic() - t0)
+
+
+PROCESS_TAG = "dbprune/process"  # <host>-<pid> of the `dbprune run` that executes the run
+
+
+def fail_orphaned_runs(instance) -> list[str]:
+    """Mark failed the runs of `dbprune run` processes of this host that died
+    (SIGKILL, OOM, power cut) while the run was in progress, so the UI does not
+    show them running forever.  Nothing waits on such a run: `dbprune run`
+    executes in process, without a queue or concurrency slots."""
+    import dagster as dg
+
+    from .core.atomic import pid_alive, process_tmp_name
+
+    host = process_tmp_name().rsplit("-", 1)[0]
+    unfinished = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
+    failed = []
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=unfinished, tags={"dbprune/cli": "run"})):
+        owner_host, _, pid = run.tags.get(PROCESS_TAG, "").rpartition("-")
+        if owner_host == host and pid.isdigit() and not pid_alive(int(pid)):
+            instance.report_run_failed(run, message=f"the dbprune run process {run.tags[PROCESS_TAG]} died "
+                                                    "(killed) before the run finished; `dbprune run` redoes its unfinished partitions")
+            failed.append(run.run_id)
+    return failed
 
 
 def _failure_message(result) -> str:  # ExecuteInProcessResult

@@ -2,6 +2,11 @@
 ``$DBPRUNE_HOME/.tmp/`` and renamed into place, so a crash never leaves a half
 file that a later step reads.  The temp folder is on the same file system as
 the target (both under ``$DBPRUNE_HOME``), which makes ``os.replace`` atomic.
+
+Each process writes its temp files in its own folder, ``.tmp/<host>-<pid>/``
+(``Layout.tmp``), so whatever a killed process leaves behind is recognisable:
+``clean_stale_tmp`` removes the folders of processes of this host that no
+longer run, and never touches those of live ones (parallel steps and runs).
 """
 
 from __future__ import annotations
@@ -9,13 +14,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+from .faults import crash_point
 
 
 def _tmp_root(target: Path, tmp_root: Path | None) -> Path:
@@ -36,10 +45,13 @@ def atomic_path(target: str | os.PathLike[str], tmp_root: Path | None = None) ->
         if tmp.is_dir() and target.is_dir():
             # replace a folder: move the old one aside first, then swap
             old = root / f"{target.name}.old.{uuid.uuid4().hex[:8]}"
+            crash_point("rename", target)
             os.replace(target, old)
+            crash_point("swap", target)
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
         else:
+            crash_point("rename", target)
             os.replace(tmp, target)
         _fsync_dir(target.parent)
     finally:
@@ -106,3 +118,38 @@ def scratch_dir(tmp_root: Path, prefix: str) -> tempfile.TemporaryDirectory[str]
     """A private scratch folder under the temp root, removed on exit."""
     tmp_root.mkdir(parents=True, exist_ok=True)
     return tempfile.TemporaryDirectory(prefix=prefix, dir=tmp_root)
+
+
+def process_tmp_name() -> str:
+    """This process's temp folder name under ``$DBPRUNE_HOME/.tmp``: ``<host>-<pid>``."""
+    host = re.sub(r"[^A-Za-z0-9._]", "_", socket.gethostname()) or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def clean_stale_tmp(tmp_base: Path) -> list[Path]:
+    """Remove the per-process temp folders under ``tmp_base`` whose process (on
+    this host) no longer runs: the half-written files of a killed run.  Returns
+    what was removed.  Folders of live processes and of other hosts are kept."""
+    tmp_base = Path(tmp_base)
+    if not tmp_base.is_dir():
+        return []
+    host = process_tmp_name().rsplit("-", 1)[0]
+    removed = []
+    for entry in tmp_base.iterdir():
+        name_host, _, pid = entry.name.rpartition("-")
+        if not entry.is_dir() or name_host != host or not pid.isdigit():
+            continue
+        if int(pid) != os.getpid() and not pid_alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed

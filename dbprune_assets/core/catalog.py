@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from .faults import crash_point
 from .layout import Layout
 
 T = TypeVar("T")
@@ -125,6 +126,7 @@ def refresh_catalog(layout: Layout, tables: list[str] | None = None, timeout_s: 
             con.execute("BEGIN")
             for t in names:
                 con.execute(view_sql(layout, t))
+            crash_point("catalog", layout.catalog)
             con.execute("COMMIT")
         finally:
             con.close()

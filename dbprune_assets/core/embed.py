@@ -172,11 +172,21 @@ class _Member:
 
 
 def index_tar(tar_path: Path, shard: str) -> dict[str, dict[str, _Member]]:
-    """``{key: {ext: member}}`` of a webdataset tar, from its headers only (first wins)."""
+    """``{key: {ext: member}}`` of a webdataset tar, from its headers only (first wins).
+
+    A tar damaged part-way (truncated) is indexed up to the damage: ingest gave
+    the samples behind it status ``truncated_tar``, so they are never asked for.
+    """
     index: dict[str, dict[str, _Member]] = {}
     try:
         with tarfile.open(tar_path, mode="r:") as tf:
-            for m in tf:
+            while True:
+                try:
+                    m = tf.next()
+                except (tarfile.TarError, EOFError, OSError):
+                    break  # the rest is unreadable; wanted keys behind it are reported by the caller
+                if m is None:
+                    break
                 if not m.isfile():
                     continue
                 mm = _KEY_RE.match(m.name)

@@ -254,6 +254,29 @@ def resolve_encoder(spec: EncoderSpec, bootstrap_dir: Path, *, setting: str = "e
     return ResolvedEncoder("tag", arch, pretrained, setting)
 
 
+def local_source_files(spec: EncoderSpec) -> list[Path]:
+    """The local files an encoder setting takes its weights from, found without
+    loading anything: an open_clip folder's config and weight file, or a
+    checkpoint file.  None for ``bootstrap`` (the encoder asset makes it),
+    pretrained tags and ``hf-hub:`` ids.  Their signatures are part of the
+    encoder's fingerprint, so replacing a checkpoint in place is noticed."""
+    if spec.is_bootstrap:
+        return []
+    model = spec.model.strip()
+    folder: Path | None = None
+    if model.startswith(LOCAL_DIR):
+        folder = Path(model[len(LOCAL_DIR):]).expanduser()
+    elif _looks_like_path(model) and Path(model).expanduser().is_dir():
+        folder = Path(model).expanduser()
+    if folder is not None:
+        weights = _weights_in_dir(folder)
+        return [folder / CONFIG_FILE] + ([weights] if weights is not None else [])
+    p = spec.pretrained.strip() if spec.pretrained else None
+    if p and (os.path.isfile(p) or _looks_like_path(p)):
+        return [Path(p).expanduser()]
+    return []
+
+
 # ---------------------------------------------------------------------------
 # loading
 

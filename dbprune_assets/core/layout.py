@@ -30,6 +30,13 @@ class Layout:
     # -- bookkeeping -------------------------------------------------------
     @property
     def tmp(self) -> Path:
+        """This process's temp folder, ``.tmp/<host>-<pid>`` (see ``atomic.clean_stale_tmp``)."""
+        from .atomic import process_tmp_name
+
+        return self.tmp_base / process_tmp_name()
+
+    @property
+    def tmp_base(self) -> Path:
         return self.home / ".tmp"
 
     @property

@@ -214,8 +214,48 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown setting (check the spelling; see the README's settings table)"
+        elif e["type"] in _RANGE_ERRORS and (allowed := _allowed_range(e["loc"])):
+            msg = f"{msg} (got {e.get('input')!r}; allowed: {allowed})"
         lines.append(f"  {loc}: {msg}")
     return "\n".join(lines)
+
+
+_RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+
+
+def _allowed_range(loc: tuple[Any, ...]) -> str | None:
+    """``0 < dbp.keep_fraction ≤ 1``: the bounds declared on the field at ``loc``."""
+    import typing
+
+    model: Any = PipelineSettings
+    info = None
+    for part in loc:
+        fields = getattr(model, "model_fields", None)
+        if not isinstance(part, str) or fields is None or part not in fields:
+            return None
+        info = fields[part]
+        args = typing.get_args(info.annotation) or (info.annotation,)
+        model = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    if info is None:
+        return None
+    lo = hi = None
+    for m in info.metadata:
+        for attr, op in (("gt", "<"), ("ge", "≤")):
+            if getattr(m, attr, None) is not None:
+                lo = (getattr(m, attr), op)
+        for attr, op in (("lt", "<"), ("le", "≤")):
+            if getattr(m, attr, None) is not None:
+                hi = (getattr(m, attr), op)
+    name = ".".join(map(str, loc))
+    if lo and hi:
+        text = f"{lo[0]} {lo[1]} {name} {hi[1]} {hi[0]}"
+    elif lo:
+        text = f"{name} {'>' if lo[1] == '<' else '≥'} {lo[0]}"
+    elif hi:
+        text = f"{name} {hi[1]} {hi[0]}"
+    else:
+        return None
+    return text + (", or null" if type(None) in typing.get_args(info.annotation) else "")
 
 
 def build_settings(overrides: dict[str, Any] | None = None, profile: str | None = None, source: str = "settings") -> PipelineSettings:

@@ -164,6 +164,14 @@ class Versions:
             ]
         if asset == "encoder":
             parts["reference"] = file_signature(self.layout.reference_dir / "sizes.json")
+            from ..core.encoders import local_source_files
+
+            # a checkpoint replaced in place (same setting, new weights) re-runs the encoder,
+            # whose data version (the weights hash) then turns every shard's embeddings stale
+            enc = self.settings.encoder
+            local = [file_signature(p) for spec in (enc.cluster_encoder, enc.score) for p in local_source_files(spec)]
+            if local:
+                parts["local_weights"] = local
         return stable_hash(parts)
 
     def is_fresh(self, asset: str, partition: str) -> bool:

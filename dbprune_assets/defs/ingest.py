@@ -7,7 +7,7 @@ from collections import Counter
 import dagster as dg
 
 from ..core.atomic import remove, write_parquet
-from ..core.layout import Layout, list_pool_shards
+from ..core.layout import UNPARTITIONED, Layout, list_pool_shards
 from ..core.shards import STATUSES, ingest_shard
 from ..core.state import clear_state, combine_versions, read_state
 from .common import GRAPH, SHARDS, DbpruneResource, shard_partitions
@@ -68,7 +68,8 @@ def raw_metadata(context: dg.AssetExecutionContext, dbprune: DbpruneResource) ->
         write_parquet(s.layout.table("problems", shard), result.problems, s.layout.tmp)
         counts = Counter(result.samples["status"].to_list())
         totals.update(counts)
-        per_shard.append({"shard": shard, "rows": result.samples.height, **{k: counts.get(k, 0) for k in STATUSES}})
+        per_shard.append({"shard": shard, "rows": result.samples.height, **{k: counts.get(k, 0) for k in STATUSES},
+                          "problems": result.problems.height})
         problems_preview.extend(result.problems.head(20).to_dicts())
         s.commit("raw_metadata", shard, {"rows": result.samples.height, "status": dict(counts),
                                          "problems": result.problems.height})
@@ -135,8 +136,10 @@ def pool_manifest(context: dg.AssetExecutionContext, dbprune: DbpruneResource) -
 @dg.sensor(
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    asset_selection=[raw_metadata],
-    description="Registers new pool shards as partitions (and drops vanished ones), then ingests the new ones.",
+    asset_selection=[raw_metadata, pool_manifest],
+    description="Registers new pool shards as partitions (and drops vanished ones), then ingests the new ones; "
+                "once every shard is ingested, re-materialises pool_manifest when the set of shards or their "
+                "versions changed, which marks every global asset stale (at any number of shards).",
 )
 def pool_shards_sensor(context: dg.SensorEvaluationContext, dbprune: DbpruneResource) -> dg.SensorResult:
     layout = dbprune.layout()
@@ -146,8 +149,17 @@ def pool_shards_sensor(context: dg.SensorEvaluationContext, dbprune: DbpruneReso
     removed = sorted(known - set(on_disk))
     for shard in removed:
         remove_shard_outputs(layout, shard)
+    requests = [dg.RunRequest(partition_key=s, asset_selection=[raw_metadata.key]) for s in added]
+    # Dagster stops tracking staleness across an edge with >= 100 upstream partitions, so
+    # pool_manifest (whose data version is the combined shard versions) is refreshed here
+    manifest = read_state(layout, "pool_manifest", UNPARTITIONED)
+    versions = {s: (st.data_version if (st := read_state(layout, "raw_metadata", s)) else None) for s in on_disk}
+    if not added and manifest is not None and None not in versions.values():
+        current = combine_versions(versions)
+        if current != manifest.data_version:
+            requests.append(dg.RunRequest(run_key=f"pool_manifest:{current}", asset_selection=[pool_manifest.key]))
     return dg.SensorResult(
-        run_requests=[dg.RunRequest(partition_key=s, asset_selection=[raw_metadata.key]) for s in added],
+        run_requests=requests,
         dynamic_partitions_requests=[
             *([shard_partitions.build_add_request(added)] if added else []),
             *([shard_partitions.build_delete_request(removed)] if removed else []),

@@ -1,0 +1,270 @@
+"""Changing the pool after a full run.
+
+* Adding a shard: the sensor registers and ingests it, then re-materialises
+  ``pool_manifest``, after which Dagster itself reports every global asset
+  stale (they all depend on the manifest) — also with more than 100 shards,
+  where Dagster stops tracking staleness across the ``raw_metadata`` edge; a
+  ``dbprune run`` redoes everything from the manifest on and every table holds
+  the new shard.
+* Removing a shard removes its partition, files and rows.
+* Replacing the encoder checkpoint in place with one of another embedding
+  dimension re-embeds every shard (the encoder's data version changed),
+  rather than mixing dimensions.
+
+Runs are in process (``runner.run_pipeline``), the sensor is evaluated with
+``build_sensor_context`` and its run requests executed as the daemon would.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import dagster as dg
+import numpy as np
+import pytest
+
+from dbprune_assets.core.catalog import query
+from dbprune_assets.core.layout import Layout
+from dbprune_assets.core.settings import STRATEGIES, load_settings
+
+from . import faultkit as fk
+
+pytestmark = pytest.mark.slow
+
+SELECT = "*pruned_subset"
+#: the global assets that read the manifest directly, so Dagster marks them stale when it changes
+MANIFEST_CHILDREN = ["dedup_centroids", "semantic_dedup", "candidates", "centroids", "cluster_complexity",
+                     *(f"pruned_subset[{s}]" for s in STRATEGIES)]
+SHARD_ASSETS = ["raw_metadata", "embeddings", "dedup_assignments", "cluster_assignments"]
+
+
+class Env:
+    """An in-process $DBPRUNE_HOME: runs, sensor ticks and Dagster's staleness."""
+
+    def __init__(self, mp: pytest.MonkeyPatch, home: Path, pool: Path, config: Path):
+        self.mp, self.home, self.pool, self.config = mp, home, pool, config
+        self.layout = Layout(home, pool)
+
+    def activate(self) -> None:
+        self.mp.setenv("DBPRUNE_HOME", str(self.home))
+        self.mp.setenv("DBPRUNE_POOL", str(self.pool))
+        self.mp.setenv("DAGSTER_HOME", str(self.home / "dagster"))
+        self.mp.delenv("DBPRUNE_FAULT", raising=False)
+
+    def instance(self) -> dg.DagsterInstance:
+        from dbprune_assets.runner import dagster_instance
+
+        self.activate()
+        return dagster_instance(self.layout)
+
+    def run(self, select: str = SELECT) -> dict[str, list[str]]:
+        """`dbprune run --select`: what ran, per group."""
+        from dbprune_assets.core.atomic import write_bytes
+        from dbprune_assets.runner import run_pipeline
+
+        self.activate()
+        settings = load_settings(self.config)
+        self.home.mkdir(parents=True, exist_ok=True)
+        write_bytes(self.layout.config_file, settings.to_yaml().encode(), self.layout.tmp)
+        report = run_pipeline(self.layout, settings, select=select, echo=lambda m: None, log_level="ERROR")
+        assert report.ok, report.failure
+        return {", ".join(g.assets): g.partitions for g in report.groups}
+
+    def sensor_tick(self) -> list[dg.RunRequest]:
+        """One tick of pool_shards_sensor, applied as the daemon does: partition
+        requests first, then the requested runs."""
+        from dbprune_assets.definitions import defs
+        from dbprune_assets.defs.common import DbpruneResource
+        from dbprune_assets.defs.ingest import pool_shards_sensor
+
+        instance = self.instance()
+        ctx = dg.build_sensor_context(instance=instance, resources={"dbprune": DbpruneResource()})
+        result = pool_shards_sensor(ctx)
+        for req in result.dynamic_partitions_requests or []:
+            if isinstance(req, dg.AddDynamicPartitionsRequest):
+                instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+            else:
+                for key in req.partition_keys:
+                    instance.delete_dynamic_partition(req.partitions_def_name, key)
+        job = defs.resolve_implicit_global_asset_job_def()
+        for req in result.run_requests or []:
+            out = job.execute_in_process(instance=instance, asset_selection=list(req.asset_selection or []),
+                                         partition_key=req.partition_key, tags=req.tags, raise_on_error=False)
+            assert out.success, req
+        return list(result.run_requests or [])
+
+    def status(self, names: list[str]) -> dict[str, str]:
+        """Dagster's staleness (what the UI shows) of ``asset`` or ``asset[partition]``."""
+        from dbprune_assets.definitions import defs
+
+        instance = self.instance()
+        out = {}
+        for name in names:
+            asset, _, part = name.partition("[")
+            out[name] = fk.stale_status(instance, defs, asset, part.rstrip("]") or None)
+        return out
+
+    def rows(self, sql: str) -> list[dict]:
+        return query(self.layout, sql).to_pylist()
+
+
+def _hide(pool: Path, shard: str, aside: Path) -> None:
+    aside.mkdir(exist_ok=True)
+    for ext in ("parquet", "tar"):
+        (pool / f"{shard}.{ext}").rename(aside / f"{shard}.{ext}")
+
+
+def _restore(pool: Path, shard: str, aside: Path) -> None:
+    for ext in ("parquet", "tar"):
+        (aside / f"{shard}.{ext}").rename(pool / f"{shard}.{ext}")
+
+
+def _requests(reqs: list[dg.RunRequest]) -> list[tuple[list[str], str | None]]:
+    return [([k.to_user_string() for k in (r.asset_selection or [])], r.partition_key) for r in reqs]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    d = fk.fast_tmp(tmp_path_factory, "pool-changes")
+    mp = pytest.MonkeyPatch()
+    yield SimpleNamespace(dir=d, mp=mp, encoder=fk.shared_encoder(tmp_path_factory))
+    mp.undo()
+    fk.drop_fast_tmp(d)
+
+
+@pytest.fixture(scope="module")
+def small(work) -> SimpleNamespace:
+    """Three shards: a full run over two, then 00002 added, then 00001 removed,
+    then the encoder checkpoint replaced in place; observations at each step."""
+    encoder = work.dir / "encoder"  # this module's own copy: it is replaced in place below
+    shutil.copytree(work.encoder, encoder)
+    pool = fk.write_pool(work.dir / "pool3", shards=3)
+    aside = work.dir / "aside3"
+    _hide(pool, "00002", aside)
+    env = Env(work.mp, work.dir / "home3", pool, fk.config_with_encoder(work.dir / "tiny3.yaml", encoder))
+    obs = SimpleNamespace(env=env)
+    obs.first = env.run()
+
+    # a shard appears: the sensor registers and ingests it ...
+    _restore(pool, "00002", aside)
+    obs.tick_add = _requests(env.sensor_tick())
+    obs.after_ingest = env.status(["pool_manifest", *MANIFEST_CHILDREN, *(f"{a}[00002]" for a in SHARD_ASSETS)])
+    # ... and on its next tick, every shard being ingested, refreshes the manifest
+    obs.tick_manifest = _requests(env.sensor_tick())
+    obs.after_manifest = env.status(["pool_manifest", *MANIFEST_CHILDREN, *(f"{a}[00002]" for a in SHARD_ASSETS[1:])])
+    obs.tick_idle = _requests(env.sensor_tick())
+    # dbprune run brings everything up to date
+    obs.rerun = env.run()
+    obs.after_rerun = env.status(["pool_manifest", *MANIFEST_CHILDREN, *(f"{a}[{s}]" for a in SHARD_ASSETS for s in ("00000", "00001", "00002"))])
+    obs.tables_after_add = {
+        t: {r["shard"]: r["n"] for r in env.rows(f"SELECT shard, count(*) n FROM {t} GROUP BY 1")}
+        for t in ("samples", "scores", "assignments", "decisions")}
+    obs.decisions_per_strategy = {r["strategy"]: r["n"] for r in env.rows("SELECT strategy, count(*) n FROM decisions GROUP BY 1")}
+    obs.uids_00001 = {r["uid"] for r in env.rows("SELECT uid FROM samples WHERE shard = '00001'")}
+
+    # a shard disappears
+    (pool / "00001.parquet").unlink()
+    (pool / "00001.tar").unlink()
+    obs.tick_remove = _requests(env.sensor_tick())
+    obs.partitions_after_remove_tick = sorted(env.instance().get_dynamic_partitions("shards"))
+    obs.after_remove_tick = env.status(MANIFEST_CHILDREN)
+    obs.rerun_remove = env.run()
+
+    # the encoder checkpoint is replaced in place by one with another embedding dimension
+    obs.dims_before = {s: np.load(env.layout.img_emb(s), mmap_mode="r").shape[1] for s in ("00000", "00002")}
+    fk.narrow_encoder(work.encoder, encoder, 32)
+    obs.rerun_encoder = env.run()
+    obs.dims_after = {s: np.load(env.layout.img_emb(s), mmap_mode="r").shape[1] for s in ("00000", "00002")}
+    return obs
+
+
+def test_a_new_shard_turns_pool_manifest_and_every_global_asset_stale(small) -> None:
+    assert small.tick_add == [(["raw_metadata"], "00002")]
+    # Dagster tracks the raw_metadata -> pool_manifest edge below 100 shards; the new
+    # shard's downstream partitions do not exist yet
+    assert small.after_ingest == {"pool_manifest": "STALE", **{a: "FRESH" for a in MANIFEST_CHILDREN},
+                                  "raw_metadata[00002]": "FRESH", **{f"{a}[00002]": "MISSING" for a in SHARD_ASSETS[1:]}}
+    assert small.tick_manifest == [(["pool_manifest"], None)]
+    assert small.after_manifest == {"pool_manifest": "FRESH", **{a: "STALE" for a in MANIFEST_CHILDREN},
+                                    **{f"{a}[00002]": "MISSING" for a in SHARD_ASSETS[1:]}}
+    assert small.tick_idle == []  # the manifest is current: nothing more to request
+
+
+def test_a_rerun_after_adding_a_shard_redoes_everything_from_pool_manifest_on(small) -> None:
+    assert small.first["raw_metadata, embeddings"] == ["00000", "00001"]
+    ran = small.rerun
+    assert ran["encoder"] == []
+    assert ran["raw_metadata, embeddings"] == ["00002"]  # the old shards' ingest and embeddings are kept
+    for group in ("pool_manifest, dedup_centroids", "semantic_dedup, candidates, centroids", "cluster_complexity"):
+        assert ran[group] == ["all"], group
+    for group in ("dedup_assignments", "cluster_assignments"):
+        assert ran[group] == ["00000", "00001", "00002"], group
+    assert ran["pruned_subset"] == list(STRATEGIES)
+    assert set(small.after_rerun.values()) == {"FRESH"}, small.after_rerun
+    rows = small.tables_after_add
+    assert rows["samples"] == {"00000": 80, "00001": 80, "00002": 80}
+    assert set(rows["scores"]) == set(rows["assignments"]) == {"00000", "00001", "00002"}
+    assert rows["decisions"] == {s: 80 * len(STRATEGIES) for s in ("00000", "00001", "00002")}
+    assert small.decisions_per_strategy == {s: 240 for s in STRATEGIES}
+
+
+def test_removing_a_shard_removes_its_partition_files_and_rows(small) -> None:
+    env = small.env
+    assert small.tick_remove == [(["pool_manifest"], None)]  # partition dropped, manifest refreshed
+    assert small.partitions_after_remove_tick == ["00000", "00002"]
+    assert set(small.after_remove_tick.values()) == {"STALE"}
+    ran = small.rerun_remove
+    assert ran["raw_metadata, embeddings"] == []
+    assert ran["dedup_assignments"] == ran["cluster_assignments"] == ["00000", "00002"]
+    assert ran["pruned_subset"] == list(STRATEGIES)
+    # no file, commit marker or row of 00001 is left (exported subsets are re-sharded: their NNNNN are not pool shards)
+    left = [str(p.relative_to(env.home)) for p in env.home.rglob("*00001*")
+            if p.relative_to(env.home).parts[0] not in ("subsets", "dagster")]
+    assert left == []
+    for table in ("samples", "problems", "scores", "duplicates", "assignments", "decisions"):
+        assert env.rows(f"SELECT count(*) n FROM {table} WHERE shard = '00001'") == [{"n": 0}], table
+    assert env.rows("SELECT strategy, count(*) n FROM decisions GROUP BY 1 ORDER BY 1") == [
+        {"strategy": s, "n": 160} for s in sorted(STRATEGIES)]
+    manifest = env.rows("SELECT count(*) n FROM read_parquet('%s')" % env.layout.table("pool_manifest"))
+    assert manifest == [{"n": 2}]
+    kept = {r["uid"] for r in env.rows("SELECT uid FROM decisions WHERE keep")}
+    assert kept and not (kept & small.uids_00001)
+    full = json.loads((env.home / "subsets" / "full" / "sizes.json").read_text())
+    assert sum(full.values()) == env.rows("SELECT count(*) n FROM samples WHERE status = 'ok'")[0]["n"]
+
+
+def test_replacing_the_encoder_checkpoint_in_place_re_embeds_every_shard(small) -> None:
+    """An embedding dimension that no longer matches the stored embeddings is not
+    an error: the encoder's files changed, so its data version did, and every
+    shard is embedded again with the new dimension (nothing mixes 64 and 32)."""
+    assert small.dims_before == {"00000": 64, "00002": 64}
+    ran = small.rerun_encoder
+    assert ran["encoder"] == ["all"]
+    assert ran["raw_metadata, embeddings"] == ["00000", "00002"]
+    assert ran["pruned_subset"] == list(STRATEGIES)
+    assert small.dims_after == {"00000": 32, "00002": 32}
+    rows = small.env.rows("SELECT strategy, count(*) n, count(DISTINCT (shard, uid)) d FROM decisions GROUP BY 1")
+    assert {r["strategy"]: (r["n"], r["d"]) for r in rows} == {s: (160, 160) for s in STRATEGIES}
+
+
+def test_over_100_shards_the_manifest_carries_staleness(work) -> None:
+    """With 101 shards Dagster no longer tracks raw_metadata -> pool_manifest; the
+    sensor's manifest refresh is what turns every global asset stale."""
+    pool = fk.write_pool(work.dir / "pool102", shards=102, samples_per_shard=4)
+    aside = work.dir / "aside102"
+    _hide(pool, "00101", aside)
+    env = Env(work.mp, work.dir / "home102", pool, fk.config_with_encoder(work.dir / "tiny102.yaml", work.encoder))
+    first = env.run()
+    assert len(first["raw_metadata, embeddings"]) == 101
+
+    _restore(pool, "00101", aside)
+    assert _requests(env.sensor_tick()) == [(["raw_metadata"], "00101")]
+    # Dagster's own tracking stops here: >= 100 upstream partitions
+    assert env.status(["pool_manifest", *MANIFEST_CHILDREN]) == {
+        "pool_manifest": "FRESH", **{a: "FRESH" for a in MANIFEST_CHILDREN}}
+    assert _requests(env.sensor_tick()) == [(["pool_manifest"], None)]
+    assert env.status(["pool_manifest", *MANIFEST_CHILDREN]) == {
+        "pool_manifest": "FRESH", **{a: "STALE" for a in MANIFEST_CHILDREN}}
