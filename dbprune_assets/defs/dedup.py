@@ -8,6 +8,7 @@ import dagster as dg
 import numpy as np
 
 from ..core.atomic import write_parquet
+from ..core.catalog import SCHEMAS as CATALOG_TABLES
 from ..core.layout import Layout
 from .common import GRAPH, DbpruneResource, Session, shard_partitions, torch_device, use_gpu
 from .embedding import embeddings
@@ -81,7 +82,8 @@ def fit_centroids(s: Session, asset: str, source: str | None, k: int, niter: int
     cent = spherical_kmeans(sample.embeddings, k, niter, seed, use_gpu(s.settings.compute.device),
                             threads=s.settings.compute.threads, what=what)
     write_parquet(s.layout.table(asset), centroid_frame(cent), s.layout.tmp)
-    s.refresh_catalog()
+    if asset in CATALOG_TABLES:  # DBP's centroids are a catalog view; SemDeDup's are not
+        s.refresh_catalog(asset)
     st = s.commit(asset, summary={"k": len(cent), "sample": len(sample), "rows": sample.seen})
     return dg.MaterializeResult(
         data_version=dg.DataVersion(st.data_version),
