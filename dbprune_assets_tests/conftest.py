@@ -4,6 +4,7 @@ helpers to run the real graph in a temp ``$DBPRUNE_HOME``."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 

@@ -3,7 +3,6 @@ instance: ingest → encoder → embeddings, with exact counts per status."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import dagster as dg
 import numpy as np

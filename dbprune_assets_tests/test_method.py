@@ -15,7 +15,6 @@ profile, the bootstrap encoder) feeds every test here:
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import numpy as np
 import polars as pl

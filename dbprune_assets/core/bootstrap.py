@@ -42,7 +42,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from dbprune_assets.core.atomic import scratch_dir, write_bytes, write_json
 from dbprune_assets.core.encoders import (
@@ -206,16 +206,21 @@ def run_open_clip_train(
     stdout_path: Path,
     timeout_s: float | None = None,
     env: dict[str, str] | None = None,
+    prefix: Sequence[str] = (),
+    tail: Callable[[TrainRun], str] | None = None,
 ) -> TrainRun:
     """Run ``open_clip_train.main`` on ``argv`` in a subprocess (through the launcher).
 
+    ``prefix`` goes between the interpreter and the launcher (e.g. ``-m
+    torch.distributed.run --standalone --nproc_per_node N`` for several GPUs);
+    ``tail`` picks the part of the output a failure report shows.
     stdout/stderr go to ``stdout_path``.  Raises ``BootstrapError`` with the
     output's tail when it fails or times out.
     """
     argv = list(argv)
     logs, name = Path(_arg(argv, "--logs")), _arg(argv, "--name")
     run_dir = logs / name
-    cmd = [sys.executable, "-m", LAUNCHER_MODULE, "--threads", str(int(threads)), "--", *argv]
+    cmd = [sys.executable, *prefix, "-m", LAUNCHER_MODULE, "--threads", str(int(threads)), "--", *argv]
     child_env = dict(os.environ)
     child_env.update(env or {})
     child_env.setdefault("PYTHONUNBUFFERED", "1")
@@ -244,7 +249,8 @@ def run_open_clip_train(
         why = f"timed out after {timeout_s:.0f} s" if rc == -9 else f"exit status {rc}"
         if rc == 0:
             why = f"no final checkpoint {ckpt}"
-        raise BootstrapError(f"open_clip_train failed ({why}); last output:\n{run.tail()}")
+        what = "torchrun open_clip_train" if prefix else "open_clip_train"
+        raise BootstrapError(f"{what} failed ({why}); last output:\n{(tail or TrainRun.tail)(run)}")
     return run
 
 

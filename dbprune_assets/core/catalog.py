@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import random
 import time
-from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from .faults import crash_point

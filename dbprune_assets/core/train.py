@@ -63,7 +63,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -462,41 +461,12 @@ def auto_threads(workers: int, nproc: int = 1) -> int:
 def _run_torchrun(
     argv: Sequence[str], nproc: int, *, threads: int, stdout_path: Path, timeout_s: float | None
 ) -> tuple[TrainRun, list[str]]:
-    """``torchrun --standalone --nproc_per_node N -m <launcher> -- ARGV`` (one node).
-
-    Mirrors :func:`dbprune_assets.core.bootstrap.run_open_clip_train` (same
-    launcher, environment and failure report) with torchrun in front.
-    """
-    argv = list(argv)
-    logs, name = Path(argv[argv.index("--logs") + 1]), argv[argv.index("--name") + 1]
-    run_dir = logs / name
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={int(nproc)}",
-        "-m", LAUNCHER_MODULE, "--threads", str(int(threads)), "--", *argv,
-    ]
-    env = dict(os.environ)
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    env.setdefault("WANDB_MODE", "disabled")
-    if threads > 0:
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            env[var] = str(int(threads))
-    pkg_root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH", "")) if p)
-    stdout_path.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    with open(stdout_path, "wb") as out:
-        try:
-            rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=timeout_s, check=False).returncode
-        except subprocess.TimeoutExpired:
-            rc = -9
-    seconds = time.perf_counter() - t0
-    epochs = int(argv[argv.index("--epochs") + 1])
-    ckpt = run_dir / "checkpoints" / f"epoch_{epochs}.pt"
-    run = TrainRun(argv, rc, seconds, run_dir, run_dir / "out.log", stdout_path, ckpt if ckpt.is_file() else None)
-    if rc != 0 or run.checkpoint is None:
-        why = f"timed out after {timeout_s:.0f} s" if rc == -9 else (f"exit status {rc}" if rc else f"no final checkpoint {ckpt}")
-        raise BootstrapError(f"torchrun open_clip_train failed ({why}); last output:\n{_torchrun_tail(run)}")
-    return run, cmd
+    """``torchrun --standalone --nproc_per_node N -m <launcher> -- ARGV`` (one node):
+    bootstrap's runner with torchrun in front, reporting the failing rank."""
+    prefix = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={int(nproc)}"]
+    run = run_open_clip_train(argv, threads=threads, stdout_path=stdout_path, timeout_s=timeout_s,
+                              prefix=prefix, tail=_torchrun_tail)
+    return run, [sys.executable, *prefix, "-m", LAUNCHER_MODULE, "--threads", str(int(threads)), "--", *argv]
 
 
 def _torchrun_tail(run: TrainRun, n_rank: int = 30, n_last: int = 8) -> str:

@@ -4,7 +4,6 @@
 import json
 
 import dagster as dg
-import numpy as np
 
 from ..core.atomic import write_json, write_parquet
 from ..core.layout import Layout, list_pool_shards

@@ -2,7 +2,6 @@
 equal samples seen), ``eval_scores`` (zero-shot and retrieval) and
 ``comparison`` (mean ± std over seeds with bootstrap intervals)."""
 
-import json
 
 import dagster as dg
 
