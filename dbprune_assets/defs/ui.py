@@ -45,7 +45,7 @@ def png_bytes(draw: Callable[[Any], None], figsize: tuple[float, float] = (6.0, 
         draw(fig)
         fig.tight_layout()
         buf = io.BytesIO()
-        fig.savefig(buf, format="png")
+        fig.savefig(buf, format="png", bbox_inches="tight")
         return buf.getvalue()
     finally:
         plt.close(fig)
