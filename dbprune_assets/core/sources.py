@@ -157,7 +157,7 @@ def link(pool_ids: np.ndarray, source_ids: np.ndarray, origin: str) -> np.ndarra
     ordered = src[order].astype(str)
     dup = ordered[1:] == ordered[:-1]
     if dup.any():
-        first = ordered[1:][dup][0]
+        first = str(ordered[1:][dup][0])
         raise SourceError(f"{origin}: id {first!r} appears {int((ordered == first).sum())} times; every uid/key "
                           "must have one embedding row (de-duplicate the source files)")
     ids = np.asarray(pool_ids, dtype=object).astype(str)
