@@ -33,7 +33,7 @@ def pool_settings(**over: Any):
 
 def write_pool(path: Path, **over: Any) -> Path:
     """A sample pool in ``path`` (TINY settings with ``over``)."""
-    from dbprune_assets.core.pool import write_sample_pool
+    from dbprune_assets.samplepool import write_sample_pool
 
     write_sample_pool(path, pool_settings(**over), tmp_root=path.parent / ".pool-tmp")
     return path
@@ -84,7 +84,7 @@ def read_tar(path: Path) -> list[tuple[str, dict[str, bytes]]]:
 
 
 def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
-    from dbprune_assets.core.pool import write_tar as _write
+    from dbprune_assets.core.wds import write_tar as _write
 
     _write(path, samples)
 

@@ -17,6 +17,7 @@ pl = pytest.importorskip("polars")
 from PIL import Image, ImageDraw  # noqa: E402
 
 from dbprune_assets.core import encoders as E  # noqa: E402
+from dbprune_assets.core.model_dir import save_local_dir  # noqa: E402
 from dbprune_assets.core.embed import (  # noqa: E402
     METADATA_COLUMNS,
     EmbedError,
@@ -91,7 +92,7 @@ def _tiny_encoder(root: Path, seed: int) -> E.LoadedEncoder:
     E.register_model_configs()
     torch.manual_seed(seed)
     model = open_clip.create_model("dbprune-tiny")
-    out = E.save_local_dir(root / f"enc{seed}", model, E.model_config("dbprune-tiny"), tmp_root=root / ".tmp")
+    out = save_local_dir(root / f"enc{seed}", model, E.model_config("dbprune-tiny"), tmp_root=root / ".tmp")
     return E.load_encoder(EncoderSpec(model=f"local-dir:{out}"), "cpu")
 
 

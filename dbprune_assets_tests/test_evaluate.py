@@ -12,19 +12,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dbprune_assets.core.eval_metrics import RETRIEVAL_METRICS, positive_ranks, retrieval_metrics, topk_accuracy
 from dbprune_assets.core.evaluate import (
-    RETRIEVAL_METRICS,
     EvalError,
     embed_split,
     evaluate_model,
     load_eval_split,
-    positive_ranks,
-    retrieval_metrics,
-    topk_accuracy,
     zeroshot_metrics,
 )
-from dbprune_assets.core.pool import EVAL_TEMPLATES, write_sample_pool, write_tar
 from dbprune_assets.core.settings import PoolSettings
+from dbprune_assets.core.wds import write_tar
+from dbprune_assets.samplepool import EVAL_TEMPLATES, write_sample_pool
 
 N_CONCEPTS = 6
 PER_CLASS = 2
@@ -153,7 +151,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> tuple:
     import open_clip
     import torch
 
-    from dbprune_assets.core.encoders import default_preprocess_cfg, model_config, register_model_configs, save_local_dir
+    from dbprune_assets.core.encoders import model_config, register_model_configs
+    from dbprune_assets.core.model_dir import default_preprocess_cfg, save_local_dir
 
     register_model_configs()
     torch.manual_seed(0)

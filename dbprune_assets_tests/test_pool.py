@@ -14,8 +14,10 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from dbprune_assets.core import pool as pool_mod
-from dbprune_assets.core.pool import (
+from dbprune_assets.core.settings import PoolSettings
+from dbprune_assets.core.wds import POOL_MTIME
+from dbprune_assets.samplepool import writer as pool_writer
+from dbprune_assets.samplepool import (
     COLORS,
     ZIPF_EXPONENT,
     EVAL_TEMPLATES,
@@ -26,7 +28,6 @@ from dbprune_assets.core.pool import (
     make_concepts,
     write_sample_pool,
 )
-from dbprune_assets.core.settings import PoolSettings
 
 TINY = PoolSettings(shards=2, samples_per_shard=60, concepts=6, image_size=32, reference_samples=60, eval_per_class=3, seed=7)
 ROWS = 120
@@ -100,7 +101,7 @@ def test_write_is_atomic_and_replaces_an_old_pool(tmp_path: Path, monkeypatch: p
     def boom(*_: object) -> int:
         raise RuntimeError("crash while writing eval/")
 
-    monkeypatch.setattr(pool_mod, "_write_eval_split", boom)
+    monkeypatch.setattr(pool_writer, "_write_eval_split", boom)
     with pytest.raises(RuntimeError):
         write_sample_pool(target, TINY.model_copy(update={"seed": 9}), tmp_root=tmp_root)
     assert (target / "stray.txt").exists() and (target / "00000.tar").read_bytes() == before  # old pool untouched
@@ -150,7 +151,7 @@ def test_tars_hold_one_sample_per_success_row(pool: Path, shards: pl.DataFrame, 
     with tarfile.open(pool / "00000.tar") as tf:
         first = tf.getmembers()[:3]
     assert [m.name.split(".")[1] for m in first] == ["jpg", "json", "txt"]  # webdataset's sorted order
-    assert {(m.mtime, m.uid, m.gid, m.uname) for m in first} == {(pool_mod._TAR_MTIME, 0, 0, "")}
+    assert {(m.mtime, m.uid, m.gid, m.uname) for m in first} == {(POOL_MTIME, 0, 0, "")}
 
 
 def test_ground_truth_has_one_row_per_parquet_row(gt: pl.DataFrame, shards: pl.DataFrame, pool: Path) -> None:

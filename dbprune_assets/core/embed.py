@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import re
-import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +39,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 
 from dbprune_assets.core.atomic import atomic_path
+from dbprune_assets.core.device import auto_threads, torch_device, torch_threads
+from dbprune_assets.core.progress import progress
 from dbprune_assets.core.settings import ComputeSettings
+from dbprune_assets.core.wds import MemberRef, TarDamaged, image_member, iter_sample_headers
 
 if TYPE_CHECKING:  # pragma: no cover
     import polars as pl
@@ -49,9 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from dbprune_assets.core.encoders import LoadedEncoder
 
-IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 METADATA_COLUMNS: tuple[str, ...] = ("uid", "shard", "key", "row", "clip_score")
-_KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's base_plus_ext
 
 
 class EmbedError(RuntimeError):
@@ -114,6 +113,21 @@ def _features(fn: Callable[[Any], Any], x: "torch.Tensor", device: str, precisio
     return torch.nn.functional.normalize(f.float(), dim=-1)
 
 
+def _encode(model: Any, encode: Callable[[Any], Any], prepare: Callable[[Sequence[Any]], Any], items: Sequence[Any],
+            batch_size: int, device: str | None, precision: str) -> np.ndarray:
+    """L2-normalised float32 [n, d] of ``encode(prepare(batch))`` over ``items`` in batches, in order."""
+    import torch
+
+    device = device or _model_device(model)
+    precision = resolve_precision(device, precision)
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(items), batch_size):
+            out.append(_features(encode, prepare(items[i : i + batch_size]), device, precision).cpu().numpy())
+    dim = out[0].shape[1] if out else 0
+    return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
+
+
 def encode_images(
     model: Any,
     preprocess: Callable[[Any], Any],
@@ -126,15 +140,10 @@ def encode_images(
     """L2-normalised image embeddings (float32 [n, d]) of PIL images, in order."""
     import torch
 
-    device = device or _model_device(model)
-    precision = resolve_precision(device, precision)
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(pil_images), batch_size):
-            x = torch.stack([preprocess(im.convert("RGB")) for im in pil_images[i : i + batch_size]])
-            out.append(_features(model.encode_image, x, device, precision).cpu().numpy())
-    dim = out[0].shape[1] if out else 0
-    return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
+    def prepare(images: Sequence[Any]) -> Any:
+        return torch.stack([preprocess(im.convert("RGB")) for im in images])
+
+    return _encode(model, model.encode_image, prepare, pil_images, batch_size, device, precision)
 
 
 def encode_texts(
@@ -147,65 +156,32 @@ def encode_texts(
     precision: str = "auto",
 ) -> np.ndarray:
     """L2-normalised text embeddings (float32 [n, d]) of strings, in order."""
-    import torch
-
-    device = device or _model_device(model)
-    precision = resolve_precision(device, precision)
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(texts), batch_size):
-            tokens = tokenizer([t or "" for t in texts[i : i + batch_size]])
-            out.append(_features(model.encode_text, tokens, device, precision).cpu().numpy())
-    dim = out[0].shape[1] if out else 0
-    return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
+    return _encode(model, model.encode_text, lambda batch: tokenizer([t or "" for t in batch]), texts, batch_size,
+                   device, precision)
 
 
 # ---------------------------------------------------------------------------
 # tar index and the worker dataset
 
 
-@dataclass(frozen=True)
-class _Member:
-    offset: int  # byte offset of the member's data in the tar
-    size: int
-    name: str
-
-
-def index_tar(tar_path: Path, shard: str) -> dict[str, dict[str, _Member]]:
+def index_tar(tar_path: Path, shard: str) -> dict[str, dict[str, MemberRef]]:
     """``{key: {ext: member}}`` of a webdataset tar, from its headers only (first wins).
 
     A tar damaged part-way (truncated) is indexed up to the damage: ingest gave
     the samples behind it status ``truncated_tar``, so they are never asked for.
     """
-    index: dict[str, dict[str, _Member]] = {}
+    index: dict[str, dict[str, MemberRef]] = {}
     try:
-        with tarfile.open(tar_path, mode="r:") as tf:
-            while True:
-                try:
-                    m = tf.next()
-                except (tarfile.TarError, EOFError, OSError):
-                    break  # the rest is unreadable; wanted keys behind it are reported by the caller
-                if m is None:
-                    break
-                if not m.isfile():
-                    continue
-                mm = _KEY_RE.match(m.name)
-                if not mm:
-                    continue
-                key, ext = mm.group(1), mm.group(2).lower()
-                index.setdefault(key, {}).setdefault(ext, _Member(m.offset_data, m.size, m.name))
+        for key, members in iter_sample_headers(tar_path):
+            entry = index.setdefault(key, {})
+            for ext, ref in members.items():
+                entry.setdefault(ext, ref)
     except FileNotFoundError:
         raise EmbedError(f"shard {shard}: tar {tar_path} does not exist") from None
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise EmbedError(f"shard {shard}: cannot read tar {tar_path}: {type(e).__name__}: {e}") from e
+    except TarDamaged as err:
+        if not index:  # not a tar at all
+            raise EmbedError(f"shard {shard}: cannot read tar {tar_path}: {err.cause}") from err
     return index
-
-
-def _image_member(members: dict[str, _Member]) -> _Member | None:
-    for ext in IMAGE_EXTS:
-        if ext in members:
-            return members[ext]
-    return None
 
 
 class _ShardBatches:
@@ -220,7 +196,7 @@ class _ShardBatches:
         tar_path: Path,
         shard: str,
         keys: Sequence[str],
-        members: Sequence[_Member],
+        members: Sequence[MemberRef],
         captions: Sequence[str],
         batch_size: int,
         preprocesses: Sequence[Callable[[Any], Any]],
@@ -362,7 +338,6 @@ def embed_shard(
     import torch
     from torch.utils.data import DataLoader
 
-    from dbprune_assets.core.encoders import auto_threads, resolve_device
 
     t0 = time.perf_counter()
     tar_path = Path(tar_path)
@@ -370,7 +345,7 @@ def embed_shard(
     missing_cols = [c for c in ("uid", "key", "caption") if c not in rows.columns]
     if missing_cols:
         raise EmbedError(f"shard {shard}: rows lack column(s) {missing_cols}; expected uid, key, caption")
-    device = resolve_device(compute.device)
+    device = torch_device(compute.device)
     precision = resolve_precision(device, compute.precision)
 
     keys = [str(k) for k in rows.get_column("key").to_list()]
@@ -380,16 +355,16 @@ def embed_shard(
     captions = [c if c is not None else "" for c in rows.get_column("caption").cast(pl.Utf8).to_list()]
     n = len(keys)
 
-    members: list[_Member] = []
+    members: list[MemberRef] = []
     if n:
         index = index_tar(tar_path, shard)
         for key in keys:
             entry = index.get(key)
-            m = _image_member(entry) if entry else None
-            if m is None:
+            image = image_member(entry) if entry else None
+            if image is None:
                 cause = "not in the tar" if not entry else f"no image member (found {', '.join(sorted(entry))})"
                 raise EmbedError(f"shard {shard}: key {key}: {cause} ({tar_path})")
-            members.append(m)
+            members.append(image[1])
         del index
 
     cluster = cluster_encoder.to(device)
@@ -410,66 +385,61 @@ def embed_shard(
     scores = np.zeros(n, dtype=np.float32)
     # CPU threads: compute.threads, or (0) the cores left beside the decode workers
     threads = compute.threads if compute.threads > 0 else auto_threads(workers)
-    prev_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with contextlib.ExitStack() as stack:
-            # entered meta first: renamed last (LIFO), so metadata appears only with its arrays
-            tmp_meta = stack.enter_context(atomic_path(out_meta, tmp_root))
-            tmp_text = stack.enter_context(atomic_path(out_text, tmp_root))
-            tmp_img = stack.enter_context(atomic_path(out_img, tmp_root))
-            if n == 0:
-                np.save(tmp_img, np.zeros((0, dim), np.float16), allow_pickle=False)
-                np.save(tmp_text, np.zeros((0, dim), np.float16), allow_pickle=False)
-            else:
-                img_mm = np.lib.format.open_memmap(tmp_img, mode="w+", dtype=np.float16, shape=(n, dim))
-                txt_mm = np.lib.format.open_memmap(tmp_text, mode="w+", dtype=np.float16, shape=(n, dim))
-                loader = DataLoader(
-                    __getattr__("TorchShardBatches")(batches),
-                    batch_size=None,
-                    num_workers=workers,
-                    pin_memory=device.startswith("cuda"),
-                    prefetch_factor=2 if workers > 0 else None,
-                )
-                done = 0
-                with torch.inference_mode():
-                    for item in loader:
-                        if "error" in item:
-                            raise EmbedError(item["error"])
-                        start = int(item["start"])
-                        imgs, toks = item["images"], item["tokens"]
-                        img = _features(cluster.model.encode_image, imgs[0], device, precision)
-                        txt = _features(cluster.model.encode_text, toks[0], device, precision)
-                        if score is None:
-                            s = (img * txt).sum(-1)
-                        else:
-                            simg = _features(score.model.encode_image, imgs[s_img], device, precision)
-                            stxt = _features(score.model.encode_text, toks[s_tok], device, precision)
-                            s = (simg * stxt).sum(-1)
-                        k = img.shape[0]
-                        if img.shape[1] != dim:
-                            raise EmbedError(f"shard {shard}: {cluster.name} produced {img.shape[1]}-dim embeddings, expected {dim}")
-                        img_mm[start : start + k] = img.cpu().numpy().astype(np.float16)
-                        txt_mm[start : start + k] = txt.cpu().numpy().astype(np.float16)
-                        scores[start : start + k] = s.cpu().numpy()
-                        done += k
-                if done != n:  # pragma: no cover - every batch index is visited once
-                    raise EmbedError(f"shard {shard}: embedded {done} of {n} samples")
-                for mm in (img_mm, txt_mm):
-                    mm.flush()
-                del img_mm, txt_mm
-            meta = pl.DataFrame(
-                {
-                    "uid": pl.Series(uids, dtype=pl.Utf8),
-                    "shard": pl.Series([shard] * n, dtype=pl.Utf8),
-                    "key": pl.Series(keys, dtype=pl.Utf8),
-                    "row": pl.Series(parquet_rows, dtype=pl.Int64),
-                    "clip_score": pl.Series(scores, dtype=pl.Float32),
-                }
+    with torch_threads(threads), contextlib.ExitStack() as stack:
+        # entered meta first: renamed last (LIFO), so metadata appears only with its arrays
+        tmp_meta = stack.enter_context(atomic_path(out_meta, tmp_root))
+        tmp_text = stack.enter_context(atomic_path(out_text, tmp_root))
+        tmp_img = stack.enter_context(atomic_path(out_img, tmp_root))
+        if n == 0:
+            np.save(tmp_img, np.zeros((0, dim), np.float16), allow_pickle=False)
+            np.save(tmp_text, np.zeros((0, dim), np.float16), allow_pickle=False)
+        else:
+            img_mm = np.lib.format.open_memmap(tmp_img, mode="w+", dtype=np.float16, shape=(n, dim))
+            txt_mm = np.lib.format.open_memmap(tmp_text, mode="w+", dtype=np.float16, shape=(n, dim))
+            loader = DataLoader(
+                __getattr__("TorchShardBatches")(batches),
+                batch_size=None,
+                num_workers=workers,
+                pin_memory=device.startswith("cuda"),
+                prefetch_factor=2 if workers > 0 else None,
             )
-            meta.write_parquet(tmp_meta, compression="zstd")
-    finally:
-        torch.set_num_threads(prev_threads)
+            done = 0
+            with torch.inference_mode():
+                for item in progress(loader, desc=f"embed {shard}", unit="batch", total=batches.n_batches):
+                    if "error" in item:
+                        raise EmbedError(item["error"])
+                    start = int(item["start"])
+                    imgs, toks = item["images"], item["tokens"]
+                    img = _features(cluster.model.encode_image, imgs[0], device, precision)
+                    txt = _features(cluster.model.encode_text, toks[0], device, precision)
+                    if score is None:
+                        s = (img * txt).sum(-1)
+                    else:
+                        simg = _features(score.model.encode_image, imgs[s_img], device, precision)
+                        stxt = _features(score.model.encode_text, toks[s_tok], device, precision)
+                        s = (simg * stxt).sum(-1)
+                    k = img.shape[0]
+                    if img.shape[1] != dim:
+                        raise EmbedError(f"shard {shard}: {cluster.name} produced {img.shape[1]}-dim embeddings, expected {dim}")
+                    img_mm[start : start + k] = img.cpu().numpy().astype(np.float16)
+                    txt_mm[start : start + k] = txt.cpu().numpy().astype(np.float16)
+                    scores[start : start + k] = s.cpu().numpy()
+                    done += k
+            if done != n:  # pragma: no cover - every batch index is visited once
+                raise EmbedError(f"shard {shard}: embedded {done} of {n} samples")
+            for mm in (img_mm, txt_mm):
+                mm.flush()
+            del img_mm, txt_mm
+        meta = pl.DataFrame(
+            {
+                "uid": pl.Series(uids, dtype=pl.Utf8),
+                "shard": pl.Series([shard] * n, dtype=pl.Utf8),
+                "key": pl.Series(keys, dtype=pl.Utf8),
+                "row": pl.Series(parquet_rows, dtype=pl.Int64),
+                "clip_score": pl.Series(scores, dtype=pl.Float32),
+            }
+        )
+        meta.write_parquet(tmp_meta, compression="zstd")
 
     seconds = time.perf_counter() - t0
     return EmbedStats(

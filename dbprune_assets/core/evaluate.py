@@ -20,22 +20,9 @@ Splits (:func:`load_eval_split`)
 
 Splits are streamed: images are decoded batch by batch, never all held.
 
-Metrics (names of the ``eval`` table)
--------------------------------------
-* ``acc1``, ``acc5``: zero-shot top-k accuracy with open_clip's
-  ``build_zero_shot_classifier`` (class names x templates, averaged, unit
-  norm) against L2-normalised image embeddings; ``k = min(5, classes)``.
-* ``image_retrieval_recall@k`` (text -> image): for each text, is its image
-  among the k images most similar to it; ``text_retrieval_recall@k`` (image
-  -> text): for each image, is any of its texts among the k most similar
-  texts; as CLIP_benchmark's ``zeroshot_retrieval`` (which open_clip's
-  training-time retrieval metrics reduce to for one caption per image).
-  Images without any caption are candidates but not queries.
-
-Ranking is exact and deterministic: a query's positive ranks behind every
-candidate with a strictly higher cosine similarity and behind equal-scoring
-candidates with a lower index (a stable sort), so ties never depend on a
-library's top-k.
+Metrics: :mod:`dbprune_assets.core.eval_metrics` (their definitions);
+zero-shot uses open_clip's ``build_zero_shot_classifier`` (class names x
+templates, averaged, unit norm) against L2-normalised image embeddings.
 
 torch and open_clip are imported inside the functions.
 """
@@ -44,20 +31,20 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence, TypeVar
 
 import numpy as np
 
-IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+from .device import torch_device
+from .eval_metrics import retrieval_metrics, topk_accuracy
+from .progress import progress
+from .wds import IMAGE_EXTS, TarDamaged, image_member, iter_sample_headers, iter_samples
+
+T = TypeVar("T")
+
 FOLDER_IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-RETRIEVAL_KS: tuple[int, ...] = (1, 5, 10)
-ZEROSHOT_METRICS: tuple[str, ...] = ("acc1", "acc5")
-RETRIEVAL_METRICS: tuple[str, ...] = tuple(
-    f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in RETRIEVAL_KS
-)
 
 
 class EvalError(ValueError):
@@ -108,12 +95,12 @@ class EvalSplit:
                     yield EvalItem(str(path.relative_to(self.root)), im.convert("RGB"), label, [])
             return
         for tar in self.files:
-            for key, members in _iter_tar_samples(tar):
-                img_ext = next((e for e in IMAGE_EXTS if e in members), None)
-                if img_ext is None:
+            for key, members in _read_tar(tar, iter_samples):
+                found = image_member(members)
+                if found is None:
                     continue
                 try:
-                    with Image.open(io.BytesIO(members[img_ext])) as im:
+                    with Image.open(io.BytesIO(found[1])) as im:
                         image = im.convert("RGB")
                 except Exception as err:  # noqa: BLE001 - PIL raises many types
                     raise EvalError(f"{tar}, key {key}: undecodable image ({type(err).__name__}: {err})") from err
@@ -126,18 +113,6 @@ class EvalSplit:
                 captions = _captions(members.get("txt"))
                 yield EvalItem(key, image, label, captions)
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "kind": self.kind,
-            "root": str(self.root),
-            "items": self.n_items,
-            "classes": len(self.classnames) if self.classnames else None,
-            "templates": len(self.templates) if self.templates else None,
-            "labels": self.has_labels,
-            "captions": self.has_captions,
-        }
-
 
 def _captions(raw: bytes | None) -> list[str]:
     if raw is None:
@@ -145,40 +120,12 @@ def _captions(raw: bytes | None) -> list[str]:
     return [line.strip() for line in raw.decode("utf-8", errors="replace").splitlines() if line.strip()]
 
 
-def _split_key(name: str) -> tuple[str | None, str | None]:
-    """webdataset's split of a member name: key up to the first dot of the file name."""
-    base = name.rsplit("/", 1)
-    fname = base[-1]
-    if "." not in fname:
-        return None, None
-    stem, ext = fname.split(".", 1)
-    prefix = base[0] + "/" if len(base) == 2 else ""
-    return prefix + stem, ext.lower()
-
-
-def _iter_tar_samples(tar_path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """``(key, {ext: bytes})`` per run of consecutive members with one key (as webdataset groups)."""
-    key: str | None = None
-    members: dict[str, bytes] = {}
+def _read_tar(tar_path: Path, reader: Callable[[Path], Iterator[tuple[str, dict[str, T]]]]) -> Iterator[tuple[str, dict[str, T]]]:
+    """The samples of one split tar through a :mod:`~dbprune_assets.core.wds` reader; a damaged tar is an :class:`EvalError`."""
     try:
-        with tarfile.open(tar_path, mode="r|*") as tf:
-            for info in tf:
-                if not info.isfile():
-                    continue
-                k, ext = _split_key(info.name)
-                if k is None or ext is None:
-                    continue
-                f = tf.extractfile(info)
-                data = f.read() if f is not None else b""
-                if k != key:
-                    if key is not None:
-                        yield key, members
-                    key, members = k, {}
-                members[ext] = data
-    except (tarfile.TarError, OSError) as err:
+        yield from reader(tar_path)
+    except (TarDamaged, OSError) as err:
         raise EvalError(f"{tar_path}: unreadable tar ({err})") from err
-    if key is not None:
-        yield key, members
 
 
 def _read_lines(path: Path) -> list[str] | None:
@@ -242,14 +189,14 @@ def _webdataset_split(
     if sizes is not None:
         # count from sizes.json; tell labels / captions from the first samples
         n = sum(sizes)
-        for i, (_key, exts) in enumerate(_iter_tar_headers(tars[0])):
+        for i, (_key, exts) in enumerate(_read_tar(tars[0], iter_sample_headers)):
             labels |= "cls" in exts
             captions |= "txt" in exts
             if i >= 15:
                 break
     else:
         for tar in tars:
-            for _key, exts in _iter_tar_headers(tar):
+            for _key, exts in _read_tar(tar, iter_sample_headers):
                 if not any(e in exts for e in IMAGE_EXTS):
                     continue
                 n += 1
@@ -272,28 +219,6 @@ def _sizes_json(folder: Path, tars: list[Path]) -> list[int] | None:
         return [int(sizes[t.name]) for t in tars]
     except (ValueError, KeyError, TypeError, OSError):
         return None
-
-
-def _iter_tar_headers(tar_path: Path) -> Iterator[tuple[str, set[str]]]:
-    key: str | None = None
-    exts: set[str] = set()
-    try:
-        with tarfile.open(tar_path, mode="r|*") as tf:
-            for info in tf:
-                if not info.isfile():
-                    continue
-                k, ext = _split_key(info.name)
-                if k is None or ext is None:
-                    continue
-                if k != key:
-                    if key is not None:
-                        yield key, exts
-                    key, exts = k, set()
-                exts.add(ext)
-    except (tarfile.TarError, OSError) as err:
-        raise EvalError(f"{tar_path}: unreadable tar ({err})") from err
-    if key is not None:
-        yield key, exts
 
 
 def _imagefolder_split(
@@ -380,7 +305,8 @@ def embed_split(
             pending_txt.clear()
 
     with torch.inference_mode():
-        for i, item in enumerate(split.iter_items()):
+        items = progress(split.iter_items(), desc=f"evaluate: embedding {split.name}", unit="image", total=split.n_items)
+        for i, item in enumerate(items):
             pending_imgs.append(preprocess(item.image))
             labels.append(-1 if item.label is None else int(item.label))
             keys.append(item.key)
@@ -404,91 +330,6 @@ def embed_split(
         np.asarray(owners, dtype=np.int64),
         keys,
     )
-
-
-# ---------------------------------------------------------------------------
-# pure metrics
-
-
-def _normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norm, 1e-12)
-
-
-def positive_ranks(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
-    """0-based rank of each row's best positive among all columns.
-
-    ``scores`` [q, c]; ``positive`` [q, c] bool (at least one per row).  The
-    best positive is the highest-scoring positive (lowest column on ties); its
-    rank counts the columns scoring strictly higher, plus equal-scoring
-    columns with a lower index (a stable descending sort)."""
-    scores = np.asarray(scores)
-    positive = np.asarray(positive, dtype=bool)
-    if not positive.any(axis=1).all():
-        raise ValueError("positive_ranks: a query has no positive")
-    masked = np.where(positive, scores, -np.inf)
-    best = masked.argmax(axis=1)  # first max = lowest index on ties
-    s_best = scores[np.arange(len(best)), best]
-    higher = (scores > s_best[:, None]).sum(axis=1)
-    cols = np.arange(scores.shape[1])
-    ties_before = ((scores == s_best[:, None]) & (cols[None, :] < best[:, None])).sum(axis=1)
-    return (higher + ties_before).astype(np.int64)
-
-
-def topk_accuracy(logits: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
-    """Fraction of rows whose label ranks within the top k (stable ties); k is
-    capped at the number of classes."""
-    logits = np.asarray(logits)
-    labels = np.asarray(labels, dtype=np.int64)
-    if logits.shape[0] == 0:
-        raise ValueError("topk_accuracy: no rows")
-    if labels.min() < 0 or labels.max() >= logits.shape[1]:
-        raise ValueError(f"topk_accuracy: labels outside [0, {logits.shape[1]})")
-    positive = np.zeros(logits.shape, dtype=bool)
-    positive[np.arange(len(labels)), labels] = True
-    ranks = positive_ranks(logits, positive)
-    return {k: float((ranks < min(k, logits.shape[1])).mean()) for k in ks}
-
-
-def retrieval_metrics(
-    image_emb: np.ndarray,
-    text_emb: np.ndarray,
-    text_to_image_index: np.ndarray,
-    ks: Sequence[int] = RETRIEVAL_KS,
-    block: int = 1024,
-) -> dict[str, float]:
-    """``image_retrieval_recall@k`` (per text: its image within the top k images)
-    and ``text_retrieval_recall@k`` (per image with at least one text: any of its
-    texts within the top k texts), on cosine similarity (inputs are
-    normalised here).  Computed in row blocks: memory O(block x candidates)."""
-    img = _normalize(image_emb)
-    txt = _normalize(text_emb)
-    owner = np.asarray(text_to_image_index, dtype=np.int64)
-    n_img, n_txt = img.shape[0], txt.shape[0]
-    if n_txt == 0 or n_img == 0:
-        raise ValueError("retrieval_metrics: needs at least one image and one text")
-    if owner.shape != (n_txt,) or owner.min() < 0 or owner.max() >= n_img:
-        raise ValueError(f"retrieval_metrics: text_to_image_index must map each of {n_txt} texts to an image in [0, {n_img})")
-    img_cols = np.arange(n_img)
-    t2i_ranks = np.empty(n_txt, dtype=np.int64)
-    for a in range(0, n_txt, block):
-        s = txt[a : a + block] @ img.T
-        t2i_ranks[a : a + block] = positive_ranks(s, owner[a : a + block, None] == img_cols[None, :])
-    has_text = np.zeros(n_img, dtype=bool)
-    has_text[owner] = True
-    queries = np.flatnonzero(has_text)
-    i2t_ranks = np.empty(len(queries), dtype=np.int64)
-    for a in range(0, len(queries), block):
-        q = queries[a : a + block]
-        s = img[q] @ txt.T
-        i2t_ranks[a : a + block] = positive_ranks(s, owner[None, :] == q[:, None])
-    out: dict[str, float] = {}
-    for k in ks:
-        out[f"image_retrieval_recall@{k}"] = float((t2i_ranks < k).mean())
-    for k in ks:
-        out[f"text_retrieval_recall@{k}"] = float((i2t_ranks < k).mean())
-    return out
 
 
 # ---------------------------------------------------------------------------
@@ -538,7 +379,8 @@ def zeroshot_metrics(
 
 def load_model(model_dir: str | Path, device: str) -> tuple[Any, Any, Any]:
     """``(model, preprocess, tokenizer)`` of an open_clip ``local-dir:`` folder, eval mode."""
-    from dbprune_assets.core.encoders import LOCAL_DIR, ResolvedEncoder, load_encoder, weights_path
+    from dbprune_assets.core.encoders import ResolvedEncoder, load_encoder
+    from dbprune_assets.core.model_dir import LOCAL_DIR, weights_path
 
     folder = Path(model_dir).expanduser().resolve()
     enc = load_encoder(ResolvedEncoder("local-dir", LOCAL_DIR + str(folder), None, "trained_model", weights_path(folder)), device)
@@ -557,9 +399,7 @@ def evaluate_model(
     where ``dataset`` names the split and ``n`` counts the images evaluated
     (labelled images for zero-shot, images for retrieval).  When both splits
     are the same folder its images are embedded once."""
-    from dbprune_assets.core.encoders import resolve_device
-
-    dev = resolve_device(device)
+    dev = torch_device(device)
     zs, rt = resolve_split(split_zeroshot), resolve_split(split_retrieval)
     if zs is None and rt is None:
         raise EvalError("evaluate_model: no evaluation split given")

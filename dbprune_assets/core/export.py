@@ -1,12 +1,12 @@
 """Export a strategy's kept samples as webdataset shards open_clip_train reads.
 
-``subsets/<strategy>/`` (``shared/DESIGN.md``, "Formats and where things live"):
+``subsets/<strategy>/`` (``docs/design.md``, "Formats and where things live"):
 
 * ``NNNNN.tar``: the kept samples' **original member bytes** (every tar member
   of the sample: jpg, txt, json, ...), resharded into equal shards of
   ``shard_size`` (the last may be shorter) in a shuffled order: a sample's
   global position is its rank by ``(uid_hash(seed, uid), uid, shard)``
-  (:func:`dbprune_assets.core.strategies.register_uid_hash`), and output shard
+  (:func:`dbprune_assets.core.duck.register_uid_hash`), and output shard
   ``i`` holds positions ``[i * shard_size, (i + 1) * shard_size)`` in order;
 * ``sizes.json``: ``{"00000.tar": n, ...}``, what open_clip_train's
   ``get_dataset_size`` reads;
@@ -15,16 +15,17 @@
   all 32-hex writes ``keys.txt`` instead (the kept uids, which are then the
   keys, one per line, sorted).
 
-Members are named ``KEY.EXT`` (the source extension, as ingest's reader
-reports it), in source tar order.  Tar members get deterministic headers (mtime 0, uid/gid 0, no owner names,
-mode 0o644, PAX format), so the same decisions and seed export byte-identical
-files.
+Members are named ``KEY.EXT`` (key and lowercase extension by the one key
+rule of :mod:`dbprune_assets.core.wds`), in source tar order.  Tar members get
+deterministic headers (:func:`dbprune_assets.core.wds.encode_member`: mtime 0,
+uid/gid 0, no owner names, mode 0o644, PAX format), so the same decisions and
+seed export byte-identical files.
 
 Memory is bounded by one sample, the kept-key map of one source shard and one
 output shard's index, never the subset: pass 1 streams every source tar once
-(``tarfile`` ``r|`` through :func:`dbprune_assets.core.shards.iter_shard_members`,
-the reader ingest uses, stopping at the shard's last kept sample) and appends each kept sample's encoded tar blocks to a
-spool file of its output shard (at most ``max_open`` spool files open, LRU,
+(through :func:`dbprune_assets.core.shards.iter_shard_members`, the reader
+ingest uses, stopping at the shard's last kept sample) and appends each kept
+sample's encoded tar blocks to a spool file of its output shard (at most ``max_open`` spool files open, LRU,
 reopened in append mode); pass 2 reads one spool's record headers, sorts them
 by position and copies the blocks into the final tar.  The whole folder is
 built under the temp root and swapped in atomically.
@@ -36,16 +37,17 @@ import json
 import os
 import re
 import struct
-import tarfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 import numpy as np
 
 from .atomic import atomic_path, scratch_dir
-from .strategies import INPUT_SCHEMAS, connect, create_view, parquet_files
+from . import wds
+from .duck import connect, create_view, parquet_files
+from .progress import progress
 
 SIZES_FILE = "sizes.json"
 UIDS_FILE = "uids.npy"
@@ -53,8 +55,6 @@ KEYS_FILE = "keys.txt"
 UID_DTYPE = np.dtype("u8,u8")
 _HEX32 = "[0-9a-fA-F]{32}"
 _SHARD_RE = re.compile(r"^(\d{5,})\.tar$")
-_BLOCK = tarfile.BLOCKSIZE  # 512
-_RECORD = tarfile.RECORDSIZE  # 10240
 _REC_HEADER = struct.Struct("<qq")  # spool record: position, byte length
 
 
@@ -72,30 +72,9 @@ class ExportSummary:
     sizes: dict[str, int] = field(default_factory=dict)
 
     @property
-    def samples(self) -> int:
-        """Alias of ``n_samples``."""
-        return self.n_samples
-
-    @property
-    def shards(self) -> int:
-        """Alias of ``n_shards``."""
-        return self.n_shards
-
-    @property
     def train_data(self) -> str:
         """``--train-data`` for open_clip_train (brace pattern)."""
         return brace_pattern(self.out_dir, self.n_shards)
-
-    def metadata(self) -> dict[str, Any]:
-        return {
-            "samples": self.n_samples,
-            "shards": self.n_shards,
-            "shard_size": self.shard_size,
-            "seed": self.seed,
-            "id_file": self.id_file,
-            "bytes": self.bytes_written,
-            "train_data": self.train_data if self.n_shards else "",
-        }
 
 
 def shard_name(i: int) -> str:
@@ -136,61 +115,8 @@ def _read_sizes(out_dir: Path) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------------
-# reading source tars
+# spooling
 # ---------------------------------------------------------------------------
-def split_key(name: str) -> tuple[str | None, str | None]:
-    """webdataset's split of a member name into (key, extension): the key is
-    the path up to the first dot of the file name."""
-    m = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)
-    if not m:
-        return None, None
-    return m.group(1), m.group(2)
-
-
-def _iter_tar_samples(tar_path: Path) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
-    """Used by :func:`verify_export` to read exported tars the way webdataset
-    groups them (open_clip_train's view).  Stream a webdataset tar: ``(key, [(member name, bytes), ...])`` per run of
-    consecutive members with the same key, in tar order (regular files only;
-    names without an extension are skipped, as webdataset does)."""
-    key: str | None = None
-    members: list[tuple[str, bytes]] = []
-    with tarfile.open(tar_path, mode="r|") as tf:
-        for info in tf:
-            if not info.isfile():
-                continue
-            k, _ = split_key(info.name)
-            if k is None:
-                continue
-            f = tf.extractfile(info)
-            data = f.read() if f is not None else b""
-            if k != key:
-                if key is not None:
-                    yield key, members
-                key, members = k, []
-            members.append((info.name, data))
-    if key is not None:
-        yield key, members
-
-
-def encode_member(name: str, data: bytes) -> bytes:
-    """One tar member (header + data + padding) with deterministic header fields."""
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    info.type = tarfile.REGTYPE
-    header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-    return header + data + b"\0" * ((-len(data)) % _BLOCK)
-
-
-def _tar_trailer(length: int) -> bytes:
-    """End-of-archive: two zero blocks, then zero padding to a full record (as tarfile writes)."""
-    end = length + 2 * _BLOCK
-    return b"\0" * (2 * _BLOCK + (-end) % _RECORD)
-
-
 class _Spools:
     """Append-only spool files, one per output shard, at most ``max_open`` open."""
 
@@ -225,8 +151,8 @@ class _Spools:
 # export
 # ---------------------------------------------------------------------------
 def _kept_view(con: Any, decisions_path: Path, samples_dir: Path) -> None:
-    create_view(con, "dec", [Path(decisions_path)], INPUT_SCHEMAS["decisions"])
-    create_view(con, "samples", parquet_files(samples_dir), INPUT_SCHEMAS["samples"])
+    create_view(con, "dec", [Path(decisions_path)], "decisions")
+    create_view(con, "samples", parquet_files(samples_dir))
     con.execute(
         """
         CREATE OR REPLACE TEMP VIEW kept AS
@@ -256,7 +182,7 @@ def _check_kept(con: Any, decisions_path: Path, samples_dir: Path) -> int:
 
 
 def _all_hex(con: Any) -> bool:
-    bad = con.execute(f"SELECT count(*) FROM dec WHERE uid IS NULL OR NOT regexp_full_match(uid, '{_HEX32}')").fetchall()[0][0]
+    bad = con.execute("SELECT count(*) FROM dec WHERE uid IS NULL OR NOT regexp_full_match(uid, ?)", [_HEX32]).fetchall()[0][0]
     return bad == 0
 
 
@@ -299,12 +225,12 @@ def export_subset(
             n = _check_kept(con, decisions_path, samples_dir)
             hex_uids = _all_hex(con)
             con.execute(
-                f"""
-                CREATE TABLE ranked AS
-                SELECT shard, key, uid,
-                       row_number() OVER (ORDER BY uid_hash(uid, {int(seed)}), uid, shard) - 1 AS pos
-                FROM kept ORDER BY shard, key
                 """
+                CREATE TABLE ranked AS
+                SELECT shard, key, uid, row_number() OVER (ORDER BY uid_hash(uid, ?), uid, shard) - 1 AS pos
+                FROM kept ORDER BY shard, key
+                """,
+                [int(seed)],
             )
             n_shards = -(-n // shard_size)
             sizes = {shard_name(i): min(shard_size, n - i * shard_size) for i in range(n_shards)}
@@ -313,7 +239,7 @@ def export_subset(
             spools = _Spools(spool_dir, max_open)
             try:
                 shards = [r[0] for r in con.execute("SELECT DISTINCT shard FROM ranked ORDER BY shard").fetchall()]
-                for shard in shards:
+                for shard in progress(shards, desc="export: reading shards", unit="shard"):
                     wanted = dict(
                         con.execute("SELECT key, pos FROM ranked WHERE shard = ?", [shard]).fetchall()
                     )
@@ -324,7 +250,7 @@ def export_subset(
             with atomic_path(out_dir, tmp_root) as tmp:
                 tmp.mkdir(parents=True)
                 total = 0
-                for i in range(n_shards):
+                for i in progress(range(n_shards), desc="export: writing shards", unit="shard"):
                     total += _finish_shard(spools.path(i), tmp / shard_name(i), i, shard_size, sizes[shard_name(i)])
                 (tmp / SIZES_FILE).write_text(json.dumps(sizes, indent=2, sort_keys=True) + "\n")
                 if hex_uids:
@@ -367,7 +293,7 @@ def _spool_shard(tar_path: Path, shard: str, wanted: dict[str, int], spools: _Sp
                 raise ValueError(f"shard {shard}, key {key}: its members are not contiguous in {tar_path}")
             done.add(key)
             pos = wanted[key]
-            blob = b"".join(encode_member(f"{key}.{ext}", data) for ext, data in members.items())
+            blob = b"".join(wds.encode_member(f"{key}.{ext}", data) for ext, data in members.items())
             spools.append(pos // shard_size, pos, blob)
     except ShardError as err:
         missing = sorted(set(wanted) - done)
@@ -400,7 +326,7 @@ def _finish_shard(spool: Path, out: Path, i: int, shard_size: int, expected: int
                 f.seek(off)
                 o.write(f.read(length))
                 written += length
-            o.write(_tar_trailer(written))
+            o.write(wds.tar_trailer(written))
             o.flush()
             os.fsync(o.fileno())
             size = o.tell()
@@ -493,33 +419,33 @@ def verify_export(
         try:
             _kept_view(con, decisions_path, samples_dir)
             con.execute("CREATE TABLE found (tar VARCHAR, key VARCHAR)")
-            for t in tars:
+            for t in progress(tars, desc="export: verifying shards", unit="shard"):
                 buf: list[str] = []
                 n_t = 0
                 try:
-                    for key, _ in _iter_tar_samples(out_dir / t):
+                    for key, _ in wds.iter_samples(out_dir / t):
                         buf.append(key)
                         n_t += 1
                         if len(buf) >= 1 << 16:
                             _insert_found(con, pa, t, buf)
                             buf = []
-                except (tarfile.TarError, OSError) as err:
+                except (wds.TarDamaged, OSError) as err:
                     problems.append(f"{t}: unreadable ({err})")
                 _insert_found(con, pa, t, buf)
                 if t in sizes and sizes[t] != n_t:
                     problems.append(f"{t}: holds {n_t} samples, {SIZES_FILE} says {sizes[t]}")
             repeated = con.execute(
-                f"SELECT key, count(*) FROM found GROUP BY key HAVING count(*) > 1 ORDER BY key LIMIT {limit}"
+                "SELECT key, count(*) FROM found GROUP BY key HAVING count(*) > 1 ORDER BY key LIMIT ?", [limit]
             ).fetchall()
             if repeated:
                 problems.append(f"samples exported more than once: {[k for k, _ in repeated]}")
             n_missing = con.execute("SELECT count(*) FROM kept k ANTI JOIN found f ON f.key = k.key").fetchall()[0][0]
             if n_missing:
-                ex = [r[0] for r in con.execute(f"SELECT k.key FROM kept k ANTI JOIN found f ON f.key = k.key ORDER BY 1 LIMIT {limit}").fetchall()]
+                ex = [r[0] for r in con.execute("SELECT k.key FROM kept k ANTI JOIN found f ON f.key = k.key ORDER BY 1 LIMIT ?", [limit]).fetchall()]
                 problems.append(f"{n_missing} kept samples are missing from the export, e.g. {ex}")
             n_extra = con.execute("SELECT count(*) FROM found f ANTI JOIN kept k ON f.key = k.key").fetchall()[0][0]
             if n_extra:
-                ex = [r[0] for r in con.execute(f"SELECT f.key FROM found f ANTI JOIN kept k ON f.key = k.key ORDER BY 1 LIMIT {limit}").fetchall()]
+                ex = [r[0] for r in con.execute("SELECT f.key FROM found f ANTI JOIN kept k ON f.key = k.key ORDER BY 1 LIMIT ?", [limit]).fetchall()]
                 problems.append(f"{n_extra} exported samples are not kept by the decisions, e.g. {ex}")
             n_kept = con.execute("SELECT count(*) FROM kept").fetchall()[0][0]
             if sum(sizes.values()) != n_kept:

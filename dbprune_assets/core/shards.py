@@ -7,14 +7,15 @@ joins the two and gives every parquet row exactly one status (``STATUSES``);
 nothing is dropped, and whatever is wrong is recorded as a problem that names
 the shard, the key and the cause.
 
-Tars are read as streams (``tarfile`` mode ``"r|"``): memory is bounded by one
-sample's members, never the shard.  A damaged tar is read up to the damage.
+Tars are read as streams through :mod:`dbprune_assets.core.wds` (its key rule
+and grouping): memory is bounded by one sample's members, never the shard.  A
+damaged tar is read up to the damage.  The statuses, tables and paths are in
+``docs/design.md``.
 """
 
 from __future__ import annotations
 
 import io
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
@@ -24,31 +25,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from .duck import polars_schema
+from .wds import TarDamaged, image_member, iter_samples
+
 #: every status a sample can get at ingest, in the contract's order
 STATUSES: tuple[str, ...] = ("ok", "failed_download", "undecodable", "missing_in_tar", "empty_caption", "truncated_tar")
 
-#: member extensions treated as the sample's image, in order of preference
-IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
-
 VerifyMode = Literal["decode", "header", "none"]
 
-SAMPLES_SCHEMA: dict[str, pl.DataType] = {
-    "uid": pl.String(),
-    "shard": pl.String(),
-    "key": pl.String(),
-    "row": pl.Int32(),
-    "caption": pl.String(),
-    "width": pl.Int32(),
-    "height": pl.Int32(),
-    "status": pl.String(),
-}
-
-PROBLEMS_SCHEMA: dict[str, pl.DataType] = {
-    "shard": pl.String(),
-    "key": pl.String(),
-    "stage": pl.String(),
-    "cause": pl.String(),
-}
+SAMPLES_SCHEMA: dict[str, pl.DataType] = polars_schema("samples")
+PROBLEMS_SCHEMA: dict[str, pl.DataType] = polars_schema("problems")
 
 _STAGE = "ingest"
 # img2dataset's parquet status values
@@ -90,78 +76,6 @@ class ShardIngest:
 # ---------------------------------------------------------------------------
 
 
-def split_member_name(name: str) -> tuple[str, str]:
-    """webdataset's split of a member name into (key, extension): the key is
-    the file name up to its first dot, ``000030017.jpg`` -> ("000030017", "jpg")."""
-    base = name.rsplit("/", 1)[-1]
-    key, _, ext = base.partition(".")
-    return key, ext.lower()
-
-
-@dataclass
-class _Damage:
-    """Set by ``_groups`` when the tar stops being readable."""
-
-    cause: str | None = None
-    offset: int = 0
-
-
-def _has_end_marker(tar_path: Path, offset: int) -> bool:
-    """True when a zero block (tar's end-of-archive marker) sits at ``offset``.
-
-    tarfile silently treats a file cut at a member boundary, or inside a
-    header, as a clean end; the missing marker is how such a cut shows.
-    """
-    with open(tar_path, "rb") as f:
-        f.seek(offset)
-        block = f.read(tarfile.BLOCKSIZE)
-    return len(block) == tarfile.BLOCKSIZE and block.count(0) == tarfile.BLOCKSIZE
-
-
-def _groups(tar_path: Path, keys: set[str] | None, damage: _Damage) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Samples of a tar in tar order: (key, {ext: bytes}) for adjacent members
-    sharing a key, only for ``keys`` when given (others are skipped unread).
-
-    Stops at the first damage, records it in ``damage`` and drops the sample
-    being read when it struck; samples before it are yielded.  With ``keys`` it
-    stops as soon as every wanted key was yielded.
-    """
-    remaining = set(keys) if keys is not None else None
-    cur_key: str | None = None
-    cur: dict[str, bytes] = {}
-    tf: tarfile.TarFile | None = None
-    try:
-        with tarfile.open(tar_path, mode="r|") as tf:
-            for member in tf:
-                if not member.isfile():
-                    continue
-                key, ext = split_member_name(member.name)
-                if key != cur_key:
-                    if cur_key is not None and cur:
-                        yield cur_key, cur
-                        if remaining is not None:
-                            remaining.discard(cur_key)
-                            if not remaining:
-                                return
-                    cur_key, cur = key, {}
-                if keys is not None and key not in keys:
-                    continue
-                fileobj = tf.extractfile(member)
-                data = fileobj.read() if fileobj is not None else b""
-                if len(data) != member.size:
-                    raise tarfile.ReadError("unexpected end of data")
-                cur[ext] = data
-            end_offset = tf.offset
-        if cur_key is not None and cur:
-            yield cur_key, cur
-        if not _has_end_marker(tar_path, end_offset):
-            damage.cause = "the file ends without tar's end-of-archive marker (it was cut short)"
-            damage.offset = end_offset
-    except (tarfile.TarError, EOFError, OSError, ValueError) as err:
-        damage.cause = f"{type(err).__name__}: {err}"
-        damage.offset = tf.offset if tf is not None else 0
-
-
 def iter_shard_members(tar_path: Path, keys: set[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield (key, {ext: bytes}) per sample of the tar, in tar order, for the
     wanted ``keys`` (all when None): every member (jpg, txt, json, ...) of a
@@ -173,30 +87,25 @@ def iter_shard_members(tar_path: Path, keys: set[str] | None = None) -> Iterator
     tar_path = Path(tar_path)
     if not tar_path.is_file():
         raise ShardError(f"{tar_path}: the shard's tar does not exist; restore it or re-run ingest for shard {tar_path.stem}")
-    damage = _Damage()
     seen: set[str] = set()
-    for key, members in _groups(tar_path, keys, damage):
-        seen.add(key)
-        yield key, members
+    try:
+        for key, members in iter_samples(tar_path, keys):
+            seen.add(key)
+            yield key, members
+    except TarDamaged as damage:
+        missing = set() if keys is None else set(keys) - seen
+        if keys is None or missing:
+            raise ShardError(
+                f"{tar_path}: the tar is damaged near byte {damage.offset} ({damage.cause}); "
+                f"{len(missing) if keys is not None else 'the remaining'} samples could not be read. "
+                f"Re-copy or re-download the shard, then re-run ingest for shard {tar_path.stem}"
+            ) from damage
     missing = set() if keys is None else set(keys) - seen
-    if damage.cause is not None and (keys is None or missing):
-        raise ShardError(
-            f"{tar_path}: the tar is damaged near byte {damage.offset} ({damage.cause}); "
-            f"{len(missing) if keys is not None else 'the remaining'} samples could not be read. "
-            f"Re-copy or re-download the shard, then re-run ingest for shard {tar_path.stem}"
-        )
     if missing:
         raise ShardError(
             f"{tar_path}: {len(missing)} wanted keys are not in the tar (e.g. {sorted(missing)[:3]}); "
             f"the tar changed since it was ingested: re-run ingest for shard {tar_path.stem}"
         )
-
-
-def _image_member(members: dict[str, bytes]) -> tuple[str, bytes] | None:
-    for ext in IMAGE_EXTS:
-        if ext in members:
-            return ext, members[ext]
-    return None
 
 
 def iter_shard_images(tar_path: Path, keys: set[str] | None = None) -> Iterator[tuple[str, bytes]]:
@@ -209,7 +118,7 @@ def iter_shard_images(tar_path: Path, keys: set[str] | None = None) -> Iterator[
     for key, members in iter_shard_members(tar_path, keys):
         if key in seen:
             continue
-        image = _image_member(members)
+        image = image_member(members)
         if image is None:
             if keys is not None:
                 raise ShardError(
@@ -253,21 +162,25 @@ def check_image(data: bytes, mode: VerifyMode) -> tuple[int | None, int | None, 
         return None, None, f"{type(err).__name__}: {err}"
 
 
-def _scan_tar(tar_path: Path, verify: VerifyMode, want_text: bool) -> tuple[dict[str, _Seen], _Damage]:
-    """Stream the tar once and record, per key, its image check and members."""
-    damage = _Damage()
+def _scan_tar(tar_path: Path, verify: VerifyMode, want_text: bool) -> tuple[dict[str, _Seen], TarDamaged | None]:
+    """Stream the tar once and record, per key, its image check and members;
+    and the damage that stopped the read (None when the tar is whole)."""
     seen: dict[str, _Seen] = {}
-    for key, members in _groups(tar_path, None, damage):
-        if key in seen:  # a key split over non-adjacent members: keep the first
-            continue
-        image = _image_member(members)
-        info = _Seen(image_name=f"{key}.{image[0]}" if image else None, members=tuple(f"{key}.{e}" for e in sorted(members)))
-        if image is not None:
-            info.width, info.height, info.error = check_image(image[1], verify)
-        if want_text and "txt" in members:
-            info.text = members["txt"].decode("utf-8", errors="replace")
-        seen[key] = info
-    return seen, damage
+    try:
+        for key, members in iter_samples(tar_path):
+            if key in seen:  # a key split over non-adjacent members: keep the first
+                continue
+            image = image_member(members)
+            info = _Seen(image_name=f"{key}.{image[0]}" if image else None,
+                         members=tuple(f"{key}.{e}" for e in sorted(members)))
+            if image is not None:
+                info.width, info.height, info.error = check_image(image[1], verify)
+            if want_text and "txt" in members:
+                info.text = members["txt"].decode("utf-8", errors="replace")
+            seen[key] = info
+    except TarDamaged as damage:
+        return seen, damage
+    return seen, None
 
 
 def _read_ledger(parquet_path: Path, shard: str) -> tuple[pl.DataFrame, bool]:
@@ -331,7 +244,7 @@ def _judge_row(
     v: _Verdicts,
     row: dict[str, object],
     seen: dict[str, _Seen] | None,
-    damage: _Damage,
+    damage: TarDamaged | None,
     tar_name: str,
     caption_from_tar: bool,
 ) -> None:
@@ -358,7 +271,7 @@ def _judge_row(
     elif seen is None:
         status = "missing_in_tar"  # the whole tar is missing: one problem for the shard
     elif info is None or info.image_name is None:
-        if info is None and damage.cause is not None:
+        if info is None and damage is not None:
             status = "truncated_tar"  # unreadable behind the damage: one problem for the shard
         else:
             status = "missing_in_tar"
@@ -379,7 +292,7 @@ def _judge_row(
     v.caption.append(caption)  # type: ignore[arg-type]
 
 
-def _shard_level_problems(v: _Verdicts, tar_path: Path, seen: dict[str, _Seen] | None, damage: _Damage, ledger: pl.DataFrame) -> None:
+def _shard_level_problems(v: _Verdicts, tar_path: Path, seen: dict[str, _Seen] | None, damage: TarDamaged | None, ledger: pl.DataFrame) -> None:
     """Problems of the tar as a whole: missing, damaged, members without rows, repeated keys."""
     n_success = int((ledger["status"] == _SUCCESS).sum())
     if seen is None:
@@ -389,7 +302,7 @@ def _shard_level_problems(v: _Verdicts, tar_path: Path, seen: dict[str, _Seen] |
             f"restore {tar_path.name} from the download, or remove {tar_path.stem}.parquet to drop the shard",
         )
         return
-    if damage.cause is not None:
+    if damage is not None:
         n_lost = sum(s == "truncated_tar" for s in v.status)
         v.problem(
             None,
@@ -419,7 +332,7 @@ def ingest_shard(pool_dir: Path, shard: str, verify_images: VerifyMode = "decode
     ledger, has_caption = _read_ledger(parquet_path, shard)
     caption_from_tar = not has_caption
     seen: dict[str, _Seen] | None = None
-    damage = _Damage()
+    damage: TarDamaged | None = None
     if tar_path.is_file():
         seen, damage = _scan_tar(tar_path, verify_images, want_text=caption_from_tar)
     v = _Verdicts(shard)
