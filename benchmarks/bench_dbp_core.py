@@ -36,27 +36,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-D = 512
-
-
-# ---------------------------------------------------------------------------
-# data
-# ---------------------------------------------------------------------------
-
-
-def shard_names(work: Path) -> list[str]:
-    return sorted(p.name[: -len(".emb.npy")] for p in (work / "shards").glob("*.emb.npy"))
+from synth import D, save_shard, shard_names, shard_path  # also puts the repository on sys.path
 
 
 def generate(work: Path, n: int, shard_rows: int, concepts: int, seed: int) -> None:
     """Clustered unit vectors: ``concepts`` random directions, each with its own
     spread (so cluster complexity varies), float16, plus 32-hex uids."""
-    out = work / "shards"
-    out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(concepts, D)).astype(np.float32)
     centers /= np.linalg.norm(centers, axis=1, keepdims=True)
@@ -70,18 +55,15 @@ def generate(work: Path, n: int, shard_rows: int, concepts: int, seed: int) -> N
         x *= spread[lab, None]
         x += centers[lab]
         x /= np.linalg.norm(x, axis=1, keepdims=True)
-        name = f"{s:05d}"
-        np.save(out / f"{name}.emb.npy", x.astype(np.float16))
-        uid = r.integers(0, 2**63, size=(m, 2), dtype=np.uint64)
-        np.save(out / f"{name}.uid.npy", np.array([f"{h:016x}{l:016x}" for h, l in uid.tolist()], dtype="S32"))
+        save_shard(work, s, x, r)
 
 
 def load_uids(work: Path, name: str) -> np.ndarray:
-    return np.load(work / "shards" / f"{name}.uid.npy").astype(str)
+    return np.load(shard_path(work, name, "uid")).astype(str)
 
 
 def load_emb(work: Path, name: str, mmap: bool = True) -> np.ndarray:
-    return np.load(work / "shards" / f"{name}.emb.npy", mmap_mode="r" if mmap else None)
+    return np.load(shard_path(work, name, "emb"), mmap_mode="r" if mmap else None)
 
 
 # ---------------------------------------------------------------------------
@@ -132,7 +114,8 @@ def stage_assign(work: Path, a: argparse.Namespace) -> dict:
         count += cc
         total += ss
         pq.write_table(
-            pa.table({"uid": uids, "shard": pa.array([name] * len(uids)), "cluster": cl, "distance": dist}),
+            pa.table({"uid": uids, "shard": pa.array([name] * len(uids)), "row": np.arange(len(uids), dtype=np.int32),
+                      "cluster": cl, "distance": dist}),
             out / f"{name}.parquet",
         )
         n += len(uids)
@@ -154,21 +137,17 @@ def stage_quotas(work: Path, a: argparse.Namespace) -> dict:
 
 
 def stage_select(work: Path, a: argparse.Namespace) -> dict:
-    import duckdb
+    from dbprune_assets.core.duck import connect, create_view
+    from dbprune_assets.core.strategies import select_by_quota
 
-    from dbprune_assets.core.dbp import select_by_quota_sql
-
-    con = duckdb.connect()
-    rel = select_by_quota_sql(
-        con,
-        str(work / "assignments" / "*.parquet"),
-        np.load(work / "quotas.npy"),
-        memory_limit=a.duckdb_memory,
-        temp_directory=work / "duckdb_tmp",
-        threads=a.threads,
-    )
-    rel.select("uid, shard, cluster, keep").write_parquet(str(work / "decisions.parquet"))
-    kept = con.execute(f"SELECT count(*) FILTER (WHERE keep), count(*) FROM read_parquet('{work / 'decisions.parquet'}')").fetchone()
+    con = connect(work / "duckdb_tmp", a.duckdb_memory, a.threads)
+    create_view(con, "assign", sorted((work / "assignments").glob("*.parquet")), "assignments")
+    select_by_quota(con, np.load(work / "quotas.npy"))
+    con.execute("COPY (SELECT a.uid, a.shard, a.cluster, s.row IS NOT NULL AS keep FROM assign a "
+                "LEFT JOIN sel s USING (shard, row)) TO ? (FORMAT parquet)", [str(work / "decisions.parquet")])
+    kept = con.execute("SELECT count(*) FILTER (WHERE keep), count(*) FROM read_parquet(?)",
+                       [str(work / "decisions.parquet")]).fetchone()
+    con.close()
     return {"kept": int(kept[0]), "rows": int(kept[1])}
 
 

@@ -33,26 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-D = 512
-
-
-def shard_names(work: Path) -> list[str]:
-    return sorted(p.name[: -len(".emb.npy")] for p in (work / "shards").glob("*.emb.npy"))
-
-
-def _p(work: Path, name: str, what: str) -> Path:
-    return work / "shards" / f"{name}.{what}.npy"
+from synth import D, save_shard, shard_names, shard_path  # also puts the repository on sys.path
 
 
 def generate(work: Path, a: argparse.Namespace) -> dict:
     from dbprune_assets.core.kmeans import UniformSample, nearest_centroid, spherical_kmeans
 
-    out = work / "shards"
-    out.mkdir(parents=True, exist_ok=True)
     concepts = max(1, a.n // a.cluster_size)
     rng = np.random.default_rng(a.seed)
     centers = rng.normal(size=(concepts, D)).astype(np.float32)
@@ -73,21 +59,18 @@ def generate(work: Path, a: argparse.Namespace) -> dict:
         noise[: len(dst) // 4] = 0
         x[dst] = x[src] + noise[:, None] * r.standard_normal((len(dst), D), dtype=np.float32)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
-        name = f"{s:05d}"
-        np.save(_p(work, name, "emb"), x.astype(np.float16))
-        uid = r.integers(0, 2**63, size=(m, 2), dtype=np.uint64)
-        np.save(_p(work, name, "uid"), np.array([f"{h:016x}{l:016x}" for h, l in uid.tolist()], dtype="S32"))
+        save_shard(work, s, x, r)
     # dedup clustering (not timed)
     names = shard_names(work)
     samp = UniformSample(min(a.n, 256 * concepts), a.seed)
     for name in names:
-        emb = np.load(_p(work, name, "emb"), mmap_mode="r")
-        samp.add(np.load(_p(work, name, "uid")), lambda i, e=emb: e[i])
+        emb = np.load(shard_path(work, name, "emb"), mmap_mode="r")
+        samp.add(np.load(shard_path(work, name, "uid")), lambda i, e=emb: e[i])
     c = spherical_kmeans(samp.embeddings, concepts, niter=10, seed=a.seed, use_gpu=False, threads=a.threads)
     for name in names:
-        cl, dist = nearest_centroid(np.load(_p(work, name, "emb"), mmap_mode="r"), c, use_gpu=False, threads=a.threads)
-        np.save(_p(work, name, "cluster"), cl)
-        np.save(_p(work, name, "dist"), dist)
+        cl, dist = nearest_centroid(np.load(shard_path(work, name, "emb"), mmap_mode="r"), c, use_gpu=False, threads=a.threads)
+        np.save(shard_path(work, name, "cluster"), cl)
+        np.save(shard_path(work, name, "dist"), dist)
     return {"concepts": concepts}
 
 
@@ -96,10 +79,10 @@ def _load(work: Path, name: str, mmap: bool):
 
     return DedupShard(
         name=name,
-        uids=np.load(_p(work, name, "uid")).astype(str),
-        emb=np.load(_p(work, name, "emb"), mmap_mode="r" if mmap else None),
-        cluster=np.load(_p(work, name, "cluster")),
-        distance=np.load(_p(work, name, "dist")),
+        uids=np.load(shard_path(work, name, "uid")).astype(str),
+        emb=np.load(shard_path(work, name, "emb"), mmap_mode="r" if mmap else None),
+        cluster=np.load(shard_path(work, name, "cluster")),
+        distance=np.load(shard_path(work, name, "dist")),
     )
 
 
@@ -109,8 +92,8 @@ def stage_semdedup(work: Path, a: argparse.Namespace) -> dict:
     from dbprune_assets.core.semdedup import empty_duplicates, semdedup_pool
 
     names = shard_names(work)
-    k = int(max(np.load(_p(work, n, "cluster")).max() for n in names)) + 1
-    sizes = sum(np.bincount(np.load(_p(work, n, "cluster")), minlength=k) for n in names)
+    k = int(max(np.load(shard_path(work, n, "cluster")).max() for n in names)) + 1
+    sizes = sum(np.bincount(np.load(shard_path(work, n, "cluster")), minlength=k) for n in names)
     frames = list(
         semdedup_pool(names, lambda n: _load(work, n, True), k, a.eps, a.tile, work / "tmp", a.device, cluster_sizes=sizes)
     )

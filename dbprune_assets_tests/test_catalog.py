@@ -9,7 +9,8 @@ import polars as pl
 import pytest
 
 from dbprune_assets.core.atomic import write_parquet
-from dbprune_assets.core.catalog import SCHEMAS, CatalogBusy, query, refresh_catalog, with_retry
+from dbprune_assets.core.catalog import CATALOG_TABLES, CatalogBusy, query, refresh_catalog, with_retry
+from dbprune_assets.core.duck import TABLES
 from dbprune_assets.core.layout import Layout
 
 
@@ -27,10 +28,10 @@ def _samples(shard: str, n: int) -> pl.DataFrame:
 
 def test_empty_views_are_typed(layout: Layout):
     refresh_catalog(layout)
-    for table, cols in SCHEMAS.items():
+    for table in CATALOG_TABLES:
         t = query(layout, f'SELECT * FROM "{table}"')
         assert t.num_rows == 0
-        assert t.column_names == [c for c, _ in cols]
+        assert t.column_names == list(TABLES[table])
     con = duckdb.connect(str(layout.catalog), read_only=True)
     types = dict(con.execute("SELECT column_name, data_type FROM information_schema.columns WHERE table_name='centroids'").fetchall())
     con.close()
@@ -100,6 +101,26 @@ def test_cluster_kept_comes_from_dbp_decisions(layout: Layout):
     quotas = pl.DataFrame({"strategy": ["dbp", "dbp", "ssp", "ssp"], "cluster": [0, 1, 0, 1],
                            "quota": [2, 2, 2, 2], "kept": [2, 1, 9, 9]})
     write_parquet(layout.table("quotas", "dbp"), quotas, layout.tmp)
-    refresh_catalog(layout)
+    refresh_catalog(layout, ["quotas"])  # the clusters view reads the new quotas view
     assert query(layout, "SELECT cluster, quota, kept FROM clusters ORDER BY 1").to_pylist() == [
         {"cluster": 0, "quota": 2, "kept": 2}, {"cluster": 1, "quota": 2, "kept": 1}]
+
+
+def test_refresh_recreates_only_the_named_views(layout: Layout):
+    refresh_catalog(layout)
+    write_parquet(layout.table("samples", "00000"), _samples("00000", 3), layout.tmp)
+    write_parquet(layout.table("problems", "00000"),
+                  pl.DataFrame({"shard": ["00000"], "key": ["k"], "stage": ["ingest"], "cause": ["c"]}), layout.tmp)
+    refresh_catalog(layout, ["samples"])
+    assert query(layout, "SELECT count(*) AS n FROM samples").to_pylist() == [{"n": 3}]
+    assert query(layout, "SELECT count(*) AS n FROM problems").to_pylist() == [{"n": 0}]  # still the empty view
+    refresh_catalog(layout, ["problems"])
+    assert query(layout, "SELECT count(*) AS n FROM problems").to_pylist() == [{"n": 1}]
+    with pytest.raises(ValueError, match="no table 'nope'"):
+        refresh_catalog(layout, ["nope"])
+
+
+def test_a_new_catalog_gets_every_view(layout: Layout):
+    refresh_catalog(layout, ["samples"])
+    for table in CATALOG_TABLES:
+        assert query(layout, f'SELECT count(*) AS n FROM "{table}"').to_pylist() == [{"n": 0}]

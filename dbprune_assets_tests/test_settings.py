@@ -71,10 +71,3 @@ def test_load_settings_errors(tmp_path: Path):
     typo.write_text("profile: sample\ndbp:\n  tua: 0.2\n")
     with pytest.raises(SettingsError, match=r"typo.yaml.*\n.*dbp.tua: unknown setting"):
         load_settings(typo)
-
-
-def test_section_hash_tracks_only_its_sections():
-    a = build_settings({}, profile="sample")
-    b = build_settings({"dbp": {"tau": 0.5}}, profile="sample")
-    assert a.section_hash("semdedup") == b.section_hash("semdedup")
-    assert a.section_hash("dbp") != b.section_hash("dbp")

@@ -12,12 +12,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dbprune_assets.core.duck import arrow_schema, connect
 from dbprune_assets.core.strategies import (
     REASONS,
     decide,
     kept_per_cluster,
     quota_table,
-    connect,
+    strategy_quotas,
 )
 from dbprune_assets.core.kmeans import uid_hash
 
@@ -66,6 +67,13 @@ CANDIDATES = set(ASSIGN)
 UID_LOC = {uid: (shard, row) for shard, row, uid, _ in SAMPLES}
 
 
+def _write(tables: Path, table: str, name: str, columns: dict[str, list]) -> None:
+    """``tables/<table>/<name>.parquet`` holding ``columns``, typed by the schema table."""
+    schema = arrow_schema(table)
+    pq.write_table(pa.table(columns, schema=pa.schema([schema.field(c) for c in columns])),
+                   tables / table / f"{name}.parquet")
+
+
 def write_tables(root: Path, samples, duplicates, scores: dict, assign: dict) -> Path:
     """Write the input tables in their contract schemas under ``root/tables``."""
     tables = root / "tables"
@@ -74,67 +82,23 @@ def write_tables(root: Path, samples, duplicates, scores: dict, assign: dict) ->
         (tables / name).mkdir(parents=True, exist_ok=True)
     for shard in shards:
         rows = [r for r in samples if r[0] == shard]
-        pq.write_table(
-            pa.table(
-                {
-                    "uid": pa.array([r[2] for r in rows], pa.string()),
-                    "shard": pa.array([shard] * len(rows), pa.string()),
-                    "key": pa.array([f"{shard}_{r[1]:04d}" for r in rows], pa.string()),
-                    "row": pa.array([r[1] for r in rows], pa.int32()),
-                    "caption": pa.array([f"caption {r[2]}" for r in rows], pa.string()),
-                    "width": pa.array([32] * len(rows), pa.int32()),
-                    "height": pa.array([32] * len(rows), pa.int32()),
-                    "status": pa.array([r[3] for r in rows], pa.string()),
-                }
-            ),
-            tables / "samples" / f"{shard}.parquet",
-        )
+        _write(tables, "samples", shard, {
+            "uid": [r[2] for r in rows], "shard": [shard] * len(rows), "key": [f"{shard}_{r[1]:04d}" for r in rows],
+            "row": [r[1] for r in rows], "caption": [f"caption {r[2]}" for r in rows], "width": [32] * len(rows),
+            "height": [32] * len(rows), "status": [r[3] for r in rows],
+        })
         sc = [r for r in rows if r[2] in scores]
-        pq.write_table(
-            pa.table(
-                {
-                    "uid": pa.array([r[2] for r in sc], pa.string()),
-                    "shard": pa.array([shard] * len(sc), pa.string()),
-                    "clip_score": pa.array([scores[r[2]] for r in sc], pa.float32()),
-                }
-            ),
-            tables / "scores" / f"{shard}.parquet",
-        )
+        _write(tables, "scores", shard, {
+            "uid": [r[2] for r in sc], "shard": [shard] * len(sc), "clip_score": [scores[r[2]] for r in sc]})
         ca = [r for r in rows if r[2] in assign]
-        pq.write_table(
-            pa.table(
-                {
-                    "uid": pa.array([r[2] for r in ca], pa.string()),
-                    "shard": pa.array([shard] * len(ca), pa.string()),
-                    "row": pa.array([r[1] for r in ca], pa.int32()),
-                    "clip_score": pa.array([scores[r[2]] for r in ca], pa.float32()),
-                }
-            ),
-            tables / "candidates" / f"{shard}.parquet",
-        )
-        pq.write_table(
-            pa.table(
-                {
-                    "uid": pa.array([r[2] for r in ca], pa.string()),
-                    "shard": pa.array([shard] * len(ca), pa.string()),
-                    "row": pa.array([r[1] for r in ca], pa.int32()),
-                    "cluster": pa.array([assign[r[2]][0] for r in ca], pa.int32()),
-                    "distance": pa.array([assign[r[2]][1] for r in ca], pa.float32()),
-                }
-            ),
-            tables / "assignments" / f"{shard}.parquet",
-        )
-    pq.write_table(
-        pa.table(
-            {
-                "uid": pa.array([d[0] for d in duplicates], pa.string()),
-                "shard": pa.array([d[1] for d in duplicates], pa.string()),
-                "duplicate_of": pa.array([d[2] for d in duplicates], pa.string()),
-                "similarity": pa.array([0.99] * len(duplicates), pa.float32()),
-            }
-        ),
-        tables / "duplicates" / "all.parquet",
-    )
+        keys = {"uid": [r[2] for r in ca], "shard": [shard] * len(ca), "row": [r[1] for r in ca]}
+        _write(tables, "candidates", shard, {**keys, "clip_score": [scores[r[2]] for r in ca]})
+        _write(tables, "assignments", shard, {
+            **keys, "cluster": [assign[r[2]][0] for r in ca], "distance": [assign[r[2]][1] for r in ca]})
+    _write(tables, "duplicates", "all", {
+        "uid": [d[0] for d in duplicates], "shard": [d[1] for d in duplicates],
+        "duplicate_of": [d[2] for d in duplicates], "similarity": [0.99] * len(duplicates),
+    })
     return tables
 
 
@@ -409,3 +373,19 @@ def test_property_random_tables(tmp_path_factory, data, frac) -> None:
             assert kept == set(assign)
         else:
             assert kept == {u for _, _, u, st_ in samples if st_ == "ok"}
+
+
+def test_strategy_quotas_from_the_clusters_table() -> None:
+    import polars as pl
+
+    from dbprune_assets.core import dbp
+
+    # rows out of cluster order on purpose: quotas come back indexed by cluster id
+    clusters = pl.DataFrame({"cluster": [2, 0, 1], "size": [6, 10, 4], "quota": [3, 5, 1], "lower_bound": [1, 1, 1]})
+    q, M = strategy_quotas("dbp", clusters)
+    assert q.tolist() == [5, 1, 3] and M == 9
+    q, M = strategy_quotas("ssp", clusters)
+    expect = dbp.solve_quotas(dbp.ssp_probabilities(3), np.array([10, 4, 6]), 9, np.array([1, 1, 1]))
+    assert q.tolist() == expect.tolist() and int(q.sum()) == M == 9
+    for strategy in ("random", "clip_score", "semdedup", "full"):
+        assert strategy_quotas(strategy, clusters) == (None, 9)

@@ -22,8 +22,6 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
-
 from .faults import crash_point
 
 
@@ -85,14 +83,6 @@ def write_bytes(target: Path, data: bytes, tmp_root: Path | None = None) -> None
 
 def write_json(target: Path, obj: Any, tmp_root: Path | None = None) -> None:
     write_bytes(target, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode(), tmp_root)
-
-
-def save_npy(target: Path, array: np.ndarray, tmp_root: Path | None = None) -> None:
-    with atomic_path(target, tmp_root) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
 
 
 def write_parquet(target: Path, table: Any, tmp_root: Path | None = None) -> None:

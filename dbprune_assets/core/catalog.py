@@ -15,37 +15,24 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
+from .duck import parquet_source, view_sql
 from .faults import crash_point
 from .layout import Layout
 
 T = TypeVar("T")
 
-#: table -> (column, DuckDB type); the contract of shared/DESIGN.md plus a few extras
-SCHEMAS: dict[str, list[tuple[str, str]]] = {
-    "samples": [
-        ("uid", "VARCHAR"), ("shard", "VARCHAR"), ("key", "VARCHAR"), ("row", "INTEGER"),
-        ("caption", "VARCHAR"), ("width", "INTEGER"), ("height", "INTEGER"), ("status", "VARCHAR"),
-    ],
-    "problems": [("shard", "VARCHAR"), ("key", "VARCHAR"), ("stage", "VARCHAR"), ("cause", "VARCHAR")],
-    "scores": [("uid", "VARCHAR"), ("shard", "VARCHAR"), ("clip_score", "FLOAT")],
-    "duplicates": [("uid", "VARCHAR"), ("shard", "VARCHAR"), ("duplicate_of", "VARCHAR"), ("similarity", "FLOAT")],
-    "assignments": [
-        ("uid", "VARCHAR"), ("shard", "VARCHAR"), ("row", "INTEGER"), ("cluster", "INTEGER"), ("distance", "FLOAT"),
-    ],
-    "centroids": [("cluster", "INTEGER"), ("vector", "FLOAT[]")],
-    "clusters": [
-        ("cluster", "INTEGER"), ("size", "BIGINT"), ("d_intra", "DOUBLE"), ("d_inter", "DOUBLE"),
-        ("complexity", "DOUBLE"), ("probability", "DOUBLE"), ("quota", "BIGINT"), ("lower_bound", "BIGINT"), ("kept", "BIGINT"),
-    ],
-    "quotas": [("strategy", "VARCHAR"), ("cluster", "INTEGER"), ("quota", "BIGINT"), ("kept", "BIGINT")],
-    "decisions": [
-        ("strategy", "VARCHAR"), ("uid", "VARCHAR"), ("shard", "VARCHAR"), ("keep", "BOOLEAN"), ("reason", "VARCHAR"),
-    ],
-    "eval": [
-        ("strategy", "VARCHAR"), ("seed", "INTEGER"), ("task", "VARCHAR"), ("metric", "VARCHAR"), ("value", "DOUBLE"),
-    ],
+#: the tables the catalog has a view of (columns and types: ``duck.TABLES``),
+#: in creation order: a view others refer to comes first
+CATALOG_TABLES: tuple[str, ...] = (
+    "quotas", "samples", "problems", "scores", "duplicates", "assignments", "centroids", "clusters", "decisions",
+    "eval",
+)
+#: columns a view computes from other views rather than reading from its files:
+#: a cluster's ``kept`` is what the dbp decisions actually kept (via ``quotas``)
+DERIVED: dict[str, dict[str, str]] = {
+    "clusters": {"kept": "(SELECT q.kept FROM quotas q WHERE q.strategy = 'dbp' AND q.cluster = t.cluster)"},
 }
 
 
@@ -59,7 +46,11 @@ def _is_lock_error(err: BaseException) -> bool:
 
 
 def with_retry(fn: Callable[[], T], timeout_s: float = 60.0, what: str = "catalog") -> T:
-    """Run ``fn`` retrying (with jitter) while DuckDB reports a file lock."""
+    """Run ``fn`` retrying (with jitter) while DuckDB reports a file lock.
+
+    It lives here, not in ``duck``, because the catalog is the one DuckDB file
+    that several processes open; every other database is a private scratch file.
+    """
     deadline = time.monotonic() + timeout_s
     delay = 0.05
     while True:
@@ -77,54 +68,39 @@ def with_retry(fn: Callable[[], T], timeout_s: float = 60.0, what: str = "catalo
             delay = min(delay * 2, 1.0)
 
 
-def _quote(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
-
-
-#: columns a view computes from other views rather than reading from its files:
-#: a cluster's ``kept`` is what the dbp decisions actually kept (via ``quotas``)
-DERIVED: dict[str, dict[str, str]] = {
-    "clusters": {"kept": "(SELECT q.kept FROM quotas q WHERE q.strategy = 'dbp' AND q.cluster = t.cluster)"},
-}
-#: views that others refer to are created first
-ORDER = ["quotas"] + [t for t in SCHEMAS if t != "quotas"]
-
-
-def view_sql(layout: Layout, table: str) -> str:
-    derived = DERIVED.get(table, {})
-    cols = [(c, t) for c, t in SCHEMAS[table] if c not in derived]
+def view_statement(layout: Layout, table: str) -> str:
+    """The ``CREATE OR REPLACE VIEW`` of ``table``: an absolute glob over its
+    partitions (union by name), or an empty typed view while it has none."""
     folder = layout.table_dir(table)
-    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
-    if files:
-        pattern = _quote(str(folder / "*.parquet"))
-        select = [f'CAST(t."{c}" AS {ty}) AS "{c}"' for c, ty in cols]
-        select += [f'CAST({expr} AS {dict(SCHEMAS[table])[c]}) AS "{c}"' for c, expr in derived.items()]
-        return (
-            f'CREATE OR REPLACE VIEW "{table}" AS SELECT {", ".join(select)} '
-            f"FROM read_parquet({pattern}, union_by_name = true) t"
-        )
-    typed = ", ".join(f'CAST(NULL AS {t}) AS "{c}"' for c, t in SCHEMAS[table])
-    return f'CREATE OR REPLACE VIEW "{table}" AS SELECT {typed} WHERE false'
+    has_files = folder.is_dir() and any(folder.glob("*.parquet"))
+    source = parquet_source(str(folder / "*.parquet"), union_by_name=True) if has_files else None
+    return view_sql(table, table, source, temp=False, derived=DERIVED.get(table))
 
 
-def refresh_catalog(layout: Layout, tables: list[str] | None = None, timeout_s: float = 60.0) -> None:
-    """(Re)create the catalog's views in one brief read-write open.
+def refresh_catalog(layout: Layout, tables: Iterable[str] | None = None, timeout_s: float = 60.0) -> None:
+    """(Re)create the views of ``tables`` (None: all) in one brief read-write
+    transaction, retrying while another process holds the lock.
 
-    ``tables`` says which tables changed (kept for callers' clarity); every view
-    is recreated since some refer to others.
+    Views the catalog lacks (a new catalog file) are created too, so every
+    table always has a view.  A view that others refer to (``clusters`` reads
+    ``quotas``) resolves them when queried, so refreshing one alone is enough.
     """
     import duckdb
 
-    # all views, always: it is a handful of statements, and views refer to each other
-    names = ORDER
+    wanted = set(CATALOG_TABLES if tables is None else tables)
+    unknown = sorted(wanted - set(CATALOG_TABLES))
+    if unknown:
+        raise ValueError(f"the catalog has no table {unknown[0]!r}; known: {', '.join(CATALOG_TABLES)}")
     layout.catalog.parent.mkdir(parents=True, exist_ok=True)
 
     def _do() -> None:
         con = duckdb.connect(str(layout.catalog))
         try:
             con.execute("BEGIN")
-            for t in names:
-                con.execute(view_sql(layout, t))
+            present = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
+            for t in CATALOG_TABLES:
+                if t in wanted or t not in present:
+                    con.execute(view_statement(layout, t))
             crash_point("catalog", layout.catalog)
             con.execute("COMMIT")
         finally:

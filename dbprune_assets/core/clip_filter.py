@@ -1,4 +1,4 @@
-"""CLIP-score filter on the SemDeDup survivors (``shared/DESIGN.md`` step 2).
+"""CLIP-score filter on the SemDeDup survivors (``docs/design.md`` step 2).
 
 ``clip_score = cos(image, text)`` from the score encoder.  A sample passes when
 ``clip_score >= threshold`` (ties at the threshold are kept).  The threshold is

@@ -1,12 +1,13 @@
-"""Density-Based Pruning (Abbas et al., ICLR 2024): the math of ``shared/DESIGN.md``
+"""Density-Based Pruning (Abbas et al., ICLR 2024): the math of ``docs/design.md``
 step 3, one formula per function.
 
 Streaming: the only per-sample inputs are each candidate's cluster and cosine
 distance to its centroid.  :func:`cluster_partial_sums` runs per shard and the
 partial sums are added up; everything between that and the final selection is
-``O(k)`` (or ``O(k^2)`` for :func:`d_inter`); :func:`select_by_quota_sql` ranks
-the candidates out-of-core in DuckDB, :func:`select_hardest` is the in-memory
-equivalent (same order, same ties).
+``O(k)`` (or ``O(k^2)`` for :func:`d_inter`); :func:`cluster_table` puts it
+together.  The selection itself runs out of core in DuckDB
+(:func:`dbprune_assets.core.strategies.select_by_quota`);
+:func:`select_hardest` is its in-memory reference (same order, same ties).
 
 Settings read as written: ``keep_fraction`` and ``r`` are floats in the YAML; a
 product such as ``floor(0.29 * 100)`` is computed on the decimal the person
@@ -16,16 +17,14 @@ wrote (``29``), not on the binary float (which would give 28).
 from __future__ import annotations
 
 import math
-import uuid
-from fractions import Fraction
-from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .clip_filter import exact_fraction
 
-def _exact(x: float) -> Fraction:
-    return Fraction(repr(float(x)))
+if TYPE_CHECKING:
+    import polars as pl
 
 
 # ---------------------------------------------------------------------------
@@ -149,7 +148,7 @@ def target_size(n_candidates: int, keep_fraction: float | None = None, target_si
     if keep_fraction is not None:
         if not 0 < keep_fraction <= 1:
             raise ValueError(f"dbp.keep_fraction={keep_fraction} must be in (0, 1]")
-        return int(math.floor(_exact(keep_fraction) * n))
+        return int(math.floor(exact_fraction(keep_fraction) * n))
     t = int(target_size)  # type: ignore[arg-type]
     if t <= 0:
         raise ValueError(f"dbp.target_size={t} must be positive")
@@ -166,7 +165,7 @@ def lower_bounds(sizes: np.ndarray, M: int, k: int, r: float) -> np.ndarray:
         raise ValueError(f"sizes has shape {sizes.shape}, expected ({k},)")
     if r < 0:
         raise ValueError(f"dbp.r={r} must be >= 0")
-    m = int(math.floor(_exact(r) * int(M) / int(k))) if r > 0 else 1
+    m = int(math.floor(exact_fraction(r) * int(M) / int(k))) if r > 0 else 1
     return np.maximum(0, np.minimum(m, sizes - 1)).astype(np.int64)
 
 
@@ -240,13 +239,13 @@ def solve_quotas(P: np.ndarray, sizes: np.ndarray, M: int, lb: np.ndarray) -> np
 
     The continuous optimum of :func:`quota_relaxation`, then floors, then +1 by
     largest remainder among clusters below their cap, ties by cluster id (the
-    lower id first).  Errors (with the numbers and the setting to change):
+    lower id first); remainders equal in float64 are compared exactly.  Errors (with the numbers and the setting to change):
     ``Σ lb > M``, ``M > Σ |C_j|``, misaligned or invalid inputs.
     """
-    N, _ = quota_relaxation(P, sizes, M, lb)
+    N, lam = quota_relaxation(P, sizes, M, lb)
     ub = np.asarray(sizes, dtype=np.int64)
-    F = np.floor(N).astype(np.int64)
-    F = np.clip(F, np.asarray(lb, dtype=np.int64), ub)
+    lbi = np.asarray(lb, dtype=np.int64)
+    F = np.clip(np.floor(N).astype(np.int64), lbi, ub)
     R = int(M) - int(F.sum())
     if R < 0:  # pragma: no cover - cannot happen: F <= N and Σ N = M
         raise AssertionError(f"quota rounding overshoot by {-R}")
@@ -256,9 +255,36 @@ def solve_quotas(P: np.ndarray, sizes: np.ndarray, M: int, lb: np.ndarray) -> np
         elig = np.flatnonzero(F < ub)
         if len(elig) < R:  # pragma: no cover - Σ ub >= M was checked
             raise AssertionError("not enough clusters below their cap")
-        pick = elig[np.lexsort((ids[elig], -rem[elig]))[:R]]
-        F[pick] += 1
+        order = elig[np.lexsort((ids[elig], -rem[elig]))]
+        cut = rem[order[R - 1]]
+        above, tied = order[rem[order] > cut], order[rem[order] == cut]
+        if len(above) + len(tied) > R:  # the last place is contested: rank the tie exactly
+            tied = _exact_remainder_order(tied, P, M, lam, N, lbi, ub, F)
+        F[np.concatenate([above, tied[: R - len(above)]])] += 1
     return F
+
+
+def _exact_remainder_order(tied: np.ndarray, P: np.ndarray, M: int, lam: float, N: np.ndarray,
+                           lb: np.ndarray, ub: np.ndarray, F: np.ndarray) -> np.ndarray:
+    """``tied`` (clusters whose float64 remainders are equal) ranked by their
+    exact remainders, largest first, then by cluster id.
+
+    float64 loses a difference in ``P`` smaller than an ulp of ``M·P_j + λ``
+    (e.g. ``P_j = 1e-162`` beside ``P_i = 0``), which would hand the +1 to the
+    lower id although the exact optimum gives it to the larger ``P``.  A free
+    cluster's remainder is ``M·P_j + λ − F_j`` in rationals; a clipped one
+    sits on an integer bound, remainder 0.
+    """
+    from fractions import Fraction
+
+    lam_q = Fraction(float(lam))
+
+    def exact(j: int) -> Fraction:
+        if lb[j] < N[j] < ub[j]:
+            return Fraction(int(M)) * Fraction(float(P[j])) + lam_q - int(F[j])
+        return Fraction(0)
+
+    return np.array(sorted(tied.tolist(), key=lambda j: (-exact(j), j)), dtype=np.int64)
 
 
 # ---------------------------------------------------------------------------
@@ -272,7 +298,8 @@ def select_hardest(cluster: np.ndarray, distance: np.ndarray, uids: np.ndarray, 
     Within each cluster, members are ranked by distance to the centroid
     descending, ties by uid ascending (code-point order, the same as DuckDB's
     byte order of UTF-8); the first ``quotas[cluster]`` are kept.  Same result
-    as :func:`select_by_quota_sql`.
+    as :func:`dbprune_assets.core.strategies.select_by_quota` (which also ties
+    by shard and row: uids are unique).
     """
     cluster = np.asarray(cluster, dtype=np.int64)
     distance = np.asarray(distance)
@@ -299,109 +326,37 @@ def select_hardest(cluster: np.ndarray, distance: np.ndarray, uids: np.ndarray, 
     return keep
 
 
-def _sql_str(s: str) -> str:
-    return "'" + str(s).replace("'", "''") + "'"
-
-
-def select_by_quota_sql(
-    con: Any,
-    assignments: str | Path | Sequence[str | Path] | Any,
-    quotas: np.ndarray,
-    *,
-    memory_limit: str | None = "2GB",
-    temp_directory: str | Path | None = None,
-    threads: int | None = None,
-) -> Any:
-    """Out-of-core selection in DuckDB; returns a relation with columns
-    ``uid, shard, cluster, distance, rank, keep`` (one row per candidate,
-    unordered; ``rank`` is 1-based).
-
-    ``assignments``: a parquet path or glob, a list of them, or a relation of
-    ``con`` with columns ``uid, shard, cluster, distance``.  ``quotas`` (k,):
-    per-cluster quotas (clusters absent from it keep nothing).  The rank is
-    ``row_number() OVER (PARTITION BY cluster ORDER BY distance DESC, uid
-    ASC)``, and ``keep = rank <= quota``: the same as :func:`select_hardest`.
-    ``memory_limit`` / ``temp_directory`` / ``threads`` are set on ``con``
-    (DuckDB spills the window's sort to ``temp_directory`` past the limit).
-    """
-    if memory_limit is not None:
-        con.execute(f"SET memory_limit = {_sql_str(memory_limit)}")
-    if temp_directory is not None:
-        Path(temp_directory).mkdir(parents=True, exist_ok=True)
-        con.execute(f"SET temp_directory = {_sql_str(str(temp_directory))}")
-    if threads:
-        con.execute(f"SET threads = {int(threads)}")
-    tag = uuid.uuid4().hex[:12]
-    src = f"dbp_assign_{tag}"
-    qname = f"dbp_quotas_{tag}"
-    if isinstance(assignments, (str, Path)):
-        con.execute(f"CREATE OR REPLACE TEMP VIEW {src} AS SELECT * FROM read_parquet({_sql_str(str(assignments))})")
-    elif isinstance(assignments, (list, tuple)):
-        lst = ", ".join(_sql_str(str(p)) for p in assignments)
-        con.execute(f"CREATE OR REPLACE TEMP VIEW {src} AS SELECT * FROM read_parquet([{lst}])")
-    else:
-        assignments.create_view(src, replace=True)
-    q = np.asarray(quotas, dtype=np.int64)
-    import pyarrow as pa
-
-    con.register(qname, pa.table({"cluster": pa.array(np.arange(len(q), dtype=np.int64)), "quota": pa.array(q)}))
-    return con.sql(
-        f"""
-        WITH ranked AS (
-            SELECT uid, shard, cluster, distance,
-                   row_number() OVER (PARTITION BY cluster ORDER BY distance DESC, uid ASC) AS rank
-            FROM {src}
-        )
-        SELECT r.uid, r.shard, r.cluster, r.distance, r.rank,
-               r.rank <= coalesce(q.quota, 0) AS keep
-        FROM ranked r LEFT JOIN {qname} q ON r.cluster = q.cluster
-        """
-    )
-
-
 # ---------------------------------------------------------------------------
 # everything per cluster, as the `clusters` table
 # ---------------------------------------------------------------------------
 
 
 def cluster_table(
-    centroids: np.ndarray,
-    count: np.ndarray,
-    sum_dist: np.ndarray,
-    *,
-    l: int,
-    tau: float,
-    M: int,
-    r: float,
-    strategy: str = "dbp",
-) -> "pl.DataFrame":  # noqa: F821
-    """Per cluster: ``cluster, size, d_intra, d_inter, complexity, probability,
-    lb, quota`` (polars).  ``strategy`` ``"dbp"`` (softmax of the complexity)
-    or ``"ssp"`` (uniform probabilities, same quota solve)."""
+    centroids: np.ndarray, count: np.ndarray, sum_dist: np.ndarray, *, l: int, tau: float, M: int, r: float
+) -> pl.DataFrame:
+    """The ``clusters`` table of DBP (polars, typed by ``duck.TABLES``, without
+    the ``kept`` column the catalog derives): per cluster ``cluster, size,
+    d_intra, d_inter, complexity, probability, quota, lower_bound``.
+
+    ``count`` / ``sum_dist``: the summed :func:`cluster_partial_sums` of every
+    shard; ``l``, ``tau``, ``r``: the settings; ``M``: :func:`target_size`.
+    The SSP baseline's quotas come from this table too
+    (:func:`dbprune_assets.core.strategies.strategy_quotas`).
+    """
     import polars as pl
+
+    from .duck import polars_schema
 
     k = len(centroids)
     count = np.asarray(count, dtype=np.int64)
     di = d_intra(sum_dist, count)
     de = d_inter(centroids, l)
     C = complexity(de, di)
-    if strategy == "dbp":
-        P = softmax_probabilities(C, tau)
-    elif strategy == "ssp":
-        P = ssp_probabilities(k)
-    else:
-        raise ValueError(f"strategy {strategy!r}: expected 'dbp' or 'ssp'")
+    P = softmax_probabilities(C, tau)
     lb = lower_bounds(count, M, k, r)
-    N = solve_quotas(P, count, M, lb)
-    return pl.DataFrame(
-        {
-            "cluster": np.arange(k, dtype=np.int32),
-            "size": count,
-            "d_intra": di,
-            "d_inter": de,
-            "complexity": C,
-            "probability": P,
-            "lb": lb,
-            "quota": N,
-        }
-    )
+    columns = {
+        "cluster": np.arange(k), "size": count, "d_intra": di, "d_inter": de, "complexity": C,
+        "probability": P, "quota": solve_quotas(P, count, M, lb), "lower_bound": lb,
+    }
+    schema = polars_schema("clusters")
+    return pl.DataFrame({c: pl.Series(c, v, dtype=schema[c]) for c, v in columns.items()})

@@ -24,7 +24,6 @@ import signal
 from fnmatch import fnmatchcase
 
 ENV = "DBPRUNE_FAULT"
-KINDS = ("rename", "swap", "catalog")
 
 
 def crash_point(kind: str, name: str | os.PathLike[str]) -> None:

@@ -1,4 +1,4 @@
-"""Where everything lives: the contract paths of ``shared/DESIGN.md``.
+"""Where everything lives: the contract paths of ``docs/design.md``.
 
 Every file a run writes is under ``$DBPRUNE_HOME`` (default ``./data``); the
 input pool is ``$DBPRUNE_POOL`` (default ``$DBPRUNE_HOME/pool``).  Nothing else in

@@ -1,4 +1,4 @@
-"""SemDeDup (Abbas et al. 2023), exactly as ``shared/DESIGN.md`` step 1.
+"""SemDeDup (Abbas et al. 2023), exactly as ``docs/design.md`` step 1.
 
 Inside each dedup cluster, members are ordered farthest-first from the centroid
 (ties by uid); with ``S = E Eᵀ`` in that order, member ``j`` is a duplicate when
@@ -33,7 +33,9 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from dbprune_assets.core.duck import TABLES, empty_frame, polars_schema
 from dbprune_assets.core.kmeans import _as_utf8, check_rows
+from dbprune_assets.core.progress import progress
 
 #: rows of one exact re-scoring batch (bounds the float64 gather memory)
 _EXACT_BATCH = 1 << 15
@@ -224,8 +226,8 @@ class DedupShard:
     distance: np.ndarray  # (n,) float32 cosine distance to the cluster's centroid
 
 
-#: columns of the frames :func:`semdedup_pool` yields
-DUPLICATE_COLUMNS = ("uid", "shard", "cluster", "duplicate_of", "duplicate_of_shard", "similarity")
+#: columns of the frames :func:`semdedup_pool` yields (the ``duplicates`` table)
+DUPLICATE_COLUMNS: tuple[str, ...] = tuple(TABLES["duplicates"])
 
 _META = np.dtype([("cluster", "<i4"), ("distance", "<f4"), ("shard", "<i4"), ("row", "<i8"), ("uid_len", "<i4")])
 
@@ -295,7 +297,7 @@ def semdedup_pool(
     shard_names = np.asarray(shards, dtype=str)
     if cluster_sizes is None:
         sizes = np.zeros(k, dtype=np.int64)
-        for name in shards:
+        for name in progress(shards, desc="semdedup: count", unit="shard"):
             s = load_shard(name)
             _validate_shard(s, k)
             sizes += np.bincount(np.asarray(s.cluster, dtype=np.int64), minlength=k)
@@ -313,7 +315,7 @@ def semdedup_pool(
         dtype: np.dtype | None = None
         seen = np.zeros(k, dtype=np.int64)
         # ---- pass 1: shard -> buckets
-        for si, name in enumerate(shards):
+        for si, name in enumerate(progress(shards, desc="semdedup: bucket", unit="shard")):
             s = load_shard(name)
             _validate_shard(s, k)
             n = len(s.uids)
@@ -353,7 +355,7 @@ def semdedup_pool(
         if not np.array_equal(seen, sizes):
             raise ValueError("semdedup_pool: the shards hold fewer rows per dedup cluster than cluster_sizes says (stale sizes?)")
         # ---- pass 2: bucket -> clusters
-        for b in range(nb):
+        for b in progress(range(nb), desc="semdedup: dedup", unit="bucket"):
             stem = work / f"b{b:06d}"
             if not Path(f"{stem}.meta").exists():
                 continue
@@ -393,7 +395,8 @@ def semdedup_pool(
                             "duplicate_of": uids[tgt],
                             "duplicate_of_shard": shard_names[meta["shard"][tgt]],
                             "similarity": sim[idx].astype(np.float32),
-                        }
+                        },
+                        schema=polars_schema("duplicates"),
                     )
                 )
             del meta, emb, uids
@@ -405,15 +408,4 @@ def semdedup_pool(
 
 def empty_duplicates() -> "pl.DataFrame":  # noqa: F821
     """An empty frame with the columns and dtypes :func:`semdedup_pool` yields."""
-    import polars as pl
-
-    return pl.DataFrame(
-        schema={
-            "uid": pl.String,
-            "shard": pl.String,
-            "cluster": pl.Int32,
-            "duplicate_of": pl.String,
-            "duplicate_of_shard": pl.String,
-            "similarity": pl.Float32,
-        }
-    )
+    return empty_frame("duplicates")

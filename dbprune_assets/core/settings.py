@@ -8,8 +8,6 @@ documented default; nothing needs a code edit.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +26,11 @@ class SettingsError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def _exactly_one(self, section: str, a: str, b: str) -> None:
+        """The two settings ``a`` and ``b`` are alternatives: one set, the other null."""
+        if (getattr(self, a) is None) == (getattr(self, b) is None):
+            raise ValueError(f"set exactly one of {section}.{a} or {section}.{b} (the other null)")
 
 
 class PoolSettings(_Section):
@@ -106,8 +109,7 @@ class ClipFilterSettings(_Section):
 
     @model_validator(mode="after")
     def _one_rule(self) -> "ClipFilterSettings":
-        if (self.threshold is None) == (self.fraction is None):
-            raise ValueError("set exactly one of clip_filter.threshold or clip_filter.fraction (the other null)")
+        self._exactly_one("clip_filter", "threshold", "fraction")
         return self
 
 
@@ -124,8 +126,7 @@ class DbpSettings(_Section):
 
     @model_validator(mode="after")
     def _one_size(self) -> "DbpSettings":
-        if (self.keep_fraction is None) == (self.target_size is None):
-            raise ValueError("set exactly one of dbp.keep_fraction or dbp.target_size (the other null)")
+        self._exactly_one("dbp", "keep_fraction", "target_size")
         return self
 
 
@@ -180,11 +181,6 @@ class PipelineSettings(_Section):
     export: ExportSettings = ExportSettings()
     train: TrainSettings = TrainSettings()
     eval: EvalSettings = EvalSettings()
-
-    def section_hash(self, *sections: str) -> str:
-        """Stable hash of the named sections (what a stage's output depends on)."""
-        payload = {s: getattr(self, s).model_dump(mode="json") for s in sections}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -1,7 +1,7 @@
 """Selection strategies: a keep/drop decision with a reason for every sample.
 
 One function, :func:`decide`, implements the "Strategies" table of
-``shared/DESIGN.md`` in DuckDB, out of core (a memory limit and a spill folder
+``docs/design.md`` in DuckDB, out of core (a memory limit and a spill folder
 under the temp root), so memory is bounded by the settings, not the pool:
 
 ==============  =================  ====  =========================================
@@ -32,16 +32,19 @@ and scores on ``(shard, uid)``.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
+from . import dbp
 from .atomic import atomic_path, scratch_dir
-from .kmeans import uid_hash
+from .duck import connect, create_view, parquet_files
 from .settings import STRATEGIES
+
+if TYPE_CHECKING:
+    import polars as pl
 
 #: every value the ``reason`` column can take, in precedence order (kept last)
 REASONS: tuple[str, ...] = ("corrupt", "duplicate", "low_clip_score", "pruned", "kept")
@@ -49,90 +52,35 @@ REASONS: tuple[str, ...] = ("corrupt", "duplicate", "low_clip_score", "pruned", 
 SIZED_STRATEGIES: tuple[str, ...] = ("dbp", "ssp", "random", "clip_score")
 #: strategies that keep per-cluster quotas
 QUOTA_STRATEGIES: tuple[str, ...] = ("dbp", "ssp")
-
-
-# ---------------------------------------------------------------------------
-# the stable uid hash (shared by the random baseline and the export shuffle)
-# ---------------------------------------------------------------------------
-def register_uid_hash(con: Any) -> None:
-    """Make ``uid_hash(uid VARCHAR, seed BIGINT) -> UBIGINT`` callable in SQL.
-
-    It is :func:`dbprune_assets.core.kmeans.uid_hash` (MurmurHash3-finaliser
-    mixing of the uid's UTF-8 words, seeded; its docstring fixes the
-    definition), the project's one stable hash: the same on every run and
-    machine, and the one the k-means sample ranks by.  DuckDB calls it on
-    vectors of rows (an Arrow UDF), so memory stays bounded.
-    """
-    import pyarrow as pa
-
-    def _udf(uids: Any, seeds: Any) -> Any:
-        if uids.null_count or seeds.null_count:
-            raise ValueError("uid_hash: NULL uid or seed")
-        u = np.asarray(uids.to_numpy(zero_copy_only=False), dtype=object)
-        s = np.asarray(seeds.to_numpy(zero_copy_only=False), dtype=np.int64)
-        out = np.empty(len(u), dtype=np.uint64)
-        for seed in np.unique(s):  # one constant seed in practice
-            m = s == seed
-            out[m] = uid_hash(u[m], int(seed))
-        return pa.array(out, pa.uint64())
-
-    con.create_function("uid_hash", _udf, ["VARCHAR", "BIGINT"], "UBIGINT", type="arrow", side_effects=False)
-
-
-# ---------------------------------------------------------------------------
-# DuckDB plumbing (shared with export.py)
-# ---------------------------------------------------------------------------
-#: the contract columns of the input tables (DuckDB types)
-INPUT_SCHEMAS: dict[str, list[tuple[str, str]]] = {
-    "samples": [("uid", "VARCHAR"), ("shard", "VARCHAR"), ("key", "VARCHAR"), ("row", "BIGINT"), ("status", "VARCHAR")],
-    "scores": [("uid", "VARCHAR"), ("shard", "VARCHAR"), ("clip_score", "FLOAT")],
-    "duplicates": [("uid", "VARCHAR"), ("shard", "VARCHAR")],
-    "candidates": [("uid", "VARCHAR"), ("shard", "VARCHAR"), ("row", "BIGINT"), ("clip_score", "FLOAT")],
-    "assignments": [("uid", "VARCHAR"), ("shard", "VARCHAR"), ("row", "BIGINT"), ("cluster", "BIGINT"), ("distance", "FLOAT")],
-    "decisions": [("strategy", "VARCHAR"), ("uid", "VARCHAR"), ("shard", "VARCHAR"), ("keep", "BOOLEAN"), ("reason", "VARCHAR")],
+#: the tables :func:`decide` reads and the columns it needs of each (views of
+#: the same names, typed by ``duck.TABLES``)
+INPUTS: dict[str, tuple[str, ...]] = {
+    "samples": ("uid", "shard", "row", "status"),
+    "scores": ("uid", "shard", "clip_score"),
+    "duplicates": ("uid", "shard"),
+    "candidates": ("uid", "shard", "row", "clip_score"),
+    "assignments": ("uid", "shard", "row", "cluster", "distance"),
 }
 
 
-def sql_str(value: str | os.PathLike[str]) -> str:
-    """A SQL string literal."""
-    return "'" + str(value).replace("'", "''") + "'"
+def strategy_quotas(strategy: str, clusters: pl.DataFrame) -> tuple[np.ndarray | None, int | None]:
+    """``(quotas, M)`` of ``strategy`` from the DBP ``clusters`` table.
 
-
-def parquet_files(folder: Path) -> list[Path]:
-    """The committed parquet partitions of a table folder (temp/dot files skipped)."""
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.glob("*.parquet") if p.is_file() and not p.name.startswith("."))
-
-
-def connect(work_dir: Path, memory_limit: str = "1GB", threads: int | None = None) -> Any:
-    """A DuckDB connection on a database file in ``work_dir`` that spills there.
-
-    A file database (rather than ``:memory:``) keeps temp tables on disk, so
-    only DuckDB's buffer pool (``memory_limit``) lives in RAM.
+    ``M`` is the sum of the DBP quotas (every sized strategy keeps as many
+    samples as DBP).  dbp: the table's ``quota`` column, in cluster order; ssp:
+    the same quota solve with uniform probabilities ``P_j = 1/k``
+    (:func:`dbp.solve_quotas` with the table's sizes and lower bounds); the
+    other strategies have no quotas: ``(None, M)``.
     """
-    import duckdb
-
-    work_dir.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect(str(work_dir / "work.duckdb"))
-    register_uid_hash(con)
-    con.execute(f"SET memory_limit = {sql_str(memory_limit)}")
-    con.execute(f"SET temp_directory = {sql_str(work_dir / 'spill')}")
-    con.execute("SET preserve_insertion_order = true")
-    if threads:
-        con.execute(f"SET threads = {int(threads)}")
-    return con
-
-
-def create_view(con: Any, name: str, files: Sequence[Path], columns: Sequence[tuple[str, str]]) -> None:
-    """A typed view over parquet files (an empty typed view when there are none)."""
-    if files:
-        cols = ", ".join(f'CAST("{c}" AS {t}) AS "{c}"' for c, t in columns)
-        lst = "[" + ", ".join(sql_str(f) for f in files) + "]"
-        con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT {cols} FROM read_parquet({lst})")
-    else:
-        cols = ", ".join(f'CAST(NULL AS {t}) AS "{c}"' for c, t in columns)
-        con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT {cols} WHERE false")
+    t = clusters.sort("cluster")
+    M = int(t["quota"].sum())
+    if strategy == "dbp":
+        return t["quota"].to_numpy().astype(np.int64), M
+    if strategy == "ssp":
+        sizes = t["size"].to_numpy().astype(np.int64)
+        lb = t["lower_bound"].to_numpy().astype(np.int64)
+        return dbp.solve_quotas(dbp.ssp_probabilities(len(sizes)), sizes, M, lb), M
+    return None, M
 
 
 def _scalar(con: Any, sql: str) -> Any:
@@ -227,8 +175,9 @@ def kept_per_cluster(
     with scratch_dir(tmp_root, "kept-per-cluster-") as work:
         con = connect(Path(work), memory_limit, threads)
         try:
-            create_view(con, "assign", parquet_files(Path(tables) / "assignments"), INPUT_SCHEMAS["assignments"])
-            create_view(con, "dec", [Path(decisions_path)], INPUT_SCHEMAS["decisions"])
+            create_view(con, "assign", parquet_files(Path(tables) / "assignments"), "assignments",
+                        INPUTS["assignments"])
+            create_view(con, "dec", [Path(decisions_path)], "decisions")
             return _kept_per_cluster(con, "dec", k)
         finally:
             con.close()
@@ -318,7 +267,7 @@ def decide(
         "semdedup": ("candidates", "duplicates"),
         "full": (),
     }[strategy]
-    files = {t: parquet_files(tables / t) for t in INPUT_SCHEMAS if t != "decisions"}
+    files = {t: parquet_files(tables / t) for t in INPUTS}
     if not files["samples"]:
         raise ValueError(f"no samples table under {tables / 'samples'}: run ingest first")
     for t in needs:
@@ -329,17 +278,16 @@ def decide(
     with scratch_dir(tmp_root, f"decide-{strategy}-") as work:
         con = connect(Path(work), memory_limit, threads)
         try:
-            for t, cols in INPUT_SCHEMAS.items():
-                if t != "decisions":
-                    create_view(con, t, files[t] if (t in needs or t == "samples") else [], cols)
+            for t, cols in INPUTS.items():
+                create_view(con, t, files[t] if (t in needs or t == "samples") else [], columns=cols)
             con.execute("CREATE OR REPLACE TEMP VIEW assign AS SELECT * FROM assignments")
             _validate_inputs(con, strategy)
             eligible = _select(con, strategy, M, q, seed)
             with atomic_path(out_path, tmp_root) as tmp:
                 con.execute(
-                    f"""
+                    """
                     COPY (
-                      SELECT {sql_str(strategy)} AS strategy, s.uid, s.shard, (k.row IS NOT NULL) AS keep,
+                      SELECT CAST(? AS VARCHAR) AS strategy, s.uid, s.shard, (k.row IS NOT NULL) AS keep,
                         CASE WHEN k.row IS NOT NULL THEN 'kept'
                              WHEN s.status IS DISTINCT FROM 'ok' THEN 'corrupt'
                              WHEN d.uid IS NOT NULL THEN 'duplicate'
@@ -350,10 +298,11 @@ def decide(
                       LEFT JOIN candidates c ON c.shard = s.shard AND c.row = s.row
                       LEFT JOIN sel k ON k.shard = s.shard AND k.row = s.row
                       ORDER BY s.shard, s.row
-                    ) TO {sql_str(tmp)} (FORMAT parquet, COMPRESSION zstd)
-                    """
+                    ) TO ? (FORMAT parquet, COMPRESSION zstd)
+                    """,
+                    [strategy, str(tmp)],
                 )
-                create_view(con, "dec", [tmp], INPUT_SCHEMAS["decisions"])
+                create_view(con, "dec", [tmp], "decisions")
                 counts = dict(con.execute("SELECT reason, count(*) FROM dec GROUP BY reason").fetchall())
                 rows = sum(counts.values())
                 n_samples = _scalar(con, "SELECT count(*) FROM samples")
@@ -468,25 +417,25 @@ def _select(con: Any, strategy: str, M: int | None, q: np.ndarray | None, seed: 
         eligible = _scalar(con, "SELECT count(*) FROM survivors")
         _check_m(strategy, M, eligible, "dedup survivors with a CLIP score")
         con.execute(
-            f"""
-            CREATE TEMP TABLE sel AS SELECT shard, row FROM survivors
-            QUALIFY row_number() OVER (ORDER BY clip_score DESC, uid ASC, shard ASC, row ASC) <= {M}
             """
+            CREATE TEMP TABLE sel AS SELECT shard, row FROM survivors
+            QUALIFY row_number() OVER (ORDER BY clip_score DESC, uid ASC, shard ASC, row ASC) <= ?
+            """,
+            [M],
         )
         return eligible
     _check_m(strategy, M, n_cand, "candidates")
     if strategy == "random":
         con.execute(
-            f"""
-            CREATE TEMP TABLE sel AS SELECT shard, row FROM candidates
-            QUALIFY row_number() OVER (ORDER BY uid_hash(uid, {int(seed)}) ASC, uid ASC, shard ASC, row ASC) <= {M}
             """
+            CREATE TEMP TABLE sel AS SELECT shard, row FROM candidates
+            QUALIFY row_number() OVER (ORDER BY uid_hash(uid, CAST(? AS BIGINT)) ASC, uid ASC, shard ASC, row ASC) <= ?
+            """,
+            [int(seed), M],
         )
         return n_cand
     # dbp / ssp
     assert q is not None
-    import pyarrow as pa
-
     k = len(q)
     if int(q.sum()) != M:
         raise ValueError(f"{strategy}: quotas sum to {int(q.sum())}, but M = {M}")
@@ -501,8 +450,21 @@ def _select(con: Any, strategy: str, M: int | None, q: np.ndarray | None, seed: 
     if over.size:
         c = int(over[0])
         raise ValueError(f"{strategy}: quota of cluster {c} is {int(q[c])}, above the cluster's size {int(size[c])}")
-    quota_arrow = pa.table({"cluster": pa.array(np.arange(k, dtype=np.int64)), "quota": pa.array(q)})
-    con.register("quota_in", quota_arrow)
+    select_by_quota(con, q)
+    return n_cand
+
+
+def select_by_quota(con: Any, quotas: np.ndarray) -> None:
+    """DBP's selection: create the temp table ``sel(shard, row)`` holding, of
+    every cluster ``c`` of the view ``assign`` (the assignments' columns),
+    the ``quotas[c]`` members farthest from the centroid (ties by uid, then
+    shard and row); clusters beyond ``quotas`` keep none.  The window's sort
+    spills past the connection's memory limit (``duck.connect``).
+    :func:`dbprune_assets.core.dbp.select_hardest` is the in-memory reference."""
+    import pyarrow as pa
+
+    q = np.asarray(quotas, dtype=np.int64)
+    con.register("quota_in", pa.table({"cluster": pa.array(np.arange(len(q), dtype=np.int64)), "quota": pa.array(q)}))
     con.execute(
         """
         CREATE TEMP TABLE sel AS
@@ -515,7 +477,6 @@ def _select(con: Any, strategy: str, M: int | None, q: np.ndarray | None, seed: 
         """
     )
     con.unregister("quota_in")
-    return n_cand
 
 
 def _check_m(strategy: str, M: int, eligible: int, what: str) -> None:
