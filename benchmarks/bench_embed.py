@@ -28,6 +28,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -38,10 +39,14 @@ def make_shard(path: Path, n: int, size: int = 48, seed: int = 0) -> list[tuple[
     """Write a webdataset tar of ``n`` samples; returns (key, caption) in tar order."""
     from PIL import Image, ImageDraw
 
+    from dbprune_assets.core.progress import progress
+    from dbprune_assets.core.wds import write_tar
+
     colors = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 225), "yellow": (235, 215, 40)}
     rng = np.random.default_rng(seed)
     out = []
-    with tarfile.open(path, "w") as tf:
+
+    def samples() -> Iterator[tuple[str, dict[str, bytes]]]:
         for i in range(n):
             key = f"{i:09d}"
             name = list(colors)[i % len(colors)]
@@ -51,21 +56,18 @@ def make_shard(path: Path, n: int, size: int = 48, seed: int = 0) -> list[tuple[
             buf = io.BytesIO()
             im.save(buf, "JPEG", quality=90)
             caption = f"a {name} circle"
-            for ext, data in (("jpg", buf.getvalue()), ("txt", caption.encode()), ("json", b"{}")):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
             out.append((key, caption))
+            yield key, {"jpg": buf.getvalue(), "txt": caption.encode(), "json": b"{}"}
+
+    write_tar(path, progress(samples(), desc="generating the shard", unit="sample", total=n))
     return out
 
 
 def read_rows(tar: Path) -> list[tuple[str, str]]:
-    rows = []
-    with tarfile.open(tar) as tf:
-        for m in tf:
-            if m.name.endswith(".txt"):
-                rows.append((m.name.rsplit(".", 1)[0], tf.extractfile(m).read().decode()))
-    return rows
+    """(key, caption) of the samples of a webdataset tar that have a caption."""
+    from dbprune_assets.core.wds import iter_samples
+
+    return [(key, m["txt"].decode()) for key, m in iter_samples(tar) if "txt" in m]
 
 
 class BareDataset:
@@ -171,13 +173,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from dbprune_assets.core import encoders as E
+    from dbprune_assets.core.device import auto_threads, torch_device
     from dbprune_assets.core.embed import embed_shard, resolve_precision
+    from dbprune_assets.core.model_dir import save_local_dir
     from dbprune_assets.core.settings import ComputeSettings, EncoderSpec
 
     # the same CPU thread count for both paths (embed_shard's auto choice when 0)
-    threads = args.threads if args.threads > 0 else E.auto_threads(args.workers)
+    threads = args.threads if args.threads > 0 else auto_threads(args.workers)
     torch.set_num_threads(threads)
-    device = E.resolve_device(args.device)
+    device = torch_device(args.device)
     precision = resolve_precision(device, args.precision)
     with tempfile.TemporaryDirectory(prefix="bench_embed_") as tmp_s:
         tmp = Path(tmp_s)
@@ -197,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             E.register_model_configs()
             torch.manual_seed(0)
             model = open_clip.create_model(args.model)
-            folder = E.save_local_dir(tmp / "model", model, E.model_config(args.model), tmp_root=tmp / ".tmp")
+            folder = save_local_dir(tmp / "model", model, E.model_config(args.model), tmp_root=tmp / ".tmp")
             enc = E.load_encoder(EncoderSpec(model=f"local-dir:{folder}"), device)
         frame = pl.DataFrame({"uid": [k for k, _ in rows], "key": [k for k, _ in rows], "caption": [c for _, c in rows]})
         compute = ComputeSettings(

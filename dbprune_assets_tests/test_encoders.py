@@ -1,11 +1,10 @@
-"""Encoders: resolution, loading (local-dir, checkpoint path), offline errors,
-weights hashing, and one real bootstrap training run with open_clip_train."""
+"""Encoders and model folders: resolution, loading (local-dir, checkpoint
+path), offline errors, weights hashing, device errors, and one real bootstrap
+training run with open_clip_train."""
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,10 @@ torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 
 from dbprune_assets.core import encoders as E  # noqa: E402
-from dbprune_assets.core.settings import BootstrapSettings, EncoderSpec  # noqa: E402
+from dbprune_assets.core import model_dir as M  # noqa: E402
+from dbprune_assets.core.device import DeviceError  # noqa: E402
+from dbprune_assets.samplepool import write_sample_pool  # noqa: E402
+from dbprune_assets.core.settings import BootstrapSettings, EncoderSpec, PoolSettings  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +55,9 @@ def test_tiny_config_is_registered():
 
 
 def test_local_dir_roundtrip_identical_outputs(tiny_model, tmp_path):
-    out = E.save_local_dir(tmp_path / "enc", tiny_model, E.model_config("dbprune-tiny"), tmp_root=tmp_path / ".tmp")
-    assert sorted(p.name for p in out.iterdir()) == [E.CONFIG_FILE, E.WEIGHTS_FILE]
-    assert json.loads((out / E.CONFIG_FILE).read_text()).keys() >= {"model_cfg", "preprocess_cfg"}
+    out = M.save_local_dir(tmp_path / "enc", tiny_model, E.model_config("dbprune-tiny"), tmp_root=tmp_path / ".tmp")
+    assert sorted(p.name for p in out.iterdir()) == [M.CONFIG_FILE, M.WEIGHTS_FILE]
+    assert json.loads((out / M.CONFIG_FILE).read_text()).keys() >= {"model_cfg", "preprocess_cfg"}
     images, texts = _inputs(tiny_model)
     want_i, want_t = _outputs(tiny_model, images, texts)
 
@@ -69,7 +71,7 @@ def test_local_dir_roundtrip_identical_outputs(tiny_model, tmp_path):
     enc = E.load_encoder(EncoderSpec(model="local-dir:" + str(out)), "cpu")
     assert enc.resolved.kind == "local-dir"
     assert enc.embed_dim == E.model_config("dbprune-tiny")["embed_dim"]
-    assert enc.weights_path == out / E.WEIGHTS_FILE
+    assert enc.weights_path == out / M.WEIGHTS_FILE
     assert not enc.model.training
     assert all(not p.requires_grad for p in enc.model.parameters())
     got_i, got_t = _outputs(enc.model, images, texts)
@@ -95,7 +97,7 @@ def test_checkpoint_path_loads_through_pretrained(tiny_model, tmp_path, fmt):
     images, texts = _inputs(tiny_model)
     want, got = _outputs(tiny_model, images, texts), _outputs(enc.model, images, texts)
     assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
-    assert enc.weights_hash() == E.weights_hash(path)
+    assert enc.weights_hash() == M.weights_hash(path)
 
 
 def test_missing_checkpoint_names_setting(tmp_path):
@@ -155,30 +157,43 @@ def test_local_dir_and_bootstrap_errors(tmp_path):
     with pytest.raises(E.EncoderError, match=r"pretrained must be null"):
         E.resolve_encoder(EncoderSpec(model="bootstrap", pretrained="x"), tmp_path)
     # a config without weights would silently be a random model: refuse
-    E.write_config_dir(tmp_path / "cfg_only", E.model_config("dbprune-tiny"))
+    M.write_config_dir(tmp_path / "cfg_only", E.model_config("dbprune-tiny"))
     with pytest.raises(E.EncoderError, match="no weights"):
         E.load_encoder(EncoderSpec(model=f"local-dir:{tmp_path / 'cfg_only'}"), "cpu")
 
 
+def test_cuda_without_gpu_is_a_device_error(tiny_model, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    out = M.save_local_dir(tmp_path / "enc", tiny_model, E.model_config("dbprune-tiny"), tmp_root=tmp_path / ".tmp")
+    spec = EncoderSpec(model=f"local-dir:{out}")
+    with pytest.raises(DeviceError, match="compute.device is 'cuda' but no CUDA device is available"):
+        E.load_encoder(spec, "cuda")
+    enc = E.load_encoder(spec, "auto")
+    assert enc.device == "cpu"
+    with pytest.raises(DeviceError, match="compute.device is 'cuda'"):
+        enc.to("cuda")
+
+
 def test_weights_hash_changes_with_weights(tiny_model, tmp_path):
     cfg = E.model_config("dbprune-tiny")
-    a = E.save_local_dir(tmp_path / "a", tiny_model, cfg, tmp_root=tmp_path / ".tmp")
-    a2 = E.save_local_dir(tmp_path / "a2", tiny_model, cfg, tmp_root=tmp_path / ".tmp")
-    h = E.weights_hash(a)
-    assert len(h) == 64 and h == E.weights_hash(a / E.WEIGHTS_FILE) == E.weights_hash(a2)
+    a = M.save_local_dir(tmp_path / "a", tiny_model, cfg, tmp_root=tmp_path / ".tmp")
+    a2 = M.save_local_dir(tmp_path / "a2", tiny_model, cfg, tmp_root=tmp_path / ".tmp")
+    h = M.weights_hash(a)
+    assert len(h) == 64 and h == M.weights_hash(a / M.WEIGHTS_FILE) == M.weights_hash(a2)
     sd = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     sd["logit_scale"] += 1e-3
-    b = E.save_local_dir(tmp_path / "b", sd, cfg, tmp_root=tmp_path / ".tmp")
-    assert E.weights_hash(b) != h
-    with pytest.raises(E.EncoderError):
-        E.weights_hash(tmp_path / "nothing")
+    b = M.save_local_dir(tmp_path / "b", sd, cfg, tmp_root=tmp_path / ".tmp")
+    assert M.weights_hash(b) != h
+    with pytest.raises(M.ModelDirError):
+        M.weights_hash(tmp_path / "nothing")
 
 
 def test_check_embedding_dim(tiny_model, tmp_path):
     E.check_embedding_dim(64, 64, "x")
     with pytest.raises(E.EncoderError, match=r"embeddings/img_emb/00003\.npy holds 512-dim.*ckpt\.pt.*64-dim"):
         E.check_embedding_dim(64, 512, "embeddings/img_emb/00003.npy", checkpoint="ckpt.pt")
-    out = E.save_local_dir(tmp_path / "enc", tiny_model, E.model_config("dbprune-tiny"), tmp_root=tmp_path / ".tmp")
+    out = M.save_local_dir(tmp_path / "enc", tiny_model, E.model_config("dbprune-tiny"), tmp_root=tmp_path / ".tmp")
     enc = E.load_encoder(EncoderSpec(model=f"local-dir:{out}"), "cpu")
     npy = tmp_path / "00007.npy"
     np.save(npy, np.zeros((3, enc.embed_dim + 1), np.float16))
@@ -193,43 +208,17 @@ def test_check_embedding_dim(tiny_model, tmp_path):
 
 
 def _reference_shards(root: Path, n: int) -> list[Path]:
-    """A tiny clean reference split: the sample-pool generator's when present, else PIL-drawn tars."""
-    try:
-        from dbprune_assets.core.pool import write_sample_pool
-        from dbprune_assets.core.settings import PoolSettings
-    except ImportError:  # pragma: no cover - the generator is part of the package
-        write_sample_pool = None
-    if write_sample_pool is not None:
-        settings = PoolSettings(shards=1, samples_per_shard=40, concepts=6, reference_samples=n, eval_per_class=1)
-        summary = write_sample_pool(root / "pool", settings, tmp_root=root / ".tmp")
-        shards = sorted(summary.reference_dir.glob("*.tar"))
-        if shards:
-            return shards
-    from PIL import Image, ImageDraw
-
-    colors = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 225)}
-    ref = root / "reference"
-    ref.mkdir(parents=True)
-    path = ref / "00000.tar"
-    rng = np.random.default_rng(0)
-    with tarfile.open(path, "w") as tf:
-        for i in range(n):
-            name = list(colors)[i % 3]
-            im = Image.new("RGB", (48, 48), (30, 30, 30))
-            x, y = rng.integers(8, 24, 2)
-            ImageDraw.Draw(im).ellipse([x, y, x + 16, y + 16], fill=colors[name])
-            buf = io.BytesIO()
-            im.save(buf, "JPEG")
-            for ext, data in (("jpg", buf.getvalue()), ("txt", f"a {name} circle".encode()), ("json", b"{}")):
-                info = tarfile.TarInfo(f"{i:06d}.{ext}")
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
-    (ref / "sizes.json").write_text(json.dumps({"00000.tar": n}))
-    return [path]
+    """A tiny clean reference split: the sample-pool generator's."""
+    settings = PoolSettings(shards=1, samples_per_shard=40, concepts=6, reference_samples=n, eval_per_class=1)
+    summary = write_sample_pool(root / "pool", settings, tmp_root=root / ".tmp")
+    shards = sorted(summary.reference_dir.glob("*.tar"))
+    assert shards
+    return shards
 
 
 def test_bootstrap_trains_with_open_clip_train_and_loads(tmp_path):
-    from dbprune_assets.core.bootstrap import build_train_argv, parse_loss_curve, train_bootstrap
+    from dbprune_assets.core.bootstrap import train_bootstrap
+    from dbprune_assets.core.oc_train import build_train_argv, parse_loss_curve
 
     n = 256
     shards = _reference_shards(tmp_path / "src", n)
@@ -255,7 +244,7 @@ def test_bootstrap_trains_with_open_clip_train_and_loads(tmp_path):
     assert [p.loss for p in results[1].loss_curve] == losses
     # the folder is a plain open_clip local-dir
     names = {p.name for p in res.out_dir.iterdir()}
-    assert {E.CONFIG_FILE, E.WEIGHTS_FILE, "bootstrap.json"} <= names
+    assert {M.CONFIG_FILE, M.WEIGHTS_FILE, "bootstrap.json"} <= names
     model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + str(res.out_dir))
     enc = E.load_encoder(EncoderSpec(model="bootstrap"), "cpu", bootstrap_dir=res.out_dir)
     assert enc.resolved.kind == "bootstrap" and enc.weights_hash() == res.weights_hash

@@ -7,24 +7,24 @@ from __future__ import annotations
 
 import json
 import math
-import tarfile
 from argparse import Namespace
 from pathlib import Path
 
 import pytest
 
+from dbprune_assets.core.device import auto_threads
 from dbprune_assets.core.encoders import model_config
 from dbprune_assets.core.export import train_data_spec
-from dbprune_assets.core.pool import write_sample_pool, write_tar
+from dbprune_assets.samplepool import write_sample_pool
 from dbprune_assets.core.settings import PoolSettings, TrainSettings
 from dbprune_assets.core.train import (
     RESULT_FILE,
     TrainError,
-    loss_curve_png,
     plan_training,
     read_train_result,
     train_clip,
 )
+from dbprune_assets.core.wds import iter_samples, write_tar
 
 
 @pytest.mark.parametrize(
@@ -46,6 +46,15 @@ def test_plan(samples_seen, batch, workers, world, epochs, steps, seen, epochs_u
     assert p.open_clip_train_steps() == p.steps
 
 
+@pytest.mark.parametrize(
+    ("workers", "cores", "processes", "threads"),
+    [(1, 2, 1, 1), (0, 2, 1, 2), (1, 16, 1, 15), (4, 16, 2, 4), (2, 2, 4, 1), (0, 8, 3, 2)],
+)
+def test_auto_threads_per_process(workers: int, cores: int, processes: int, threads: int) -> None:
+    """The cores left beside each process's loader workers, shared by the processes, at least 1."""
+    assert auto_threads(workers, cores=cores, processes=processes) == threads
+
+
 def _subset(folder: Path, samples: list[tuple[str, dict[str, bytes]]], shard_size: int) -> tuple[str, int]:
     """An exported-subset-like folder: NNNNN.tar + sizes.json."""
     folder.mkdir(parents=True)
@@ -63,12 +72,7 @@ def subsets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, in
     write_sample_pool(root / "pool", PoolSettings(shards=1, samples_per_shard=20, reference_samples=240, eval_per_class=1))
     samples: list[tuple[str, dict[str, bytes]]] = []
     for tar in sorted((root / "pool" / "reference").glob("*.tar")):
-        with tarfile.open(tar) as tf:
-            cur: dict[str, dict[str, bytes]] = {}
-            for m in tf:
-                key, ext = m.name.split(".", 1)
-                cur.setdefault(key, {})[ext] = tf.extractfile(m).read()
-            samples += list(cur.items())
+        samples += list(iter_samples(tar))
     assert len(samples) == 240
     return {
         "big": _subset(root / "subsets" / "big", samples, 100),  # 240 samples in 3 shards
@@ -130,6 +134,8 @@ def test_train_two_subsets_equal_samples_seen(tmp_path: Path, subsets: dict[str,
     seed0 = open_clip.create_model("local-dir:" + str(home / "models" / "big" / "seed0"))
     assert all(torch.equal(a, b) for a, b in zip(canon.state_dict().values(), seed0.state_dict().values()))
     assert big.final_loss is not None and big.first_loss is not None
+
+    from dbprune_assets.defs.plots import loss_curve_png
 
     png = loss_curve_png({"big": big.loss_curve, "small": small.loss_curve})
     assert png[:4] == b"\x89PNG"

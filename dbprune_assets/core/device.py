@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+from typing import Callable, ContextManager, Iterator
 
 
 class DeviceError(RuntimeError):
@@ -31,10 +31,13 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def auto_threads(workers: int = 0, cores: int | None = None) -> int:
-    """Compute threads beside ``workers`` busy decode processes: the remaining
-    cores (of ``cores``, default :func:`available_cores`), at least 1."""
-    return max(1, (cores if cores is not None else available_cores()) - max(0, workers))
+def auto_threads(workers: int = 0, cores: int | None = None, processes: int = 1) -> int:
+    """Compute threads per process beside ``workers`` busy decode processes
+    each: the remaining cores (of ``cores``, default :func:`available_cores`)
+    shared by ``processes`` compute processes (torchrun ranks), at least 1."""
+    processes = max(1, processes)
+    free = (cores if cores is not None else available_cores()) - max(0, workers) * processes
+    return max(1, free // processes)
 
 
 def torch_device(device: str | None = "auto") -> str:
@@ -49,6 +52,13 @@ def torch_device(device: str | None = "auto") -> str:
         raise DeviceError("compute.device is 'cuda' but no CUDA device is available; "
                           "set compute.device: auto or cpu")
     return device
+
+
+def cuda_device_count() -> int:
+    """CUDA devices torch can see (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def faiss_gpu_count() -> int:
@@ -70,32 +80,28 @@ def faiss_use_gpu(device: str | bool | None = "auto") -> bool:
 
 
 @contextlib.contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """Set torch's intra-op threads for the block (0 = leave as is)."""
-    import torch
-
+def _scoped_threads(get: Callable[[], int], set_: Callable[[int], None], threads: int) -> Iterator[None]:
+    """Set a library's thread count with ``set_`` for the block (0 = leave as is)."""
     if threads <= 0:
         yield
         return
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(threads))
+    before = get()
+    set_(int(threads))
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        set_(before)
 
 
-@contextlib.contextmanager
-def faiss_threads(threads: int) -> Iterator[None]:
+def torch_threads(threads: int) -> ContextManager[None]:
+    """Set torch's intra-op threads for the block (0 = leave as is)."""
+    import torch
+
+    return _scoped_threads(torch.get_num_threads, torch.set_num_threads, threads)
+
+
+def faiss_threads(threads: int) -> ContextManager[None]:
     """Set faiss' OpenMP threads for the block (0 = leave the library default)."""
     import faiss
 
-    if not threads:
-        yield
-        return
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(int(threads))
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(before)
+    return _scoped_threads(faiss.omp_get_max_threads, faiss.omp_set_num_threads, threads)

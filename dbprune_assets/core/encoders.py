@@ -1,4 +1,4 @@
-"""Encoders: resolve, load, hash and save open_clip models.
+"""Encoders: resolve an encoder setting and load it with open_clip.
 
 An encoder setting (``EncoderSpec``) names one of
 
@@ -15,9 +15,12 @@ An encoder setting (``EncoderSpec``) names one of
   folder at ``Layout.encoder_dir``.
 
 Without network access nothing can be downloaded: weights already in the
-Hugging Face / open_clip cache are used, anything else raises ``EncoderError``
-naming the setting to change.  The encoder asset's data version is
-``weights_hash``: the sha256 of the weight file's bytes.
+Hugging Face / open_clip cache are used (a quick probe switches the Hub client
+offline when it cannot be reached), anything else raises ``EncoderError``
+naming the setting to change.  Model folders themselves (writing, weight
+files, the weights hash that is the encoder asset's data version) are
+:mod:`dbprune_assets.core.model_dir`; the device is chosen by
+:mod:`dbprune_assets.core.device`.  See docs/design.md.
 
 torch and open_clip are imported inside the functions, so importing this
 module stays cheap (the Dagster code location imports it).
@@ -26,39 +29,20 @@ module stays cheap (the Dagster code location imports it).
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import socket
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 from urllib.parse import urlparse
 
-from dbprune_assets.core.atomic import atomic_path
+from dbprune_assets.core.device import torch_device
+from dbprune_assets.core.model_dir import CONFIG_FILE, LOCAL_DIR, WEIGHT_FILE_ORDER, weights_hash, weights_in_dir
 from dbprune_assets.core.settings import EncoderSpec
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
 
 #: the project's own open_clip architecture configs (``dbprune-tiny``)
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
-#: file names of an open_clip ``local-dir:`` folder
-CONFIG_FILE = "open_clip_config.json"
-WEIGHTS_FILE = "open_clip_model.safetensors"
-#: weight files open_clip looks for in a folder, most preferred first (as ``open_clip.factory``)
-WEIGHT_FILE_ORDER: tuple[str, ...] = (
-    "open_clip_model.safetensors",
-    "open_clip_pytorch_model.safetensors",
-    "open_clip_pytorch_model.bin",
-    "open_clip_pytorch_model.pth",
-    "model.safetensors",
-    "pytorch_model.bin",
-    "pytorch_model.pth",
-    "model.pth",
-)
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
-LOCAL_DIR = "local-dir:"
 HF_HUB = "hf-hub:"
 
 Kind = Literal["bootstrap", "local-dir", "hf-hub", "tag", "checkpoint"]
@@ -92,11 +76,6 @@ def register_model_configs() -> None:
     _REGISTERED = True
 
 
-def project_model_names() -> list[str]:
-    """Architectures defined by this package (file stems in ``model_configs/``)."""
-    return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
-
-
 def model_config(name: str) -> dict[str, Any]:
     """The open_clip model config of a registered architecture (a copy)."""
     register_model_configs()
@@ -106,17 +85,6 @@ def model_config(name: str) -> dict[str, Any]:
     if cfg is None:
         raise EncoderError(f"unknown open_clip architecture {name!r}; known: {_some(open_clip.list_models())}")
     return cfg
-
-
-def default_preprocess_cfg(model_cfg: dict[str, Any]) -> dict[str, Any]:
-    """open_clip's default preprocessing for an architecture (size from its vision config)."""
-    from open_clip.transform import PreprocessCfg
-
-    cfg = asdict(PreprocessCfg())
-    size = model_cfg.get("vision_cfg", {}).get("image_size")
-    if size is not None:
-        cfg["size"] = size
-    return _jsonable(cfg)
 
 
 # ---------------------------------------------------------------------------
@@ -169,6 +137,16 @@ def _looks_like_path(value: str) -> bool:
     )
 
 
+def _model_folder(model: str) -> Path | None:
+    """The model folder a ``model`` setting names (``local-dir:/path`` or a
+    folder path), else None."""
+    if model.startswith(LOCAL_DIR):
+        return Path(model[len(LOCAL_DIR):]).expanduser()
+    if _looks_like_path(model) and Path(model).expanduser().is_dir():
+        return Path(model).expanduser()
+    return None
+
+
 def _some(names: list[str], n: int = 12) -> str:
     names = list(names)
     more = f", … ({len(names) - n} more)" if len(names) > n else ""
@@ -192,12 +170,9 @@ def resolve_encoder(spec: EncoderSpec, bootstrap_dir: Path, *, setting: str = "e
                 f"(got {pretrained!r}); to use a checkpoint set {setting}.model to its architecture"
             )
         folder = Path(bootstrap_dir).expanduser().resolve()
-        return ResolvedEncoder("bootstrap", LOCAL_DIR + str(folder), None, setting, _weights_in_dir(folder))
+        return ResolvedEncoder("bootstrap", LOCAL_DIR + str(folder), None, setting, weights_in_dir(folder))
 
-    schema_dir: Path | None = None
-    if model.startswith(LOCAL_DIR):
-        schema_dir = Path(model[len(LOCAL_DIR):]).expanduser().resolve()
-    elif model.startswith(HF_HUB):
+    if model.startswith(HF_HUB):
         if pretrained:
             raise EncoderError(
                 f"{setting}.pretrained must be null when {setting}.model is an hf-hub id "
@@ -206,10 +181,10 @@ def resolve_encoder(spec: EncoderSpec, bootstrap_dir: Path, *, setting: str = "e
         if not model[len(HF_HUB):].strip("/"):
             raise EncoderError(f"{setting}.model: empty id after 'hf-hub:'; expected 'hf-hub:ORG/REPO'")
         return ResolvedEncoder("hf-hub", model, None, setting)
-    elif _looks_like_path(model) and Path(model).expanduser().is_dir():
-        schema_dir = Path(model).expanduser().resolve()
 
+    schema_dir = _model_folder(model)
     if schema_dir is not None:
+        schema_dir = schema_dir.resolve()
         if pretrained:
             raise EncoderError(
                 f"{setting}.pretrained must be null when {setting}.model is an open_clip folder ({schema_dir}); "
@@ -220,7 +195,7 @@ def resolve_encoder(spec: EncoderSpec, bootstrap_dir: Path, *, setting: str = "e
                 f"{setting}.model: {schema_dir} is not an open_clip folder (no {CONFIG_FILE}); "
                 "set model: bootstrap or a local checkpoint path"
             )
-        return ResolvedEncoder("local-dir", LOCAL_DIR + str(schema_dir), None, setting, _weights_in_dir(schema_dir))
+        return ResolvedEncoder("local-dir", LOCAL_DIR + str(schema_dir), None, setting, weights_in_dir(schema_dir))
 
     register_model_configs()
     import open_clip
@@ -262,14 +237,9 @@ def local_source_files(spec: EncoderSpec) -> list[Path]:
     encoder's fingerprint, so replacing a checkpoint in place is noticed."""
     if spec.is_bootstrap:
         return []
-    model = spec.model.strip()
-    folder: Path | None = None
-    if model.startswith(LOCAL_DIR):
-        folder = Path(model[len(LOCAL_DIR):]).expanduser()
-    elif _looks_like_path(model) and Path(model).expanduser().is_dir():
-        folder = Path(model).expanduser()
+    folder = _model_folder(spec.model.strip())
     if folder is not None:
-        weights = _weights_in_dir(folder)
+        weights = weights_in_dir(folder)
         return [folder / CONFIG_FILE] + ([weights] if weights is not None else [])
     p = spec.pretrained.strip() if spec.pretrained else None
     if p and (os.path.isfile(p) or _looks_like_path(p)):
@@ -298,7 +268,7 @@ class LoadedEncoder:
 
     def to(self, device: str) -> "LoadedEncoder":
         """Move the model to ``device`` (in place) and return self."""
-        device = resolve_device(device)
+        device = torch_device(device)
         if device != self.device:
             self.model.to(device)
             self.device = device
@@ -312,33 +282,6 @@ class LoadedEncoder:
 
     def same_model(self, other: "LoadedEncoder | None") -> bool:
         return other is None or other is self or (other.resolved.identity() == self.resolved.identity())
-
-
-def resolve_device(device: str | None = "auto") -> str:
-    """``auto`` → ``cuda`` when available, else ``cpu``; ``cuda`` without CUDA is an error."""
-    import torch
-
-    device = (device or "auto").lower()
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EncoderError("compute.device is 'cuda' but no CUDA device is available; set compute.device: auto or cpu")
-    return device
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
-def auto_threads(workers: int) -> int:
-    """torch intra-op threads beside ``workers`` busy decode processes: the
-    remaining cores, at least 1.  More threads than free cores makes OpenMP
-    threads spin against the decoders (measured 3-4x slower on 2 cores)."""
-    return max(1, available_cores() - max(0, workers))
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -415,9 +358,8 @@ def load_encoder(
 
     register_model_configs()
     import open_clip
-    import torch
 
-    dev = resolve_device(device)
+    dev = torch_device(device)
     weights: Path | None = r.weights_path
     if r.kind in ("bootstrap", "local-dir"):
         folder = r.local_dir
@@ -429,7 +371,7 @@ def load_encoder(
                     "materialise the encoder asset first"
                 )
             raise EncoderError(f"{r.setting}.model: {folder} is not an open_clip folder (no {CONFIG_FILE})")
-        weights = _weights_in_dir(folder)
+        weights = weights_in_dir(folder)
         if weights is None:
             what = "the bootstrap encoder folder" if r.kind == "bootstrap" else f"{r.setting}.model"
             raise EncoderError(
@@ -500,148 +442,7 @@ def embed_dim_of(model: Any) -> int:
 
 
 # ---------------------------------------------------------------------------
-# hashing, saving, checks
-
-
-def _weights_in_dir(folder: Path) -> Path | None:
-    """The weight file open_clip would load from an open_clip folder."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return None
-    for name in WEIGHT_FILE_ORDER:
-        if (folder / name).is_file():
-            return folder / name
-    found = sorted(p for ext in ("*.safetensors", "*.bin", "*.pth") for p in folder.glob(ext))
-    found.sort(key=lambda p: p.suffix != ".safetensors")
-    return found[0] if found else None
-
-
-def weights_path(path_or_dir: str | os.PathLike[str]) -> Path:
-    """A weight file itself, or the one open_clip would pick in a folder."""
-    p = Path(path_or_dir)
-    if p.is_dir():
-        w = _weights_in_dir(p)
-        if w is None:
-            raise EncoderError(f"no weight file in {p} (expected one of {', '.join(WEIGHT_FILE_ORDER[:3])})")
-        return w
-    if not p.is_file():
-        raise EncoderError(f"weights {p} do not exist")
-    return p
-
-
-def weights_hash(path_or_dir: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """sha256 (hex) of the weight file's bytes, streamed; a folder hashes its open_clip weight file."""
-    h = hashlib.sha256()
-    with open(weights_path(path_or_dir), "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
-
-
-def write_config_dir(
-    folder: Path, model_cfg: dict[str, Any], preprocess_cfg: dict[str, Any] | None = None
-) -> Path:
-    """Write ``open_clip_config.json`` alone into ``folder`` (created).
-
-    ``open_clip.create_model("local-dir:" + folder)`` then builds a randomly
-    initialised model (what ``open_clip_train`` trains from scratch) and
-    ``open_clip.get_tokenizer`` picks the tokenizer from the text config.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = {"model_cfg": _jsonable(model_cfg), "preprocess_cfg": _jsonable(preprocess_cfg or default_preprocess_cfg(model_cfg))}
-    (folder / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    return folder
-
-
-def read_config_dir(folder: Path) -> dict[str, Any]:
-    """``{"model_cfg", "preprocess_cfg"}`` of an open_clip folder."""
-    data = json.loads((Path(folder) / CONFIG_FILE).read_text())
-    if "model_cfg" not in data:
-        raise EncoderError(f"{Path(folder) / CONFIG_FILE} has no 'model_cfg'")
-    return data
-
-
-def _save_state_dict(state_dict: dict[str, "torch.Tensor"], path: Path, metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
-
-    tensors: dict[str, Any] = {}
-    seen: set[int] = set()
-    for k, v in state_dict.items():
-        t = v.detach().to("cpu").contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in seen:  # safetensors refuses shared storage: store a copy
-            t = t.clone()
-        seen.add(t.untyped_storage().data_ptr())
-        tensors[k] = t
-    save_file(tensors, str(path), metadata={"format": "pt", **(metadata or {})})
-
-
-def save_local_dir(
-    out_dir: Path,
-    state_dict: dict[str, "torch.Tensor"] | Any,
-    model_cfg: dict[str, Any],
-    preprocess_cfg: dict[str, Any] | None = None,
-    tmp_root: Path | None = None,
-    extra_files: dict[str, str] | None = None,
-) -> Path:
-    """Save weights as an open_clip ``local-dir:`` folder, atomically.
-
-    ``state_dict`` is a state dict or a model (its ``state_dict()``); the folder
-    gets ``open_clip_config.json`` and ``open_clip_model.safetensors`` (and any
-    ``extra_files`` as text) and loads with
-    ``open_clip.create_model_and_transforms("local-dir:" + str(out_dir))``.
-    Returns ``out_dir``.
-    """
-    if hasattr(state_dict, "state_dict"):
-        if preprocess_cfg is None:
-            preprocess_cfg = getattr(getattr(state_dict, "visual", None), "preprocess_cfg", None)
-        state_dict = state_dict.state_dict()
-    state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
-    out_dir = Path(out_dir)
-    with atomic_path(out_dir, tmp_root) as tmp:
-        write_config_dir(tmp, model_cfg, preprocess_cfg)
-        _save_state_dict(state_dict, tmp / WEIGHTS_FILE)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-    return out_dir
-
-
-def export_checkpoint(
-    checkpoint: Path,
-    out_dir: Path,
-    model_cfg: dict[str, Any],
-    preprocess_cfg: dict[str, Any] | None = None,
-    tmp_root: Path | None = None,
-    extra_files: dict[str, str] | None = None,
-) -> Path:
-    """Convert an ``open_clip_train`` checkpoint (``epoch_N.pt``) to a ``local-dir:`` folder.
-
-    The state dict is loaded into a freshly built model first (strict), so a
-    checkpoint that does not fit ``model_cfg`` fails here, not at first use.
-    """
-    import torch
-    from open_clip.factory import load_state_dict
-    from open_clip.model import CLIP, CustomTextCLIP
-
-    sd = load_state_dict(str(checkpoint), device="cpu", weights_only=True)
-    cfg = json.loads(json.dumps(model_cfg))
-    custom = cfg.pop("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {})
-    model = (CustomTextCLIP if custom else CLIP)(**cfg)
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise EncoderError(f"checkpoint {checkpoint} does not fit the model config: {e}") from e
-    with torch.no_grad():
-        return save_local_dir(out_dir, model.state_dict(), model_cfg, preprocess_cfg, tmp_root, extra_files)
+# checks against stored embeddings
 
 
 def check_embedding_dim(expected: int, got: int, where: str, checkpoint: str | None = None) -> None:

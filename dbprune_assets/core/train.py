@@ -2,10 +2,11 @@
 
 ``train_clip`` trains ``TrainSettings.model`` from scratch on one strategy's
 exported subset (``subsets/<strategy>/``, a brace pattern of webdataset tars)
-by running ``open_clip_train.main`` in a subprocess, through the launcher of
-:mod:`dbprune_assets.core.bootstrap` (which registers the project's model
+by running ``open_clip_train.main`` in a subprocess, through the runner of
+:mod:`dbprune_assets.core.oc_train` (which registers the project's model
 configs and seeds open_clip_train's sample-shuffle buffer).  Several GPUs are
-used through ``torchrun --nproc_per_node N`` when ``n_gpus > 1``.
+used through ``torchrun --nproc_per_node N`` when ``n_gpus > 1``.  The method
+and the reasons for the choices below are in docs/design.md.
 
 Equal compute
 -------------
@@ -49,9 +50,10 @@ Determinism and speed
 On CPU the same subset, seed, worker count and thread count give bit-identical
 weights (the launcher seeds the sample shuffle; measured: two runs, same final
 loss and zero-shot accuracy to the last digit).  Without ``threads`` the run
-takes the cores the loader workers leave (:func:`auto_threads`): on a 2-core
-machine torch's default of 2 threads beside a decoding worker made steps
-several times slower.  Under torchrun every rank shuffles its own resampled
+takes the cores the loader workers leave
+(:func:`dbprune_assets.core.device.auto_threads`): on a 2-core machine torch's
+default of 2 threads beside a decoding worker measured ~9x slower steps
+(oversubscription).  Under torchrun every rank shuffles its own resampled
 shard stream; the launcher's shuffle seed does not include the rank.
 
 torch and open_clip are imported inside functions (cheap module import).
@@ -63,37 +65,26 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from dbprune_assets.core.atomic import atomic_path, scratch_dir, write_bytes, write_json
-from dbprune_assets.core.bootstrap import (
-    LAUNCHER_MODULE,
-    BootstrapError,
+from dbprune_assets.core.atomic import atomic_path, write_bytes
+from dbprune_assets.core.device import auto_threads, cuda_device_count, torch_device
+from dbprune_assets.core.model_dir import CONFIG_FILE, LOCAL_DIR, WEIGHTS_FILE, weights_hash
+from dbprune_assets.core.oc_train import (
     LossPoint,
-    TrainRun,
+    OpenClipTrainError,
     build_train_argv,
+    curve_json,
     parse_loss_curve,
     run_open_clip_train,
-)
-from dbprune_assets.core.encoders import (
-    CONFIG_FILE,
-    LOCAL_DIR,
-    WEIGHTS_FILE,
-    default_preprocess_cfg,
-    export_checkpoint,
-    model_config,
-    resolve_device,
-    weights_hash,
-    write_config_dir,
+    training_scratch,
 )
 from dbprune_assets.core.settings import TrainSettings
 
 RESULT_FILE = "train_result.json"
-RUN_NAME = "train"
 #: files that make up a published model folder (the canonical copy gets these)
 MODEL_FILES: tuple[str, ...] = (WEIGHTS_FILE, CONFIG_FILE, RESULT_FILE)
 
@@ -230,7 +221,7 @@ class TrainResult:
             "threads": self.threads,
             "first_loss": self.first_loss,
             "final_loss": self.final_loss,
-            "loss_curve": {"columns": ["step", "loss", "epoch"], "points": [list(p) for p in self.loss_curve]},
+            "loss_curve": curve_json(self.loss_curve),
             "argv": list(self.argv),
             "command": list(self.command),
             "notes": list(self.notes),
@@ -300,15 +291,13 @@ def train_clip(
         raise TrainError("train_clip: no training data (empty pattern)")
     if n_samples <= 0:
         raise TrainError(f"train_clip: the subset {train_data} is empty; there is nothing to train on")
-    dev = resolve_device(device)
+    dev = torch_device(device)
     world = int(n_gpus) if n_gpus and n_gpus > 1 else 1
     if world > 1:
         if not dev.startswith("cuda"):
             raise TrainError(f"train_clip: n_gpus={n_gpus} needs CUDA, the device is {dev}")
-        import torch
-
-        if torch.cuda.device_count() < world:
-            raise TrainError(f"train_clip: n_gpus={n_gpus} but only {torch.cuda.device_count()} CUDA devices are visible")
+        if cuda_device_count() < world:
+            raise TrainError(f"train_clip: n_gpus={n_gpus} but only {cuda_device_count()} CUDA devices are visible")
     return _train(
         train_data, n_samples, out_dir, settings, seed, dev, logs_dir, tmp_root, world,
         threads=threads, epochs=epochs, log_every_n_steps=log_every_n_steps, timeout_s=timeout_s,
@@ -338,7 +327,7 @@ def _train(
     open_clip_train's DDP wrapper needs CUDA devices then)."""
     notes: list[str] = []
     if threads <= 0 and not dev.startswith("cuda"):
-        threads = auto_threads(settings.workers, nproc)
+        threads = auto_threads(settings.workers, processes=nproc)
     precision = settings.precision
     if not dev.startswith("cuda") and precision != "fp32":
         notes.append(f"precision {precision} requested; fp32 used on {dev}")
@@ -356,40 +345,16 @@ def _train(
     if settings.warmup >= plan.steps:
         notes.append(f"warmup {settings.warmup} >= {plan.steps} steps: the learning rate never reaches {settings.lr}")
 
-    model_cfg = model_config(settings.model)
-    preprocess_cfg = default_preprocess_cfg(model_cfg)
-    with scratch_dir(tmp_root, "train-") as scratch_s:
-        scratch = Path(scratch_s)
-        arch_dir = write_config_dir(scratch / "arch", model_cfg, preprocess_cfg)
-        model_arg = LOCAL_DIR + str(arch_dir)
-        if "coca" in model_arg.lower():  # open_clip_train picks CoCa's loss from the model name
-            raise TrainError(f"the temp folder path {arch_dir} contains 'coca', which open_clip_train misreads")
+    with training_scratch(settings.model, tmp_root, "train-") as staged:
         argv = build_train_argv(
-            model=model_arg,
-            train_data=str(train_data),
-            n_samples=plan.samples_per_epoch,
-            batch_size=plan.per_device_batch,
-            epochs=plan.epochs,
-            lr=settings.lr,
-            warmup=settings.warmup,
-            workers=settings.workers,
-            precision=precision,
-            seed=seed,
-            logs=scratch / "logs",
-            name=RUN_NAME,
-            device=dev,
-            save_frequency=0,
-            log_every_n_steps=log_every_n_steps,
-            extra=["--dataset-resampled"],
+            model=staged.model_arg, train_data=str(train_data), n_samples=plan.samples_per_epoch,
+            batch_size=plan.per_device_batch, epochs=plan.epochs, lr=settings.lr, warmup=settings.warmup,
+            workers=settings.workers, precision=precision, seed=seed, logs=staged.logs, device=dev,
+            save_frequency=0, log_every_n_steps=log_every_n_steps, extra=["--dataset-resampled"],
         )
-        stdout_path = scratch / "stdout.log"
         try:
-            if nproc > 1:
-                run, command = _run_torchrun(argv, nproc, threads=threads, stdout_path=stdout_path, timeout_s=timeout_s)
-            else:
-                command = [sys.executable, "-m", LAUNCHER_MODULE, "--threads", str(int(threads)), "--", *argv]
-                run = run_open_clip_train(argv, threads=threads, stdout_path=stdout_path, timeout_s=timeout_s)
-        except BootstrapError as err:
+            run = run_open_clip_train(argv, threads=threads, stdout_path=staged.stdout_path, timeout_s=timeout_s, nproc=nproc)
+        except OpenClipTrainError as err:
             raise TrainError(f"training {settings.model} (seed {seed}) on {train_data} failed: {err}") from err
         curve = parse_loss_curve(run.log_path, plan.global_batch)
         logged_steps = curve[-1].step if curve else 0
@@ -423,22 +388,12 @@ def _train(
             weights_hash="",
             loss_curve=curve,
             argv=list(argv),
-            command=[str(c) for c in command],
+            command=[str(c) for c in run.command],
             notes=notes,
         )
-        assert run.checkpoint is not None
         # argv paths point into the scratch folder, which is removed: record them as they ran
-        export_checkpoint(
-            run.checkpoint, out_dir, model_cfg, preprocess_cfg, tmp_root=tmp_root,
-            extra_files={RESULT_FILE: json.dumps(result.to_json(), indent=2, sort_keys=True) + "\n"},
-        )
-        log_copy: Path | None = None
-        for src, name in ((run.log_path, "out.log"), (run.run_dir / "params.txt", "params.txt"), (stdout_path, "stdout.log")):
-            if src.is_file():
-                write_bytes(logs_dir / name, src.read_bytes(), tmp_root=tmp_root)
-                if name == "out.log":
-                    log_copy = logs_dir / name
-        write_json(logs_dir / "loss_curve.json", result.to_json()["loss_curve"], tmp_root=tmp_root)
+        staged.export(run, out_dir, tmp_root, {RESULT_FILE: result.to_json()})
+        log_copy = run.keep_logs(logs_dir, curve, tmp_root)
     result.log_path = log_copy
     result.weights_hash = weights_hash(out_dir)
     if canonical is None:
@@ -447,41 +402,6 @@ def _train(
         result.canonical_dir = publish_canonical(out_dir, out_dir.parent, tmp_root)
     result.total_seconds = time.perf_counter() - start
     return result
-
-
-def auto_threads(workers: int, nproc: int = 1) -> int:
-    """CPU threads per training process when none are set: the cores left
-    after the loader workers, shared by the processes (at least 1).  On a
-    2-core machine with 1 worker that is 1 thread; letting torch take both
-    cores beside a decoding worker measured ~9x slower steps (oversubscription)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, (cores - max(0, workers) * nproc) // max(1, nproc))
-
-
-def _run_torchrun(
-    argv: Sequence[str], nproc: int, *, threads: int, stdout_path: Path, timeout_s: float | None
-) -> tuple[TrainRun, list[str]]:
-    """``torchrun --standalone --nproc_per_node N -m <launcher> -- ARGV`` (one node):
-    bootstrap's runner with torchrun in front, reporting the failing rank."""
-    prefix = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={int(nproc)}"]
-    run = run_open_clip_train(argv, threads=threads, stdout_path=stdout_path, timeout_s=timeout_s,
-                              prefix=prefix, tail=_torchrun_tail)
-    return run, [sys.executable, *prefix, "-m", LAUNCHER_MODULE, "--threads", str(int(threads)), "--", *argv]
-
-
-def _torchrun_tail(run: TrainRun, n_rank: int = 30, n_last: int = 8) -> str:
-    """The workers' own last lines (torchrun prefixes them ``[rankN]:``) and then
-    torchrun's summary; its traceback alone would hide the cause."""
-    if not run.stdout_path.is_file():
-        return run.tail()
-    lines = run.stdout_path.read_text(errors="replace").splitlines()
-    ranked = [ln for ln in lines if ln.startswith("[rank")]
-    first = next((ln.split("]:", 1)[0] for ln in ranked if "Error" in ln), None)
-    if first is not None:
-        ranked = [ln for ln in ranked if ln.startswith(first + "]:")]
-        last_err = max(i for i, ln in enumerate(ranked) if "Error" in ln)
-        ranked = ranked[: last_err + 1]
-    return "\n".join(ranked[-n_rank:] + ["..."] + lines[-n_last:])
 
 
 def publish_canonical(seed_dir: Path, strategy_dir: Path, tmp_root: Path) -> Path:
@@ -503,35 +423,3 @@ def publish_canonical(seed_dir: Path, strategy_dir: Path, tmp_root: Path) -> Pat
     write_bytes(strategy_dir / "CANONICAL", f"{seed_dir.name}\n".encode(), tmp_root=tmp_root)
     return strategy_dir
 
-
-# ---------------------------------------------------------------------------
-# the loss-curve plot (shown in the UI)
-
-
-def loss_curve_png(curves: dict[str, Sequence[tuple[int, float] | LossPoint]], title: str = "training loss") -> bytes:
-    """A PNG of one or more loss curves, ``{label: [(step, loss), ...]}``."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
-    try:
-        for label, pts in curves.items():
-            if not pts:
-                continue
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=str(label), linewidth=1.2)
-        ax.set_xlabel("step")
-        ax.set_ylabel("contrastive loss")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        if len(curves) > 1:
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        return buf.getvalue()
-    finally:
-        plt.close(fig)
