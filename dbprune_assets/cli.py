@@ -59,7 +59,7 @@ def ensure_pool(layout: Layout, settings: PipelineSettings, echo=print) -> None:
             f"DBPRUNE_POOL={layout.pool} does not exist; point it at a folder of img2dataset shards "
             "(NNNNN.tar + NNNNN.parquet) or unset it to use the generated sample pool"
         )
-    from .core.pool import write_sample_pool
+    from .samplepool import write_sample_pool
 
     echo(f"generating the sample pool in {layout.pool} …")
     summary = write_sample_pool(layout.pool, settings.pool, tmp_root=layout.tmp)
@@ -81,7 +81,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     write_bytes(layout.config_file, settings.to_yaml().encode(), layout.tmp)
     print(f"dbprune: home {layout.home}, pool {layout.pool}, profile {settings.profile} "
           f"(settings saved to {layout.config_file})")
-    report = run_pipeline(layout, settings, select=args.select, force=args.force)
+    report = run_pipeline(layout, settings, select=args.select, force=args.force,
+                          log_level="DEBUG" if args.verbose > 1 else "INFO" if args.verbose else None)
     print_summary(layout, report)
     return 0 if report.ok else 1
 
@@ -104,7 +105,7 @@ def print_summary(layout: Layout, report) -> None:
 
 
 def cmd_sample_pool(args: argparse.Namespace) -> int:
-    from .core.pool import write_sample_pool
+    from .samplepool import write_sample_pool
 
     layout = Layout.from_env()
     out = Path(args.out).resolve() if args.out else layout.pool
@@ -173,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--profile", choices=["paper", "sample"], help="start from this profile (default: the one that fits the pool)")
     r.add_argument("--select", help="asset selection, as `dagster asset materialize --select` (e.g. '*pruned_subset')")
     r.add_argument("--force", action="store_true", help="redo selected partitions even when up to date")
+    r.add_argument("-v", "--verbose", action="count", default=0,
+                   help="also print Dagster's log lines (-vv: debug); they are always in each run's log (dbprune ui)")
     r.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("sample-pool", help="write the synthetic sample pool (img2dataset layout)")

@@ -22,7 +22,6 @@ ASSETS = [
 ]
 
 
-
 def build_defs(dbprune: DbpruneResource | None = None) -> dg.Definitions:
     """The definitions, with the resource bound to a given home (``dbprune run``
     binds the home it works on; the code location reads the environment)."""

@@ -7,17 +7,25 @@ assets' single-run backfill policy turns into one step that loads the model
 once), launched in this process against the persistent instance at
 ``$DBPRUNE_HOME/dagster`` so ``dbprune ui`` shows every run.  A partition is
 up to date when its commit marker's fingerprint matches the current settings
-and upstream versions (``defs/common.py``); ``--force`` redoes everything
-selected.
+and upstream versions (``defs/common.py``; parents and partitioning are read
+from the Dagster definitions); ``--force`` redoes everything selected.
+
+What a person sees: a line per group (``▶`` when it starts, ``✓``/``✗`` when it
+ends) with a live bar of its partitions on a terminal; Dagster's own log lines
+go to each run's log in the instance (``dbprune ui``), and to the console only
+with ``dbprune run -v``.  A failure prints one line naming the step.
 """
 
 from __future__ import annotations
 
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from .core.layout import UNPARTITIONED, Layout
+from .core.progress import bars_enabled
 from .core.settings import STRATEGIES, PipelineSettings
 
 Echo = Callable[[str], None]
@@ -95,21 +103,70 @@ def contiguous_ranges(all_keys: list[str], wanted: list[str]) -> list[tuple[str,
     return ranges
 
 
-def run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None = None, force: bool = False,
-                 echo: Echo = print, log_level: str = "INFO") -> RunReport:
-    import dagster as dg
-    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+#: Dagster's documented run tags for a partition-range run (the single-run
+#: backfill policy turns it into one step over the range)
+RANGE_START_TAG = "dagster/asset_partition_range_start"
+RANGE_END_TAG = "dagster/asset_partition_range_end"
 
-    from .defs.common import GRAPH, DbpruneResource, Versions
+
+class GroupBar:
+    """A live bar of one group's work: the (asset, partition) pairs committed so
+    far, read from the commit markers while the run executes.  Only on a
+    terminal (or with ``DBPRUNE_PROGRESS=1``), on stderr."""
+
+    def __init__(self, layout: Layout, assets: list[str], partitions: list[str], label: str, every: float = 1.0):
+        self.layout, self.every = layout, every
+        self.pending = [(a, p) for a in assets for p in partitions]
+        self.bar: Any = None
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+        if bars_enabled():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=len(self.pending), desc=label, unit="partition", file=sys.stderr,
+                            dynamic_ncols=True, leave=False)
+            self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self.stop.wait(self.every):
+            left = [(a, p) for a, p in self.pending if not self.layout.state(a, p).exists()]
+            self.bar.update(len(self.pending) - len(left))
+            self.pending = left
+
+    def __enter__(self) -> "GroupBar":
+        if self.thread is not None:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+            self.bar.close()
+
+
+def console_config(log_level: str | None) -> dict[str, Any]:
+    """Run config of Dagster's console logger: its lines at ``log_level`` (``-v``),
+    else none (every event still goes to the run's log in the instance)."""
+    return {"loggers": {"console": {"config": {"log_level": log_level or "CRITICAL"}}}}
+
+
+def run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None = None, force: bool = False,
+                 echo: Echo = print, log_level: str | None = None) -> RunReport:
+    """Materialise the selected assets group by group (see the module docstring);
+    ``log_level``: show Dagster's log lines from that level on the console."""
+    import dagster as dg
+
+    from .core.atomic import clean_stale_tmp
+    from .core.state import clear_state
+    from .defs.common import DbpruneResource, Versions, graph_nodes
     from .defs.ingest import sync_shard_partitions
     from .definitions import build_defs
 
-    defs = build_defs(DbpruneResource(home=str(layout.home), pool=str(layout.pool)))
-
-    from .core.atomic import clean_stale_tmp, process_tmp_name
-    from .core.state import clear_state
-
     t0 = time.monotonic()
+    defs = build_defs(DbpruneResource(home=str(layout.home), pool=str(layout.pool)))
+    graph = defs.resolve_asset_graph()
+    nodes = graph_nodes(graph)
     instance = dagster_instance(layout)
     clean_stale_tmp(layout.tmp_base)  # half-written files of killed processes
     for run_id in fail_orphaned_runs(instance):
@@ -118,16 +175,11 @@ def run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None 
     if added or removed:
         echo(f"pool: {len(added)} shard(s) added, {len(removed)} removed")
 
-    graph = defs.resolve_asset_graph()
     selection = dg.AssetSelection.from_coercible(select.split(",")) if select else dg.AssetSelection.all()
     keys = {k.to_user_string() for k in selection.resolve(graph)}
-    ordered = [k.to_user_string() for k in graph.toposorted_asset_keys if k.to_user_string() in keys]
-    unknown = [k for k in ordered if k not in GRAPH]
-    if unknown:
-        raise RuntimeError(f"assets {unknown} have no versioning entry in defs/common.py GRAPH")
-    parents = {k: set(GRAPH[k].parents) for k in ordered}
-    partitioning = {k: GRAPH[k].partitioning for k in ordered}
-    groups = plan_groups(ordered, parents, partitioning)
+    ordered = [k for k in nodes if k in keys]
+    groups = plan_groups(ordered, {k: set(nodes[k].parents) for k in ordered},
+                         {k: nodes[k].partitioning for k in ordered})
 
     job = defs.resolve_implicit_global_asset_job_def()
     strategies = [s for s in STRATEGIES if s in settings.selection.strategies]
@@ -135,8 +187,8 @@ def run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None 
     for group in groups:
         g0 = time.monotonic()
         shards = sorted(instance.get_dynamic_partitions("shards"))
-        versions = Versions(layout, settings, shards, strategies)
-        kind = partitioning[group[0]]
+        versions = Versions(layout, settings, shards, nodes, strategies)
+        kind = nodes[group[0]].partitioning
         all_parts = versions.keys(kind)  # strategies: the configured ones, in STRATEGIES order
         stale = [p for p in all_parts if force or any(not versions.is_fresh(a, p) for a in group)]
         skipped = [p for p in all_parts if p not in stale]
@@ -147,30 +199,20 @@ def run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None 
             continue
         scope = f"{len(stale)} of {len(all_parts)} partitions" if kind else "unpartitioned"
         echo(f"▶ {label} [{scope}] …")
-        run_ids = []
-        asset_keys = [dg.AssetKey(a) for a in group]
-        ranges = [(None, None)] if kind is None else contiguous_ranges(
-            shards if kind == "shard" else list(STRATEGIES), stale)
         # a partition is redone from scratch: drop its commit markers first, so a
         # crash half-way through (even of a --force re-run) leaves it out of date
         for a in group:
             for p in stale:
                 clear_state(layout, a, p)
-        for start, end in ranges:
-            tags = {"dbprune/cli": "run", PROCESS_TAG: process_tmp_name()}
-            if start is not None:
-                tags[ASSET_PARTITION_RANGE_START_TAG] = start
-                tags[ASSET_PARTITION_RANGE_END_TAG] = end
-            result = job.execute_in_process(
-                run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
-                instance=instance, asset_selection=asset_keys, tags=tags, raise_on_error=False,
-            )
-            run_ids.append(result.run_id)
-            if not result.success:
-                msg = _failure_message(result)
-                echo(f"✗ {label} failed (run {result.run_id}): {msg}")
-                results.append(GroupResult(group, stale, skipped, time.monotonic() - g0, run_ids))
-                return RunReport(results, time.monotonic() - t0, ok=False, failure=msg)
+        ranges = [(None, None)] if kind is None else contiguous_ranges(
+            shards if kind == "shard" else list(STRATEGIES), stale)
+        with GroupBar(layout, group, stale, label):
+            run_ids, failed = _run_ranges(job, instance, group, ranges, log_level)
+        if failed is not None:
+            msg = _failure_message(failed)
+            echo(f"✗ {label} failed (run {failed.run_id}): {msg}")
+            results.append(GroupResult(group, stale, skipped, time.monotonic() - g0, run_ids))
+            return RunReport(results, time.monotonic() - t0, ok=False, failure=msg)
         dt = time.monotonic() - g0
         echo(f"✓ {label}: {len(stale) if kind else 1} partition(s) in {dt:.1f}s")
         results.append(GroupResult(group, stale, skipped, dt, run_ids))
@@ -199,6 +241,28 @@ def fail_orphaned_runs(instance) -> list[str]:
                                                     "(killed) before the run finished; `dbprune run` redoes its unfinished partitions")
             failed.append(run.run_id)
     return failed
+
+
+def _run_ranges(job: Any, instance: Any, group: list[str], ranges: list[tuple[str | None, str | None]],
+                log_level: str | None) -> tuple[list[str], Any]:
+    """One run per partition range (``(None, None)``: unpartitioned) of the
+    group's assets, in process; (run ids, the failed run's result or None)."""
+    import dagster as dg
+
+    from .core.atomic import process_tmp_name
+
+    run_ids = []
+    for start, end in ranges:
+        tags = {"dbprune/cli": "run", PROCESS_TAG: process_tmp_name()}
+        if start is not None:
+            tags.update({RANGE_START_TAG: start, RANGE_END_TAG: str(end)})
+        result = job.execute_in_process(run_config=console_config(log_level), instance=instance,
+                                        asset_selection=[dg.AssetKey(a) for a in group], tags=tags,
+                                        raise_on_error=False)
+        run_ids.append(result.run_id)
+        if not result.success:
+            return run_ids, result
+    return run_ids, None
 
 
 def _failure_message(result) -> str:  # ExecuteInProcessResult

@@ -13,12 +13,13 @@ from dbprune_assets.core.compare import (
     SUMMARY_SCHEMA,
     bootstrap_ci,
     compare_intervals,
-    comparison_plot,
     markdown_table,
+    plot_panels,
     summarize,
     summary_metadata,
     verdicts,
 )
+from dbprune_assets.defs.plots import comparison_png
 
 
 def _rows(scores: dict[str, dict[str, list[float]]]) -> pl.DataFrame:
@@ -137,7 +138,7 @@ def test_markdown_table_and_plot() -> None:
     assert lines[0] == "| strategy | subset size | samples seen | seeds | acc1 | text_retrieval_recall@5 |"
     assert lines[2].startswith("| dbp | 1,234 | 19,968 | 3 | 0.200 ± 0.100 [")
     assert lines[3].startswith("| full | 5,678 | 19,968 | 3 | 0.510 ± 0.010 [")
-    png = comparison_plot(s)
+    png = comparison_png(plot_panels(s))
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     meta = summary_metadata(s)
     assert meta["dbp/acc1"].startswith("0.200 ± 0.100 [") and meta["dbp/acc1"].endswith("(n=3)")

@@ -8,15 +8,15 @@ import dagster as dg
 import numpy as np
 import polars as pl
 import pytest
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from dbprune_assets.core.catalog import query
 from dbprune_assets.core.layout import Layout, list_pool_shards
-from dbprune_assets.core.pool import load_ground_truth, write_sample_pool
+from dbprune_assets.samplepool import load_ground_truth, write_sample_pool
 from dbprune_assets.core.settings import build_settings
 from dbprune_assets.core.state import read_state
 from dbprune_assets.defs.common import SHARDS, DbpruneResource
 from dbprune_assets.definitions import ASSETS
+from dbprune_assets.runner import RANGE_END_TAG, RANGE_START_TAG
 
 from .conftest import TINY
 
@@ -38,7 +38,7 @@ def tiny_home(tmp_path_factory: pytest.TempPathFactory):
 def _materialize(layout: Layout, instance: dg.DagsterInstance, selection: list[str], shards: list[str] | None = None):
     tags = {}
     if shards:
-        tags = {ASSET_PARTITION_RANGE_START_TAG: shards[0], ASSET_PARTITION_RANGE_END_TAG: shards[-1]}
+        tags = {RANGE_START_TAG: shards[0], RANGE_END_TAG: shards[-1]}
     result = dg.materialize(
         ASSETS, selection=selection, instance=instance, tags=tags,
         resources={"dbprune": DbpruneResource(home=str(layout.home), pool=str(layout.pool))},

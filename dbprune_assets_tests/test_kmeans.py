@@ -10,12 +10,19 @@ from hypothesis import strategies as st
 
 from dbprune_assets.core.kmeans import (
     UniformSample,
-    bounded_uniform_sample,
     l2_normalize_checked,
     nearest_centroid,
     spherical_kmeans,
     uid_hash,
 )
+
+
+def bounded_uniform_sample(chunks, size: int, seed: int) -> np.ndarray:
+    """The sample's embeddings after offering ``chunks`` ((uids, emb[, name]) each) in order."""
+    s = UniformSample(size, seed)
+    for item in chunks:
+        s.add(*item)
+    return s.embeddings
 
 # ---------------------------------------------------------------------------
 # l2_normalize_checked

@@ -4,10 +4,12 @@ from dbprune_assets.runner import contiguous_ranges, plan_groups
 
 
 def test_groups_follow_the_graph():
-    from dbprune_assets.defs.common import GRAPH
+    from dbprune_assets.defs.common import graph_nodes
+    from dbprune_assets.definitions import ASSETS, defs
 
-    keys = list(GRAPH)  # declared in topological order
-    groups = plan_groups(keys, {k: set(GRAPH[k].parents) for k in keys}, {k: GRAPH[k].partitioning for k in keys})
+    nodes = graph_nodes(defs.resolve_asset_graph())
+    keys = [k.to_user_string() for a in ASSETS for k in a.keys]  # declared in topological order
+    groups = plan_groups(keys, {k: set(nodes[k].parents) for k in keys}, {k: nodes[k].partitioning for k in keys})
     assert groups == [
         ["raw_metadata"],
         ["pool_manifest", "encoder"],

@@ -30,12 +30,14 @@ full), then any other strategy name alphabetically.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import polars as pl
 
-from dbprune_assets.core.settings import STRATEGIES
+from .layout import Layout
+from .settings import STRATEGIES
 
 CI_LEVEL = 0.95
 SUMMARY_SCHEMA: dict[str, Any] = {
@@ -283,53 +285,39 @@ def markdown_table(summary: pl.DataFrame, digits: int = 3) -> str:
     return "\n".join(lines) + "\n"
 
 
-def comparison_plot(summary: pl.DataFrame) -> bytes:
-    """PNG: one panel per metric, a bar per strategy at its mean with the 95%
-    bootstrap interval as error bar and the seed scores as dots."""
-    import io
+@dataclass(frozen=True)
+class Panel:
+    """One metric of the comparison plot: a bar per strategy at its mean with the
+    95% bootstrap interval as error bar, and the seed scores as dots."""
 
-    import matplotlib
+    title: str
+    strategies: list[str]  # every strategy of the summary, in table order (the x axis)
+    x: list[int]  # positions (into ``strategies``) of those with this metric
+    means: list[float]
+    err_lo: list[float]
+    err_hi: list[float]
+    seed_values: list[list[float]]
+    y_max: float
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
 
-    cols = _columns(summary)
+def plot_panels(summary: pl.DataFrame) -> list[Panel]:
+    """The comparison plot's data, one :class:`Panel` per metric (drawn by the
+    Dagster layer, ``defs/plots.py``)."""
     rows = summary.to_dicts()
     by = {(r["strategy"], r["task"], r["metric"]): r for r in rows}
     strategies = sorted({r["strategy"] for r in rows}, key=_strategy_key)
-    n = max(1, len(cols))
-    ncols = min(4, n)
-    nrows = -(-n // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.9 * nrows), dpi=100, squeeze=False)
-    colors = plt.get_cmap("tab10")
-    try:
-        for i, (t, m) in enumerate(cols):
-            ax = axes[i // ncols][i % ncols]
-            xs, means, err_lo, err_hi = [], [], [], []
-            for j, s in enumerate(strategies):
-                r = by.get((s, t, m))
-                if r is None:
-                    continue
-                xs.append(j)
-                means.append(r["mean"])
-                err_lo.append(max(0.0, r["mean"] - r["ci_lo"]))
-                err_hi.append(max(0.0, r["ci_hi"] - r["mean"]))
-                ax.scatter([j] * len(r["values"]), r["values"], s=8, color="black", zorder=3)
-            ax.bar(xs, means, color=[colors(j % 10) for j in xs], yerr=[err_lo, err_hi], capsize=3, alpha=0.85)
-            ax.set_xticks(range(len(strategies)))
-            ax.set_xticklabels(strategies, rotation=45, ha="right", fontsize=8)
-            ax.set_title(_metric_label(t, m), fontsize=9)
-            ax.set_ylim(0, max(1e-6, max((r["ci_hi"] for r in rows if (r["task"], r["metric"]) == (t, m)), default=1.0)) * 1.15)
-            ax.grid(axis="y", alpha=0.3)
-        for k in range(len(cols), nrows * ncols):
-            axes[k // ncols][k % ncols].axis("off")
-        fig.suptitle("mean over seeds, 95% bootstrap interval; dots: seeds", fontsize=9)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        return buf.getvalue()
-    finally:
-        plt.close(fig)
+    panels = []
+    for t, m in _columns(summary):
+        found = [(j, by[(s, t, m)]) for j, s in enumerate(strategies) if (s, t, m) in by]
+        panels.append(Panel(
+            title=_metric_label(t, m), strategies=strategies, x=[j for j, _ in found],
+            means=[r["mean"] for _, r in found],
+            err_lo=[max(0.0, r["mean"] - r["ci_lo"]) for _, r in found],
+            err_hi=[max(0.0, r["ci_hi"] - r["mean"]) for _, r in found],
+            seed_values=[list(r["values"]) for _, r in found],
+            y_max=max(1e-6, max((r["ci_hi"] for _, r in found), default=1.0)) * 1.15,
+        ))
+    return panels
 
 
 def summary_metadata(summary: pl.DataFrame) -> dict[str, Any]:
@@ -338,3 +326,48 @@ def summary_metadata(summary: pl.DataFrame) -> dict[str, Any]:
         f"{r['strategy']}/{_metric_label(r['task'], r['metric'])}": f"{_fmt(r)} (n={r['n_seeds']})"
         for r in summary.to_dicts()
     }
+
+
+# ---------------------------------------------------------------------------
+# the comparison step
+
+
+@dataclass(frozen=True)
+class Comparison:
+    strategies: list[str]
+    summary: pl.DataFrame
+    table: str  # markdown
+    verdicts: list[str]
+    subset_sizes: dict[str, int | None]
+    samples_seen: dict[str, int]
+
+    @property
+    def verdicts_md(self) -> str:
+        return "\n".join(f"- {v}" for v in self.verdicts)
+
+
+def compare_strategies(layout: Layout, strategies: Sequence[str], n_boot: int) -> Comparison | None:
+    """Summarise the ``eval`` tables of the strategies that have one (None when
+    none has), write ``tables/comparison/all.parquet`` and
+    ``artefacts/comparison/comparison.md`` (the table and the verdicts)."""
+    from .atomic import write_bytes, write_parquet
+    from .state import read_state
+    from .train import read_train_result
+
+    have = [st for st in strategies if layout.table("eval", st).exists()]
+    if not have:
+        return None
+    rows = pl.concat([pl.read_parquet(layout.table("eval", st)) for st in have], how="diagonal_relaxed")
+    sizes: dict[str, int | None] = {}
+    seen: dict[str, int] = {}
+    for st in have:
+        state = read_state(layout, "pruned_subset", st)
+        sizes[st] = int(state.summary.get("kept", 0)) if state else None
+        seen[st] = int(read_train_result(layout.model_dir(st)).get("samples_seen", 0))
+    summary = summarize(rows.select("strategy", "seed", "task", "metric", "value"), sizes, seen, n_boot=n_boot, seed=0)
+    out = Comparison(have, summary, markdown_table(summary), verdicts(summary, baseline="full", focus="dbp"), sizes, seen)
+    text = "## comparison\n\n" + out.table + "\n\n" + out.verdicts_md + "\n"
+    write_bytes(layout.artefact_dir("comparison") / "comparison.md", text.encode(), layout.tmp)
+    write_parquet(layout.table("comparison"), summary.drop([c for c in ("values", "seeds") if c in summary.columns]),
+                  layout.tmp)
+    return out

@@ -5,10 +5,9 @@ clusters over the candidates).  Everything here is a plain function over numpy
 arrays; faiss is imported inside the functions so importing this module is
 cheap.
 
-Streaming model (``shared/DESIGN.md``: no stage holds every embedding at once):
+Streaming model (``docs/design.md``: no stage holds every embedding at once):
 
-1. :class:`UniformSample` / :func:`bounded_uniform_sample` walk the shards once
-   and keep the ``size`` samples with the smallest ``uid_hash(seed, uid)``:
+1. :class:`UniformSample` walks the shards once and keeps the ``size`` samples with the smallest ``uid_hash(seed, uid)``:
    a uniform sample whose memory is ``O(size * d + one chunk)`` and which does
    not depend on the order in which the shards are visited.
 2. :func:`spherical_kmeans` trains faiss k-means on that sample.
@@ -21,10 +20,11 @@ names the shard/rows (:func:`l2_normalize_checked`).
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterable, Iterator, Sequence, Union
+from typing import Callable, Sequence, Union
 
 import numpy as np
+
+from .device import faiss_threads, faiss_use_gpu
 
 #: rows whose L2 norm is below this are "zero-norm" (an embedding of a real
 #: sample has norm ~1; float16 storage moves it by ~1e-3 at most)
@@ -272,54 +272,9 @@ class UniformSample:
         return len(self._h)
 
 
-def bounded_uniform_sample(
-    chunks: Iterable[tuple[np.ndarray, EmbSource] | tuple[np.ndarray, EmbSource, str]],
-    size: int,
-    seed: int,
-) -> np.ndarray:
-    """Embeddings (min(size, n), d) of the ``size`` samples with the smallest
-    ``(uid_hash(seed, uid), uid)`` over all chunks; see :class:`UniformSample`.
-
-    ``chunks`` yields ``(uids, emb)`` or ``(uids, emb, name)`` where ``emb`` is
-    an (n, d) array or a callable ``idx -> emb[idx]``.  Memory:
-    ``O(size * d + one chunk)``; the result does not depend on chunk order.
-    """
-    s = UniformSample(size, seed)
-    for item in chunks:
-        s.add(*item)
-    return s.embeddings
-
-
 # ---------------------------------------------------------------------------
 # faiss helpers
 # ---------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def faiss_threads(threads: int) -> Iterator[None]:
-    """Set faiss' OpenMP threads for the block (0 = leave the library default)."""
-    import faiss
-
-    if not threads:
-        yield
-        return
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(int(threads))
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(before)
-
-
-def _gpu(use_gpu: bool | None) -> bool:
-    import faiss
-
-    have = faiss.get_num_gpus() > 0 if hasattr(faiss, "get_num_gpus") else False
-    if use_gpu is None:
-        return have
-    if use_gpu and not have:
-        raise ValueError("use_gpu=True but faiss sees no GPU; set compute.device to cpu or auto")
-    return bool(use_gpu)
 
 
 _GPU_RES: list = []
@@ -380,7 +335,7 @@ def spherical_kmeans(
         idx = np.sort(rng.choice(n, size=max_points_per_centroid * k, replace=False))
         x = x[idx]
     xn = l2_normalize_checked(x, what)
-    gpu = _gpu(use_gpu)
+    gpu = faiss_use_gpu(use_gpu)
     km = faiss.Kmeans(
         d,
         k,
@@ -441,7 +396,7 @@ def nearest_centroid(
         return cluster, dist
     index = faiss.IndexFlatIP(d)
     index.add(c)
-    if _gpu(use_gpu):
+    if faiss_use_gpu(use_gpu):
         index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, index)
     kk = min(2, kc)
     one = np.float32(1.0)

@@ -1,10 +1,14 @@
 """Shared pieces of the Dagster layer: partitions, the resource, and the
-versioning table that lets ``dbprune run`` skip up-to-date partitions.
+versioning that lets ``dbprune run`` skip up-to-date partitions.
 
-The graph's shape is declared once here (``GRAPH``): which settings each asset
-reads and which assets it reads from.  Assets use it to stamp their commit
-markers; ``dbprune run`` uses it to decide what is stale; a test checks it
-against the Dagster asset graph so the two never drift apart.
+The graph has one source of truth, the Dagster definitions: an asset's parents
+and partitioning are read from the resolved asset graph (:func:`graph_nodes`).
+Beside each asset sits only what Dagster cannot know: which settings it reads
+(``@stage(settings=["dbp"], ...)``, dotted paths into the pipeline settings,
+kept in the asset's metadata) and, as Dagster's own ``code_version``, a number
+to bump when its output for the same inputs changes.  A partition's fingerprint hashes those with its parents' data
+versions (see ``docs/design.md``); assets stamp it into their commit markers,
+``dbprune run`` compares it to decide what is stale.
 """
 
 from __future__ import annotations
@@ -12,11 +16,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import dagster as dg
 
-from ..core.catalog import refresh_catalog
+from ..core.catalog import CATALOG_TABLES, refresh_catalog
 from ..core.layout import UNPARTITIONED, Layout
 from ..core.settings import STRATEGIES, PipelineSettings, build_settings, load_settings
 from ..core.state import State, combine_versions, file_signature, read_state, stable_hash, write_state
@@ -24,8 +28,12 @@ from ..core.state import State, combine_versions, file_signature, read_state, st
 SHARDS = "shards"
 shard_partitions = dg.DynamicPartitionsDefinition(name=SHARDS)
 strategy_partitions = dg.StaticPartitionsDefinition(list(STRATEGIES))
+ALL_PARTITIONS = dg.AllPartitionMapping()
 
 Partitioning = Literal["shard", "strategy", None]
+
+#: asset metadata key listing the settings an asset reads
+SETTINGS_KEY = "dbprune/settings"
 
 
 @dataclass(frozen=True)
@@ -34,43 +42,36 @@ class Node:
 
     partitioning: Partitioning
     parents: tuple[str, ...]
-    settings: tuple[str, ...] = ()  # dotted paths into PipelineSettings
-    code: str = "1"  # bump when the asset's output for the same inputs changes
+    settings: tuple[str, ...] = ()
+    code: str = "1"
 
 
-GRAPH: dict[str, Node] = {
-    "raw_metadata": Node("shard", (), ("ingest",)),
-    "pool_manifest": Node(None, ("raw_metadata",)),
-    # the encoder is a model, not a product of the pool: adding a shard must not
-    # retrain it (and re-embed everything); it versions on its training data
-    "encoder": Node(None, (), ("encoder", "compute.device")),
-    "embeddings": Node("shard", ("raw_metadata", "encoder"), ("compute.precision",)),
-    "dedup_centroids": Node(None, ("pool_manifest", "embeddings"), ("semdedup.dedup_k", "semdedup.niter", "semdedup.sample_size", "semdedup.seed")),
-    "dedup_assignments": Node("shard", ("embeddings", "dedup_centroids")),
-    "semantic_dedup": Node(None, ("pool_manifest", "dedup_assignments"), ("semdedup.eps",)),
-    "candidates": Node(None, ("pool_manifest", "embeddings", "semantic_dedup"), ("clip_filter",)),
-    "centroids": Node(None, ("pool_manifest", "candidates"), ("dbp.k", "dbp.niter", "dbp.sample_size", "dbp.seed")),
-    "cluster_assignments": Node("shard", ("candidates", "centroids")),
-    "cluster_complexity": Node(None, ("pool_manifest", "centroids", "cluster_assignments"), ("dbp",)),
-    "pruned_subset": Node("strategy", ("pool_manifest", "cluster_complexity", "candidates", "semantic_dedup"), ("selection.seed", "export")),
-    "trained_model": Node("strategy", ("pruned_subset",), ("train",)),
-    "eval_scores": Node("strategy", ("trained_model",), ("eval",)),
-    "comparison": Node(None, ("eval_scores", "pruned_subset"), ("eval.bootstrap_samples",)),
-}
+def partitioning_of(partitions_def: dg.PartitionsDefinition | None) -> Partitioning:
+    if partitions_def is None:
+        return None
+    if isinstance(partitions_def, dg.DynamicPartitionsDefinition) and partitions_def.name == SHARDS:
+        return "shard"
+    if partitions_def == strategy_partitions:
+        return "strategy"
+    raise ValueError(f"unexpected partitioning {partitions_def!r}: dbprune knows shard and strategy partitions")
 
 
-def use_gpu(device: str) -> bool | None:
-    """faiss/torch device choice from ``compute.device``: None = when present."""
-    return None if device == "auto" else device == "cuda"
-
-
-def torch_device(device: str) -> str:
-    """The torch device for ``compute.device`` (auto: cuda when present)."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def graph_nodes(graph: Any) -> dict[str, Node]:
+    """Every asset of a resolved asset graph (``Definitions.resolve_asset_graph()``,
+    or the graph of a run's job: its assets and their parents), in Dagster's
+    topological order."""
+    nodes: dict[str, Node] = {}
+    for key in graph.toposorted_asset_keys:
+        node = graph.get(key)
+        paths = node.metadata.get(SETTINGS_KEY, [])
+        paths = getattr(paths, "value", paths)  # a MetadataValue once normalised
+        nodes[key.to_user_string()] = Node(
+            partitioning_of(node.partitions_def),
+            tuple(sorted(p.to_user_string() for p in node.parent_keys)),
+            tuple(paths),
+            node.code_version or "1",
+        )
+    return nodes
 
 
 def settings_digest(settings: PipelineSettings, paths: tuple[str, ...]) -> str:
@@ -87,7 +88,7 @@ def current_settings(layout: Layout) -> PipelineSettings:
     """The saved settings of this home, else the profile that fits the pool."""
     if layout.config_file.is_file():
         return load_settings(layout.config_file)
-    from ..core.pool import is_sample_pool
+    from ..samplepool import is_sample_pool
 
     use_sample = (not layout.pool.exists()) or is_sample_pool(layout.pool)
     return build_settings({}, profile="sample" if use_sample else "paper")
@@ -111,8 +112,9 @@ class DbpruneResource(dg.ConfigurableResource):
     def settings(self) -> PipelineSettings:
         return current_settings(self.layout())
 
-    def session(self, context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> "Session":
-        return Session(self.layout(), self.settings(), context.instance)
+    def session(self, context: dg.AssetExecutionContext) -> "Session":
+        return Session(self.layout(), self.settings(), context.instance,
+                       graph_nodes(context.job_def.asset_layer.asset_graph))
 
 
 @dataclass
@@ -122,6 +124,7 @@ class Versions:
     layout: Layout
     settings: PipelineSettings
     shards: list[str]
+    nodes: Mapping[str, Node]
     strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
     _cache: dict[tuple[str, str], str | None] = field(default_factory=dict)
 
@@ -143,14 +146,14 @@ class Versions:
         self._cache.pop((asset, partition), None)
 
     def fingerprint(self, asset: str, partition: str) -> str:
-        node = GRAPH[asset]
+        node = self.nodes[asset]
         parts: dict[str, Any] = {
             "asset": asset,
             "code": node.code,
             "settings": settings_digest(self.settings, node.settings),
         }
         for parent in node.parents:
-            pnode = GRAPH[parent]
+            pnode = self.nodes[parent]
             if pnode.partitioning is None:
                 parts[parent] = self.data_version(parent, UNPARTITIONED)
             elif pnode.partitioning == node.partitioning:
@@ -182,10 +185,12 @@ class Versions:
 class Session:
     """What one asset step works with: paths, settings, versions."""
 
-    def __init__(self, layout: Layout, settings: PipelineSettings, instance: dg.DagsterInstance):
+    def __init__(self, layout: Layout, settings: PipelineSettings, instance: dg.DagsterInstance,
+                 nodes: Mapping[str, Node]):
         self.layout = layout
         self.settings = settings
         self.instance = instance
+        self.nodes = nodes
         self.started = time.monotonic()
 
     @cached_property
@@ -194,7 +199,15 @@ class Session:
 
     @cached_property
     def versions(self) -> Versions:
-        return Versions(self.layout, self.settings, self.shards, list(self.settings.selection.strategies))
+        return Versions(self.layout, self.settings, self.shards, self.nodes, list(self.settings.selection.strategies))
+
+    @property
+    def device(self) -> str:
+        return self.settings.compute.device
+
+    @property
+    def threads(self) -> int:
+        return self.settings.compute.threads
 
     def commit(self, asset: str, partition: str = UNPARTITIONED, summary: Mapping[str, Any] | None = None,
                data_version: str | None = None) -> State:
@@ -205,13 +218,59 @@ class Session:
         self.versions.forget(asset, partition)
         return state
 
+    def done(self, asset: str, summary: Mapping[str, Any], metadata: Mapping[str, Any],
+             checks: Mapping[str, tuple[bool, Mapping[str, Any]]] | None = None,
+             data_version: str | None = None) -> dg.MaterializeResult:
+        """Commit an unpartitioned asset and report it to Dagster: its data
+        version, ``metadata`` (plus the seconds taken) and the check results
+        (``{check: (passed, metadata)}``)."""
+        st = self.commit(asset, summary=summary, data_version=data_version)
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(st.data_version),
+            metadata={**metadata, "seconds": self.elapsed()},
+            check_results=[dg.AssetCheckResult(check_name=name, passed=bool(ok), metadata=dict(meta))
+                           for name, (ok, meta) in (checks or {}).items()],
+        )
+
     def refresh_catalog(self, *tables: str) -> None:
-        refresh_catalog(self.layout, list(tables) or None)
+        """Refresh the catalog views of those ``tables`` that are catalog tables."""
+        views = [t for t in tables if t in CATALOG_TABLES]
+        if views:
+            refresh_catalog(self.layout, views)
 
     def elapsed(self) -> float:
         return round(time.monotonic() - self.started, 2)
 
 
-def timed(log: Callable[[str], None], what: str) -> Callable[[], None]:
-    t0 = time.monotonic()
-    return lambda: log(f"{what}: {time.monotonic() - t0:.1f}s")
+StageFn = Callable[[dg.AssetExecutionContext, Session], dg.MaterializeResult]
+
+
+def stage(*, group: str, kinds: set[str], settings: Sequence[str] = (),
+          partitions: dg.PartitionsDefinition | None = None, code_version: str = "1",
+          **asset_args: Any) -> Callable[[StageFn], dg.AssetsDefinition]:
+    """``@dg.asset`` for a dbprune stage written as ``fn(context, session)``,
+    whose docstring is the asset's description.
+
+    Beside Dagster's own arguments it takes the ``settings`` the stage reads
+    (dotted paths into the pipeline settings: a section or one field), which
+    its fingerprint hashes; ``code_version`` is Dagster's, to bump when the
+    output for the same inputs changes.  A partitioned stage handles a whole
+    partition range in one step (single-run backfill: the model loads once).
+    """
+
+    def decorate(fn: StageFn) -> dg.AssetsDefinition:
+        def compute(context: dg.AssetExecutionContext, dbprune: DbpruneResource) -> dg.MaterializeResult:
+            return fn(context, dbprune.session(context))
+
+        # the types themselves, not the strings `from __future__ import annotations`
+        # leaves: Dagster reads them to tell the context and the resource apart
+        compute.__annotations__ = {"context": dg.AssetExecutionContext, "dbprune": DbpruneResource,
+                                   "return": dg.MaterializeResult}
+        return dg.asset(
+            name=fn.__name__, group_name=group, kinds=kinds, description=" ".join((fn.__doc__ or "").split()),
+            code_version=code_version,
+            metadata={SETTINGS_KEY: list(settings)}, partitions_def=partitions,
+            backfill_policy=dg.BackfillPolicy.single_run() if partitions is not None else None, **asset_args,
+        )(compute)
+
+    return decorate

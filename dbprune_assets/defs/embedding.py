@@ -6,10 +6,12 @@ import json
 import dagster as dg
 
 from ..core.atomic import write_json, write_parquet
+from ..core.device import torch_device
 from ..core.layout import Layout, list_pool_shards
-from .common import GRAPH, DbpruneResource, shard_partitions, torch_device
+from ..core.progress import progress
+from .common import Session, shard_partitions, stage
 from .ingest import raw_metadata
-from .ui import image_md, md_table, png_bytes
+from .plots import artefact_md, loss_curve_png, md_table
 
 
 def _reference_shards(layout: Layout) -> tuple[list, int, str]:
@@ -32,93 +34,88 @@ def _reference_shards(layout: Layout) -> tuple[list, int, str]:
     return shards, n, "the pool itself (no reference split found: the scorer sees the pool's own mismatches)"
 
 
-@dg.asset(
-    group_name="encode",
+@stage(
+    group="encode",
     kinds={"pytorch", "openclip"},
-    code_version=GRAPH["encoder"].code,
-    description=(
-        "The cluster and score encoders: an open_clip architecture with a pretrained tag, an hf-hub: id or a local "
-        "checkpoint, or the offline default `bootstrap` (a small CLIP trained with open_clip_train on the pool's "
-        "clean reference split). Its data version is the weights hash, so embeddings turn stale when it changes."
-    ),
+    # the encoder is a model, not a product of the pool: adding a shard must not
+    # retrain it (and re-embed everything); it versions on its training data
+    settings=["encoder", "compute.device"],
 )
-def encoder(context: dg.AssetExecutionContext, dbprune: DbpruneResource) -> dg.MaterializeResult:
-    from ..core.bootstrap import train_bootstrap
-    from ..core.encoders import load_encoder, resolve_encoder, weights_hash
-
-    s = dbprune.session(context)
+def encoder(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
+    """The cluster and score encoders: an open_clip architecture with a pretrained tag, an hf-hub: id or a
+    local checkpoint, or the offline default `bootstrap` (a small CLIP trained with open_clip_train on the
+    pool's clean reference split). Its data version is the weights hash, so embeddings turn stale when it
+    changes."""
     cfg = s.settings.encoder
-    device = torch_device(s.settings.compute.device)
-    bootstrap_dir = s.layout.encoder_dir / "bootstrap"
-    metadata: dict[str, object] = {}
-    if cfg.cluster_encoder.is_bootstrap or cfg.score.is_bootstrap:
-        shards, n, source = _reference_shards(s.layout)
-        context.log.info(f"training the bootstrap encoder on {source}: {n} samples in {len(shards)} tar(s)")
-        result = train_bootstrap(shards, n, bootstrap_dir, cfg.bootstrap, device,
-                                 logs_dir=s.layout.home / "logs" / "bootstrap", tmp_root=s.layout.tmp)
-        steps = [p[0] for p in result.loss_curve]
-        losses = [p[1] for p in result.loss_curve]
-
-        def draw(fig):
-            ax = fig.add_subplot(111)
-            ax.plot(steps, losses)
-            ax.set_xlabel("step")
-            ax.set_ylabel("contrastive loss")
-            ax.set_title(f"bootstrap encoder ({cfg.bootstrap.model}) on {source.split(' (')[0]}")
-
-        metadata["bootstrap_training_data"] = source
-        metadata["bootstrap_samples"] = n
-        metadata["bootstrap_seconds"] = round(result.seconds, 1)
-        if losses:
-            metadata["bootstrap_final_loss"] = float(losses[-1])
-            metadata["bootstrap_loss_curve"] = image_md(png_bytes(draw, (6, 3)), "bootstrap loss",
-                                                        s.layout.artefact_dir("encoder") / "loss.png", s.layout.tmp)
-    resolved = {}
-    hashes = {}
-    for role, spec in (("cluster", cfg.cluster_encoder), ("score", cfg.score)):
-        r = resolve_encoder(spec, bootstrap_dir, setting=f"encoder.{role}_encoder")
-        enc = load_encoder(r, "cpu")  # proves it loads (and fetches weights) before any shard needs it
-        resolved[role] = {"spec": spec.model_dump(), "embed_dim": enc.embed_dim, "name": enc.name}
-        hashes[role] = weights_hash(enc.weights_path) if enc.weights_path else "random-init"
-        metadata[f"{role}_encoder"] = enc.name
-        metadata[f"{role}_embed_dim"] = enc.embed_dim
+    metadata = _train_bootstrap(context, s) if cfg.cluster_encoder.is_bootstrap or cfg.score.is_bootstrap else {}
+    resolved, hashes = _check_encoders(s, metadata)
     version = f"{hashes['cluster'][:16]}-{hashes['score'][:16]}"
     write_json(s.layout.encoder_dir / "encoder.json", {"resolved": resolved, "weights": hashes}, s.layout.tmp)
-    st = s.commit("encoder", data_version=version, summary={"resolved": resolved, "weights": hashes})
-    metadata["weights_hash"] = version
-    metadata["seconds"] = s.elapsed()
-    return dg.MaterializeResult(data_version=dg.DataVersion(st.data_version), metadata=metadata)
+    return s.done("encoder", summary={"resolved": resolved, "weights": hashes},
+                  metadata={**metadata, "weights_hash": version}, data_version=version)
 
 
-@dg.asset(
-    partitions_def=shard_partitions,
-    backfill_policy=dg.BackfillPolicy.single_run(),
+def _train_bootstrap(context: dg.AssetExecutionContext, s: Session) -> dict[str, object]:
+    """Train the bootstrap encoder (on the reference split); its metadata."""
+    from ..core.bootstrap import train_bootstrap
+
+    cfg = s.settings.encoder.bootstrap
+    shards, n, source = _reference_shards(s.layout)
+    context.log.info(f"training the bootstrap encoder on {source}: {n} samples in {len(shards)} tar(s)")
+    result = train_bootstrap(shards, n, s.layout.encoder_dir / "bootstrap", cfg, torch_device(s.device),
+                             logs_dir=s.layout.home / "logs" / "bootstrap", tmp_root=s.layout.tmp)
+    metadata: dict[str, object] = {"bootstrap_training_data": source, "bootstrap_samples": n,
+                                   "bootstrap_seconds": round(result.seconds, 1)}
+    if result.loss_curve:
+        png = loss_curve_png({cfg.model: result.loss_curve},
+                             title=f"bootstrap encoder ({cfg.model}) on {source.split(' (')[0]}")
+        metadata["bootstrap_final_loss"] = float(result.loss_curve[-1][1])
+        metadata["bootstrap_loss_curve"] = artefact_md(s.layout, "encoder", "loss", png, "bootstrap loss")
+    return metadata
+
+
+def _check_encoders(s: Session, metadata: dict[str, object]) -> tuple[dict[str, dict], dict[str, str]]:
+    """Resolve and load both encoders on the CPU (proving they load, and fetching
+    weights, before any shard needs them): (what resolved, weights hash) per role."""
+    from ..core.encoders import load_encoder, resolve_encoder
+    from ..core.model_dir import weights_hash
+
+    cfg = s.settings.encoder
+    resolved, hashes = {}, {}
+    for role, spec in (("cluster", cfg.cluster_encoder), ("score", cfg.score)):
+        enc = load_encoder(resolve_encoder(spec, s.layout.encoder_dir / "bootstrap", setting=f"encoder.{role}_encoder"),
+                           "cpu")
+        resolved[role] = {"spec": spec.model_dump(), "embed_dim": enc.embed_dim, "name": enc.name}
+        hashes[role] = weights_hash(enc.weights_path) if enc.weights_path else "random-init"
+        metadata.update({f"{role}_encoder": enc.name, f"{role}_embed_dim": enc.embed_dim})
+    return resolved, hashes
+
+
+@stage(
+    partitions=shard_partitions,
     deps=[raw_metadata, encoder],
-    group_name="encode",
+    group="encode",
     kinds={"pytorch", "numpy"},
-    code_version=GRAPH["embeddings"].code,
+    settings=["compute.precision"],
     pool="dbprune_gpu",
-    description=(
-        "Image and text embeddings (L2-normalised, float16) of every ok sample and its clip_score = cos(image, text) "
-        "from the score encoder, in clip-retrieval's layout: embeddings/{img_emb,text_emb,metadata}/<shard>. "
-        "Streamed from the tar in batches, decoded in worker processes; GPU with autocast when present."
-    ),
 )
-def embeddings(context: dg.AssetExecutionContext, dbprune: DbpruneResource) -> dg.MaterializeResult:
+def embeddings(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
+    """Image and text embeddings (L2-normalised, float16) of every ok sample and its clip_score = cos(image,
+    text) from the score encoder, in clip-retrieval's layout: embeddings/{img_emb,text_emb,metadata}/<shard>.
+    Streamed from the tar in batches, decoded in worker processes; GPU with autocast when present."""
     import polars as pl
 
     from ..core.embed import embed_shard
     from ..core.encoders import load_encoder, resolve_encoder
 
-    s = dbprune.session(context)
     cfg = s.settings.encoder
-    device = torch_device(s.settings.compute.device)
+    device = torch_device(s.device)
     bootstrap_dir = s.layout.encoder_dir / "bootstrap"
     cluster_enc = load_encoder(resolve_encoder(cfg.cluster_encoder, bootstrap_dir), device)
     score_enc = None if cfg.score == cfg.cluster_encoder else load_encoder(
         resolve_encoder(cfg.score, bootstrap_dir, setting="encoder.score_encoder"), device)
     stats_rows = []
-    for shard in context.partition_keys:
+    for shard in progress(context.partition_keys, desc="embeddings", unit="shard"):
         samples = pl.read_parquet(s.layout.table("samples", shard))
         ok = samples.filter(pl.col("status") == "ok").select("uid", "key", "caption", "row")
         stats = embed_shard(

@@ -6,12 +6,14 @@ from collections import Counter
 
 import dagster as dg
 
+from ..core import stages
 from ..core.atomic import remove, write_parquet
 from ..core.layout import UNPARTITIONED, Layout, list_pool_shards
+from ..core.progress import progress
 from ..core.shards import STATUSES, ingest_shard
-from ..core.state import clear_state, combine_versions, read_state
-from .common import GRAPH, SHARDS, DbpruneResource, shard_partitions
-from .ui import md_table
+from ..core.state import combine_versions, read_state
+from .common import ALL_PARTITIONS, SHARDS, DbpruneResource, Session, shard_partitions, stage
+from .plots import md_table
 
 #: per-shard files every stage writes; removing a shard removes all of them
 PER_SHARD_TABLES = ("samples", "problems", "scores", "dedup_assignments", "candidates", "assignments", "cluster_sums")
@@ -23,9 +25,8 @@ def remove_shard_outputs(layout: Layout, shard: str) -> None:
         remove(layout.table(table, shard))
     for path in (layout.img_emb(shard), layout.text_emb(shard), layout.emb_metadata(shard)):
         remove(path)
-    for asset, node in GRAPH.items():
-        if node.partitioning == "shard":
-            clear_state(layout, asset, shard)
+    for marker in layout.home.glob(str(layout.state("*", shard).relative_to(layout.home))):  # of every asset
+        remove(marker)
 
 
 def sync_shard_partitions(instance: dg.DagsterInstance, layout: Layout) -> tuple[list[str], list[str]]:
@@ -45,24 +46,20 @@ def sync_shard_partitions(instance: dg.DagsterInstance, layout: Layout) -> tuple
     return added, removed
 
 
-@dg.asset(
-    partitions_def=shard_partitions,
-    backfill_policy=dg.BackfillPolicy.single_run(),
-    group_name="ingest",
+@stage(
+    partitions=shard_partitions,
+    group="ingest",
     kinds={"python", "parquet"},
-    code_version=GRAPH["raw_metadata"].code,
-    description=(
-        "One row per parquet row of an img2dataset shard (failed downloads included) with its "
-        "status: ok, failed_download, undecodable, missing_in_tar, empty_caption or truncated_tar. "
-        "Writes tables/samples/<shard>.parquet and tables/problems/<shard>.parquet."
-    ),
+    settings=["ingest"],
 )
-def raw_metadata(context: dg.AssetExecutionContext, dbprune: DbpruneResource) -> dg.MaterializeResult:
-    s = dbprune.session(context)
+def raw_metadata(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
+    """One row per parquet row of an img2dataset shard (failed downloads included) with its status: ok,
+    failed_download, undecodable, missing_in_tar, empty_caption or truncated_tar. Writes
+    tables/samples/<shard>.parquet and tables/problems/<shard>.parquet."""
     totals: Counter[str] = Counter()
     per_shard = []
     problems_preview = []
-    for shard in context.partition_keys:
+    for shard in progress(context.partition_keys, desc="ingest", unit="shard"):
         result = ingest_shard(s.layout.pool, shard, s.settings.ingest.verify_images)
         write_parquet(s.layout.table("samples", shard), result.samples, s.layout.tmp)
         write_parquet(s.layout.table("problems", shard), result.problems, s.layout.tmp)
@@ -87,19 +84,15 @@ def raw_metadata(context: dg.AssetExecutionContext, dbprune: DbpruneResource) ->
     )
 
 
-@dg.asset(
-    deps=[dg.AssetDep(raw_metadata, partition_mapping=dg.AllPartitionMapping())],
-    group_name="ingest",
+@stage(
+    deps=[dg.AssetDep(raw_metadata, partition_mapping=ALL_PARTITIONS)],
+    group="ingest",
     kinds={"python", "parquet"},
-    code_version=GRAPH["pool_manifest"].code,
-    description=(
-        "The set of shards and their versions. Its data version changes when a shard is added, "
-        "removed or re-ingested, which marks every global asset downstream stale, also for pools "
-        "of more than 100 shards (where Dagster stops tracking partition-level staleness)."
-    ),
 )
-def pool_manifest(context: dg.AssetExecutionContext, dbprune: DbpruneResource) -> dg.MaterializeResult:
-    s = dbprune.session(context)
+def pool_manifest(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
+    """The set of shards and their versions. Its data version changes when a shard is added, removed or
+    re-ingested, which marks every global asset downstream stale, also for pools of more than 100 shards
+    (where Dagster stops tracking partition-level staleness)."""
     versions = {shard: s.versions.data_version("raw_metadata", shard) for shard in s.shards}
     missing = [k for k, v in versions.items() if v is None]
     if missing:
@@ -107,30 +100,12 @@ def pool_manifest(context: dg.AssetExecutionContext, dbprune: DbpruneResource) -
             f"pool_manifest: {len(missing)} shard(s) not ingested yet ({', '.join(missing[:5])}…): "
             "materialise raw_metadata for them first (dbprune run does)"
         )
-    import polars as pl
-
-    rows = []
-    status_totals: Counter[str] = Counter()
-    for shard in s.shards:
-        st = read_state(s.layout, "raw_metadata", shard)
-        summary = st.summary if st else {}
-        status_totals.update(summary.get("status", {}))
-        rows.append({"shard": shard, "data_version": versions[shard], "rows": summary.get("rows", 0),
-                     "ok": summary.get("status", {}).get("ok", 0)})
-    frame = pl.DataFrame(rows, schema={"shard": pl.Utf8, "data_version": pl.Utf8, "rows": pl.Int64, "ok": pl.Int64})
-    write_parquet(s.layout.table("pool_manifest"), frame, s.layout.tmp)
+    frame, status = stages.write_pool_manifest(s.layout, versions)
     version = combine_versions(versions)
-    s.commit("pool_manifest", data_version=version, summary={"shards": len(rows), "status": dict(status_totals)})
-    return dg.MaterializeResult(
-        data_version=dg.DataVersion(version),
-        metadata={
-            "shards": len(rows),
-            "rows": int(frame["rows"].sum()) if rows else 0,
-            "ok": int(frame["ok"].sum()) if rows else 0,
-            "by_status": dg.MetadataValue.json(dict(status_totals)),
-            "pool": dg.MetadataValue.path(str(s.layout.pool)),
-        },
-    )
+    return s.done("pool_manifest", summary={"shards": frame.height, "status": status}, data_version=version, metadata={
+        "shards": frame.height, "rows": int(frame["rows"].sum()), "ok": int(frame["ok"].sum()),
+        "by_status": dg.MetadataValue.json(status), "pool": dg.MetadataValue.path(str(s.layout.pool)),
+    })
 
 
 @dg.sensor(

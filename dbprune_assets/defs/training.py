@@ -3,44 +3,47 @@ equal samples seen), ``eval_scores`` (zero-shot and retrieval) and
 ``comparison`` (mean ± std over seeds with bootstrap intervals)."""
 
 
+from typing import Any
+
 import dagster as dg
 
-from ..core.atomic import write_bytes, write_parquet
-from ..core.state import read_state
-from .common import GRAPH, DbpruneResource, strategy_partitions, torch_device
+from ..core.atomic import write_parquet
+from ..core.device import torch_device
+from ..core.layout import Layout
+from ..core.progress import progress
+from ..core.settings import PipelineSettings
+from .common import ALL_PARTITIONS, Session, stage, strategy_partitions
+from .plots import artefact_md, comparison_png, loss_curve_png, md_table
 from .subsets import pruned_subset
-from .ui import image_md, md_table
 
 SEED_DIR = "seed{}"
 
 
-@dg.asset(
-    partitions_def=strategy_partitions,
-    backfill_policy=dg.BackfillPolicy.single_run(),
+@stage(
+    partitions=strategy_partitions,
     deps=[pruned_subset],
-    group_name="train",
+    group="train",
     kinds={"pytorch", "openclip"},
-    code_version=GRAPH["trained_model"].code,
+    settings=["train"],
     pool="dbprune_gpu",
-    description="An open_clip model trained from scratch with open_clip_train on the strategy's exported subset "
-                "(--dataset-resampled), one per train seed, every strategy seeing the same number of samples "
-                "(steps × global batch). Lands in models/<strategy>/seed<k>/; models/<strategy>/ is the first "
-                "seed's model. Load with open_clip.create_model_and_transforms('local-dir:<path>').",
 )
-def trained_model(context: dg.AssetExecutionContext, dbprune: DbpruneResource) -> dg.MaterializeResult:
+def trained_model(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
+    """An open_clip model trained from scratch with open_clip_train on the strategy's exported subset
+    (--dataset-resampled), one per train seed, every strategy seeing the same number of samples (steps ×
+    global batch). Lands in models/<strategy>/seed<k>/; models/<strategy>/ is the first seed's model. Load
+    with open_clip.create_model_and_transforms('local-dir:<path>')."""
     from ..core.export import train_data_spec
-    from ..core.train import loss_curve_png, train_clip
+    from ..core.train import train_clip
 
-    s = dbprune.session(context)
     cfg = s.settings.train
-    device = torch_device(s.settings.compute.device)
+    device = torch_device(s.device)
     n_gpus = 0
     if device == "cuda":
         import torch
 
         n_gpus = torch.cuda.device_count()
     rows, curves = [], {}
-    for strategy in context.partition_keys:
+    for strategy in progress(context.partition_keys, desc="trained_model", unit="strategy"):
         pattern, n = train_data_spec(s.layout.subset_dir(strategy))
         per_seed = []
         for seed in cfg.train_seeds:
@@ -59,18 +62,18 @@ def trained_model(context: dg.AssetExecutionContext, dbprune: DbpruneResource) -
     return dg.MaterializeResult(metadata={
         "runs": dg.MetadataValue.md(md_table(rows)),
         "samples_seen": rows[0]["samples_seen"] if rows else 0,
-        "loss_curves": image_md(png, "training loss", s.layout.artefact_dir("trained_model") /
-                                f"loss-{'-'.join(context.partition_keys)}.png", s.layout.tmp),
+        "loss_curves": artefact_md(s.layout, "trained_model", f"loss-{'-'.join(context.partition_keys)}", png,
+                                   "training loss"),
         "models": dg.MetadataValue.path(str(s.layout.home / "models")),
         "seconds": s.elapsed(),
     })
 
 
-def eval_splits(dbprune_layout, settings):
+def eval_splits(layout: Layout, settings: PipelineSettings) -> tuple[Any, Any]:
     """(zero-shot split, retrieval split): configured folders, else the sample pool's eval/."""
     from ..core.evaluate import load_eval_split
 
-    default = dbprune_layout.eval_dir
+    default = layout.eval_dir
     zs_path = settings.eval.zeroshot or (default if default.exists() else None)
     rt_path = settings.eval.retrieval or (default if default.exists() else None)
     if zs_path is None and rt_path is None:
@@ -80,27 +83,20 @@ def eval_splits(dbprune_layout, settings):
     return zs, rt
 
 
-@dg.asset(
-    partitions_def=strategy_partitions,
-    backfill_policy=dg.BackfillPolicy.single_run(),
-    deps=[trained_model],
-    group_name="train",
-    kinds={"pytorch", "parquet"},
-    code_version=GRAPH["eval_scores"].code,
-    description="Zero-shot classification (acc1, acc5; open_clip's zero-shot classifier from class names and "
-                "prompt templates) and image↔text retrieval recall@1/5/10 of every seed's model. Writes "
-                "tables/eval/<strategy>.parquet (strategy, seed, task, metric, value).",
-)
-def eval_scores(context: dg.AssetExecutionContext, dbprune: DbpruneResource) -> dg.MaterializeResult:
+@stage(group="train", kinds={"pytorch", "parquet"}, settings=["eval"], partitions=strategy_partitions,
+       deps=[trained_model])
+def eval_scores(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
+    """Zero-shot classification (acc1, acc5; open_clip's zero-shot classifier from class names and prompt
+    templates) and image↔text retrieval recall@1/5/10 of every seed's model. Writes
+    tables/eval/<strategy>.parquet (strategy, seed, task, metric, value)."""
     import polars as pl
 
     from ..core.evaluate import evaluate_model
 
-    s = dbprune.session(context)
-    device = torch_device(s.settings.compute.device)
+    device = torch_device(s.device)
     zs, rt = eval_splits(s.layout, s.settings)
     shown = []
-    for strategy in context.partition_keys:
+    for strategy in progress(context.partition_keys, desc="eval_scores", unit="strategy"):
         rows = []
         for seed in s.settings.train.train_seeds:
             model = s.layout.model_dir(strategy) / SEED_DIR.format(seed)
@@ -120,50 +116,28 @@ def eval_scores(context: dg.AssetExecutionContext, dbprune: DbpruneResource) -> 
     })
 
 
-@dg.asset(
-    deps=[dg.AssetDep(eval_scores, partition_mapping=dg.AllPartitionMapping()),
-          dg.AssetDep(pruned_subset, partition_mapping=dg.AllPartitionMapping())],
-    group_name="train",
+@stage(
+    deps=[dg.AssetDep(eval_scores, partition_mapping=ALL_PARTITIONS),
+          dg.AssetDep(pruned_subset, partition_mapping=ALL_PARTITIONS)],
+    group="train",
     kinds={"python", "parquet"},
-    code_version=GRAPH["comparison"].code,
-    description="All strategies side by side: subset size, samples seen, and each metric as mean ± std over seeds "
-                "with a bootstrap confidence interval; a plot; and plain verdicts that claim a difference only "
-                "where the intervals separate.",
+    settings=["eval.bootstrap_samples"],
 )
-def comparison(context: dg.AssetExecutionContext, dbprune: DbpruneResource) -> dg.MaterializeResult:
-    import polars as pl
+def comparison(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
+    """All strategies side by side: subset size, samples seen, and each metric as mean ± std over seeds with a
+    bootstrap confidence interval; a plot; and plain verdicts that claim a difference only where the intervals
+    separate."""
+    from ..core.compare import compare_strategies, plot_panels, summary_metadata
 
-    from ..core.compare import comparison_plot, markdown_table, summarize, verdicts
-    from ..core.train import read_train_result
-
-    s = dbprune.session(context)
-    strategies = [st for st in s.settings.selection.strategies if s.layout.table("eval", st).exists()]
-    if not strategies:
+    out = compare_strategies(s.layout, s.settings.selection.strategies, s.settings.eval.bootstrap_samples)
+    if out is None:
         raise dg.Failure("no eval scores yet: materialise eval_scores first")
-    rows = pl.concat([pl.read_parquet(s.layout.table("eval", st)) for st in strategies], how="diagonal_relaxed")
-    sizes, seen = {}, {}
-    for st in strategies:
-        state = read_state(s.layout, "pruned_subset", st)
-        sizes[st] = int(state.summary.get("kept", 0)) if state else None
-        seen[st] = int(read_train_result(s.layout.model_dir(st)).get("samples_seen", 0))
-    summary = summarize(rows.select("strategy", "seed", "task", "metric", "value"), sizes, seen,
-                        n_boot=s.settings.eval.bootstrap_samples, seed=0)
-    table = markdown_table(summary)
-    says = verdicts(summary, baseline="full", focus="dbp")
-    text = "## comparison\n\n" + table + "\n\n" + "\n".join(f"- {v}" for v in says) + "\n"
-    art = s.layout.artefact_dir("comparison")
-    write_bytes(art / "comparison.md", text.encode(), s.layout.tmp)
-    write_parquet(s.layout.table("comparison"), summary.drop([c for c in ("values", "seeds") if c in summary.columns]),
-                  s.layout.tmp)
-    st = s.commit("comparison", summary={"strategies": strategies})
-    return dg.MaterializeResult(
-        data_version=dg.DataVersion(st.data_version),
-        metadata={
-            "table": dg.MetadataValue.md(table),
-            "verdicts": dg.MetadataValue.md("\n".join(f"- {v}" for v in says)),
-            "plot": image_md(comparison_plot(summary), "scores per strategy (mean, 95% bootstrap interval)",
-                             art / "comparison.png", s.layout.tmp),
-            "subset_sizes": dg.MetadataValue.json(sizes),
-            "samples_seen": dg.MetadataValue.json(seen),
-        },
-    )
+    return s.done("comparison", summary={"strategies": out.strategies}, metadata={
+        "table": dg.MetadataValue.md(out.table),
+        "verdicts": dg.MetadataValue.md(out.verdicts_md),
+        "plot": artefact_md(s.layout, "comparison", "comparison", comparison_png(plot_panels(out.summary)),
+                            "scores per strategy (mean, 95% bootstrap interval)"),
+        "scores": dg.MetadataValue.json(summary_metadata(out.summary)),
+        "subset_sizes": dg.MetadataValue.json(out.subset_sizes),
+        "samples_seen": dg.MetadataValue.json(out.samples_seen),
+    })

@@ -1,0 +1,268 @@
+"""The pool-wide steps of the graph as plain functions: SemDeDup over the pool,
+DBP's cluster table, and one strategy's decisions with their export.
+
+Each reads and writes the contract paths of a :class:`~.layout.Layout` and
+returns what the Dagster asset shows and checks; the asset only wires (see
+``docs/design.md``, "The method, exactly" and "Strategies").  The formulas
+themselves live in ``dbp.py``, ``semdedup.py`` and ``strategies.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+
+from .atomic import atomic_path, scratch_dir, write_parquet
+from .embstore import MissingInput, cluster_sizes, read_centroids, shard_embeddings, summed_partials
+from .layout import Layout
+from .settings import DbpSettings, PipelineSettings
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from .export import ExportSummary
+    from .strategies import DecisionSummary
+
+#: how many (duplicate, original) pairs the UI shows
+EXAMPLE_PAIRS = 6
+
+
+# ---------------------------------------------------------------------------
+# the pool manifest
+
+
+def write_pool_manifest(layout: Layout, versions: Mapping[str, str | None]) -> tuple["pl.DataFrame", dict[str, int]]:
+    """``tables/pool_manifest/all.parquet``: per shard its data version, rows and
+    ok samples (from the ingest commit markers); returns it and the samples per status."""
+    import polars as pl
+
+    from .state import read_state
+
+    rows = []
+    status: dict[str, int] = {}
+    for shard, version in versions.items():
+        st = read_state(layout, "raw_metadata", shard)
+        summary = st.summary if st else {}
+        for name, n in summary.get("status", {}).items():
+            status[name] = status.get(name, 0) + int(n)
+        rows.append({"shard": shard, "data_version": version, "rows": summary.get("rows", 0),
+                     "ok": summary.get("status", {}).get("ok", 0)})
+    frame = pl.DataFrame(rows, schema={"shard": pl.Utf8, "data_version": pl.Utf8, "rows": pl.Int64, "ok": pl.Int64})
+    write_parquet(layout.table("pool_manifest"), frame, layout.tmp)
+    return frame, status
+
+
+# ---------------------------------------------------------------------------
+# SemDeDup over the pool
+
+
+@dataclass
+class DedupOutcome:
+    k: int
+    ok: int  # ok samples (rows with an embedding)
+    duplicates: int = 0
+    per_cluster: dict[int, int] = field(default_factory=dict)  # duplicates per dedup cluster
+    examples: list[tuple[str, str, str, str]] = field(default_factory=list)  # uid, shard, duplicate_of, its shard
+    _similarities: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def similarities(self) -> np.ndarray:
+        """Each duplicate's similarity to the member it duplicates."""
+        return np.concatenate(self._similarities) if self._similarities else np.zeros(0, np.float32)
+
+    @property
+    def kept_fraction(self) -> float:
+        return round(1 - self.duplicates / self.ok, 4) if self.ok else 1.0
+
+    def add(self, frame: "pl.DataFrame") -> None:
+        self.duplicates += frame.height
+        for c, cnt in frame.group_by("cluster").len().iter_rows():
+            self.per_cluster[int(c)] = self.per_cluster.get(int(c), 0) + int(cnt)
+        if len(self.examples) < EXAMPLE_PAIRS:
+            self.examples += list(frame.select("uid", "shard", "duplicate_of", "duplicate_of_shard")
+                                  .head(EXAMPLE_PAIRS - len(self.examples)).iter_rows())
+        self._similarities.append(frame["similarity"].to_numpy())
+
+
+def run_semdedup(layout: Layout, shards: list[str], eps: float, tile: int, device: str) -> DedupOutcome:
+    """SemDeDup of every ok sample against its dedup cluster, streamed bucket by
+    bucket into ``tables/duplicates/all.parquet`` (torch ``device``)."""
+    import polars as pl
+    import pyarrow.parquet as pq
+
+    from .semdedup import DedupShard, empty_duplicates, semdedup_pool
+
+    k = len(read_centroids(layout, "dedup_centroids"))
+
+    def load(name: str) -> DedupShard:
+        meta, emb = shard_embeddings(layout, name)
+        a = pl.read_parquet(layout.table("dedup_assignments", name))
+        if a.height != meta.height:
+            raise MissingInput(f"shard {name}: dedup_assignments out of date ({a.height} rows, embeddings "
+                               f"{meta.height}); re-materialise dedup_assignments for it")
+        return DedupShard(name, meta["uid"].to_numpy(), emb, a["cluster"].to_numpy(), a["distance"].to_numpy())
+
+    ok = sum(pl.read_parquet(layout.emb_metadata(sh), columns=["uid"]).height for sh in shards)
+    out = DedupOutcome(k, ok)
+    sizes = cluster_sizes(layout, shards, "dedup_assignments", k)  # no extra pass over the embeddings
+    with atomic_path(layout.table("duplicates"), layout.tmp) as tmp:
+        writer = None
+        try:
+            for frame in semdedup_pool(shards, load, k, eps, tile, layout.tmp, device, cluster_sizes=sizes):
+                if frame.height == 0:
+                    continue
+                table = frame.to_arrow()
+                writer = writer or pq.ParquetWriter(tmp, table.schema, compression="zstd")
+                writer.write_table(table)
+                out.add(frame)
+            if writer is None:
+                empty_duplicates().write_parquet(tmp)
+        finally:
+            if writer is not None:
+                writer.close()
+    return out
+
+
+def clip_scores(layout: Layout, shards: list[str]) -> np.ndarray:
+    """Every ok sample's clip_score (for the histogram beside the filter)."""
+    import polars as pl
+
+    files = [layout.emb_metadata(sh) for sh in shards]
+    if not files:
+        return np.zeros(0, np.float32)
+    return np.concatenate([pl.read_parquet(p, columns=["clip_score"])["clip_score"].to_numpy() for p in files])
+
+
+def drop_left_shards(layout: Layout, table: str, shards: list[str]) -> None:
+    """Delete ``tables/<table>/<shard>.parquet`` of shards no longer in the pool."""
+    keep = set(shards)
+    for f in layout.table_dir(table).glob("*.parquet"):
+        if f.stem not in keep:
+            f.unlink()
+
+
+# ---------------------------------------------------------------------------
+# DBP's cluster table
+
+
+@dataclass
+class ComplexityOutcome:
+    frame: "pl.DataFrame"  # the clusters table as written
+    M: int
+    l: int  # nearest other centroids d_inter averaged over (l capped at k-1)
+
+    def column(self, name: str) -> np.ndarray:
+        return self.frame[name].to_numpy()
+
+    @property
+    def k(self) -> int:
+        return self.frame.height
+
+    @property
+    def candidates(self) -> int:
+        return int(self.column("size").sum())
+
+    def bound_violations(self) -> list[int]:
+        """Clusters whose quota leaves ``lb_j ≤ N_j ≤ |C_j|``."""
+        q, lb, size = self.column("quota"), self.column("lower_bound"), self.column("size")
+        return [int(c) for c in np.flatnonzero((q < lb) | (q > size))]
+
+    def counts(self) -> dict[str, int]:
+        q, lb, size = self.column("quota"), self.column("lower_bound"), self.column("size")
+        return {"empty_clusters": int((size == 0).sum()), "clusters_at_cap": int((q == size).sum()),
+                "clusters_at_lower_bound": int(((q == lb) & (lb < size)).sum())}
+
+    def extremes(self, n: int = 4) -> tuple[list[int], list[int]]:
+        """(the ``n`` most complex, the ``n`` least complex) non-empty clusters."""
+        order = np.argsort(-self.column("complexity"), kind="stable")
+        size = self.column("size")
+        return ([int(c) for c in order[:n] if size[c] > 0], [int(c) for c in order[::-1][:n] if size[c] > 0])
+
+
+def cluster_complexity(layout: Layout, shards: list[str], cfg: DbpSettings) -> ComplexityOutcome:
+    """d_intra, d_inter, complexity, P = softmax(C/tau) and the exact quotas of
+    every DBP cluster from the per-shard partial sums; writes
+    ``tables/clusters/all.parquet``."""
+    import polars as pl
+
+    from . import dbp
+
+    cent = read_centroids(layout, "centroids")
+    k = len(cent)
+    count, sums = summed_partials(layout, shards, "cluster_sums", k)
+    intra = dbp.d_intra(sums, count)
+    inter = dbp.d_inter(cent, cfg.l)
+    comp = dbp.complexity(inter, intra)
+    prob = dbp.softmax_probabilities(comp, cfg.tau)
+    M = dbp.target_size(int(count.sum()), keep_fraction=cfg.keep_fraction, target_size=cfg.target_size)
+    lb = dbp.lower_bounds(count, M, k, cfg.r)
+    quota = dbp.solve_quotas(prob, count, M, lb)
+    frame = pl.DataFrame({
+        "cluster": np.arange(k, dtype=np.int32), "size": count, "d_intra": intra, "d_inter": inter,
+        "complexity": comp, "probability": prob, "quota": quota.astype(np.int64), "lower_bound": lb.astype(np.int64),
+    })
+    write_parquet(layout.table("clusters"), frame, layout.tmp)
+    return ComplexityOutcome(frame, M, min(cfg.l, max(k - 1, 0)))
+
+
+# ---------------------------------------------------------------------------
+# one strategy's subset
+
+
+@dataclass
+class SubsetOutcome:
+    summary: "DecisionSummary"
+    export: "ExportSummary"
+    problems: dict[str, list[str]]  # check name -> problems found (empty = passed)
+
+
+def query_tables(layout: Layout, sql: str, params: Mapping[str, Any], views: Mapping[str, Sequence[Path]]
+                 ) -> list[tuple]:
+    """Rows of ``sql`` (with query ``params``) over typed views ``{table: files}``
+    on a bounded DuckDB connection (``core/duck.py``)."""
+    from .duck import connect, create_view
+
+    with scratch_dir(layout.tmp, "query-") as work:
+        con = connect(Path(work))
+        try:
+            for name, files in views.items():
+                create_view(con, name, list(files))
+            return con.execute(sql, dict(params)).fetchall()
+        finally:
+            con.close()
+
+
+def make_subset(layout: Layout, settings: PipelineSettings, strategy: str) -> SubsetOutcome:
+    """Decide every sample under ``strategy`` (``tables/decisions/<strategy>``,
+    and ``tables/quotas/<strategy>`` for dbp/ssp), export the kept samples to
+    ``subsets/<strategy>/`` and check both."""
+    import polars as pl
+
+    from .export import export_subset, verify_export
+    from .duck import parquet_files
+    from .strategies import decide, strategy_quotas
+
+    quotas, M = strategy_quotas(strategy, pl.read_parquet(layout.table("clusters")))
+    out = layout.table("decisions", strategy)
+    summary = decide(strategy, layout.home / "tables", M, quotas, settings.selection.seed, out, layout.tmp,
+                     threads=settings.compute.threads or None)
+    problems: dict[str, list[str]] = {"one_decision_per_sample": [], "kept_equals_quota": []}
+    if quotas is not None:
+        write_parquet(layout.table("quotas", strategy), summary.quota_table(), layout.tmp)
+        if not np.array_equal(summary.per_cluster_kept, quotas):
+            bad = np.flatnonzero(summary.per_cluster_kept != quotas)
+            problems["kept_equals_quota"].append(f"{strategy}: clusters {bad[:10].tolist()} kept != quota")
+    exp = export_subset(out, layout.pool, layout.subset_dir(strategy), settings.export.shard_size,
+                        settings.export.seed, layout.tmp)
+    problems["export_matches_decisions"] = [f"{strategy}: {p}" for p in
+                                            verify_export(layout.subset_dir(strategy), out, tmp_root=layout.tmp)]
+    [(n_samples, n_dec, n_distinct)] = query_tables(
+        layout, "SELECT (SELECT count(*) FROM samples), count(*), count(DISTINCT (shard, uid)) FROM decisions", {},
+        {"samples": parquet_files(layout.table_dir("samples")), "decisions": [out]})
+    if not (n_samples == n_dec == n_distinct):
+        problems["one_decision_per_sample"].append(
+            f"{strategy}: {n_samples} samples, {n_dec} decisions, {n_distinct} distinct")
+    return SubsetOutcome(summary, exp, problems)

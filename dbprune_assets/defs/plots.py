@@ -1,0 +1,245 @@
+"""What a person sees in the Dagster UI: markdown tables, plots and image grids
+embedded in asset metadata (PNG as data URIs), also saved under
+``$DBPRUNE_HOME/artefacts/<asset>/`` so they can be opened outside the UI.
+
+The one place that draws: core functions return numbers and image bytes, the
+named functions here turn them into PNGs (matplotlib with the Agg backend,
+imported when a plot is drawn, never when the code location loads).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+
+import dagster as dg
+import numpy as np
+
+from ..core.atomic import write_bytes
+from ..core.layout import Layout
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from ..core.compare import Panel
+    from ..core.stages import ComplexityOutcome
+
+
+def md_table(rows: Sequence[Mapping[str, Any]], max_rows: int = 60) -> str:
+    """A markdown table of dict rows (first ``max_rows``)."""
+    rows = list(rows)
+    if not rows:
+        return "_(empty)_"
+    cols = list(rows[0].keys())
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows[:max_rows]]
+    if len(rows) > max_rows:
+        lines.append(f"\n_… {len(rows) - max_rows} more rows_")
+    return "\n".join(lines)
+
+
+def png_bytes(draw: Callable[[Any], None], figsize: tuple[float, float] = (6.0, 4.0)) -> bytes:
+    """Render a matplotlib drawing function ``draw(fig)`` to PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=figsize, dpi=100)
+    try:
+        draw(fig)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", bbox_inches="tight")
+        return buf.getvalue()
+    finally:
+        plt.close(fig)
+
+
+def image_grid(rows: Iterable[tuple[str, Sequence[bytes]]], thumb: int = 64) -> bytes:
+    """A labelled grid of JPEG thumbnails: one row per (label, images)."""
+    from PIL import Image, ImageDraw
+
+    rows = [(label, list(imgs)) for label, imgs in rows]
+    ncols = max((len(imgs) for _, imgs in rows), default=1) or 1
+    label_w = 150
+    canvas = Image.new("RGB", (label_w + ncols * (thumb + 2), max(1, len(rows)) * (thumb + 2)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (label, imgs) in enumerate(rows):
+        y = r * (thumb + 2)
+        draw.text((4, y + thumb // 2 - 6), label[:24], fill="black")
+        for c, data in enumerate(imgs):
+            try:
+                im = Image.open(io.BytesIO(data)).convert("RGB").resize((thumb, thumb))
+            except Exception:
+                continue
+            canvas.paste(im, (label_w + c * (thumb + 2), y))
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def artefact_md(layout: Layout, asset: str, name: str, png: bytes, title: str) -> dg.MetadataValue:
+    """Markdown metadata showing a PNG inline, saved as ``artefacts/<asset>/<name>.png``."""
+    path = layout.artefact_dir(asset) / f"{name}.png"
+    write_bytes(path, png, layout.tmp)
+    b64 = base64.b64encode(png).decode()
+    return dg.MetadataValue.md(f"**{title}**\n\n![{title}](data:image/png;base64,{b64})\n\n`{path}`")
+
+
+def histogram_png(values: np.ndarray, xlabel: str, line: float | None = None, line_label: str = "",
+                  bins: int = 40) -> bytes:
+    """A histogram with an optional dashed vertical line (a threshold)."""
+
+    def draw(fig: Any) -> None:
+        ax = fig.add_subplot(111)
+        ax.hist(values, bins=bins, color="tab:blue", alpha=0.85)
+        if line is not None and np.isfinite(line):
+            ax.axvline(line, color="red", ls="--", label=line_label)
+            ax.legend()
+        ax.set_xlabel(xlabel)
+
+    return png_bytes(draw, (6, 3))
+
+
+def loss_curve_png(curves: Mapping[str, Sequence[Sequence[float]]], title: str = "training loss") -> bytes:
+    """One or more loss curves, ``{label: [(step, loss), ...]}``."""
+
+    def draw(fig: Any) -> None:
+        ax = fig.add_subplot(111)
+        for label, pts in curves.items():
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=str(label), linewidth=1.2)
+        ax.set_xlabel("step")
+        ax.set_ylabel("contrastive loss")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if len(curves) > 1:
+            ax.legend(fontsize=8)
+
+    return png_bytes(draw, (6.4, 3.6))
+
+
+def cluster_pngs(clusters: "pl.DataFrame") -> dict[str, bytes]:
+    """The plots a person needs to judge DBP's clustering and quotas, from the
+    clusters table (size, d_intra, d_inter, complexity, probability, quota)."""
+    sizes, quota = clusters["size"].to_numpy().astype(float), clusters["quota"].to_numpy().astype(float)
+    comp, prob = clusters["complexity"].to_numpy(), clusters["probability"].to_numpy()
+    bins = min(40, max(5, len(sizes) // 2))
+
+    def distributions(fig: Any) -> None:
+        ax1, ax2 = fig.add_subplot(121), fig.add_subplot(122)
+        ax1.hist(sizes, bins=bins)
+        ax1.set_xlabel("cluster size")
+        ax1.set_ylabel("clusters")
+        ax2.hist(comp[np.isfinite(comp)], bins=bins, color="tab:orange")
+        ax2.set_xlabel("complexity C = d_inter · d_intra")
+
+    def quota_vs_size(fig: Any) -> None:
+        ax = fig.add_subplot(111)
+        sc = ax.scatter(sizes, quota, c=comp, cmap="viridis", s=18)
+        lim = max(1, sizes.max() if len(sizes) else 1)
+        ax.plot([0, lim], [0, lim], "k--", lw=0.7, label="keep all")
+        ax.set_xlabel("cluster size |C_j|")
+        ax.set_ylabel("quota N_j")
+        ax.legend(loc="upper left")
+        fig.colorbar(sc, ax=ax, label="complexity")
+
+    def figure2(fig: Any) -> None:
+        ax = fig.add_subplot(111)
+        sc = ax.scatter(clusters["d_intra"].to_numpy(), clusters["d_inter"].to_numpy(), c=prob, cmap="magma", s=18)
+        ax.set_xlabel("d_intra (mean distance to centroid)")
+        ax.set_ylabel("d_inter (mean distance to l nearest centroids)")
+        ax.set_title("clusters (the paper's Figure 2); colour = keep probability")
+        fig.colorbar(sc, ax=ax, label="P_j")
+
+    def kept_by_complexity(fig: Any) -> None:
+        ax = fig.add_subplot(111)
+        order = np.argsort(-comp)
+        ax.bar(np.arange(len(order)), (quota / np.maximum(sizes, 1))[order], width=1.0)
+        ax.set_xlabel("cluster, most complex first")
+        ax.set_ylabel("kept fraction N_j / |C_j|")
+
+    return {
+        "size_complexity_distributions": png_bytes(distributions, (8, 3)),
+        "quota_vs_size": png_bytes(quota_vs_size, (6, 4)),
+        "d_intra_vs_d_inter": png_bytes(figure2, (6, 4.5)),
+        "kept_fraction_by_complexity": png_bytes(kept_by_complexity, (7, 3)),
+    }
+
+
+REASON_COLORS = {"kept": "tab:green", "pruned": "tab:gray", "low_clip_score": "tab:orange",
+                 "duplicate": "tab:purple", "corrupt": "tab:red"}
+
+
+def reasons_png(rows: Sequence[Mapping[str, Any]]) -> bytes:
+    """A stacked bar per strategy: its samples by decision reason
+    (rows hold ``strategy`` and ``reason_<reason>`` counts)."""
+
+    def draw(fig: Any) -> None:
+        ax = fig.add_subplot(111)
+        left = np.zeros(len(rows))
+        for reason, color in REASON_COLORS.items():
+            vals = np.array([row.get(f"reason_{reason}", 0) for row in rows], dtype=float)
+            ax.barh([row["strategy"] for row in rows], vals, left=left, color=color, label=reason)
+            left += vals
+        ax.set_xlabel("samples")
+        ax.legend(loc="lower right", fontsize=8)
+
+    return png_bytes(draw, (7, 0.5 + 0.5 * len(rows) + 1))
+
+
+def comparison_png(panels: Sequence["Panel"]) -> bytes:
+    """One panel per metric: a bar per strategy at its mean with the 95%
+    bootstrap interval as error bar and the seed scores as dots."""
+    ncols = min(4, max(1, len(panels)))
+    nrows = -(-max(1, len(panels)) // ncols)
+
+    def draw(fig: Any) -> None:
+        import matplotlib.pyplot as plt
+
+        colors = plt.get_cmap("tab10")
+        axes = fig.subplots(nrows, ncols, squeeze=False)
+        for i, p in enumerate(panels):
+            ax = axes[i // ncols][i % ncols]
+            for x, values in zip(p.x, p.seed_values):
+                ax.scatter([x] * len(values), values, s=8, color="black", zorder=3)
+            ax.bar(p.x, p.means, color=[colors(j % 10) for j in p.x], yerr=[p.err_lo, p.err_hi], capsize=3,
+                   alpha=0.85)
+            ax.set_xticks(range(len(p.strategies)))
+            ax.set_xticklabels(p.strategies, rotation=45, ha="right", fontsize=8)
+            ax.set_title(p.title, fontsize=9)
+            ax.set_ylim(0, p.y_max)
+            ax.grid(axis="y", alpha=0.3)
+        for k in range(len(panels), nrows * ncols):
+            axes[k // ncols][k % ncols].axis("off")
+        fig.suptitle("mean over seeds, 95% bootstrap interval; dots: seeds", fontsize=9)
+
+    return png_bytes(draw, (3.2 * ncols, 2.9 * nrows))
+
+
+def duplicate_pairs_png(layout: Layout, pairs: Sequence[tuple[str, str, str, str]]) -> bytes | None:
+    """Image grid of removed duplicates (left) beside the member each duplicates
+    (pairs of uid, shard, duplicate_of, duplicate_of_shard); None when no pair's
+    images are found."""
+    from ..core.examples import duplicate_pairs
+
+    rows = duplicate_pairs(layout, pairs)
+    return image_grid(rows) if rows else None
+
+
+def cluster_examples_png(layout: Layout, out: "ComplexityOutcome", n: int = 4) -> bytes:
+    """Images of the ``n`` most and ``n`` least complex DBP clusters, a labelled row each."""
+    from ..core.examples import cluster_members
+
+    top, bottom = out.extremes(n)
+    comp, size = out.column("complexity"), out.column("size")
+    rows = cluster_members(layout, top + bottom)
+    return image_grid([(f"#{c} C={comp[c]:.3f} n={size[c]}", imgs) for c, imgs in rows])
