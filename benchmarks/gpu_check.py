@@ -425,14 +425,21 @@ def decisions(cluster: np.ndarray, dist: np.ndarray, cent: np.ndarray, uids: np.
     return dbp.select_hardest(cluster, dist, uids, N), N
 
 
-def other_device(env: Env, a: Assigned, s: Sizes) -> tuple[str, tuple[np.ndarray, np.ndarray]]:
-    """The second table: faiss on the GPU, else torch fp32 on CUDA, else torch fp32 on the CPU."""
+def other_device(env: Env, a: Assigned, s: Sizes) -> tuple[str, tuple[np.ndarray, np.ndarray], np.ndarray | None]:
+    """The second table: faiss on the GPU (project nearest_centroid), else the
+    clusters torch fp32 picks on CUDA (or the CPU) with the stored distance
+    recomputed on the CPU as nearest_centroid does (kmeans.exact_distances);
+    also the device's own raw distances, to show what that recomputation buys."""
     if a.gpu is not None:
-        return "faiss GPU (project nearest_centroid)", a.gpu
+        return "faiss GPU (project nearest_centroid)", a.gpu, None
     import torch
+
+    from dbprune_assets.core.kmeans import exact_distances, l2_normalize_checked
     dev = "cuda" if env.torch_gpu else "cpu"
     c, d = torch_assign(torch.from_numpy(a.x).to(dev), torch.from_numpy(a.cent).to(dev), torch.float32, s.chunk)
-    return f"torch fp32 on {dev} (no faiss GPU)", (c.cpu().numpy().astype(np.int32), d.cpu().numpy())
+    cl = c.cpu().numpy().astype(np.int32)
+    exact = exact_distances(l2_normalize_checked(a.x, "rows"), a.cent, cl)
+    return f"torch fp32 on {dev} picks, CPU stores exact distances (no faiss GPU)", (cl, exact), d.cpu().numpy()
 
 
 def stored(tmp: Path, name: str, table: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -443,7 +450,7 @@ def stored(tmp: Path, name: str, table: tuple[np.ndarray, np.ndarray]) -> tuple[
 
 
 def decisions_section(rep: Report, env: Env, s: Sizes, a: Assigned) -> None:
-    label, other = other_device(env, a, s)
+    label, other, raw = other_device(env, a, s)
     print(f"  reference: faiss CPU (project nearest_centroid); other: {label}")
     uids = np.char.mod("%012x", np.arange(s.rows))
     with tempfile.TemporaryDirectory() as tmp:
@@ -460,6 +467,9 @@ def decisions_section(rep: Report, env: Env, s: Sizes, a: Assigned) -> None:
     rep.fig("max |distance diff|, same cluster", float(np.abs(ref[1][~moved] - oth[1][~moved]).max(initial=0.0)))
     rep.fig("clusters whose quota differs", int((q1 != q_o).sum()))
     rep.fig("decisions differing, reference vs other", int((keep1 != keep_o).sum()))
+    if raw is not None:
+        keep_raw, _ = decisions(oth[0], raw.astype(np.float32), a.cent, uids)
+        rep.fig("decisions differing with the device's raw distances", int((keep1 != keep_raw).sum()))
     rep.check("cross-device differences come from assignments only", bool(np.array_equal(keep_h, keep_o)),
               f"{int((keep_h != keep_o).sum())} decisions change through distance rounding alone")
 

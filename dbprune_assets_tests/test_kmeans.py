@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from dbprune_assets.core.kmeans import (
     UniformSample,
+    exact_distances,
     l2_normalize_checked,
     nearest_centroid,
     spherical_kmeans,
@@ -233,6 +234,22 @@ def test_nearest_centroid_matches_bruteforce_any_chunk():
     for cl, dist in outs[1:]:
         np.testing.assert_array_equal(cl, outs[0][0])
         np.testing.assert_array_equal(dist, outs[0][1])
+
+
+def test_stored_distance_is_exact_whatever_searched():
+    """The distance stored is 1 - x·c of the chosen cluster in float64, rounded
+    once: a search on another device (here: a float32 matmul, as a GPU or bf16
+    kernel would differ in its last bits) yields bit-identical distances."""
+    x, _ = _blobs(n_per=50, k=4, noise=0.5)
+    rng = np.random.default_rng(2)
+    c = rng.normal(size=(6, 16)).astype(np.float32)
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    cl, dist = nearest_centroid(x.astype(np.float16), c, use_gpu=False)
+    xn = l2_normalize_checked(x.astype(np.float16), "x")
+    exact = (1.0 - np.einsum("ij,ij->i", xn.astype(np.float64), c[cl].astype(np.float64))).astype(np.float32)
+    np.testing.assert_array_equal(dist, exact)
+    other = (xn @ c.T).argmax(1)  # another kernel's choice of the same clusters
+    np.testing.assert_array_equal(exact_distances(xn, c, other), dist)
 
 
 def test_nearest_centroid_ties_lowest_id():
