@@ -13,7 +13,11 @@ from the Dagster definitions); ``--force`` redoes everything selected.
 What a person sees: a line per group (``▶`` when it starts, ``✓``/``✗`` when it
 ends) with a live bar of its partitions on a terminal; Dagster's own log lines
 go to each run's log in the instance (``dbprune ui``), and to the console only
-with ``dbprune run -v``.  A failure prints one line naming the step.
+with ``dbprune run -v``.  A failure prints one line naming the step, with an
+OS error explained (file, cause, what to do; ``core/oserrors.py``); the full
+trace stays in the run's log.  The whole run holds the home's one-writer lock
+(``core/homelock.py``), and each group first checks that the home's volume has
+at least ``oserrors.MIN_FREE_BYTES`` free.
 """
 
 from __future__ import annotations
@@ -154,10 +158,20 @@ def console_config(log_level: str | None) -> dict[str, Any]:
 def run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None = None, force: bool = False,
                  echo: Echo = print, log_level: str | None = None) -> RunReport:
     """Materialise the selected assets group by group (see the module docstring);
-    ``log_level``: show Dagster's log lines from that level on the console."""
+    ``log_level``: show Dagster's log lines from that level on the console.
+    Raises ``homelock.HomeBusy`` when another process writes the home."""
+    from .core.homelock import home_lock
+
+    with home_lock(layout.lock_file):
+        return _run_pipeline(layout, settings, select, force, echo, log_level)
+
+
+def _run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None, force: bool,
+                  echo: Echo, log_level: str | None) -> RunReport:
     import dagster as dg
 
     from .core.atomic import clean_stale_tmp
+    from .core.oserrors import MIN_FREE_BYTES, NotEnoughSpace, require_free_space
     from .core.state import clear_state
     from .defs.common import DbpruneResource, Versions, graph_nodes
     from .defs.ingest import sync_shard_partitions
@@ -168,7 +182,8 @@ def run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None 
     graph = defs.resolve_asset_graph()
     nodes = graph_nodes(graph)
     instance = dagster_instance(layout)
-    clean_stale_tmp(layout.tmp_base)  # half-written files of killed processes
+    for tmp_base in layout.tmp_bases():
+        clean_stale_tmp(tmp_base)  # half-written files of killed processes
     for run_id in fail_orphaned_runs(instance):
         echo(f"run {run_id} was left unfinished by a process that no longer runs; marked it failed")
     added, removed = sync_shard_partitions(instance, layout)
@@ -199,6 +214,12 @@ def run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None 
             continue
         scope = f"{len(stale)} of {len(all_parts)} partitions" if kind else "unpartitioned"
         echo(f"▶ {label} [{scope}] …")
+        try:
+            require_free_space(layout.home, MIN_FREE_BYTES, label)
+        except NotEnoughSpace as e:
+            echo(f"✗ {label} not started: {e}")
+            results.append(GroupResult(group, [], skipped, time.monotonic() - g0))
+            return RunReport(results, time.monotonic() - t0, ok=False, failure=str(e))
         # a partition is redone from scratch: drop its commit markers first, so a
         # crash half-way through (even of a --force re-run) leaves it out of date
         for a in group:
@@ -209,7 +230,7 @@ def run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None 
         with GroupBar(layout, group, stale, label):
             run_ids, failed = _run_ranges(job, instance, group, ranges, log_level)
         if failed is not None:
-            msg = _failure_message(failed)
+            msg = _failure_message(failed, layout)
             echo(f"✗ {label} failed (run {failed.run_id}): {msg}")
             results.append(GroupResult(group, stale, skipped, time.monotonic() - g0, run_ids))
             return RunReport(results, time.monotonic() - t0, ok=False, failure=msg)
@@ -265,14 +286,25 @@ def _run_ranges(job: Any, instance: Any, group: list[str], ranges: list[tuple[st
     return run_ids, None
 
 
-def _failure_message(result) -> str:  # ExecuteInProcessResult
+def _failure_message(result, layout: Layout) -> str:  # ExecuteInProcessResult
+    """One line: the failed step and its error (an OS error explained), with a
+    hint when the home's volume is (nearly) full, the usual cause of errors
+    that do not say so (``iostream error`` of a training subprocess)."""
+    from .core.oserrors import MIN_FREE_BYTES, explain_text, free_bytes, human_bytes
+
+    text = "the run failed; open it in `dbprune ui` for the logs"
     for event in result.all_events:
         if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
             err = event.step_failure_data.error
             while err.cause is not None and "dagster" in (err.cls_name or "").lower():
                 err = err.cause
-            return f"[{event.step_key}] {err.message.strip()}"
-    return "the run failed; open it in `dbprune ui` for the logs"
+            message = err.message.strip()
+            text = f"[{event.step_key}] {explain_text(message, layout.home) or message}"
+            break
+    free = free_bytes(layout.home)
+    if free < MIN_FREE_BYTES and "free space" not in text and "disk is full" not in text:
+        text += f" (the volume of {layout.home} has only {human_bytes(free)} free: a full disk is the likely cause)"
+    return text + " — the full trace is in the run's log (dbprune ui, or re-run with -v)"
 
 
 __all__ = ["run_pipeline", "plan_groups", "contiguous_ranges", "dagster_instance", "RunReport", "UNPARTITIONED"]

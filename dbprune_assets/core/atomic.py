@@ -1,7 +1,10 @@
 """Atomic writes: every output is written to a temp file under
 ``$DBPRUNE_HOME/.tmp/`` and renamed into place, so a crash never leaves a half
-file that a later step reads.  The temp folder is on the same file system as
-the target (both under ``$DBPRUNE_HOME``), which makes ``os.replace`` atomic.
+file that a later step reads.  ``os.replace`` is atomic only within one file
+system: when a target's folder is on another volume than the temp folder (say
+``tables/`` is a mount or a symlink to another disk), the temp file goes to
+``.tmp/<host>-<pid>/`` at the top of the target's volume inside the path
+(``tables/.tmp/…``), never across volumes (``EXDEV``).
 
 Each process writes its temp files in its own folder, ``.tmp/<host>-<pid>/``
 (``Layout.tmp``), so whatever a killed process leaves behind is recognisable:
@@ -26,9 +29,32 @@ from .faults import crash_point
 
 
 def _tmp_root(target: Path, tmp_root: Path | None) -> Path:
+    """The temp folder for ``target``: ``tmp_root`` (default ``target``'s
+    folder's ``.tmp``) when it is on the target's file system, else
+    :func:`same_volume_tmp`."""
     root = tmp_root if tmp_root is not None else target.parent / ".tmp"
     root.mkdir(parents=True, exist_ok=True)
+    if os.stat(root).st_dev != os.stat(target.parent).st_dev:
+        return same_volume_tmp(target.parent, root.name)
     return root
+
+
+def same_volume_tmp(folder: Path, name: str) -> Path:
+    """``<top>/.tmp/<name>``, where ``<top>`` is the highest folder of ``folder``'s
+    path on ``folder``'s file system (``$DBPRUNE_HOME/tables`` when ``tables``
+    is another volume), so a rename from it onto a file of ``folder`` stays
+    within one file system; ``folder/.tmp/<name>`` when ``<top>`` is not writable."""
+    dev = os.stat(folder).st_dev
+    top = Path(folder)
+    while top.parent != top and os.stat(top.parent).st_dev == dev:
+        top = top.parent
+    fallback = Path(folder) / ".tmp" / name
+    try:
+        (top / ".tmp" / name).mkdir(parents=True, exist_ok=True)
+        return top / ".tmp" / name
+    except OSError:
+        fallback.mkdir(parents=True, exist_ok=True)  # its error (read-only, full) is the one to report
+        return fallback
 
 
 @contextlib.contextmanager

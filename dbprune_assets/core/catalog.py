@@ -7,32 +7,37 @@ with no file yet gets an empty view with the right column types.  The database
 is opened read-write only for the moment it takes to (re)create views, and
 every open retries while another process holds DuckDB's lock: that is how
 parallel shard steps and a ``dbprune sql`` running beside a backfill coexist.
+A query (``dbprune sql``) opens it read-only, in a sandbox that reads only the
+home's tables, and refreshes only views that are out of date (:func:`query`).
 Parquet files themselves are replaced by atomic rename, so a reader never sees
 half a file.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from typing import Any, Callable, Iterable, TypeVar
 
-from .duck import parquet_source, view_sql
+from .duck import TABLES, parquet_source, sql_literal, view_sql
 from .faults import crash_point
 from .layout import Layout
+from .uids import EFFECTIVE_STATUS
 
 T = TypeVar("T")
 
 #: the tables the catalog has a view of (columns and types: ``duck.TABLES``),
 #: in creation order: a view others refer to comes first
 CATALOG_TABLES: tuple[str, ...] = (
-    "quotas", "samples", "problems", "scores", "duplicates", "assignments", "centroids", "clusters", "decisions",
+    "quotas", "duplicate_uids", "samples", "problems", "scores", "duplicates", "assignments", "centroids", "clusters", "decisions",
     "eval",
 )
 #: columns a view computes from other views rather than reading from its files:
 #: a cluster's ``kept`` is what the dbp decisions actually kept (via ``quotas``)
 DERIVED: dict[str, dict[str, str]] = {
     "clusters": {"kept": "(SELECT q.kept FROM quotas q WHERE q.strategy = 'dbp' AND q.cluster = t.cluster)"},
+    "samples": {"status": EFFECTIVE_STATUS},  # a uid an earlier shard has is duplicate_uid (core/uids.py)
 }
 
 
@@ -68,13 +73,49 @@ def with_retry(fn: Callable[[], T], timeout_s: float = 60.0, what: str = "catalo
             delay = min(delay * 2, 1.0)
 
 
+def _glob(layout: Layout, table: str) -> str | None:
+    """The absolute glob ``table``'s view reads, or None while it has no file."""
+    folder = layout.table_dir(table)
+    return str(folder / "*.parquet") if folder.is_dir() and any(folder.glob("*.parquet")) else None
+
+
 def view_statement(layout: Layout, table: str) -> str:
     """The ``CREATE OR REPLACE VIEW`` of ``table``: an absolute glob over its
     partitions (union by name), or an empty typed view while it has none."""
-    folder = layout.table_dir(table)
-    has_files = folder.is_dir() and any(folder.glob("*.parquet"))
-    source = parquet_source(str(folder / "*.parquet"), union_by_name=True) if has_files else None
+    glob = _glob(layout, table)
+    source = parquet_source(glob, union_by_name=True) if glob is not None else None
     return view_sql(table, table, source, temp=False, derived=DERIVED.get(table))
+
+
+def stale_views(layout: Layout, timeout_s: float = 60.0) -> list[str]:
+    """The catalog tables whose view is missing or out of date (another glob,
+    e.g. a moved home; an empty view of a table that now has files; other
+    columns or types), read without writing the catalog file."""
+    import duckdb
+
+    if not layout.catalog.exists():
+        return list(CATALOG_TABLES)
+
+    def _do() -> tuple[dict[str, str], dict[str, list[tuple[str, str]]]]:
+        con = duckdb.connect(str(layout.catalog), read_only=True)
+        try:
+            views = dict(con.execute("SELECT view_name, sql FROM duckdb_views() WHERE NOT internal").fetchall())
+            cols: dict[str, list[tuple[str, str]]] = {}
+            for t, c, ty in con.execute("SELECT table_name, column_name, data_type FROM duckdb_columns() "
+                                        "WHERE NOT internal ORDER BY table_name, column_index").fetchall():
+                cols.setdefault(t, []).append((c, ty))
+            return views, cols
+        finally:
+            con.close()
+
+    views, cols = with_retry(_do, timeout_s=timeout_s, what=str(layout.catalog))
+    stale = []
+    for t in CATALOG_TABLES:
+        glob = _glob(layout, t)
+        reads = t in views and glob is not None and sql_literal(glob) in views[t]
+        if t not in views or cols.get(t) != list(TABLES[t].items()) or reads != (glob is not None):
+            stale.append(t)
+    return stale
 
 
 def refresh_catalog(layout: Layout, tables: Iterable[str] | None = None, timeout_s: float = 60.0) -> None:
@@ -109,17 +150,61 @@ def refresh_catalog(layout: Layout, tables: Iterable[str] | None = None, timeout
     with_retry(_do, timeout_s=timeout_s, what=str(layout.catalog))
 
 
+class QueryRefused(ValueError):
+    """A catalog query that would write, or read outside the home's tables."""
+
+
+#: statement kinds a catalog query may run (``duckdb.StatementType`` names)
+READ_STATEMENTS = frozenset({"SELECT", "EXPLAIN"})
+
+
+def ensure_catalog(layout: Layout, timeout_s: float = 60.0) -> None:
+    """Refresh the views that are out of date (:func:`stale_views`); the
+    catalog file is not opened for writing when all are current.  A writer
+    holding the catalog past ``timeout_s`` leaves the old views (globs, so
+    still valid) in place."""
+    stale = stale_views(layout, timeout_s=timeout_s)
+    if stale:
+        try:
+            refresh_catalog(layout, stale, timeout_s=timeout_s)
+        except CatalogBusy:
+            if not layout.catalog.exists():
+                raise
+
+
 def query(layout: Layout, sql: str, timeout_s: float = 60.0) -> Any:
-    """Run read-only SQL against the catalog; returns a pyarrow Table."""
+    """Run read-only SQL (SELECT, EXPLAIN) against the catalog; returns a
+    pyarrow Table.  Views are used as they are (a missing catalog is created);
+    ``dbprune sql`` first calls :func:`ensure_catalog`.
+
+    The connection is read-only and sandboxed: DuckDB may read files only under
+    ``$DBPRUNE_HOME/tables/`` (``allowed_directories`` with
+    ``enable_external_access`` off, then the configuration locked), so
+    ``COPY … TO``, ``read_csv('/etc/passwd')``, ``ATTACH`` and extension loads
+    are refused (:class:`QueryRefused`).
+    """
     import duckdb
 
     if not layout.catalog.exists():
         refresh_catalog(layout, timeout_s=timeout_s)
+    tables = str(layout.home / "tables") + os.sep
 
     def _do() -> Any:
         con = duckdb.connect(str(layout.catalog), read_only=True)
         try:
-            return con.sql(sql).to_arrow_table()
+            con.execute("SET allowed_directories = ?", [[tables]])
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
+            kinds = [st.type.name for st in con.extract_statements(sql)]
+            refused = [k for k in kinds if k not in READ_STATEMENTS]
+            if refused:
+                raise QueryRefused(f"the catalog is read-only: {refused[0]} statements are refused (allowed: "
+                                   f"{', '.join(sorted(READ_STATEMENTS))}); to save a result, use "
+                                   "`dbprune sql --format csv \"SELECT …\" > FILE`")
+            try:
+                return con.sql(sql).to_arrow_table()
+            except duckdb.PermissionException as e:
+                raise QueryRefused(f"queries read only the catalog's tables (files under {tables}): {e}") from None
         finally:
             con.close()
 

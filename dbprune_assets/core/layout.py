@@ -39,6 +39,17 @@ class Layout:
     def tmp_base(self) -> Path:
         return self.home / ".tmp"
 
+    def tmp_bases(self) -> list[Path]:
+        """Every folder that may hold per-process temp folders: ``.tmp`` and the
+        ``.tmp`` of a top-level folder on another volume (``atomic.same_volume_tmp``)."""
+        extra = sorted(p for p in self.home.glob("*/.tmp") if p.is_dir()) if self.home.is_dir() else []
+        return [self.tmp_base, *extra]
+
+    @property
+    def lock_file(self) -> Path:
+        """The home's one-writer lock (``core/homelock.py``)."""
+        return self.home / ".lock"
+
     @property
     def dagster_home(self) -> Path:
         return self.home / "dagster"
