@@ -21,6 +21,7 @@ from .atomic import atomic_path, scratch_dir
 from .clip_filter import clip_threshold
 from .duck import connect, create_view, empty_frame, parquet_source, view_sql
 from .progress import progress
+from .uids import usable_view
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,9 @@ def select_candidates(metadata_files: dict[str, Path], duplicates_files: list[Pa
         try:
             # the metadata rows as candidates rows: row is the sample's parquet row, emb_row
             # its row in the shard's .npy files (clip-retrieval layout: rows aligned with the arrays)
-            con.execute(view_sql("meta", "candidates", parquet_source(list(metadata_files.values()), file_row_number=True),
+            con.execute(view_sql("embedded", "candidates", parquet_source(list(metadata_files.values()), file_row_number=True),
                                  derived={"emb_row": "t.file_row_number"}))
+            usable_view(con, "meta", "embedded", out_dir.parent)  # a uid an earlier shard has is not a sample
             create_view(con, "dup_rows", duplicates_files, "duplicates", columns=("uid",))
             con.execute("CREATE VIEW dups AS SELECT DISTINCT uid FROM dup_rows")
             con.execute("CREATE VIEW survivors AS SELECT m.* FROM meta m ANTI JOIN dups d USING (uid)")

@@ -39,7 +39,7 @@ from .kmeans import uid_hash
 
 #: the one schema table: table -> column -> DuckDB type.  The catalog tables of
 #: docs/design.md (with the extra columns their writers keep, e.g. a duplicate's
-#: dedup cluster), plus the pipeline's internal ``candidates`` table.
+#: dedup cluster), plus the pipeline's internal ``candidates`` and ``duplicate_uids`` tables.
 TABLES: dict[str, dict[str, str]] = {
     "samples": {
         "uid": "VARCHAR", "shard": "VARCHAR", "key": "VARCHAR", "row": "INTEGER",
@@ -61,6 +61,11 @@ TABLES: dict[str, dict[str, str]] = {
     "decisions": {"strategy": "VARCHAR", "uid": "VARCHAR", "shard": "VARCHAR", "keep": "BOOLEAN", "reason": "VARCHAR"},
     "eval": {"strategy": "VARCHAR", "seed": "INTEGER", "task": "VARCHAR", "metric": "VARCHAR", "value": "DOUBLE"},
     "candidates": {"uid": "VARCHAR", "shard": "VARCHAR", "row": "INTEGER", "emb_row": "INTEGER", "clip_score": "FLOAT"},
+    # cross-shard duplicate uids (core/uids.py): the later row and the first occurrence
+    "duplicate_uids": {
+        "shard": "VARCHAR", "key": "VARCHAR", "row": "INTEGER", "uid": "VARCHAR", "first_shard": "VARCHAR",
+        "first_key": "VARCHAR",
+    },
 }
 
 

@@ -29,6 +29,10 @@ sample's encoded tar blocks to a spool file of its output shard (at most ``max_o
 reopened in append mode); pass 2 reads one spool's record headers, sorts them
 by position and copies the blocks into the final tar.  The whole folder is
 built under the temp root and swapped in atomically.
+
+The module is a little over 500 lines because the export and its check
+(:func:`verify_export`, the asset check) share the kept view and the id-file
+formats; split, each would import the other's internals.
 """
 
 from __future__ import annotations
@@ -151,12 +155,17 @@ class _Spools:
 # export
 # ---------------------------------------------------------------------------
 def _kept_view(con: Any, decisions_path: Path, samples_dir: Path) -> None:
+    """The view ``kept`` (shard, uid, key, caption) of the kept decisions.  A
+    decision names its sample by (shard, uid): of the rows of a shard that
+    share a uid, the first (the others are ``duplicate_uid`` or worse, never kept)."""
     create_view(con, "dec", [Path(decisions_path)], "decisions")
     create_view(con, "samples", parquet_files(samples_dir))
     con.execute(
         """
         CREATE OR REPLACE TEMP VIEW kept AS
-        SELECT d.shard, d.uid, s.key FROM dec d JOIN samples s ON s.shard = d.shard AND s.uid = d.uid
+        SELECT d.shard, d.uid, s.key, s.caption FROM dec d
+        JOIN (SELECT * FROM samples QUALIFY row_number() OVER (PARTITION BY shard, uid ORDER BY row) = 1) s
+          ON s.shard = d.shard AND s.uid = d.uid
         WHERE d.keep
         """
     )
@@ -164,7 +173,7 @@ def _kept_view(con: Any, decisions_path: Path, samples_dir: Path) -> None:
 
 def _check_kept(con: Any, decisions_path: Path, samples_dir: Path) -> int:
     n_dec = con.execute("SELECT count(*) FROM dec WHERE keep").fetchall()[0][0]
-    n_kept, n_keys = con.execute("SELECT count(*), count(DISTINCT key) FROM kept").fetchall()[0]
+    n_kept, n_keys, n_uids = con.execute("SELECT count(*), count(DISTINCT key), count(DISTINCT uid) FROM kept").fetchall()[0]
     if n_kept != n_dec:
         rows = con.execute(
             "SELECT d.shard, d.uid FROM dec d ANTI JOIN samples s ON s.shard = d.shard AND s.uid = d.uid WHERE d.keep LIMIT 1"
@@ -178,6 +187,12 @@ def _check_kept(con: Any, decisions_path: Path, samples_dir: Path) -> int:
     if n_keys != n_kept:
         key, n = con.execute("SELECT key, count(*) FROM kept GROUP BY key HAVING count(*) > 1 ORDER BY key LIMIT 1").fetchall()[0]
         raise ValueError(f"{decisions_path}: tar key {key!r} is shared by {n} kept samples; keys must be unique to export")
+    if n_uids != n_kept:
+        uid, where = con.execute(
+            "SELECT uid, string_agg(shard, ', ' ORDER BY shard) FROM kept GROUP BY uid HAVING count(*) > 1 ORDER BY uid LIMIT 1"
+        ).fetchall()[0]
+        raise ValueError(f"{decisions_path}: uid {uid} is kept in shards {where}; the first occurrence keeps a uid "
+                         "(status duplicate_uid for the others): re-materialise pool_manifest and the decisions")
     return int(n_kept)
 
 
@@ -227,7 +242,7 @@ def export_subset(
             con.execute(
                 """
                 CREATE TABLE ranked AS
-                SELECT shard, key, uid, row_number() OVER (ORDER BY uid_hash(uid, ?), uid, shard) - 1 AS pos
+                SELECT shard, key, uid, caption, row_number() OVER (ORDER BY uid_hash(uid, ?), uid, shard) - 1 AS pos
                 FROM kept ORDER BY shard, key
                 """,
                 [int(seed)],
@@ -240,9 +255,8 @@ def export_subset(
             try:
                 shards = [r[0] for r in con.execute("SELECT DISTINCT shard FROM ranked ORDER BY shard").fetchall()]
                 for shard in progress(shards, desc="export: reading shards", unit="shard"):
-                    wanted = dict(
-                        con.execute("SELECT key, pos FROM ranked WHERE shard = ?", [shard]).fetchall()
-                    )
+                    wanted = {key: (pos, caption) for key, pos, caption in con.execute(
+                        "SELECT key, pos, caption FROM ranked WHERE shard = ?", [shard]).fetchall()}
                     _spool_shard(pool_dir / f"{shard}.tar", shard, wanted, spools, shard_size)
             finally:
                 spools.close()
@@ -274,13 +288,17 @@ def export_subset(
     )
 
 
-def _spool_shard(tar_path: Path, shard: str, wanted: dict[str, int], spools: _Spools, shard_size: int) -> None:
-    """Pass 1 for one source shard: append each wanted sample to its output spool.
+def _spool_shard(tar_path: Path, shard: str, wanted: dict[str, tuple[int, str]], spools: _Spools,
+                 shard_size: int) -> None:
+    """Pass 1 for one source shard: append each wanted sample (key -> position,
+    catalog caption) to its output spool.
 
     Reads with :func:`dbprune_assets.core.shards.iter_shard_members` (the
     reader ingest uses, so "a sample" means the same thing in both): a stream
     that stops once every wanted key was seen and raises when one is missing.
-    Members are re-named ``KEY.EXT`` in tar order; their bytes are unchanged.
+    Members are re-named ``KEY.EXT`` in tar order; their bytes are unchanged,
+    but for a ``KEY.txt`` that is not UTF-8: ingest repaired that caption
+    (a ``caption_not_utf8`` problem), and its catalog caption is written instead.
     """
     from .shards import ShardError, iter_shard_members
 
@@ -292,7 +310,9 @@ def _spool_shard(tar_path: Path, shard: str, wanted: dict[str, int], spools: _Sp
             if key in done:
                 raise ValueError(f"shard {shard}, key {key}: its members are not contiguous in {tar_path}")
             done.add(key)
-            pos = wanted[key]
+            pos, caption = wanted[key]
+            if "txt" in members and wds.decode_text(members["txt"])[1] is not None:
+                members = {**members, "txt": caption.encode("utf-8")}
             blob = b"".join(wds.encode_member(f"{key}.{ext}", data) for ext, data in members.items())
             spools.append(pos // shard_size, pos, blob)
     except ShardError as err:

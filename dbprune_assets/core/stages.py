@@ -34,25 +34,34 @@ EXAMPLE_PAIRS = 6
 # the pool manifest
 
 
-def write_pool_manifest(layout: Layout, versions: Mapping[str, str | None]) -> tuple["pl.DataFrame", dict[str, int]]:
+def write_pool_manifest(layout: Layout, versions: Mapping[str, str | None]
+                        ) -> tuple["pl.DataFrame", dict[str, int], "pl.DataFrame"]:
     """``tables/pool_manifest/all.parquet``: per shard its data version, rows and
-    ok samples (from the ingest commit markers); returns it and the samples per status."""
+    ok samples (from the ingest commit markers, with the uid rule applied across
+    shards: :func:`~.uids.mark_cross_shard`); returns it, the samples per
+    status and the cross-shard duplicate uids."""
     import polars as pl
 
     from .state import read_state
+    from .uids import mark_cross_shard
 
+    cross = mark_cross_shard(layout, sorted(versions))
+    per_shard = dict(cross.group_by("shard").len().iter_rows())
     rows = []
     status: dict[str, int] = {}
     for shard, version in versions.items():
         st = read_state(layout, "raw_metadata", shard)
-        summary = st.summary if st else {}
-        for name, n in summary.get("status", {}).items():
+        counts = dict((st.summary if st else {}).get("status", {}))
+        if per_shard.get(shard):
+            counts["ok"] = counts.get("ok", 0) - per_shard[shard]
+            counts["duplicate_uid"] = counts.get("duplicate_uid", 0) + per_shard[shard]
+        for name, n in counts.items():
             status[name] = status.get(name, 0) + int(n)
-        rows.append({"shard": shard, "data_version": version, "rows": summary.get("rows", 0),
-                     "ok": summary.get("status", {}).get("ok", 0)})
+        rows.append({"shard": shard, "data_version": version, "rows": (st.summary if st else {}).get("rows", 0),
+                     "ok": counts.get("ok", 0)})
     frame = pl.DataFrame(rows, schema={"shard": pl.Utf8, "data_version": pl.Utf8, "rows": pl.Int64, "ok": pl.Int64})
     write_parquet(layout.table("pool_manifest"), frame, layout.tmp)
-    return frame, status
+    return frame, status, cross
 
 
 # ---------------------------------------------------------------------------
@@ -103,11 +112,15 @@ def run_semdedup(layout: Layout, shards: list[str], eps: float, tile: int, devic
         if a.height != meta.height:
             raise MissingInput(f"shard {name}: dedup_assignments out of date ({a.height} rows, embeddings "
                                f"{meta.height}); re-materialise dedup_assignments for it")
+        keep = _usable_rows(layout, name, meta)
+        if keep is not None:  # a uid an earlier shard has: not a sample of its own (core/uids.py)
+            meta, emb, a = meta.filter(keep), np.asarray(emb)[keep.to_numpy()], a.filter(keep)
         return DedupShard(name, meta["uid"].to_numpy(), emb, a["cluster"].to_numpy(), a["distance"].to_numpy())
 
-    ok = sum(pl.read_parquet(layout.emb_metadata(sh), columns=["uid"]).height for sh in shards)
+    ok = sum(_usable(layout, sh, pl.read_parquet(layout.emb_metadata(sh), columns=["row"])).height for sh in shards)
     out = DedupOutcome(k, ok)
-    sizes = cluster_sizes(layout, shards, "dedup_assignments", k)  # no extra pass over the embeddings
+    # no extra pass over the embeddings; less the rows whose uid an earlier shard has
+    sizes = cluster_sizes(layout, shards, "dedup_assignments", k) - _superseded_per_cluster(layout, shards, k)
     with atomic_path(layout.table("duplicates"), layout.tmp) as tmp:
         writer = None
         try:
@@ -126,14 +139,48 @@ def run_semdedup(layout: Layout, shards: list[str], eps: float, tile: int, devic
     return out
 
 
+def _usable_rows(layout: Layout, shard: str, meta: "pl.DataFrame") -> "pl.Series | None":
+    """Mask of the embedded rows of ``shard`` that are samples of their own (not
+    a uid an earlier shard has, :mod:`~.uids`); None when all are."""
+    import polars as pl
+
+    from .uids import superseded_rows
+
+    rows = superseded_rows(layout.home / "tables", shard)
+    return ~meta["row"].is_in(rows.implode()) if rows.len() else None  # type: ignore[return-value]
+
+
+def _usable(layout: Layout, shard: str, meta: "pl.DataFrame") -> "pl.DataFrame":
+    from .uids import drop_superseded
+
+    return drop_superseded(layout.home / "tables", shard, meta)
+
+
+def _superseded_per_cluster(layout: Layout, shards: list[str], k: int) -> np.ndarray:
+    """Cross-shard duplicate uids (:mod:`~.uids`) per dedup cluster (k,)."""
+    import polars as pl
+
+    from .uids import table_file
+
+    out = np.zeros(k, np.int64)
+    path = table_file(layout.home / "tables")
+    if not path.exists():
+        return out
+    dup = pl.read_parquet(path, columns=["shard", "row"]).filter(pl.col("shard").is_in(shards))
+    for (shard,), rows in dup.group_by("shard"):
+        a = pl.read_parquet(layout.table("dedup_assignments", str(shard)), columns=["row", "cluster"])
+        out += np.bincount(a.filter(pl.col("row").is_in(rows["row"].implode()))["cluster"].to_numpy(), minlength=k)[:k]
+    return out
+
+
 def clip_scores(layout: Layout, shards: list[str]) -> np.ndarray:
     """Every ok sample's clip_score (for the histogram beside the filter)."""
     import polars as pl
 
-    files = [layout.emb_metadata(sh) for sh in shards]
-    if not files:
+    if not shards:
         return np.zeros(0, np.float32)
-    return np.concatenate([pl.read_parquet(p, columns=["clip_score"])["clip_score"].to_numpy() for p in files])
+    return np.concatenate([_usable(layout, sh, pl.read_parquet(layout.emb_metadata(sh), columns=["row", "clip_score"]))
+                           ["clip_score"].to_numpy() for sh in shards])
 
 
 def drop_left_shards(layout: Layout, table: str, shards: list[str]) -> None:
@@ -259,10 +306,13 @@ def make_subset(layout: Layout, settings: PipelineSettings, strategy: str) -> Su
                         settings.export.seed, layout.tmp)
     problems["export_matches_decisions"] = [f"{strategy}: {p}" for p in
                                             verify_export(layout.subset_dir(strategy), out, tmp_root=layout.tmp)]
-    [(n_samples, n_dec, n_distinct)] = query_tables(
-        layout, "SELECT (SELECT count(*) FROM samples), count(*), count(DISTINCT (shard, uid)) FROM decisions", {},
+    # a uid repeated inside a shard is one decision per row (duplicate_uid rows are corrupt), so the
+    # decisions match the samples row for row and (shard, uid) for (shard, uid)
+    [(n_samples, n_dec, n_distinct, n_sample_ids)] = query_tables(
+        layout, "SELECT (SELECT count(*) FROM samples), count(*), count(DISTINCT (shard, uid)), "
+                "(SELECT count(DISTINCT (shard, uid)) FROM samples) FROM decisions", {},
         {"samples": parquet_files(layout.table_dir("samples")), "decisions": [out]})
-    if not (n_samples == n_dec == n_distinct):
+    if not (n_samples == n_dec and n_distinct == n_sample_ids):
         problems["one_decision_per_sample"].append(
-            f"{strategy}: {n_samples} samples, {n_dec} decisions, {n_distinct} distinct")
+            f"{strategy}: {n_samples} samples ({n_sample_ids} distinct), {n_dec} decisions ({n_distinct} distinct)")
     return SubsetOutcome(summary, exp, problems)

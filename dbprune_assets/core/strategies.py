@@ -25,7 +25,9 @@ A dropped sample's ``reason`` is the first rule that removed it:
 (eligible, not selected); every kept sample has reason ``kept``.
 
 Inputs are the parquet tables under the tables root (``samples``, ``scores``,
-``duplicates``, ``candidates``, ``assignments``); candidates and assignments
+``duplicates``, ``candidates``, ``assignments``); a sample's status is its
+pool-wide one (a uid seen in an earlier shard is ``duplicate_uid``,
+:mod:`dbprune_assets.core.uids`); candidates and assignments
 are joined to samples on ``(shard, row)`` (unique per parquet row), duplicates
 and scores on ``(shard, uid)``.
 """
@@ -42,6 +44,7 @@ from . import dbp
 from .atomic import atomic_path, scratch_dir
 from .duck import connect, create_view, parquet_files
 from .settings import STRATEGIES
+from .uids import samples_view
 
 if TYPE_CHECKING:
     import polars as pl
@@ -278,8 +281,10 @@ def decide(
     with scratch_dir(tmp_root, f"decide-{strategy}-") as work:
         con = connect(Path(work), memory_limit, threads)
         try:
+            samples_view(con, "samples", files["samples"], tables, INPUTS["samples"])
             for t, cols in INPUTS.items():
-                create_view(con, t, files[t] if (t in needs or t == "samples") else [], columns=cols)
+                if t != "samples":
+                    create_view(con, t, files[t] if t in needs else [], columns=cols)
             con.execute("CREATE OR REPLACE TEMP VIEW assign AS SELECT * FROM assignments")
             _validate_inputs(con, strategy)
             eligible = _select(con, strategy, M, q, seed)

@@ -98,6 +98,16 @@ def image_member(members: dict[str, T]) -> tuple[str, T] | None:
     return None
 
 
+def decode_text(data: bytes) -> tuple[str, str | None]:
+    """A text member (``KEY.txt``) as ``str``: UTF-8 with invalid bytes replaced
+    by U+FFFD; and where it is not UTF-8 (None when it is).  Ingest and export
+    both read captions through here, so the catalog and the export agree."""
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError as err:
+        return data.decode("utf-8", errors="replace"), f"byte 0x{data[err.start]:02x} at offset {err.start}"
+
+
 def group_samples(members: Iterable[tuple[str, str, T]]) -> Iterator[tuple[str, dict[str, T]]]:
     """``(key, {ext: value})`` per run of consecutive ``(key, ext, value)`` with one key."""
     key: str | None = None

@@ -10,7 +10,7 @@ from ..core import stages
 from ..core.atomic import remove, write_parquet
 from ..core.layout import UNPARTITIONED, Layout, list_pool_shards
 from ..core.progress import progress
-from ..core.shards import STATUSES, ingest_shard
+from ..core.shards import STATUSES, ShardError, failed_ingest, ingest_shard
 from ..core.state import combine_versions, read_state
 from .common import ALL_PARTITIONS, SHARDS, DbpruneResource, Session, shard_partitions, stage
 from .plots import md_table
@@ -54,13 +54,20 @@ def sync_shard_partitions(instance: dg.DagsterInstance, layout: Layout) -> tuple
 )
 def raw_metadata(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
     """One row per parquet row of an img2dataset shard (failed downloads included) with its status: ok,
-    failed_download, undecodable, missing_in_tar, empty_caption or truncated_tar. Writes
-    tables/samples/<shard>.parquet and tables/problems/<shard>.parquet."""
+    failed_download, undecodable, missing_in_tar, empty_caption, truncated_tar or duplicate_uid. Writes
+    tables/samples/<shard>.parquet and tables/problems/<shard>.parquet. A shard whose parquet has the wrong
+    schema is recorded as failed (no samples rows, one problems row naming the column) and the others go on."""
     totals: Counter[str] = Counter()
     per_shard = []
     problems_preview = []
+    failed: dict[str, str] = {}
     for shard in progress(context.partition_keys, desc="ingest", unit="shard"):
-        result = ingest_shard(s.layout.pool, shard, s.settings.ingest.verify_images)
+        try:
+            result = ingest_shard(s.layout.pool, shard, s.settings.ingest.verify_images)
+        except ShardError as err:
+            result = failed_ingest(shard, err)
+            failed[shard] = str(err)
+            context.log.error(f"shard {shard} not ingested: {err}")
         write_parquet(s.layout.table("samples", shard), result.samples, s.layout.tmp)
         write_parquet(s.layout.table("problems", shard), result.problems, s.layout.tmp)
         counts = Counter(result.samples["status"].to_list())
@@ -69,7 +76,8 @@ def raw_metadata(context: dg.AssetExecutionContext, s: Session) -> dg.Materializ
                           "problems": result.problems.height})
         problems_preview.extend(result.problems.head(20).to_dicts())
         s.commit("raw_metadata", shard, {"rows": result.samples.height, "status": dict(counts),
-                                         "problems": result.problems.height})
+                                         "problems": result.problems.height,
+                                         **({"failed": failed[shard]} if shard in failed else {})})
         context.log.info(f"shard {shard}: {result.samples.height} rows, {dict(counts)}")
     s.refresh_catalog("samples", "problems")
     return dg.MaterializeResult(
@@ -77,6 +85,7 @@ def raw_metadata(context: dg.AssetExecutionContext, s: Session) -> dg.Materializ
             "rows": sum(r["rows"] for r in per_shard),
             "ok": totals.get("ok", 0),
             "by_status": dg.MetadataValue.json(dict(totals)),
+            "failed_shards": dg.MetadataValue.json(failed),
             "shards": dg.MetadataValue.md(md_table(per_shard)),
             "problems": dg.MetadataValue.md(md_table(problems_preview[:50]) if problems_preview else "no problems"),
             "seconds": s.elapsed(),
@@ -92,7 +101,9 @@ def raw_metadata(context: dg.AssetExecutionContext, s: Session) -> dg.Materializ
 def pool_manifest(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
     """The set of shards and their versions. Its data version changes when a shard is added, removed or
     re-ingested, which marks every global asset downstream stale, also for pools of more than 100 shards
-    (where Dagster stops tracking partition-level staleness)."""
+    (where Dagster stops tracking partition-level staleness). It applies the uid rule across shards: an ok
+    row whose uid an earlier shard has is duplicate_uid (tables/duplicate_uids/all.parquet, with its problems
+    row); the first occurrence in shard order keeps the uid."""
     versions = {shard: s.versions.data_version("raw_metadata", shard) for shard in s.shards}
     missing = [k for k, v in versions.items() if v is None]
     if missing:
@@ -100,11 +111,21 @@ def pool_manifest(context: dg.AssetExecutionContext, s: Session) -> dg.Materiali
             f"pool_manifest: {len(missing)} shard(s) not ingested yet ({', '.join(missing[:5])}…): "
             "materialise raw_metadata for them first (dbprune run does)"
         )
-    frame, status = stages.write_pool_manifest(s.layout, versions)
+    had_duplicates = s.layout.table("duplicate_uids").exists()
+    frame, status, cross = stages.write_pool_manifest(s.layout, versions)
+    if had_duplicates or cross.height:  # the file came or went (problems and samples views are globs)
+        s.refresh_catalog("duplicate_uids")
+    failed = {shard: st.summary["failed"] for shard in s.shards
+              if (st := read_state(s.layout, "raw_metadata", shard)) and "failed" in st.summary}
+    for shard, cause in failed.items():
+        context.log.error(f"shard {shard} is not in the pool's samples: {cause}")
     version = combine_versions(versions)
-    return s.done("pool_manifest", summary={"shards": frame.height, "status": status}, data_version=version, metadata={
+    return s.done("pool_manifest", summary={"shards": frame.height, "status": status, "failed_shards": sorted(failed)},
+                  data_version=version, metadata={
         "shards": frame.height, "rows": int(frame["rows"].sum()), "ok": int(frame["ok"].sum()),
         "by_status": dg.MetadataValue.json(status), "pool": dg.MetadataValue.path(str(s.layout.pool)),
+        "failed_shards": dg.MetadataValue.json(failed),
+        "cross_shard_duplicate_uids": cross.height,
     })
 
 
