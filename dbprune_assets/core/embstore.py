@@ -103,15 +103,22 @@ class CentroidFit:
     seen: int  # rows the sample was drawn from
 
 
-def fit_centroids(layout: Layout, shards: list[str], out_table: str, selection: str | None, k: int, niter: int,
-                  sample_size: int, seed: int, use_gpu: bool | None, threads: int, what: str) -> CentroidFit:
+def fit_centroids(layout: Layout, shards: list[str], out_table: str, selection: str | None,
+                  clusters: Callable[[int], int], niter: int, sample_size: int, seed: int, use_gpu: bool | None,
+                  threads: int, what: str) -> CentroidFit:
     """Spherical k-means on a bounded uniform sample of the selected rows (every
-    ok sample when ``selection`` is None), written to ``tables/<out_table>/all.parquet``."""
+    ok sample when ``selection`` is None), written to ``tables/<out_table>/all.parquet``.
+
+    ``clusters(n)`` gives k for the n selected rows, once the sample has seen
+    them all: it resolves ``auto`` and checks an explicit k against n
+    (``SemDedupSettings.clusters``, ``DbpSettings.clusters``), raising
+    SettingsError that names the setting before k-means starts."""
     from .kmeans import UniformSample, spherical_kmeans
 
     sample = UniformSample(sample_size, seed)
     for uids, loader, shard in sample_chunks(layout, shards, selection):
         sample.add(uids, loader, name=f"shard {shard}")
+    k = clusters(sample.seen)
     cent = spherical_kmeans(sample.embeddings, k, niter, seed, use_gpu, threads=threads, what=what)
     write_parquet(layout.table(out_table), centroid_frame(cent), layout.tmp)
     return CentroidFit(len(cent), len(sample), sample.seen)

@@ -1,19 +1,29 @@
 """Pipeline settings: one YAML file, validated before any run starts.
 
 A settings file names a ``profile`` (``paper`` or ``sample``) and overrides any
-field of it; unknown keys and out-of-range values are errors that name the
-setting and its allowed values.  Every knob of the pipeline lives here with a
-documented default; nothing needs a code edit.
+field of it; unknown keys, out-of-range values and values of the wrong type
+(``k: true``, ``k: "5"``: every field is strict) are errors that name the
+setting and what it allows.  A file without ``profile:`` gets the same
+automatic choice as no file (:func:`choose_settings`).  Every knob of the
+pipeline lives here with a documented default; nothing needs a code edit.
+
+The cluster counts ``semdedup.dedup_k`` and ``dbp.k`` also accept ``auto``
+(:class:`AutoK`): the paper's mean cluster size, clamped, resolved once the
+number of samples is known.  See ``docs/design.md``, "Settings".
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from .layout import Layout
 
 STRATEGIES: tuple[str, ...] = ("dbp", "ssp", "random", "clip_score", "semdedup", "full")
 PROFILES: tuple[str, ...] = ("paper", "sample")
@@ -24,8 +34,74 @@ class SettingsError(ValueError):
     """A pipeline setting is invalid; the message names it and what is allowed."""
 
 
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class AutoK:
+    """The rule behind ``auto`` for a cluster count: the paper's mean cluster
+    size (``paper_n / paper_k`` samples per cluster), at least ``floor``
+    clusters, at most the paper's ``paper_k``, and never so many that a
+    cluster averages fewer than ``min_members`` members."""
+
+    setting: str  # the dotted setting, for messages
+    what: str  # what is clustered, for messages
+    paper_k: int
+    paper_n: int  # samples the paper clustered into paper_k clusters
+    floor: int
+    min_members: int = 50
+
+    @property
+    def per_cluster(self) -> int:
+        return self.paper_n // self.paper_k
+
+    def resolve(self, n: int) -> int:
+        """``auto`` for ``n`` samples: ``min(paper_k, max(floor, round(n / per_cluster)), n // min_members)``,
+        at least 1."""
+        k = max(self.floor, round(n / self.per_cluster))
+        return max(1, min(k, self.paper_k, n // self.min_members))
+
+    def clusters(self, value: int | str, n: int, what: str | None = None) -> int:
+        """The cluster count for ``n`` samples: ``auto`` resolved, an explicit
+        value checked against ``n`` (more clusters than samples is an error
+        naming the setting, the pool size and the ``auto`` value)."""
+        if value == AUTO:
+            return self.resolve(n)
+        k = int(value)
+        if k > n:
+            raise SettingsError(
+                f"{self.setting}: {k} clusters exceeds the {n} {what or self.what} of this pool; "
+                f"set {self.setting}: auto (here {self.resolve(n)}, scaled to the pool) or at most {n}"
+            )
+        return k
+
+
+#: SemDeDup: 50,000 clusters on LAION-440M, about 8,800 samples per cluster
+DEDUP_K = AutoK("semdedup.dedup_k", "ok samples", paper_k=50_000, paper_n=440_000_000, floor=8)
+#: DBP: 500 clusters on LAION-DeDup-280M, about 560,000 candidates per cluster
+#: (the paper's 100 on DataComp-Medium's candidates is the same order)
+DBP_K = AutoK("dbp.k", "candidates", paper_k=500, paper_n=280_000_000, floor=20)
+
+
+def _cluster_count(value: Any) -> int | str:
+    """A strict positive int, or ``auto``."""
+    if value == AUTO and isinstance(value, str):
+        return AUTO
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PydanticCustomError("clusters_type", "expected a whole number or auto")
+    if value <= 0:
+        raise PydanticCustomError("clusters_range", "the number of clusters must be positive")
+    return value
+
+
+#: a cluster count: a positive int or ``"auto"``
+Clusters = Annotated[int | Literal["auto"], PlainValidator(_cluster_count)]
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: YAML `true` or "5" is not an int (1 for a float is fine); tuples
+    # are read from YAML lists (their items stay strict)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     def _exactly_one(self, section: str, a: str, b: str) -> None:
         """The two settings ``a`` and ``b`` are alternatives: one set, the other null."""
@@ -96,11 +172,15 @@ class IngestSettings(_Section):
 
 
 class SemDedupSettings(_Section):
-    dedup_k: int = Field(50000, gt=0, description="SemDeDup k-means clusters")
+    dedup_k: Clusters = Field(50000, description="SemDeDup k-means clusters, or auto (DEDUP_K: scaled to the ok samples)")
     eps: float = Field(0.07, gt=0, lt=1, description="duplicate when cosine similarity > 1 - eps")
     niter: int = Field(100, gt=0)
     sample_size: int = Field(2_000_000, gt=0, description="k-means training sample (bounded, uniform over the pool)")
     seed: int = 0
+
+    def clusters(self, n_ok: int) -> int:
+        """``dedup_k`` for ``n_ok`` ok samples (``auto`` resolved, an explicit value checked)."""
+        return DEDUP_K.clusters(self.dedup_k, n_ok)
 
 
 class ClipFilterSettings(_Section):
@@ -114,7 +194,7 @@ class ClipFilterSettings(_Section):
 
 
 class DbpSettings(_Section):
-    k: int = Field(500, gt=0, description="DBP k-means clusters")
+    k: Clusters = Field(500, description="DBP k-means clusters, or auto (DBP_K: scaled to the candidates)")
     l: int = Field(20, gt=0, description="nearest other centroids for d_inter (capped at k-1)")
     tau: float = Field(0.1, gt=0, description="softmax temperature")
     keep_fraction: float | None = Field(0.25, gt=0, le=1, description="M = floor(keep_fraction * |candidates|)")
@@ -129,9 +209,13 @@ class DbpSettings(_Section):
         self._exactly_one("dbp", "keep_fraction", "target_size")
         return self
 
+    def clusters(self, n_candidates: int) -> int:
+        """``k`` for ``n_candidates`` candidates (``auto`` resolved, an explicit value checked)."""
+        return DBP_K.clusters(self.k, n_candidates)
+
 
 class SelectionSettings(_Section):
-    strategies: tuple[str, ...] = Field(STRATEGIES, description=f"strategies to materialise, of {', '.join(STRATEGIES)}")
+    strategies: tuple[str, ...] = Field(STRATEGIES, strict=False, description=f"strategies to materialise, of {', '.join(STRATEGIES)}")
     seed: int = Field(0, description="seed of the random baseline")
 
     @field_validator("strategies")
@@ -158,7 +242,7 @@ class TrainSettings(_Section):
     warmup: int = Field(500, ge=0)
     precision: str = Field("amp_bf16")
     workers: int = Field(4, ge=0)
-    train_seeds: tuple[int, ...] = Field((0,), min_length=1)
+    train_seeds: tuple[int, ...] = Field((0,), min_length=1, strict=False)
 
 
 class EvalSettings(_Section):
@@ -208,15 +292,29 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
+        got = e.get("input")
         if e["type"] == "extra_forbidden":
             msg = "unknown setting (check the spelling; see the README's settings table)"
         elif e["type"] in _RANGE_ERRORS and (allowed := _allowed_range(e["loc"])):
-            msg = f"{msg} (got {e.get('input')!r}; allowed: {allowed})"
+            msg = f"{msg} (got {got!r}; allowed: {allowed})"
+        elif e["type"] in ("clusters_type", "clusters_range"):
+            msg = f"{msg} (got {got!r}; allowed: {loc} > 0, or auto)"
+        elif e["type"] in _TYPE_ERRORS:
+            allowed = _allowed_range(e["loc"])
+            msg = (f"expected {_TYPE_ERRORS[e['type']]}, got {got!r} ({type(got).__name__})"
+                   + (f"; allowed: {allowed}" if allowed else ""))
         lines.append(f"  {loc}: {msg}")
     return "\n".join(lines)
 
 
 _RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+#: strict type errors: what the field takes, as YAML writes it
+_TYPE_ERRORS = {
+    "int_type": "a whole number (YAML 5, not 5.0, true or \"5\")",
+    "float_type": "a number (YAML 0.5 or 1, not true or \"0.5\")",
+    "bool_type": "true or false",
+    "string_type": "a string",
+}
 
 
 def _allowed_range(loc: tuple[Any, ...]) -> str | None:
@@ -255,7 +353,9 @@ def _allowed_range(loc: tuple[Any, ...]) -> str | None:
 
 
 def build_settings(overrides: dict[str, Any] | None = None, profile: str | None = None, source: str = "settings") -> PipelineSettings:
-    """Profile defaults overlaid with ``overrides``; raises SettingsError."""
+    """Profile defaults overlaid with ``overrides``; raises SettingsError.  The
+    profile is the one ``overrides`` names, else ``profile``, else ``paper``
+    (:func:`choose_settings` makes the automatic choice instead)."""
     overrides = dict(overrides or {})
     name = overrides.pop("profile", None) or profile or "paper"
     data = _deep_merge(profile_dict(str(name)), overrides)
@@ -266,10 +366,8 @@ def build_settings(overrides: dict[str, Any] | None = None, profile: str | None 
         raise SettingsError(_format_validation_error(err, source)) from None
 
 
-def load_settings(path: Path | None, profile: str | None = None) -> PipelineSettings:
-    """Read a settings YAML (a profile name plus overrides)."""
-    if path is None:
-        return build_settings({}, profile=profile)
+def read_settings_file(path: Path) -> dict[str, Any]:
+    """The mapping of a settings YAML; SettingsError when missing or malformed."""
     path = Path(path)
     if not path.is_file():
         raise SettingsError(f"--config {path}: no such file")
@@ -279,4 +377,68 @@ def load_settings(path: Path | None, profile: str | None = None) -> PipelineSett
         raise SettingsError(f"--config {path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise SettingsError(f"--config {path}: expected a mapping of settings at the top level")
-    return build_settings(data, profile=profile, source=str(path))
+    return data
+
+
+#: what a user pool gets on top of ``paper`` when no profile is named
+USER_POOL_OVERRIDES: dict[str, Any] = {"semdedup": {"dedup_k": AUTO}, "dbp": {"k": AUTO}}
+
+
+def auto_profile(pool: Path) -> tuple[str, dict[str, Any], str]:
+    """The profile that fits ``pool``, the overrides that come with it, and why:
+    ``sample`` for the generated sample pool (or no pool yet: it is generated),
+    else ``paper`` with ``auto`` cluster counts (the paper's k assume 10^8 samples)."""
+    from ..samplepool.writer import is_sample_pool  # here: the generator imports these settings
+
+    if not pool.exists():
+        return "sample", {}, f"there is no pool at {pool} yet, so the sample pool is generated there"
+    if is_sample_pool(pool):
+        return "sample", {}, f"{pool} is the generated sample pool"
+    return "paper", USER_POOL_OVERRIDES, (f"{pool} is your own pool: the paper's values, with semdedup.dedup_k "
+                                          "and dbp.k auto (scaled to the pool's size)")
+
+
+def choose_settings(config: Path | None = None, profile: str | None = None, pool: Path | None = None,
+                    saved: Path | None = None) -> tuple[PipelineSettings, str]:
+    """The settings of a run, and a line saying which profile they use and why.
+
+    The settings file is ``config`` (``--config``); else, unless a ``profile``
+    (``--profile``) is asked for, ``saved`` (the home's ``config.yaml`` of an
+    earlier run) where it exists; else none.  The profile is the one the file
+    names, else ``profile``, else the automatic choice for ``pool`` (default:
+    ``$DBPRUNE_POOL`` as :meth:`~.layout.Layout.from_env` finds it; see
+    :func:`auto_profile`), the file's values overriding it.  The settings
+    record the profile used, so saving them keeps the choice for later runs.
+    """
+    origin = ""
+    if config is None and profile is None and saved is not None and saved.is_file():
+        config, origin = saved, " (saved by an earlier run)"
+    data = read_settings_file(config) if config is not None else {}
+    source = str(config) if config is not None else "settings"
+    named = data.pop("profile", None)
+    if named:
+        return build_settings(data, str(named), source), f"profile {named}, as {config}{origin} names it"
+    if profile:
+        return build_settings(data, profile, source), f"profile {profile}, as --profile asks"
+    name, extra, why = auto_profile(Path(pool) if pool is not None else Layout.from_env().pool)
+    settings = build_settings(_deep_merge(extra, data), name, source)
+    unnamed = f" as without settings ({config} names no profile)" if config is not None else ""
+    return settings, f"profile {name}, chosen automatically{unnamed}: {why}"
+
+
+def load_settings(path: Path | None, profile: str | None = None, pool: Path | None = None) -> PipelineSettings:
+    """Read a settings YAML (a profile name plus overrides); without a profile
+    named (in the file or as ``profile``), the automatic choice for ``pool``
+    (:func:`choose_settings`)."""
+    return choose_settings(path, profile, pool)[0]
+
+
+def check_k(settings: PipelineSettings, n_ok: int) -> None:
+    """Check the cluster counts against the pool as soon as its ``n_ok`` ok
+    samples are counted (after ingest, before embeddings and training): an
+    explicit ``semdedup.dedup_k`` or ``dbp.k`` above it raises SettingsError
+    naming the setting, the value and the pool size, and suggesting ``auto``.
+    (``dbp.k`` is checked exactly against the candidates when ``centroids`` fits.)"""
+    settings.semdedup.clusters(n_ok)
+    if settings.dbp.k != AUTO:
+        DBP_K.clusters(settings.dbp.k, n_ok, "ok samples (the candidates are fewer)")
