@@ -1,8 +1,15 @@
-"""The ``dbprune`` command: run, sample-pool, sql, ui."""
+"""The ``dbprune`` command: run, sample-pool, sql, ui.
+
+A failure prints one line (``dbprune: error: …``; OS errors with the file, the
+cause and what to do) and exits non-zero; ``-v`` also prints the traceback.
+Exit codes: 1 a run failed, 2 bad settings or usage, 75 the home is busy
+(another ``dbprune run`` holds its lock; ``--wait``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -11,9 +18,20 @@ from .core.layout import Layout
 from .core.settings import PipelineSettings, SettingsError, build_settings, load_settings
 
 
-def _err(msg: str) -> int:
+#: exit status when another process holds the home's lock (EX_TEMPFAIL)
+EXIT_BUSY = 75
+
+
+def _err(msg: str, status: int = 2) -> int:
     print(f"dbprune: error: {msg}", file=sys.stderr)
-    return 2
+    return status
+
+
+def _wait_seconds(text: str) -> float:
+    value = float(text)
+    if value != value or value < 0:  # NaN or negative
+        raise argparse.ArgumentTypeError(f"--wait takes seconds >= 0 or inf, not {text!r}")
+    return value
 
 
 def resolve_settings(layout: Layout, config: Path | None, profile: str | None) -> PipelineSettings:
@@ -67,17 +85,33 @@ def ensure_pool(layout: Layout, settings: PipelineSettings, echo=print) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """One writer per home: everything from reading the saved settings to the
+    last step runs under the home's lock, so a second run refuses (or waits,
+    ``--wait``) and never mixes its settings or results with this one's."""
+    from .core.homelock import home_lock
+
+    layout = Layout.from_env()
+    layout.home.mkdir(parents=True, exist_ok=True)
+
+    def waiting(holder) -> None:
+        who = holder.describe() if holder is not None else "another process"
+        limit = "as long as it takes" if args.wait == float("inf") else f"up to {args.wait:.0f}s"
+        print(f"dbprune: {layout.home} is being written by {who}; waiting ({limit}) …", file=sys.stderr)
+
+    with home_lock(layout.lock_file, wait_s=args.wait, on_wait=waiting):
+        return _run_locked(layout, args)
+
+
+def _run_locked(layout: Layout, args: argparse.Namespace) -> int:
     from .core.atomic import write_bytes
     from .runner import run_pipeline
 
-    layout = Layout.from_env()
     try:
         settings = resolve_settings(layout, args.config, args.profile)
         preflight(layout, settings)
         ensure_pool(layout, settings)
     except SettingsError as e:
         return _err(str(e))
-    layout.home.mkdir(parents=True, exist_ok=True)
     write_bytes(layout.config_file, settings.to_yaml().encode(), layout.tmp)
     print(f"dbprune: home {layout.home}, pool {layout.pool}, profile {settings.profile} "
           f"(settings saved to {layout.config_file})")
@@ -122,7 +156,11 @@ def cmd_sample_pool(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()):
         if not args.overwrite:
             return _err(f"{out} exists and is not empty; pass --overwrite to replace it")
-    summary = write_sample_pool(out, pool_settings, tmp_root=layout.tmp if not args.out else None)
+    from .core.homelock import home_lock
+
+    # a pool inside the home is written under its lock, like a run
+    with home_lock(layout.lock_file) if out.is_relative_to(layout.home) else contextlib.nullcontext():
+        summary = write_sample_pool(out, pool_settings, tmp_root=layout.tmp if not args.out else None)
     print(summary)
     return 0
 
@@ -130,15 +168,19 @@ def cmd_sample_pool(args: argparse.Namespace) -> int:
 def cmd_sql(args: argparse.Namespace) -> int:
     import polars as pl
 
-    from .core.catalog import query, refresh_catalog
+    from .core.catalog import QueryRefused, ensure_catalog, query
 
     layout = Layout.from_env()
+    if not layout.home.is_dir():
+        return _err(f"{layout.home} is not a dbprune home yet (no such folder); run `dbprune run` first "
+                    "or set DBPRUNE_HOME")
     try:
-        refresh_catalog(layout, timeout_s=5)
-    except Exception:
-        pass  # a writer holds it; the views are still valid (globs)
-    try:
-        table = query(layout, args.query)
+        ensure_catalog(layout, timeout_s=5)  # writes the catalog only when a view is out of date
+        table = query(layout, args.query)  # read-only, sandboxed; never waits on the home's lock
+    except QueryRefused as e:
+        return _err(f"SQL refused: {e}")
+    except OSError:
+        raise  # explained by main()
     except Exception as e:
         return _err(f"SQL failed: {e}")
     df = pl.from_arrow(table)
@@ -160,9 +202,66 @@ def cmd_ui(args: argparse.Namespace) -> int:
     os.environ["DBPRUNE_POOL"] = str(layout.pool)
     argv = [sys.executable, "-m", "dagster", "dev", "-m", "dbprune_assets.definitions",
             "-h", args.host, "-p", str(args.port)]
-    print(f"dbprune: Dagster UI on http://{args.host}:{args.port} (instance {layout.dagster_home})")
-    os.execv(sys.executable, argv)
-    return 0  # pragma: no cover
+    print(f"dbprune: Dagster UI on http://{args.host}:{args.port} (instance {layout.dagster_home})", flush=True)
+    return supervise(argv)
+
+
+#: seconds `dbprune ui` gives `dagster dev` to stop after a forwarded signal, before SIGKILL
+UI_STOP_GRACE_S = 15.0
+
+
+def supervise(argv: list[str], grace_s: float = UI_STOP_GRACE_S) -> int:
+    """Run ``argv`` in its own process group and forward SIGTERM, SIGINT and
+    SIGHUP to that whole group (``dagster dev``, its webserver, daemon and code
+    servers); return when it has exited, after killing whatever of the group
+    is left (SIGKILL after ``grace_s``).  0 when stopped by a signal."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(argv, start_new_session=True)
+    stop_at: list[float] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        stop_at.append(time.monotonic() + grace_s)
+        _signal_group(proc.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        while True:
+            try:
+                rc = proc.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                if stop_at and time.monotonic() > stop_at[0]:
+                    _signal_group(proc.pid, signal.SIGKILL)
+        _signal_group(proc.pid, signal.SIGTERM)  # what the group leader left behind
+        deadline = time.monotonic() + grace_s
+        while _signal_group(proc.pid, 0) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        _signal_group(proc.pid, signal.SIGKILL)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0 if stop_at else (rc if rc >= 0 else 128 - rc)
+
+
+def _signal_group(pgid: int, signum: int) -> bool:
+    """Send ``signum`` to process group ``pgid``; False when it has no process left."""
+    try:
+        os.killpg(pgid, signum)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .core.report import write_report
+
+    print(write_report(Layout.from_env(), args.name))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--profile", choices=["paper", "sample"], help="start from this profile (default: the one that fits the pool)")
     r.add_argument("--select", help="asset selection, as `dagster asset materialize --select` (e.g. '*pruned_subset')")
     r.add_argument("--force", action="store_true", help="redo selected partitions even when up to date")
+    r.add_argument("--wait", type=_wait_seconds, default=0.0, metavar="SECONDS",
+                   help="when another dbprune run writes the same home, wait up to SECONDS for it "
+                        "(inf: as long as it takes; default 0: refuse at once, exit status 75)")
     r.add_argument("-v", "--verbose", action="count", default=0,
                    help="also print Dagster's log lines (-vv: debug); they are always in each run's log (dbprune ui)")
     r.set_defaults(fn=cmd_run)
@@ -199,12 +301,32 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--port", type=int, default=3000)
     u.set_defaults(fn=cmd_ui)
+
+    rep = sub.add_parser("report", help="write one static HTML page of the run: plots, clusters, examples, comparison")
+    rep.add_argument("--name", help="file name under $DBPRUNE_HOME/reports/ (default: the current time)")
+    rep.set_defaults(fn=cmd_report)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; any error becomes one line (``-v``: and its traceback)."""
+    from .core.homelock import HomeBusy
+    from .core.oserrors import explain
+
     args = build_parser().parse_args(argv)
-    return int(args.fn(args) or 0)
+    try:
+        return int(args.fn(args) or 0)
+    except HomeBusy as e:
+        return _err(str(e), EXIT_BUSY)
+    except KeyboardInterrupt:
+        return _err("interrupted", 130)
+    except Exception as e:
+        if getattr(args, "verbose", 0):
+            import traceback
+
+            traceback.print_exc()
+        hint = "" if getattr(args, "verbose", 0) or args.command != "run" else " (run with -v for the traceback)"
+        return _err((explain(e, Layout.from_env().home) or f"{type(e).__name__}: {e}") + hint, 1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -258,30 +258,39 @@ def _columns(summary: pl.DataFrame) -> list[tuple[str, str]]:
     return sorted({(r["task"], r["metric"]) for r in summary.select("task", "metric").to_dicts()}, key=lambda tm: _metric_key(*tm))
 
 
-def markdown_table(summary: pl.DataFrame, digits: int = 3) -> str:
-    """Strategies as rows; subset size, samples seen, seeds, then one column per
-    metric holding ``mean ± std [lo, hi]``."""
+def table_rows(summary: pl.DataFrame, digits: int = 3, intervals: bool = True) -> list[dict[str, str]]:
+    """Strategies as rows (table order); subset size, samples seen, seeds, then
+    one column per metric holding ``mean ± std [lo, hi]`` (``mean ± std``
+    without ``intervals``), every cell a string."""
     cols = _columns(summary)
     rows = summary.to_dicts()
     by = {(r["strategy"], r["task"], r["metric"]): r for r in rows}
-    strategies = sorted({r["strategy"] for r in rows}, key=_strategy_key)
-    header = ["strategy", "subset size", "samples seen", "seeds"] + [_metric_label(t, m) for t, m in cols]
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |"]
-    for s in strategies:
+    out = []
+    for s in sorted({r["strategy"] for r in rows}, key=_strategy_key):
         any_row = next(r for r in rows if r["strategy"] == s)
-        cells = [
-            s,
-            "" if any_row["subset_size"] is None else f"{any_row['subset_size']:,}",
-            "" if any_row["samples_seen"] is None else f"{any_row['samples_seen']:,}",
-            str(max(int(r["n_seeds"]) for r in rows if r["strategy"] == s)),
-        ]
+        row = {
+            "strategy": s,
+            "subset size": "" if any_row["subset_size"] is None else f"{any_row['subset_size']:,}",
+            "samples seen": "" if any_row["samples_seen"] is None else f"{any_row['samples_seen']:,}",
+            "seeds": str(max(int(r["n_seeds"]) for r in rows if r["strategy"] == s)),
+        }
         for t, m in cols:
             r = by.get((s, t, m))
-            cells.append(
-                "" if r is None
-                else f"{r['mean']:.{digits}f} ± {r['std']:.{digits}f} [{r['ci_lo']:.{digits}f}, {r['ci_hi']:.{digits}f}]"
-            )
-        lines.append("| " + " | ".join(cells) + " |")
+            cell = "" if r is None else f"{r['mean']:.{digits}f} ± {r['std']:.{digits}f}"
+            if r is not None and intervals:
+                cell += f" [{r['ci_lo']:.{digits}f}, {r['ci_hi']:.{digits}f}]"
+            row[_metric_label(t, m)] = cell
+        out.append(row)
+    return out
+
+
+def markdown_table(summary: pl.DataFrame, digits: int = 3) -> str:
+    """Strategies as rows; subset size, samples seen, seeds, then one column per
+    metric holding ``mean ± std [lo, hi]``."""
+    rows = table_rows(summary, digits)
+    header = ["strategy", "subset size", "samples seen", "seeds"] + [_metric_label(t, m) for t, m in _columns(summary)]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |"]
+    lines += ["| " + " | ".join(row[h] for h in header) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 

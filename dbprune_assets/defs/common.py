@@ -9,10 +9,16 @@ kept in the asset's metadata) and, as Dagster's own ``code_version``, a number
 to bump when its output for the same inputs changes.  A partition's fingerprint hashes those with its parents' data
 versions (see ``docs/design.md``); assets stamp it into their commit markers,
 ``dbprune run`` compares it to decide what is stale.
+
+A partitioned stage runs one step over a range of partitions; each partition
+still shows its own numbers in the UI (``Session.commit(..., metadata=...)``),
+and the step's own metadata, the same on every partition it ran, is named
+``step_*``.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -22,7 +28,7 @@ import dagster as dg
 
 from ..core.catalog import CATALOG_TABLES, refresh_catalog
 from ..core.layout import UNPARTITIONED, Layout
-from ..core.settings import STRATEGIES, PipelineSettings, build_settings, load_settings
+from ..core.settings import STRATEGIES, PipelineSettings, choose_settings
 from ..core.state import State, combine_versions, file_signature, read_state, stable_hash, write_state
 
 SHARDS = "shards"
@@ -85,13 +91,9 @@ def settings_digest(settings: PipelineSettings, paths: tuple[str, ...]) -> str:
 
 
 def current_settings(layout: Layout) -> PipelineSettings:
-    """The saved settings of this home, else the profile that fits the pool."""
-    if layout.config_file.is_file():
-        return load_settings(layout.config_file)
-    from ..samplepool import is_sample_pool
-
-    use_sample = (not layout.pool.exists()) or is_sample_pool(layout.pool)
-    return build_settings({}, profile="sample" if use_sample else "paper")
+    """The saved settings of this home, else the profile that fits the pool
+    (:func:`~..core.settings.choose_settings`)."""
+    return choose_settings(pool=layout.pool, saved=layout.config_file)[0]
 
 
 class DbpruneResource(dg.ConfigurableResource):
@@ -100,7 +102,8 @@ class DbpruneResource(dg.ConfigurableResource):
     ``home`` and ``pool`` default to ``$DBPRUNE_HOME`` (else ``./data``) and
     ``$DBPRUNE_POOL`` (else ``<home>/pool``); the settings are
     ``<home>/config.yaml`` as saved by ``dbprune run``, else the profile that
-    fits the pool (``sample`` for the generated sample pool).
+    fits the pool (``sample`` for the generated sample pool, ``paper`` with
+    ``auto`` cluster counts for a user pool).
     """
 
     home: str = ""
@@ -114,7 +117,7 @@ class DbpruneResource(dg.ConfigurableResource):
 
     def session(self, context: dg.AssetExecutionContext) -> "Session":
         return Session(self.layout(), self.settings(), context.instance,
-                       graph_nodes(context.job_def.asset_layer.asset_graph))
+                       graph_nodes(context.job_def.asset_layer.asset_graph), context)
 
 
 @dataclass
@@ -186,12 +189,14 @@ class Session:
     """What one asset step works with: paths, settings, versions."""
 
     def __init__(self, layout: Layout, settings: PipelineSettings, instance: dg.DagsterInstance,
-                 nodes: Mapping[str, Node]):
+                 nodes: Mapping[str, Node], context: dg.AssetExecutionContext | None = None):
         self.layout = layout
         self.settings = settings
         self.instance = instance
         self.nodes = nodes
+        self.context = context
         self.started = time.monotonic()
+        self._lap = self.started
 
     @cached_property
     def shards(self) -> list[str]:
@@ -210,12 +215,22 @@ class Session:
         return self.settings.compute.threads
 
     def commit(self, asset: str, partition: str = UNPARTITIONED, summary: Mapping[str, Any] | None = None,
-               data_version: str | None = None) -> State:
-        """Write the partition's commit marker (after its outputs are in place)."""
+               data_version: str | None = None, metadata: Mapping[str, Any] | None = None) -> State:
+        """Write the partition's commit marker (after its outputs are in place).
+
+        For a partition of a partitioned asset, ``metadata`` (plus the seconds
+        since the previous commit of this step) becomes that partition's own
+        metadata in the UI: a step over a range of partitions reports each with
+        its own numbers, over the step's shared metadata of the same name."""
         fp = self.versions.fingerprint(asset, partition)
         state = State(fp, data_version or fp, dict(summary or {}))
         write_state(self.layout, asset, partition, state)
         self.versions.forget(asset, partition)
+        now = time.monotonic()
+        if metadata is not None and self.context is not None and partition != UNPARTITIONED:
+            self.context.add_asset_metadata({**metadata, "seconds": round(now - self._lap, 2)},
+                                            partition_key=partition)
+        self._lap = now
         return state
 
     def done(self, asset: str, summary: Mapping[str, Any], metadata: Mapping[str, Any],
@@ -240,6 +255,18 @@ class Session:
 
     def elapsed(self) -> float:
         return round(time.monotonic() - self.started, 2)
+
+
+#: a word holding a ``<placeholder>`` (``tables/<table>/<shard>.parquet``), less trailing punctuation
+_PLACEHOLDER_WORD = re.compile(r"(?<![`\w])[^\s`]*<[A-Za-z_][\w-]*>[^\s`]*?(?=[.,;:]?(?:\s|$))")
+
+
+def describe(doc: str) -> str:
+    """An asset description from a docstring: one paragraph, and every word
+    holding a ``<placeholder>`` in a code span, since the UI renders descriptions
+    as markdown and would drop ``<strategy>`` as an unknown HTML tag."""
+    text = " ".join(doc.split())
+    return _PLACEHOLDER_WORD.sub(lambda m: f"`{m.group(0)}`", text)
 
 
 StageFn = Callable[[dg.AssetExecutionContext, Session], dg.MaterializeResult]
@@ -267,7 +294,7 @@ def stage(*, group: str, kinds: set[str], settings: Sequence[str] = (),
         compute.__annotations__ = {"context": dg.AssetExecutionContext, "dbprune": DbpruneResource,
                                    "return": dg.MaterializeResult}
         return dg.asset(
-            name=fn.__name__, group_name=group, kinds=kinds, description=" ".join((fn.__doc__ or "").split()),
+            name=fn.__name__, group_name=group, kinds=kinds, description=describe(fn.__doc__ or ""),
             code_version=code_version,
             metadata={SETTINGS_KEY: list(settings)}, partitions_def=partitions,
             backfill_policy=dg.BackfillPolicy.single_run() if partitions is not None else None, **asset_args,

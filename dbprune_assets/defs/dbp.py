@@ -10,7 +10,7 @@ from ..core import stages
 from .common import ALL_PARTITIONS, Session, shard_partitions, stage
 from .dedup import assign_asset, candidates, fit_asset
 from .ingest import pool_manifest
-from .plots import artefact_md, cluster_examples_png, cluster_pngs, md_table
+from .plots import artefact_md, cluster_examples_png, cluster_pngs, table
 
 
 @stage(
@@ -20,8 +20,8 @@ from .plots import artefact_md, cluster_examples_png, cluster_pngs, md_table
     settings=["dbp.k", "dbp.niter", "dbp.sample_size", "dbp.seed"],
 )
 def centroids(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
-    """DBP's spherical faiss k-means (dbp.k clusters, dbp.niter iterations) on a bounded uniform sample of the
-    candidates' image embeddings. Writes tables/centroids/all.parquet."""
+    """DBP's spherical faiss k-means (dbp.k clusters, auto: scaled to the candidates; dbp.niter iterations) on
+    a bounded uniform sample of the candidates' image embeddings. Writes tables/centroids/all.parquet."""
     cfg = s.settings.dbp
     return fit_asset(s, "centroids", "candidates", cfg, cfg.k, "candidate image embeddings")
 
@@ -57,10 +57,10 @@ def cluster_complexity(context: dg.AssetExecutionContext, s: Session) -> dg.Mate
     try:  # pictures are a courtesy; never fail the asset over them
         metadata["most_and_least_complex_clusters"] = artefact_md(
             s.layout, "cluster_complexity", "examples", cluster_examples_png(s.layout, out),
-            "most complex (top 4 rows) and least complex (bottom 4 rows) clusters")
+            "most complex (top rows) and least complex (bottom rows) clusters")
     except Exception as err:
         context.log.warning(f"could not draw example images: {err}")
-    metadata["clusters"] = dg.MetadataValue.md(md_table(out.frame.sort("complexity", descending=True).to_dicts(), 40))
+    metadata["clusters"] = table(out.frame.sort("complexity", descending=True).to_dicts(), 40)
     quota_sum, bad = int(out.column("quota").sum()), out.bound_violations()
     return s.done("cluster_complexity", summary={"k": out.k, "candidates": out.candidates, "M": out.M},
                   metadata=metadata, checks={

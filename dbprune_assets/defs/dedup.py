@@ -14,18 +14,20 @@ from ..core.settings import DbpSettings, SemDedupSettings
 from .common import ALL_PARTITIONS, Session, shard_partitions, stage
 from .embedding import embeddings
 from .ingest import pool_manifest
-from .plots import artefact_md, duplicate_pairs_png, histogram_png, md_table
+from .plots import artefact_md, duplicate_pairs_png, histogram_png, table
 
 
-def fit_asset(s: Session, asset: str, selection: str | None, cfg: SemDedupSettings | DbpSettings, k: int,
+def fit_asset(s: Session, asset: str, selection: str | None, cfg: SemDedupSettings | DbpSettings, k: int | str,
               what: str) -> dg.MaterializeResult:
     """Fit and commit a centroid asset (:func:`~..core.embstore.fit_centroids`) with
-    ``k`` clusters and the section's ``niter``, ``sample_size`` and ``seed``."""
-    fit = embstore.fit_centroids(s.layout, s.shards, asset, selection, k, cfg.niter, cfg.sample_size, cfg.seed,
-                                 faiss_use_gpu(s.device), s.threads, what)
+    the section's ``niter``, ``sample_size`` and ``seed``; ``k`` is the setting
+    (a number or ``auto``), resolved for the rows by ``cfg.clusters``.  The
+    resolved k is in the metadata and the commit summary, beside the setting."""
+    fit = embstore.fit_centroids(s.layout, s.shards, asset, selection, cfg.clusters, cfg.niter, cfg.sample_size,
+                                 cfg.seed, faiss_use_gpu(s.device), s.threads, what)
     s.refresh_catalog(asset)  # DBP's centroids are a catalog view; SemDeDup's are not
-    return s.done(asset, summary={"k": fit.k, "sample": fit.sample, "rows": fit.seen},
-                  metadata={"k": fit.k, "sample_size": fit.sample, "rows_sampled_from": fit.seen})
+    return s.done(asset, summary={"k": fit.k, "k_setting": k, "sample": fit.sample, "rows": fit.seen},
+                  metadata={"k": fit.k, "k_setting": str(k), "sample_size": fit.sample, "rows_sampled_from": fit.seen})
 
 
 def assign_asset(context: dg.AssetExecutionContext, s: Session, asset: str, centroids: str, out_table: str,
@@ -34,10 +36,11 @@ def assign_asset(context: dg.AssetExecutionContext, s: Session, asset: str, cent
     total = 0
     for shard, rows in embstore.assign_shards(s.layout, context.partition_keys, centroids, out_table, selection,
                                               faiss_use_gpu(s.device), s.threads, sums_table):
-        s.commit(asset, shard, {"rows": rows})
+        s.commit(asset, shard, {"rows": rows}, metadata={"rows": rows})
         total += rows
     s.refresh_catalog(out_table)
-    return dg.MaterializeResult(metadata={"rows": total, "shards": len(context.partition_keys), "seconds": s.elapsed()})
+    return dg.MaterializeResult(metadata={"step_rows": total, "step_shards": len(context.partition_keys),
+                                          "step_seconds": s.elapsed()})
 
 
 @stage(
@@ -47,8 +50,8 @@ def assign_asset(context: dg.AssetExecutionContext, s: Session, asset: str, cent
     settings=["semdedup.dedup_k", "semdedup.niter", "semdedup.sample_size", "semdedup.seed"],
 )
 def dedup_centroids(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
-    """SemDeDup's spherical k-means (semdedup.dedup_k clusters) on a bounded uniform sample of the ok samples'
-    image embeddings. Writes tables/dedup_centroids/all.parquet."""
+    """SemDeDup's spherical k-means (semdedup.dedup_k clusters; auto: scaled to the ok samples) on a bounded
+    uniform sample of the ok samples' image embeddings. Writes tables/dedup_centroids/all.parquet."""
     cfg = s.settings.semdedup
     return fit_asset(s, "dedup_centroids", None, cfg, cfg.dedup_k, "ok image embeddings")
 
@@ -77,7 +80,7 @@ def semantic_dedup(context: dg.AssetExecutionContext, s: Session) -> dg.Material
     metadata: dict[str, object] = {
         "duplicates": out.duplicates, "ok_samples": out.ok, "kept_fraction": out.kept_fraction, "eps": eps,
         "dedup_k": out.k,
-        "clusters_with_most_duplicates": dg.MetadataValue.md(md_table([{"cluster": c, "duplicates": n} for c, n in top])),
+        "clusters_with_most_duplicates": table([{"cluster": c, "duplicates": n} for c, n in top]),
     }
     if out.duplicates:
         metadata["similarity_histogram"] = artefact_md(s.layout, "semantic_dedup", "similarity", histogram_png(

@@ -11,7 +11,7 @@ from ..core.layout import Layout, list_pool_shards
 from ..core.progress import progress
 from .common import Session, shard_partitions, stage
 from .ingest import raw_metadata
-from .plots import artefact_md, loss_curve_png, md_table
+from .plots import artefact_md, loss_curve_png, table
 
 
 def _reference_shards(layout: Layout) -> tuple[list, int, str]:
@@ -125,15 +125,16 @@ def embeddings(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeR
         )
         meta = pl.read_parquet(s.layout.emb_metadata(shard), columns=["uid", "shard", "clip_score"])
         write_parquet(s.layout.table("scores", shard), meta, s.layout.tmp)
-        s.commit("embeddings", shard, {"rows": stats.n, "images_per_s": round(stats.images_per_s, 1)})
-        stats_rows.append({"shard": shard, "ok_samples": stats.n, "seconds": round(stats.seconds, 2),
-                           "images/s": round(stats.images_per_s, 1), "device": stats.device})
+        row = {"shard": shard, "embedded": stats.n, "images_per_s": round(stats.images_per_s, 1),
+               "embed_seconds": round(stats.seconds, 2), "device": stats.device}
+        s.commit("embeddings", shard, {"rows": stats.n, "images_per_s": row["images_per_s"]}, metadata={
+            **row, "mean_clip_score": round(float(meta["clip_score"].mean() or 0.0), 4)})
+        stats_rows.append(row)
         context.log.info(f"shard {shard}: {stats.n} embeddings, {stats.images_per_s:.0f} images/s on {stats.device}")
     s.refresh_catalog("scores")
-    total = sum(r["ok_samples"] for r in stats_rows)
-    secs = sum(r["seconds"] for r in stats_rows) or 1e-9
+    total = sum(r["embedded"] for r in stats_rows)
+    secs = sum(r["embed_seconds"] for r in stats_rows) or 1e-9
     return dg.MaterializeResult(metadata={
-        "embedded": total, "images_per_s": round(total / secs, 1), "device": device,
-        "embed_dim": cluster_enc.embed_dim, "shards": dg.MetadataValue.md(md_table(stats_rows)),
-        "seconds": s.elapsed(),
+        "step_embedded": total, "step_images_per_s": round(total / secs, 1), "device": device,
+        "embed_dim": cluster_enc.embed_dim, "step_shards": table(stats_rows), "step_seconds": s.elapsed(),
     })

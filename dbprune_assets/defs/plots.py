@@ -1,6 +1,8 @@
-"""What a person sees in the Dagster UI: markdown tables, plots and image grids
-embedded in asset metadata (PNG as data URIs), also saved under
-``$DBPRUNE_HOME/artefacts/<asset>/`` so they can be opened outside the UI.
+"""What a person sees in the Dagster UI: tables (Dagster's table metadata, which
+the UI shows inline), plots and image grids embedded in asset metadata (PNG as
+data URIs, behind the UI's "[Show Markdown]"), also saved under
+``$DBPRUNE_HOME/artefacts/<asset>/`` so they can be opened outside the UI and
+gathered by ``dbprune report`` into one page.
 
 The one place that draws: core functions return numbers and image bytes, the
 named functions here turn them into PNGs (matplotlib with the Agg backend,
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import io
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import dagster as dg
@@ -45,6 +48,37 @@ def md_table(rows: Sequence[Mapping[str, Any]], max_rows: int = 60) -> str:
     return "\n".join(lines)
 
 
+def _column_type(values: Sequence[Any]) -> str:
+    present = [v for v in values if v is not None]
+    if present and all(isinstance(v, bool) for v in present):
+        return "bool"
+    if present and all(isinstance(v, int) and not isinstance(v, bool) for v in present):
+        return "int"
+    if present and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
+        return "float"
+    return "string"
+
+
+def table(rows: Sequence[Mapping[str, Any]], max_rows: int = 60) -> dg.MetadataValue:
+    """Dagster table metadata of dict rows (first ``max_rows``): the UI draws it
+    inline, one click less than markdown; floats are rounded to 4 significant digits."""
+    rows = list(rows)[:max_rows]
+    cols = list(rows[0].keys()) if rows else ["(empty)"]
+    types = {c: _column_type([r.get(c) for r in rows]) for c in cols}
+
+    def cell(v: Any, kind: str) -> Any:
+        if v is None or kind in ("int", "bool"):
+            return v
+        if kind == "float":
+            return float(f"{float(v):.4g}")
+        return str(v)
+
+    return dg.MetadataValue.table(
+        records=[dg.TableRecord({c: cell(r.get(c), types[c]) for c in cols}) for r in rows],
+        schema=dg.TableSchema(columns=[dg.TableColumn(c, types[c]) for c in cols]),
+    )
+
+
 def png_bytes(draw: Callable[[Any], None], figsize: tuple[float, float] = (6.0, 4.0)) -> bytes:
     """Render a matplotlib drawing function ``draw(fig)`` to PNG bytes."""
     import matplotlib
@@ -63,24 +97,53 @@ def png_bytes(draw: Callable[[Any], None], figsize: tuple[float, float] = (6.0, 
         plt.close(fig)
 
 
-def image_grid(rows: Iterable[tuple[str, Sequence[bytes]]], thumb: int = 64) -> bytes:
-    """A labelled grid of JPEG thumbnails: one row per (label, images)."""
+def _font(size: int) -> Any:
+    """A scalable font of ``size`` px (DejaVu, shipped with matplotlib), else PIL's default."""
+    from PIL import ImageFont
+
+    try:
+        import matplotlib
+
+        return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), size)
+    except (ImportError, OSError):
+        return ImageFont.load_default()
+
+
+def image_grid(rows: Iterable[tuple[str, Sequence[bytes]]], thumb: int = 64,
+               sections: Sequence[tuple[str, int]] = ()) -> bytes:
+    """A labelled grid of JPEG thumbnails: one row per (label, images).
+
+    ``sections`` ((title, number of rows), in order) put a title bar above each
+    group of rows, so groups (the most and the least complex clusters) stand apart."""
     from PIL import Image, ImageDraw
 
     rows = [(label, list(imgs)) for label, imgs in rows]
     ncols = max((len(imgs) for _, imgs in rows), default=1) or 1
-    label_w = 150
-    canvas = Image.new("RGB", (label_w + ncols * (thumb + 2), max(1, len(rows)) * (thumb + 2)), "white")
+    font, title_font = _font(14), _font(16)
+    label_w, title_h, gap = 230, 26, 2
+    starts = {}  # first row index of each section -> its title
+    at = 0
+    for title, n in sections:
+        starts[at] = title
+        at += n
+    height = max(1, len(rows)) * (thumb + gap) + len(starts) * title_h
+    canvas = Image.new("RGB", (label_w + ncols * (thumb + gap), height), "white")
     draw = ImageDraw.Draw(canvas)
+    y = 0
     for r, (label, imgs) in enumerate(rows):
-        y = r * (thumb + 2)
-        draw.text((4, y + thumb // 2 - 6), label[:24], fill="black")
+        if r in starts:
+            if r:  # a rule between sections
+                draw.line([(0, y + 2), (canvas.width, y + 2)], fill="black", width=2)
+            draw.text((4, y + 5), starts[r], fill="black", font=title_font)
+            y += title_h
+        draw.text((4, y + thumb // 2 - 8), label[:30], fill="black", font=font)
         for c, data in enumerate(imgs):
             try:
                 im = Image.open(io.BytesIO(data)).convert("RGB").resize((thumb, thumb))
             except Exception:
                 continue
-            canvas.paste(im, (label_w + c * (thumb + 2), y))
+            canvas.paste(im, (label_w + c * (thumb + gap), y))
+        y += thumb + gap
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
     return buf.getvalue()
@@ -191,9 +254,9 @@ def reasons_png(rows: Sequence[Mapping[str, Any]]) -> bytes:
             ax.barh([row["strategy"] for row in rows], vals, left=left, color=color, label=reason)
             left += vals
         ax.set_xlabel("samples")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title="reason", frameon=False)
 
-    return png_bytes(draw, (7, 0.5 + 0.5 * len(rows) + 1))
+    return png_bytes(draw, (8, 0.5 + 0.5 * len(rows) + 1))
 
 
 def comparison_png(panels: Sequence["Panel"]) -> bytes:
@@ -242,4 +305,6 @@ def cluster_examples_png(layout: Layout, out: "ComplexityOutcome", n: int = 4) -
     top, bottom = out.extremes(n)
     comp, size = out.column("complexity"), out.column("size")
     rows = cluster_members(layout, top + bottom)
-    return image_grid([(f"#{c} C={comp[c]:.3f} n={size[c]}", imgs) for c, imgs in rows])
+    return image_grid([(f"#{c}  C={comp[c]:.3f}  n={size[c]}", imgs) for c, imgs in rows],
+                      sections=[("most complex clusters (DBP keeps more of these)", len(top)),
+                                ("least complex clusters (DBP keeps fewer)", len(bottom))])

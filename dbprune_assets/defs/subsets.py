@@ -11,15 +11,17 @@ from .common import Session, stage, strategy_partitions
 from .dbp import cluster_complexity
 from .dedup import candidates, semantic_dedup
 from .ingest import pool_manifest
-from .plots import artefact_md, md_table, reasons_png
+from .plots import artefact_md, reasons_png, table
 
 CHECKS = {
     "one_decision_per_sample": "every samples row has exactly one decision per strategy",
     "kept_equals_quota": "dbp/ssp: kept per cluster equals its quota; the total equals M",
     "export_matches_decisions": "the exported tars hold exactly the kept samples; sizes.json agrees",
 }
-SHOWN = ("strategy", "kept", "eligible", "M", "reason_kept", "reason_pruned", "reason_low_clip_score",
-         "reason_duplicate", "reason_corrupt", "export_shards")
+#: the strategies table's columns, with short headers so that it fits its column in the UI
+SHOWN = {"strategy": "strategy", "kept": "kept", "eligible": "eligible", "M": "M", "reason_pruned": "pruned",
+         "reason_low_clip_score": "low clip", "reason_duplicate": "dup", "reason_corrupt": "corrupt",
+         "export_shards": "tars"}
 
 
 @stage(
@@ -41,18 +43,21 @@ def pruned_subset(context: dg.AssetExecutionContext, s: Session) -> dg.Materiali
         for name, found in out.problems.items():
             problems[name] += found
         meta = {**out.summary.metadata(), "export_shards": out.export.n_shards}
-        s.commit("pruned_subset", strategy, {**meta, "exported": out.export.n_samples})
+        s.commit("pruned_subset", strategy, {**meta, "exported": out.export.n_samples},
+                 metadata={**meta, "exported": out.export.n_samples,
+                           "kept_fraction": round(out.summary.kept / max(out.summary.rows, 1), 4),
+                           "subset": dg.MetadataValue.path(str(s.layout.subset_dir(strategy)))})
         rows.append(meta)
         context.log.info(f"{strategy}: kept {out.summary.kept} of {out.summary.rows}; "
                          f"exported {out.export.n_samples} in {out.export.n_shards} tars")
     s.refresh_catalog("decisions", "quotas")
     return dg.MaterializeResult(
         metadata={
-            "strategies": dg.MetadataValue.md(md_table([{k: r[k] for k in SHOWN if k in r} for r in rows])),
-            "reasons": artefact_md(s.layout, "pruned_subset", f"reasons-{'-'.join(context.partition_keys)}",
-                                   reasons_png(rows), "decisions by reason"),
+            "step_strategies": table([{SHOWN[k]: r[k] for k in SHOWN if k in r} for r in rows]),
+            "step_reasons": artefact_md(s.layout, "pruned_subset", f"reasons-{'-'.join(context.partition_keys)}",
+                                        reasons_png(rows), "decisions by reason"),
             "subsets": dg.MetadataValue.path(str(s.layout.home / "subsets")),
-            "seconds": s.elapsed(),
+            "step_seconds": s.elapsed(),
         },
         check_results=[dg.AssetCheckResult(check_name=name, passed=not found,
                                            metadata={"problems": dg.MetadataValue.json(found[:20])})

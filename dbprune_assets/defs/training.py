@@ -13,7 +13,7 @@ from ..core.layout import Layout
 from ..core.progress import progress
 from ..core.settings import PipelineSettings
 from .common import ALL_PARTITIONS, Session, stage, strategy_partitions
-from .plots import artefact_md, comparison_png, loss_curve_png, md_table
+from .plots import artefact_md, comparison_png, loss_curve_png, table
 from .subsets import pruned_subset
 
 SEED_DIR = "seed{}"
@@ -56,16 +56,19 @@ def trained_model(context: dg.AssetExecutionContext, s: Session) -> dg.Materiali
                              "samples_per_s": round(res.samples_per_s, 1), "final_loss": res.final_loss})
             context.log.info(f"{strategy} seed {seed}: {res.steps} steps × {res.global_batch} = {res.samples_seen} "
                              f"samples seen on a subset of {n}, {res.seconds:.0f}s, final loss {res.final_loss}")
-        s.commit("trained_model", strategy, {"subset_size": n, "seeds": per_seed})
+        s.commit("trained_model", strategy, {"subset_size": n, "seeds": per_seed}, metadata={
+            "subset_size": n, "samples_seen": per_seed[0]["samples_seen"] if per_seed else 0,
+            "final_loss": per_seed[0]["final_loss"] if per_seed else None, "runs": table(per_seed),
+            "model": dg.MetadataValue.path(str(s.layout.model_dir(strategy)))})
         rows += [{"strategy": strategy, "subset_size": n, **r} for r in per_seed]
     png = loss_curve_png(curves, title="open_clip_train loss per strategy and seed")
     return dg.MaterializeResult(metadata={
-        "runs": dg.MetadataValue.md(md_table(rows)),
+        "step_runs": table(rows),
         "samples_seen": rows[0]["samples_seen"] if rows else 0,
-        "loss_curves": artefact_md(s.layout, "trained_model", f"loss-{'-'.join(context.partition_keys)}", png,
-                                   "training loss"),
+        "step_loss_curves": artefact_md(s.layout, "trained_model", f"loss-{'-'.join(context.partition_keys)}", png,
+                                        "training loss"),
         "models": dg.MetadataValue.path(str(s.layout.home / "models")),
-        "seconds": s.elapsed(),
+        "step_seconds": s.elapsed(),
     })
 
 
@@ -104,15 +107,16 @@ def eval_scores(context: dg.AssetExecutionContext, s: Session) -> dg.Materialize
                 rows.append({"strategy": strategy, "seed": int(seed), **r})
         frame = pl.DataFrame(rows).with_columns(pl.col("seed").cast(pl.Int32), pl.col("value").cast(pl.Float64))
         write_parquet(s.layout.table("eval", strategy), frame, s.layout.tmp)
-        s.commit("eval_scores", strategy, {"rows": frame.height})
         means = frame.group_by("metric").agg(pl.col("value").mean()).sort("metric")
-        shown.append({"strategy": strategy, **{m: round(v, 4) for m, v in means.iter_rows()}})
+        mean = {m: round(v, 4) for m, v in means.iter_rows()}
+        s.commit("eval_scores", strategy, {"rows": frame.height}, metadata=mean)
+        shown.append({"strategy": strategy, **mean})
     s.refresh_catalog("eval")
     return dg.MaterializeResult(metadata={
-        "mean_over_seeds": dg.MetadataValue.md(md_table(shown)),
+        "step_mean_over_seeds": table(shown),
         "zeroshot_data": str(zs.root) if zs is not None else "none",
         "retrieval_data": str(rt.root) if rt is not None else "none",
-        "seconds": s.elapsed(),
+        "step_seconds": s.elapsed(),
     })
 
 
@@ -127,16 +131,22 @@ def comparison(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeR
     """All strategies side by side: subset size, samples seen, and each metric as mean ± std over seeds with a
     bootstrap confidence interval; a plot; and plain verdicts that claim a difference only where the intervals
     separate."""
-    from ..core.compare import compare_strategies, plot_panels, summary_metadata
+    from ..core.compare import compare_strategies, plot_panels, summary_metadata, table_rows
+    from ..core.report import write_report
 
     out = compare_strategies(s.layout, s.settings.selection.strategies, s.settings.eval.bootstrap_samples)
     if out is None:
         raise dg.Failure("no eval scores yet: materialise eval_scores first")
-    return s.done("comparison", summary={"strategies": out.strategies}, metadata={
+    plot = artefact_md(s.layout, "comparison", "comparison", comparison_png(plot_panels(out.summary)),
+                       "scores per strategy (mean, 95% bootstrap interval)")
+    report = write_report(s.layout, f"run-{context.run_id}")
+    return s.done("comparison", summary={"strategies": out.strategies, "report": str(report)}, metadata={
+        "report": dg.MetadataValue.path(str(report)),
+        "report_url": dg.MetadataValue.url(report.as_uri()),
+        "mean_over_seeds": table(table_rows(out.summary, intervals=False)),
         "table": dg.MetadataValue.md(out.table),
         "verdicts": dg.MetadataValue.md(out.verdicts_md),
-        "plot": artefact_md(s.layout, "comparison", "comparison", comparison_png(plot_panels(out.summary)),
-                            "scores per strategy (mean, 95% bootstrap interval)"),
+        "plot": plot,
         "scores": dg.MetadataValue.json(summary_metadata(out.summary)),
         "subset_sizes": dg.MetadataValue.json(out.subset_sizes),
         "samples_seen": dg.MetadataValue.json(out.samples_seen),
