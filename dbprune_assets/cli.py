@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from .core.layout import Layout
-from .core.settings import PipelineSettings, SettingsError, build_settings, load_settings
+from .core.settings import PipelineSettings, SettingsError, build_settings
 
 
 #: exit status when another process holds the home's lock (EX_TEMPFAIL)
@@ -34,15 +34,12 @@ def _wait_seconds(text: str) -> float:
     return value
 
 
-def resolve_settings(layout: Layout, config: Path | None, profile: str | None) -> PipelineSettings:
-    """--config FILE, else the saved config.yaml, else the profile that fits the pool."""
-    if config is not None:
-        return load_settings(config, profile=profile)
-    if profile is not None:
-        return build_settings({}, profile=profile)
-    from .defs.common import current_settings
+def resolve_settings(layout: Layout, config: Path | None, profile: str | None) -> tuple[PipelineSettings, str]:
+    """--config FILE, else the saved config.yaml, else the profile that fits the
+    pool; and the line saying which profile that is and why."""
+    from .core.settings import choose_settings
 
-    return current_settings(layout)
+    return choose_settings(config, profile, layout.pool, layout.config_file)
 
 
 def preflight(layout: Layout, settings: PipelineSettings) -> None:
@@ -107,7 +104,7 @@ def _run_locked(layout: Layout, args: argparse.Namespace) -> int:
     from .runner import run_pipeline
 
     try:
-        settings = resolve_settings(layout, args.config, args.profile)
+        settings, why = resolve_settings(layout, args.config, args.profile)
         preflight(layout, settings)
         ensure_pool(layout, settings)
     except SettingsError as e:
@@ -115,16 +112,38 @@ def _run_locked(layout: Layout, args: argparse.Namespace) -> int:
     write_bytes(layout.config_file, settings.to_yaml().encode(), layout.tmp)
     print(f"dbprune: home {layout.home}, pool {layout.pool}, profile {settings.profile} "
           f"(settings saved to {layout.config_file})")
+    print(f"dbprune: {why}")
     report = run_pipeline(layout, settings, select=args.select, force=args.force,
                           log_level="DEBUG" if args.verbose > 1 else "INFO" if args.verbose else None)
     print_summary(layout, report)
     return 0 if report.ok else 1
 
 
+def failed_shard_lines(layout: Layout, limit: int = 10) -> list[str]:
+    """The shards the last manifest left out of the pool (a schema that cannot
+    be read), each with its cause: a run that finishes without them says so."""
+    from .core.layout import UNPARTITIONED
+    from .core.state import read_state
+
+    manifest = read_state(layout, "pool_manifest", UNPARTITIONED)
+    failed = list(manifest.summary.get("failed_shards", [])) if manifest else []
+    if not failed:
+        return []
+    lines = [f"\n{len(failed)} shard(s) are not in the results (their rows are in the problems table):"]
+    for shard in failed[:limit]:
+        st = read_state(layout, "raw_metadata", shard)
+        lines.append(f"  {shard}: {st.summary.get('failed', '?') if st else 'not ingested'}")
+    if len(failed) > limit:
+        lines.append(f"  … and {len(failed) - limit} more: dbprune sql \"SELECT * FROM problems WHERE stage = 'ingest'\"")
+    return lines
+
+
 def print_summary(layout: Layout, report) -> None:
     ran = sum(1 for g in report.groups if g.partitions)
     print(f"\n{'done' if report.ok else 'FAILED'} in {report.seconds:.0f}s: {ran} group(s) ran, "
           f"{len(report.groups) - ran} up to date")
+    for line in failed_shard_lines(layout):
+        print(line)
     if report.ok:
         comparison = layout.artefact_dir("comparison") / "comparison.md"
         if comparison.exists():

@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from .core.layout import UNPARTITIONED, Layout
 from .core.progress import bars_enabled
@@ -87,6 +87,35 @@ def plan_groups(keys: list[str], parents: dict[str, set[str]], partitioning: dic
         done.update(group)
         remaining = [k for k in remaining if k not in done]
     return groups
+
+
+#: the assets that read the pool itself; they run first, so the pool's size is known
+#: (and explicit cluster counts are checked against it) before any expensive step
+INGEST = frozenset({"raw_metadata", "pool_manifest"})
+
+
+def ingest_first(ordered: list[str], nodes: Mapping[str, Any]) -> list[str]:
+    """``ordered`` (topological) with the ingest assets moved to the front,
+    which keeps it topological: they have no parents outside ``INGEST``."""
+    assert all(set(nodes[k].parents) <= INGEST for k in ordered if k in INGEST)
+    return [k for k in ordered if k in INGEST] + [k for k in ordered if k not in INGEST]
+
+
+def _k_refused(layout: Layout, settings: PipelineSettings, shards: list[str]) -> str | None:
+    """Why the settings' explicit cluster counts cannot work on this pool (see
+    :func:`~.core.settings.check_k`), checked once the pool is ingested and
+    before the encoder, embeddings or k-means run; None when they can."""
+    from .core.settings import SettingsError, check_k
+    from .core.state import ingested_ok
+
+    n_ok = ingested_ok(layout, shards)
+    if n_ok is None:
+        return None
+    try:
+        check_k(settings, n_ok)
+    except SettingsError as e:
+        return str(e)
+    return None
 
 
 def contiguous_ranges(all_keys: list[str], wanted: list[str]) -> list[tuple[str, str]]:
@@ -192,7 +221,7 @@ def _run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None
 
     selection = dg.AssetSelection.from_coercible(select.split(",")) if select else dg.AssetSelection.all()
     keys = {k.to_user_string() for k in selection.resolve(graph)}
-    ordered = [k for k in nodes if k in keys]
+    ordered = ingest_first([k for k in nodes if k in keys], nodes)
     groups = plan_groups(ordered, {k: set(nodes[k].parents) for k in ordered},
                          {k: nodes[k].partitioning for k in ordered})
 
@@ -213,6 +242,10 @@ def _run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None
             results.append(GroupResult(group, [], skipped, 0.0))
             continue
         scope = f"{len(stale)} of {len(all_parts)} partitions" if kind else "unpartitioned"
+        if not set(group) <= INGEST and (refused := _k_refused(layout, settings, shards)):
+            echo(f"✗ {label} not started: {refused}")
+            results.append(GroupResult(group, [], skipped, time.monotonic() - g0))
+            return RunReport(results, time.monotonic() - t0, ok=False, failure=refused)
         echo(f"▶ {label} [{scope}] …")
         try:
             require_free_space(layout.home, MIN_FREE_BYTES, label)

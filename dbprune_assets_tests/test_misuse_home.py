@@ -337,3 +337,37 @@ def test_ui_stops_on_a_signal_to_its_own_pid(tmp_path: Path, signum: int) -> Non
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------
+# defect 6: free space checked before the long steps whose need is predictable
+# ---------------------------------------------------------------------------
+def test_training_needs_its_weights_free_before_it_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dbprune_assets.core.model_dir import TRAINING_WEIGHT_COPIES, parameter_count, require_training_space
+
+    n = parameter_count("dbprune-tiny")
+    assert 3_000_000 < n < 4_000_000  # the bootstrap architecture (model_configs/dbprune-tiny.json)
+    need = 2 * n * 4 * TRAINING_WEIGHT_COPIES + oserrors.MIN_FREE_BYTES
+    monkeypatch.setattr(oserrors, "free_bytes", lambda path: need - 1)
+    with pytest.raises(oserrors.NotEnoughSpace) as info:
+        require_training_space(tmp_path / "models" / "dbp", "dbprune-tiny", "training on the dbp subset", runs=2)
+    msg = str(info.value)
+    assert "training on the dbp subset" in msg and oserrors.human_bytes(need) in msg and "DBPRUNE_HOME" in msg
+    monkeypatch.setattr(oserrors, "free_bytes", lambda path: need)
+    require_training_space(tmp_path / "models" / "dbp", "dbprune-tiny", "training on the dbp subset", runs=2)
+
+
+def test_export_need_is_each_shards_kept_fraction_of_its_tar(tmp_path: Path) -> None:
+    from dbprune_assets.core.stages import export_bytes
+
+    layout = Layout(tmp_path / "home", tmp_path / "pool")
+    layout.pool.mkdir(parents=True)
+    (layout.pool / "00000.tar").write_bytes(b"x" * 1000)
+    (layout.pool / "00001.tar").write_bytes(b"x" * 3000)
+    rows = [("dbp", f"u{i}", "00000", i == 0, "kept" if i == 0 else "pruned") for i in range(4)]
+    rows += [("dbp", f"v{i}", "00001", i < 2, "kept" if i < 2 else "pruned") for i in range(3)]
+    decisions = layout.table("decisions", "dbp")
+    decisions.parent.mkdir(parents=True)
+    schema = arrow_schema("decisions")
+    pq.write_table(pa.Table.from_pylist([dict(zip(schema.names, r)) for r in rows], schema=schema), decisions)
+    assert export_bytes(layout, decisions) == 1000 // 4 + 3000 * 2 // 3

@@ -230,6 +230,9 @@ def test_a_bad_shard_fails_alone_and_the_others_commit(tmp_path: Path) -> None:
     result = dg.materialize(ASSETS, selection=["raw_metadata"], instance=instance, resources=resources,
                             tags={RANGE_START_TAG: shards[0], RANGE_END_TAG: shards[-1]})
     assert result.success
+    own = {e.partition: e.materialization.metadata for e in result.get_asset_materialization_events()}
+    assert own["00000"]["ok"].value == 3 and own["00002"]["by_status"].value == {"ok": 3}
+    assert own["00001"]["ok"].value == 0 and "column 'key'" in own["00001"]["failed"].value  # each its own numbers
     for shard in ("00000", "00002"):
         assert pl.read_parquet(layout.table("samples", shard))["status"].to_list() == ["ok"] * 3
         assert read_state(layout, "raw_metadata", shard).summary["rows"] == 3  # type: ignore[union-attr]
@@ -281,6 +284,9 @@ def test_dbprune_run_on_a_misused_pool(tmp_path_factory: pytest.TempPathFactory)
         config = fk.config_with_encoder(work / "tiny.yaml", fk.shared_encoder(tmp_path_factory))
         r = run_cli("run", "--config", str(config), "--select", "*pruned_subset", env=fk.env_for(home, pool))
         assert r.returncode == 0, r.stdout + r.stderr
+        summary = r.stdout[r.stdout.index("\ndone in"):]
+        assert "1 shard(s) are not in the results" in summary and "  00003: " in summary
+        assert "column 'key'" in summary.split("  00003: ")[1].splitlines()[0]
         layout = Layout.from_env(home, pool)
 
         def rows(sql: str) -> list[tuple]:

@@ -262,3 +262,33 @@ def test_user_pool_without_settings_passes_dedup_centroids(tmp_path: Path):
     st = read_state(layout, "dedup_centroids", UNPARTITIONED)
     assert st is not None
     assert st.summary["k"] == DEDUP_K.resolve(ok) and st.summary["k_setting"] == AUTO
+
+
+@pytest.mark.slow
+def test_explicit_k_above_a_user_pool_stops_before_the_encoder(tmp_path: Path):
+    """An explicit dbp.k larger than the pool is refused once the pool is
+    ingested, before the encoder trains or a shard is embedded; the run says
+    which profile it chose and why."""
+    from dbprune_assets.core.layout import UNPARTITIONED
+    from dbprune_assets.core.settings import PoolSettings
+    from dbprune_assets.core.state import read_state
+    from dbprune_assets.samplepool import write_sample_pool
+
+    pool, home = tmp_path / "pool", tmp_path / "home"
+    write_sample_pool(pool, PoolSettings(shards=2, samples_per_shard=60, concepts=4, image_size=32,
+                                         reference_samples=0, eval_per_class=1))
+    for extra in ("pool_info.json", "ground_truth.parquet", "eval", "reference"):
+        p = pool / extra
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    config = tmp_path / "k.yaml"
+    config.write_text("dbp:\n  k: 5000\n")
+    env = {"DBPRUNE_HOME": str(home), "DBPRUNE_POOL": str(pool), "DBPRUNE_PROGRESS": "0"}
+    out = run_cli("run", "--config", str(config), env=env)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"dbprune: profile paper, chosen automatically as without settings ({config} names no profile)" in out.stdout
+    assert "dbp.k: 5000 clusters exceeds the" in out.stdout and "dbp.k: auto" in out.stdout
+    layout = Layout(home, pool)
+    assert all(read_state(layout, "raw_metadata", s) is not None for s in ("00000", "00001"))
+    assert read_state(layout, "encoder", UNPARTITIONED) is None  # nothing was trained
+    emb = home / "embeddings" / "img_emb"
+    assert not emb.exists() or not any(emb.iterdir())  # nor embedded

@@ -88,10 +88,16 @@ def _selected_rows(layout: Layout, shard: str, meta: "pl.DataFrame", selection: 
 def sample_chunks(layout: Layout, shards: list[str], selection: str | None
                   ) -> Iterator[tuple[np.ndarray, Callable[[np.ndarray], np.ndarray], str]]:
     """(uids, row loader, shard) per shard, for :class:`~.kmeans.UniformSample`:
-    the loader reads only the rows that enter the sample from the memmap."""
+    the loader reads only the rows that enter the sample from the memmap.  A
+    uid an earlier shard has (:mod:`~.uids`) is not a sample of the pool, so it
+    is not in the k-means sample either (the candidates exclude it already)."""
+    from .uids import drop_superseded
+
     for shard in progress(shards, desc="k-means sample", unit="shard"):
         meta, emb = shard_embeddings(layout, shard)
         sel = _selected_rows(layout, shard, meta, selection)
+        if selection is None:
+            sel = drop_superseded(layout.home / "tables", shard, sel)
         rows = sel["emb_row"].to_numpy().astype(np.int64)
         yield sel["uid"].to_numpy(), (lambda idx, e=emb, r=rows: np.asarray(e[r[idx]])), shard
 

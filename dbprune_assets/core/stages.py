@@ -282,14 +282,28 @@ def query_tables(layout: Layout, sql: str, params: Mapping[str, Any], views: Map
             con.close()
 
 
+def export_bytes(layout: Layout, decisions: Path) -> int:
+    """About the bytes an export of ``decisions`` writes: each shard's tar size
+    times its kept fraction (the spool and the shards hold one copy at a time)."""
+    rows = query_tables(layout, "SELECT shard, count(*) FILTER (WHERE keep), count(*) FROM decisions GROUP BY shard",
+                        {}, {"decisions": [decisions]})
+    total = 0.0
+    for shard, kept, n in rows:
+        tar = layout.shard_tar(shard)
+        if kept and tar.exists():
+            total += tar.stat().st_size * kept / n
+    return int(total)
+
+
 def make_subset(layout: Layout, settings: PipelineSettings, strategy: str) -> SubsetOutcome:
     """Decide every sample under ``strategy`` (``tables/decisions/<strategy>``,
     and ``tables/quotas/<strategy>`` for dbp/ssp), export the kept samples to
     ``subsets/<strategy>/`` and check both."""
     import polars as pl
 
-    from .export import export_subset, verify_export
     from .duck import parquet_files
+    from .export import export_subset, verify_export
+    from .oserrors import MIN_FREE_BYTES, require_free_space
     from .strategies import decide, strategy_quotas
 
     quotas, M = strategy_quotas(strategy, pl.read_parquet(layout.table("clusters")))
@@ -302,6 +316,8 @@ def make_subset(layout: Layout, settings: PipelineSettings, strategy: str) -> Su
         if not np.array_equal(summary.per_cluster_kept, quotas):
             bad = np.flatnonzero(summary.per_cluster_kept != quotas)
             problems["kept_equals_quota"].append(f"{strategy}: clusters {bad[:10].tolist()} kept != quota")
+    require_free_space(layout.subset_dir(strategy), export_bytes(layout, out) + MIN_FREE_BYTES,
+                       f"exporting the {strategy} subset")
     exp = export_subset(out, layout.pool, layout.subset_dir(strategy), settings.export.shard_size,
                         settings.export.seed, layout.tmp)
     problems["export_matches_decisions"] = [f"{strategy}: {p}" for p in

@@ -15,7 +15,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from .atomic import remove, write_json
 from .layout import Layout
@@ -65,3 +65,17 @@ def file_signature(path: Path) -> str:
     except FileNotFoundError:
         return "absent"
     return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def ingested_ok(layout: Layout, shards: Sequence[str]) -> int | None:
+    """The ``ok`` rows of the ingested ``shards`` (from raw_metadata's commit
+    markers, before the cross-shard uid rule, so at most the pool's ``ok``
+    count); None while a shard is not ingested."""
+    total = 0
+    for shard in shards:
+        st = read_state(layout, "raw_metadata", shard)
+        if st is None:
+            return None
+        total += int(st.summary.get("status", {}).get("ok", 0))
+    return total
+

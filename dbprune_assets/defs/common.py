@@ -247,6 +247,20 @@ class Session:
                            for name, (ok, meta) in (checks or {}).items()],
         )
 
+    def check_k(self) -> None:
+        """Fail the step before its expensive work when an explicit cluster count
+        exceeds the ingested pool (:func:`~..core.settings.check_k`); the
+        runner checks the same before starting the encoder and embeddings."""
+        from ..core.settings import SettingsError, check_k
+        from ..core.state import ingested_ok
+
+        n_ok = ingested_ok(self.layout, self.shards)
+        if n_ok is not None:
+            try:
+                check_k(self.settings, n_ok)
+            except SettingsError as e:
+                raise dg.Failure(str(e)) from None
+
     def refresh_catalog(self, *tables: str) -> None:
         """Refresh the catalog views of those ``tables`` that are catalog tables."""
         views = [t for t in tables if t in CATALOG_TABLES]

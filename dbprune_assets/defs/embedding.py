@@ -59,8 +59,12 @@ def _train_bootstrap(context: dg.AssetExecutionContext, s: Session) -> dict[str,
     """Train the bootstrap encoder (on the reference split); its metadata."""
     from ..core.bootstrap import train_bootstrap
 
+    from ..core.model_dir import require_training_space
+
+    s.check_k()
     cfg = s.settings.encoder.bootstrap
     shards, n, source = _reference_shards(s.layout)
+    require_training_space(s.layout.encoder_dir, cfg.model, "training the bootstrap encoder")
     context.log.info(f"training the bootstrap encoder on {source}: {n} samples in {len(shards)} tar(s)")
     result = train_bootstrap(shards, n, s.layout.encoder_dir / "bootstrap", cfg, torch_device(s.device),
                              logs_dir=s.layout.home / "logs" / "bootstrap", tmp_root=s.layout.tmp)
@@ -108,6 +112,7 @@ def embeddings(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeR
     from ..core.embed import embed_shard
     from ..core.encoders import load_encoder, resolve_encoder
 
+    s.check_k()
     cfg = s.settings.encoder
     device = torch_device(s.device)
     bootstrap_dir = s.layout.encoder_dir / "bootstrap"

@@ -77,7 +77,11 @@ def raw_metadata(context: dg.AssetExecutionContext, s: Session) -> dg.Materializ
         problems_preview.extend(result.problems.head(20).to_dicts())
         s.commit("raw_metadata", shard, {"rows": result.samples.height, "status": dict(counts),
                                          "problems": result.problems.height,
-                                         **({"failed": failed[shard]} if shard in failed else {})})
+                                         **({"failed": failed[shard]} if shard in failed else {})},
+                 metadata={"rows": result.samples.height, "ok": counts.get("ok", 0),
+                           "by_status": dg.MetadataValue.json(dict(counts)),
+                           "problem_rows": result.problems.height,
+                           **({"failed": failed[shard]} if shard in failed else {})})
         context.log.info(f"shard {shard}: {result.samples.height} rows, {dict(counts)}")
     s.refresh_catalog("samples", "problems")
     return dg.MaterializeResult(

@@ -33,6 +33,7 @@ def trained_model(context: dg.AssetExecutionContext, s: Session) -> dg.Materiali
     global batch). Lands in models/<strategy>/seed<k>/; models/<strategy>/ is the first seed's model. Load
     with open_clip.create_model_and_transforms('local-dir:<path>')."""
     from ..core.export import train_data_spec
+    from ..core.model_dir import require_training_space
     from ..core.train import train_clip
 
     cfg = s.settings.train
@@ -45,6 +46,8 @@ def trained_model(context: dg.AssetExecutionContext, s: Session) -> dg.Materiali
     rows, curves = [], {}
     for strategy in progress(context.partition_keys, desc="trained_model", unit="strategy"):
         pattern, n = train_data_spec(s.layout.subset_dir(strategy))
+        require_training_space(s.layout.model_dir(strategy), cfg.model, f"training on the {strategy} subset",
+                               runs=len(cfg.train_seeds))
         per_seed = []
         for seed in cfg.train_seeds:
             out = s.layout.model_dir(strategy) / SEED_DIR.format(seed)
