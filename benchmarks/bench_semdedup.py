@@ -1,14 +1,15 @@
 """Benchmark: streaming SemDeDup vs a plain per-cluster torch implementation.
 
-Writes ``--n`` synthetic embeddings (d=512, float16; ``--n // --cluster-size``
-concepts, ``--dup-rate`` of the samples planted as near or exact copies of
-another sample of the same concept) as shard files, clusters them with
-``spherical_kmeans`` + ``nearest_centroid`` (not timed), then runs, each in a
-fresh subprocess:
+Writes ``--n`` synthetic embeddings (d=512, float16; ``--clusters`` concepts,
+by default ``--n // --cluster-size``; ``--dup-rate`` of the samples planted as
+near or exact copies of another sample of the same concept) as shard files,
+clusters them with ``spherical_kmeans`` + ``nearest_centroid`` (not timed),
+then runs, each in a fresh subprocess:
 
-  semdedup  ``semdedup_pool``: one pass over memmapped shards into on-disk
-            buckets, then tiled per-cluster SemDeDup (float32 tiles, exact
-            re-scoring of the near-maximal candidates)
+  semdedup  ``semdedup_pool``: one pass over memmapped shards into buckets
+            (the first bucket's worth of rows in memory, the rest on disk),
+            then tiled SemDeDup per cluster, small clusters packed (float32
+            tiles, exact re-scoring of the near-maximal candidates)
   plain     everything in memory; per cluster the full similarity matrix
             ``S = E Eᵀ`` (float32 torch), lower triangle masked, column max
 
@@ -16,6 +17,7 @@ and prints throughput and peak memory (max RSS) of each, and whether they flag
 the same duplicates.  Prints figures only; asserts nothing.
 
     python benchmarks/bench_semdedup.py --n 1000000 --threads 2
+    python benchmarks/bench_semdedup.py --n 1000000 --clusters 500   # smaller clusters
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from synth import D, save_shard, shard_names, shard_path  # also puts the reposi
 def generate(work: Path, a: argparse.Namespace) -> dict:
     from dbprune_assets.core.kmeans import UniformSample, nearest_centroid, spherical_kmeans
 
-    concepts = max(1, a.n // a.cluster_size)
+    concepts = a.clusters or max(1, a.n // a.cluster_size)
     rng = np.random.default_rng(a.seed)
     centers = rng.normal(size=(concepts, D)).astype(np.float32)
     centers /= np.linalg.norm(centers, axis=1, keepdims=True)
@@ -159,6 +161,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=200_000)
     ap.add_argument("--cluster-size", type=int, default=4000, help="mean dedup cluster size (n // this = dedup_k)")
+    ap.add_argument("--clusters", type=int, default=0, help="dedup_k (0 = n // --cluster-size)")
     ap.add_argument("--dup-rate", type=float, default=0.1)
     ap.add_argument("--eps", type=float, default=0.07)
     ap.add_argument("--tile", type=int, default=4096)
@@ -189,6 +192,8 @@ def main() -> None:
     try:
         stamp = work / "generated.json"
         want = {"n": a.n, "cluster_size": a.cluster_size, "dup_rate": a.dup_rate, "seed": a.seed, "shard_rows": a.shard_rows}
+        if a.clusters:
+            want = {**want, "cluster_size": None, "clusters": a.clusters}
         if not stamp.exists() or json.loads(stamp.read_text()) != want:
             shutil.rmtree(work / "shards", ignore_errors=True)
             t0 = time.perf_counter()

@@ -272,3 +272,23 @@ def test_nearest_centroid_rejects_bad_rows():
     c = np.eye(3, dtype=np.float32)
     with pytest.raises(ValueError, match=r"shard 9: 1 of 2 embedding rows have zero norm \(first: row 3\)"):
         nearest_centroid(x, c, chunk=2, use_gpu=False, what="shard 9")
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 40), st.lists(st.integers(0, 30), min_size=1, max_size=25).filter(lambda c: sum(c) > 0),
+       st.integers(0, 3))
+def test_uniform_sample_is_the_smallest_hashes_whatever_the_chunking(size: int, chunk_sizes: list[int], seed: int):
+    """Chunks wait and merge together: the sample is still exactly the ``size``
+    rows with the smallest (uid_hash, uid), each with its own embedding."""
+    n = sum(chunk_sizes)
+    uids = np.array([f"u{i}" for i in range(n)])
+    emb = np.arange(n, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32) + 1
+    s = UniformSample(size, seed)
+    start = 0
+    for m in chunk_sizes:
+        s.add(uids[start : start + m], emb[start : start + m])
+        start += m
+    h = uid_hash(uids, seed)
+    want = np.lexsort((uids.astype("S"), h))[:size]
+    assert s.uids.tolist() == uids[want].tolist() and s.seen == n
+    np.testing.assert_array_equal(s.embeddings, emb[want])

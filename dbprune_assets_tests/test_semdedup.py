@@ -3,9 +3,13 @@ tie and non-transitivity rules by hand, and the streaming pool driver."""
 
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dbprune_assets.core.semdedup import (
     DUPLICATE_COLUMNS,
@@ -200,3 +204,172 @@ def test_pool_errors(tmp_path):
 
 def test_plan_buckets():
     assert plan_buckets(np.array([3, 3, 3, 10, 0, 1]), 6).tolist() == [0, 0, 1, 2, 3, 3]
+
+
+# ---------------------------------------------------------------------------
+# pass 2: buckets regrouped in memory or on disk, small clusters packed
+# ---------------------------------------------------------------------------
+
+
+def _mixed_pool(seed=0, d=16):
+    """Three big clusters, many small ones (sizes 1..6), empty ones; exact and near
+    copies inside and across clusters, tied distances, uids of varied length and
+    non-ASCII (both uid decoders)."""
+    rng = np.random.default_rng(seed)
+    big = [90, 70, 40]
+    small = rng.integers(1, 7, 60).tolist()
+    sizes = np.array(big[:1] + small[:25] + [0, 0] + big[1:2] + small[25:] + [0] + big[2:], dtype=np.int64)
+    k = len(sizes)
+    cluster = np.repeat(np.arange(k), sizes).astype(np.int32)
+    n = len(cluster)
+    centre = rng.normal(size=(k, d))
+    x = centre[cluster] + 0.3 * rng.normal(size=(n, d))
+    members = [np.flatnonzero(cluster == c) for c in range(k)]
+    for m in members:
+        if len(m) >= 2:
+            x[m[-1]] = x[m[0]]  # an exact copy in every cluster of >= 2
+        if len(m) >= 4:
+            x[m[2]] = x[m[1]] + 1e-3 * rng.normal(size=d)  # a near copy
+    a, b = members[1], members[2]  # two neighbouring small clusters (packed together)
+    x[b[0]] = x[a[0]]  # an exact copy in the other cluster: must not be compared
+    big_m = members[0]
+    copies = np.concatenate([big_m[5:6], big_m[10:20]])
+    x[copies] = x[big_m[5]]  # 11 identical rows
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x = x.astype(np.float16)
+    dist = np.round(rng.uniform(0, 1, n), 1).astype(np.float32)  # many tied distances
+    dist[b[0]] = 0.0  # last of its cluster: flagged (similarity |x|^2) if it leaked into cluster 1's product
+    dist[big_m[5:20]] = dist[big_m[5]]  # the copies tie on distance too: ordered by uid
+    uids = np.array([f"{'é' if i % 7 == 0 else ''}u{i * 7919 % 100003}" for i in rng.permutation(n)])
+    copy_uids = uids[copies]
+    perm = rng.permutation(n)  # rows of a cluster spread over the shards
+    x, cluster, dist, uids = x[perm], cluster[perm], dist[perm], uids[perm]
+    cuts = [0, 101, 102, 250, n]
+    shards = {
+        f"{i:05d}": DedupShard(f"{i:05d}", uids[a:b], x[a:b], cluster[a:b], dist[a:b])
+        for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))
+    }
+    return shards, k, (x, cluster, dist, uids), copy_uids
+
+
+def _via_semdedup_cluster(k, x, cluster, dist, uids, eps, tile):
+    """Reference through the per-cluster function (as the pool used to call it)."""
+    rows = []
+    for c in range(k):
+        m = np.flatnonzero(cluster == c)
+        dup, of, sim = semdedup_cluster(x[m], dist[m], uids[m], eps, tile=tile)
+        rows += [(uids[m[j]], c, uids[m[of[j]]], float(sim[j])) for j in np.flatnonzero(dup)]
+    return sorted(rows)
+
+
+@pytest.mark.parametrize("eps", [EPS, 0.3])
+def test_memory_disk_packed_and_unpacked_paths_agree(tmp_path, monkeypatch, eps):
+    import dbprune_assets.core.semdedup as sd
+
+    shards, k, (x, cluster, dist, uids), copy_uids = _mixed_pool()
+    names = sorted(shards)
+    expect = _expected(k, x, cluster, dist, uids, eps=eps)
+    assert len(expect) > (40 if eps == EPS else 100)
+    assert _via_semdedup_cluster(k, x, cluster, dist, uids, eps, tile=8) == expect
+    frames = []
+    for memory_rows in (0, 150, 10**9):  # all on disk, the first bucket(s) in memory, all in memory
+        for pack, max_tile, tile in ((1, 512, 4096), (10**6, 512, 4096), (10**6, 8, 4096), (10**6, 512, 16), (5, 3, 7)):
+            monkeypatch.setattr(sd, "_PACK_ROWS", pack)
+            monkeypatch.setattr(sd, "_MAX_TILE", max_tile)
+            got = list(
+                semdedup_pool(names, shards.__getitem__, k, eps, tile, tmp_path, bucket_rows=120, memory_rows=memory_rows)
+            )
+            assert _got(got) == expect, (memory_rows, pack, max_tile, tile)
+            frames.append(pl.concat(got))
+    assert all(f.equals(frames[0]) for f in frames[1:])  # the same frames, row for row
+    # the 11 identical rows (tied distances): all but the smallest uid point at it, with similarity |x|^2
+    keep = min(copy_uids)
+    df = frames[0].filter(pl.col("uid").is_in(list(copy_uids)) & (pl.col("uid") != keep))
+    row = x[uids == keep][0].astype(np.float64)
+    assert sorted(df["uid"]) == sorted(set(copy_uids) - {keep})
+    assert set(df["duplicate_of"]) == {keep} and set(df["similarity"]) == {np.float32(row @ row)}
+    # (keep itself may duplicate a farther member, never one of its copies: they all come after it)
+    assert not frames[0].filter((pl.col("uid") == keep) & pl.col("duplicate_of").is_in(list(copy_uids))).height
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_packed_clusters_hand_example(tmp_path, monkeypatch):
+    import dbprune_assets.core.semdedup as sd
+
+    monkeypatch.setattr(sd, "_PACK_ROWS", 100)  # all three clusters in one product
+    # cluster 0: a, b identical; cluster 1: c identical to a, e orthogonal; cluster 2: f alone, identical to a
+    emb = np.array([[1, 0], [1, 0], [1, 0], [0, 1], [1, 0]], dtype=np.float16)
+    uids = np.array(["a", "b", "c", "e", "f"])
+    cluster = np.array([0, 0, 1, 1, 2], dtype=np.int32)
+    dist = np.array([0.2, 0.4, 0.9, 0.1, 0.5], dtype=np.float32)  # b before a (farther)
+    shard = DedupShard("s", uids, emb, cluster, dist)
+    df = pl.concat(list(semdedup_pool(["s"], lambda _: shard, 3, EPS, 64, tmp_path)))
+    assert df.rows() == [("a", "s", 0, "b", "s", 1.0)]  # only a; c and f match a but sit in other clusters
+
+
+def test_work_units():
+    from dbprune_assets.core.semdedup import _work_units
+
+    sizes = np.array([1, 3, 2, 10, 1, 2, 2])
+    ends = np.cumsum(sizes)
+    units = _work_units(ends - sizes, ends, 5)
+    # (0,1) alone: skipped; 3 + 2 rows packed; 10 rows alone; (16,17) skipped; 2 + 2 packed
+    assert units == [(1, 6, True), (6, 16, False), (17, 21, True)]
+    assert _work_units(ends - sizes, ends, 1) == [(1, 4, False), (4, 6, False), (6, 16, False), (17, 19, False), (19, 21, False)]
+
+
+def test_decode_uids():
+    from dbprune_assets.core.semdedup import _decode_uids
+
+    raw = "ab".encode() + "é".encode() + b"xyz"
+    assert _decode_uids(raw, np.array([2, 2, 3], np.int32)).tolist() == ["ab", "é", "xyz"]
+    assert _decode_uids("éab".encode(), np.array([2, 2], np.int32)).tolist() == ["é", "ab"]  # same byte length
+    assert _decode_uids(b"", np.zeros(0, np.int32)).tolist() == []
+
+
+def test_pool_nan_distance_names_the_cluster(tmp_path):
+    emb = np.array([[1, 0], [0, 1], [1, -1]], dtype=np.float16)  # b . c = -1: no duplicate
+    uids = np.array(["a", "b", "c"])
+    cluster = np.array([0, 1, 1], dtype=np.int32)
+    dist = np.array([np.nan, 0.1, 0.2], dtype=np.float32)
+    shard = DedupShard("s", uids, emb, cluster, dist)
+    # alone in cluster 0: nothing to compare, no error (as before)
+    assert list(semdedup_pool(["s"], lambda _: shard, 2, EPS, 8, tmp_path)) == []
+    bad = DedupShard("s", uids, emb, cluster, np.array([0.1, np.nan, 0.2], dtype=np.float32))
+    with pytest.raises(ValueError, match=r"dedup cluster 1: distances to the centroid hold NaN/inf"):
+        list(semdedup_pool(["s"], lambda _: bad, 2, EPS, 8, tmp_path))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_pool_any_grouping_equals_bruteforce(data):
+    """Property: whatever the bucket size, memory share, packing, tiles and
+    shard cuts, the pool gives the full-matrix reference (ties everywhere:
+    entries in {-1, -.5, 0, .5, 1}, three distance values)."""
+    import dbprune_assets.core.semdedup as sd
+
+    n = data.draw(st.integers(1, 40))
+    d = data.draw(st.integers(2, 6))
+    k = data.draw(st.integers(1, 12))
+    vals = st.sampled_from([-1.0, -0.5, 0.0, 0.5, 1.0])
+    x = np.array(data.draw(st.lists(st.lists(vals, min_size=d, max_size=d), min_size=n, max_size=n)), dtype=np.float16)
+    x[~x.any(axis=1), 0] = 1  # no zero rows
+    cluster = np.array(data.draw(st.lists(st.integers(0, k - 1), min_size=n, max_size=n)), dtype=np.int32)
+    dist = np.array(data.draw(st.lists(st.sampled_from([0.0, 0.1, 0.5]), min_size=n, max_size=n)), dtype=np.float32)
+    uids = np.array([f"u{i}" for i in data.draw(st.permutations(range(n)))])
+    eps = data.draw(st.sampled_from([0.07, 0.3, 0.6]))
+    cuts = sorted({0, n, *data.draw(st.lists(st.integers(0, n), max_size=3))})
+    shards = {
+        f"{i:05d}": DedupShard(f"{i:05d}", uids[a:b], x[a:b], cluster[a:b], dist[a:b])
+        for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))
+    }
+    with pytest.MonkeyPatch.context() as mp, tempfile.TemporaryDirectory() as tmp:
+        mp.setattr(sd, "_PACK_ROWS", data.draw(st.integers(1, 64)))
+        mp.setattr(sd, "_MAX_TILE", data.draw(st.integers(1, 64)))
+        got = list(
+            semdedup_pool(
+                sorted(shards), shards.__getitem__, k, eps, data.draw(st.integers(1, 64)), tmp,
+                bucket_rows=data.draw(st.integers(1, 50)), memory_rows=data.draw(st.integers(0, 50)),
+            )
+        )
+    assert _got(got) == _expected(k, x, cluster, dist, uids, eps=eps)

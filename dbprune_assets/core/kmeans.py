@@ -187,7 +187,9 @@ class UniformSample:
     """The ``size`` samples with the smallest ``(uid_hash(seed, uid), uid)``.
 
     Feed it the pool chunk by chunk (e.g. one shard at a time) with
-    :meth:`add`; it keeps at most ``size`` rows, so memory is
+    :meth:`add`; it keeps at most ``size`` rows plus the chunks waiting to
+    be merged (fewer than ``size`` rows: they merge together, so the sample is
+    sorted once per ``size`` rows offered, not once per chunk), so memory is
     ``O(size * d)`` plus one chunk.  A chunk's embeddings may be an array or a
     callable ``idx -> emb[idx]`` (``idx`` sorted ascending, int64): then only
     the rows that can enter the sample are read (use it with ``np.load(...,
@@ -211,6 +213,8 @@ class UniformSample:
         self._h = np.zeros(0, dtype=np.uint64)
         self._u = np.zeros(0, dtype="S1")
         self._e: np.ndarray | None = None
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._n_pending = 0
         self.seen = 0  # rows offered so far
 
     def add(self, uids: Sequence[str] | np.ndarray, emb: EmbSource, name: str | None = None) -> None:
@@ -246,29 +250,46 @@ class UniformSample:
             self._e = np.zeros((0, rows.shape[1]), dtype=rows.dtype)
         elif rows.shape[1] != self._e.shape[1]:
             raise ValueError(f"{name or 'chunk'}: embedding dimension {rows.shape[1]} != {self._e.shape[1]} of earlier chunks")
-        hh = np.concatenate([self._h, h[cand]])
-        uu = np.concatenate([self._u, u[cand]])
+        # chunks wait until they hold a sample's worth of rows, then merge at once: merging
+        # per chunk would sort and copy the whole sample once per shard
+        self._pending.append((h[cand], u[cand], rows.astype(self._e.dtype, copy=False)))
+        self._n_pending += len(cand)
+        if self._n_pending >= self.size:
+            self._merge()
+
+    def _merge(self) -> None:
+        """Fold the waiting chunks into the sample (in offer order, so ties keep the earlier row)."""
+        if not self._pending:
+            return
+        assert self._e is not None
+        hh = np.concatenate([self._h, *(p[0] for p in self._pending)])
+        uu = np.concatenate([self._u, *(p[1] for p in self._pending)])
         order = np.lexsort((uu, hh))[: self.size]
         self._h = hh[order]
         self._u = uu[order]
-        self._e = np.concatenate([self._e, rows.astype(self._e.dtype, copy=False)])[order]
+        self._e = np.concatenate([self._e, *(p[2] for p in self._pending)])[order]
+        self._pending, self._n_pending = [], 0
 
     @property
     def hashes(self) -> np.ndarray:
+        self._merge()
         return self._h
 
     @property
     def uids(self) -> np.ndarray:
         """uids of the sample (str array), ordered like :attr:`embeddings`."""
+        self._merge()
         return np.strings.decode(self._u, "utf-8") if len(self._u) else np.zeros(0, dtype=str)
 
     @property
     def embeddings(self) -> np.ndarray:
         if self._e is None:
             raise ValueError("the uniform sample is empty: no samples were offered")
+        self._merge()
         return self._e
 
     def __len__(self) -> int:
+        self._merge()
         return len(self._h)
 
 
