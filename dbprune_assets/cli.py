@@ -61,9 +61,14 @@ def preflight(layout: Layout, settings: PipelineSettings) -> None:
                 f"encoder.{name}.pretrained: checkpoint {p} does not exist; set an existing checkpoint path, "
                 "an open_clip pretrained tag, or model: bootstrap"
             )
-    for name, path in (("eval.zeroshot", settings.eval.zeroshot), ("eval.retrieval", settings.eval.retrieval)):
-        if path and not Path(path).expanduser().exists():
-            raise SettingsError(f"{name}: {path} does not exist; point it at a labelled folder/webdataset or leave it null")
+    folders = [*(settings.eval.datasets or ()), *(p for p in (settings.eval.zeroshot, settings.eval.retrieval) if p)]
+    if folders:  # checked before any run: a bad folder would otherwise fail only at eval_scores
+        from .core.evaluate import EvalError, find_eval_datasets
+
+        try:
+            find_eval_datasets(folders)
+        except EvalError as e:
+            raise SettingsError(f"eval.datasets: {e}") from None
 
 
 def ensure_pool(layout: Layout, settings: PipelineSettings, echo=print) -> None:
@@ -158,10 +163,16 @@ def print_summary(layout: Layout, report) -> None:
 
 
 def cmd_sample_pool(args: argparse.Namespace) -> int:
-    from .samplepool import write_sample_pool
+    from .samplepool import write_datacomp_pool, write_sample_pool
 
     layout = Layout.from_env()
     out = Path(args.out).resolve() if args.out else layout.pool
+    if args.format == "datacomp":
+        images_only = [f for f, v in (("--image-size", args.image_size), ("--reference-samples", args.reference_samples))
+                       if v is not None]
+        if images_only:
+            return _err(f"{' and '.join(images_only)} do not apply to --format datacomp (it writes embeddings, "
+                        "no images and no reference split); drop them or use --format webdataset")
     over = {k: v for k, v in {
         "shards": args.shards, "samples_per_shard": args.samples_per_shard, "concepts": args.concepts,
         "image_size": args.image_size, "reference_samples": args.reference_samples, "seed": args.seed,
@@ -179,7 +190,8 @@ def cmd_sample_pool(args: argparse.Namespace) -> int:
 
     # a pool inside the home is written under its lock, like a run
     with home_lock(layout.lock_file) if out.is_relative_to(layout.home) else contextlib.nullcontext():
-        summary = write_sample_pool(out, pool_settings, tmp_root=layout.tmp if not args.out else None)
+        write = write_datacomp_pool if args.format == "datacomp" else write_sample_pool
+        summary = write(out, pool_settings, tmp_root=layout.tmp if not args.out else None)
     print(summary)
     return 0
 
@@ -276,6 +288,34 @@ def _signal_group(pgid: int, signum: int) -> bool:
         return True
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    """A Celery worker executing dbprune runs (README "Many machines")."""
+    from .cluster import ClusterError, run_worker
+
+    try:
+        return run_worker(args.queue, concurrency=args.concurrency, name=args.name, loglevel=args.loglevel)
+    except ClusterError as e:
+        return _err(str(e))
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    """``dagster-daemon run`` on this home's instance: sensors, schedules and
+    backfills launched from the UI (``dbprune run`` itself needs no daemon)."""
+    from .cluster import ClusterError
+    from .runner import dagster_instance
+
+    layout = Layout.from_env()
+    try:
+        dagster_instance(layout)  # writes the instance's dagster.yaml; a database or broker that is down stops here
+    except ClusterError as e:
+        return _err(str(e))
+    os.environ["DAGSTER_HOME"] = str(layout.dagster_home)
+    os.environ["DBPRUNE_HOME"] = str(layout.home)
+    os.environ["DBPRUNE_POOL"] = str(layout.pool)
+    print(f"dbprune: Dagster daemon on instance {layout.dagster_home}", flush=True)
+    return supervise([str(Path(sys.executable).with_name("dagster-daemon")), "run", "-m", "dbprune_assets.definitions"])
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .core.report import write_report
 
@@ -299,8 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also print Dagster's log lines (-vv: debug); they are always in each run's log (dbprune ui)")
     r.set_defaults(fn=cmd_run)
 
-    s = sub.add_parser("sample-pool", help="write the synthetic sample pool (img2dataset layout)")
+    s = sub.add_parser("sample-pool", help="write the synthetic sample pool (img2dataset layout, or DataComp metadata)")
     s.add_argument("--out", help="folder (default $DBPRUNE_POOL or $DBPRUNE_HOME/pool)")
+    s.add_argument("--format", choices=["webdataset", "datacomp"], default="webdataset",
+                   help="webdataset: images in img2dataset shards (default); datacomp: DataComp metadata shards "
+                        "(<stem>.parquet + <stem>.npz with b32/l14 CLIP embeddings), no images, no encoder needed")
     s.add_argument("--shards", type=int)
     s.add_argument("--samples-per-shard", type=int)
     s.add_argument("--concepts", type=int)
@@ -320,6 +363,17 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--port", type=int, default=3000)
     u.set_defaults(fn=cmd_ui)
+
+    w = sub.add_parser("worker", help="a Celery worker that executes dbprune runs (needs DBPRUNE_BROKER and DBPRUNE_POSTGRES_URL)")
+    w.add_argument("--queue", action="append", choices=["gpu", "cpu"],
+                   help="a queue to serve; repeat for both (default: gpu and cpu where torch sees a GPU, else cpu)")
+    w.add_argument("--concurrency", type=int, default=1, help="runs at a time (default 1: a run uses the GPU or every core)")
+    w.add_argument("--name", help="Celery node name, NAME or NAME@HOST (default dbprune-<pid>@<host name>)")
+    w.add_argument("--loglevel", default="INFO", help="Celery's log level (default INFO)")
+    w.set_defaults(fn=cmd_worker)
+
+    dmn = sub.add_parser("daemon", help="the Dagster daemon on the same instance (sensors, schedules, UI backfills)")
+    dmn.set_defaults(fn=cmd_daemon)
 
     rep = sub.add_parser("report", help="write one static HTML page of the run: plots, clusters, examples, comparison")
     rep.add_argument("--name", help="file name under $DBPRUNE_HOME/reports/ (default: the current time)")

@@ -42,6 +42,7 @@ class GroupResult:
     skipped: list[str]
     seconds: float
     run_ids: list[str] = field(default_factory=list)
+    ran: list[str] = field(default_factory=list)  # the group's assets that ran (stale, or reading one that was)
 
 
 @dataclass
@@ -55,12 +56,16 @@ class RunReport:
 def dagster_instance(layout: Layout):  # -> dg.DagsterInstance
     import dagster as dg
 
+    from . import cluster
+
     layout.dagster_home.mkdir(parents=True, exist_ok=True)
     cfg = layout.dagster_home / "dagster.yaml"
-    if not cfg.exists():
+    text = cluster.instance_yaml()  # SQLite; PostgreSQL and Celery with DBPRUNE_POSTGRES_URL / DBPRUNE_BROKER
+    if not cfg.exists() or cfg.read_text() != text:
         from .core.atomic import write_bytes
 
-        write_bytes(cfg, b"telemetry:\n  enabled: false\n", layout.tmp)  # atomic: a kill never leaves half of it
+        write_bytes(cfg, text.encode(), layout.tmp)  # atomic: a kill never leaves half of it
+    cluster.check_reachable()  # database or broker down: one clear error before any run
     # this home's instance, whatever $DAGSTER_HOME says (`dbprune ui` exports it for dagster dev)
     return dg.DagsterInstance.from_config(str(layout.dagster_home))
 
@@ -92,6 +97,10 @@ def plan_groups(keys: list[str], parents: dict[str, set[str]], partitioning: dic
 #: the assets that read the pool itself; they run first, so the pool's size is known
 #: (and explicit cluster counts are checked against it) before any expensive step
 INGEST = frozenset({"raw_metadata", "pool_manifest"})
+
+
+#: the stages that need the pool's images; a run over a pool without images leaves them out
+NEED_IMAGES = frozenset({"trained_model", "eval_scores", "comparison"})
 
 
 def ingest_first(ordered: list[str], nodes: Mapping[str, Any]) -> list[str]:
@@ -134,6 +143,17 @@ def contiguous_ranges(all_keys: list[str], wanted: list[str]) -> list[tuple[str,
     if start is not None:
         ranges.append((start, prev))  # type: ignore[arg-type]
     return ranges
+
+
+def batched_ranges(all_keys: list[str], wanted: list[str], per_run: int) -> list[tuple[str, str]]:
+    """:func:`contiguous_ranges` of ``wanted``, each cut into runs of at most
+    ``per_run`` partitions (so that a cluster spreads them over its workers)."""
+    index = {k: i for i, k in enumerate(all_keys)}
+    out: list[tuple[str, str]] = []
+    for start, end in contiguous_ranges(all_keys, wanted):
+        i, j = index[start], index[end]
+        out += [(all_keys[a], all_keys[min(a + per_run, j + 1) - 1]) for a in range(i, j + 1, per_run)]
+    return out
 
 
 #: Dagster's documented run tags for a partition-range run (the single-run
@@ -199,10 +219,13 @@ def _run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None
                   echo: Echo, log_level: str | None) -> RunReport:
     import dagster as dg
 
+    from . import cluster
     from .core.atomic import clean_stale_tmp
+    from .core.layout import list_pool_shards
     from .core.oserrors import MIN_FREE_BYTES, NotEnoughSpace, require_free_space
+    from .core.precomputed import NEEDS_IMAGES, is_metadata_only
     from .core.state import clear_state
-    from .defs.common import DbpruneResource, Versions, graph_nodes
+    from .defs.common import DbpruneResource, Versions, graph_nodes, registered_shards
     from .defs.ingest import sync_shard_partitions
     from .definitions import build_defs
 
@@ -215,13 +238,17 @@ def _run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None
         clean_stale_tmp(tmp_base)  # half-written files of killed processes
     for run_id in fail_orphaned_runs(instance):
         echo(f"run {run_id} was left unfinished by a process that no longer runs; marked it failed")
-    added, removed = sync_shard_partitions(instance, layout)
+    added, removed = sync_shard_partitions(instance, layout, settings.partitions.shards_per_partition)
     if added or removed:
         echo(f"pool: {len(added)} shard(s) added, {len(removed)} removed")
 
     selection = dg.AssetSelection.from_coercible(select.split(",")) if select else dg.AssetSelection.all()
     keys = {k.to_user_string() for k in selection.resolve(graph)}
     ordered = ingest_first([k for k in nodes if k in keys], nodes)
+    if select is None and is_metadata_only(layout.pool, list_pool_shards(layout.pool)):
+        skipped_stages = [k for k in ordered if k in NEED_IMAGES]
+        ordered = [k for k in ordered if k not in NEED_IMAGES]
+        echo(f"– {', '.join(skipped_stages)}: skipped: {NEEDS_IMAGES}")
     groups = plan_groups(ordered, {k: set(nodes[k].parents) for k in ordered},
                          {k: nodes[k].partitioning for k in ordered})
 
@@ -230,13 +257,27 @@ def _run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None
     results: list[GroupResult] = []
     for group in groups:
         g0 = time.monotonic()
-        shards = sorted(instance.get_dynamic_partitions("shards"))
+        registered = list(instance.get_dynamic_partitions("shards"))  # Dagster's order: ranges follow it
+        shards = registered_shards(sorted(registered), layout.pool)
         versions = Versions(layout, settings, shards, nodes, strategies)
         kind = nodes[group[0]].partitioning
         all_parts = versions.keys(kind)  # strategies: the configured ones, in STRATEGIES order
-        stale = [p for p in all_parts if force or any(not versions.is_fresh(a, p) for a in group)]
+        stale_by = {a: [p for p in all_parts if force or not versions.is_fresh(a, p)] for a in group}
+        stale = [p for p in all_parts if any(p in stale_by[a] for a in group)]
+        # the stale assets and, after them, those of the group that read them (a
+        # group's assets share a partitioning; an up-to-date encoder beside a stale
+        # pool_manifest is not retrained)
+        to_run: list[str] = []
+        for a in group:  # topological order
+            if stale_by[a] or any(p in to_run for p in nodes[a].parents):
+                to_run.append(a)
+        stale_keys = stale
+        if kind == "shard" and stale and len(registered) != len(shards):  # shard groups: a group runs whole
+            of = {sh: key for key in registered for sh in registered_shards([key], layout.pool)}
+            stale_keys = list(dict.fromkeys(of[sh] for sh in stale if sh in of))
+            stale = registered_shards(sorted(stale_keys), layout.pool)
         skipped = [p for p in all_parts if p not in stale]
-        label = ", ".join(group)
+        label = ", ".join(to_run or group)
         if not stale:
             echo(f"✓ {label}: up to date ({len(all_parts)} partition(s))")
             results.append(GroupResult(group, [], skipped, 0.0))
@@ -255,21 +296,22 @@ def _run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None
             return RunReport(results, time.monotonic() - t0, ok=False, failure=str(e))
         # a partition is redone from scratch: drop its commit markers first, so a
         # crash half-way through (even of a --force re-run) leaves it out of date
-        for a in group:
+        for a in to_run:
             for p in stale:
                 clear_state(layout, a, p)
-        ranges = [(None, None)] if kind is None else contiguous_ranges(
-            shards if kind == "shard" else list(STRATEGIES), stale)
-        with GroupBar(layout, group, stale, label):
-            run_ids, failed = _run_ranges(job, instance, group, ranges, log_level)
+        ranges = [(None, None)] if kind is None else batched_ranges(
+            registered if kind == "shard" else list(STRATEGIES), stale_keys, settings.partitions.per_run)
+        with GroupBar(layout, to_run, stale, label):
+            run_ids, failed = (cluster.run_ranges(job, instance, to_run, ranges, log_level, layout=layout, echo=echo)
+                               if cluster.enabled() else _run_ranges(job, instance, to_run, ranges, log_level))
         if failed is not None:
             msg = _failure_message(failed, layout)
             echo(f"✗ {label} failed (run {failed.run_id}): {msg}")
-            results.append(GroupResult(group, stale, skipped, time.monotonic() - g0, run_ids))
+            results.append(GroupResult(group, stale, skipped, time.monotonic() - g0, run_ids, to_run))
             return RunReport(results, time.monotonic() - t0, ok=False, failure=msg)
         dt = time.monotonic() - g0
         echo(f"✓ {label}: {len(stale) if kind else 1} partition(s) in {dt:.1f}s")
-        results.append(GroupResult(group, stale, skipped, dt, run_ids))
+        results.append(GroupResult(group, stale, skipped, dt, run_ids, to_run))
     return RunReport(results, time.monotonic() - t0)
 
 

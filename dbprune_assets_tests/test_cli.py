@@ -53,9 +53,13 @@ def test_run_end_to_end(full_run):
         assert (sub / "uids.npy").exists()
         assert (home / "models" / strategy / "open_clip_config.json").exists()
         ev = pl.read_parquet(home / "tables" / "eval" / f"{strategy}.parquet")
-        assert set(ev["metric"]) == {"acc1", "acc5", *(f"{d}_retrieval_recall@{k}" for d in ("image", "text")
-                                                          for k in (1, 5, 10))}
+        assert set(zip(ev["task"], ev["metric"])) == {
+            *(("shapes", m) for m in ("acc1", "acc5", "mean_per_class_recall")),
+            *(("shapes_retrieval", f"{d}_retrieval_recall@{k}") for d in ("image", "text") for k in (1, 5, 10)),
+            ("shapes_retrieval", "mean_recall@1")}
         assert ev["value"].is_between(0, 1).all()
+        results = home / "artefacts" / "eval_scores" / strategy / "seed0" / "eval_results.jsonl"
+        assert [json.loads(line)["key"] for line in results.read_text().splitlines()] == ["shapes", "shapes_retrieval"]
 
 
 def test_models_load_with_open_clip(full_run):

@@ -142,3 +142,87 @@ def test_markdown_table_and_plot() -> None:
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     meta = summary_metadata(s)
     assert meta["dbp/acc1"].startswith("0.200 ± 0.100 [") and meta["dbp/acc1"].endswith("(n=3)")
+
+
+# ---------------------------------------------------------------------------
+# DataComp's aggregate and samples seen
+
+
+def _jsonl(main: dict[str, float]) -> list[dict]:
+    return [{"key": d, "dataset": d, "metrics": {"main_metric": v}} for d, v in main.items()]
+
+
+def test_aggregate_summary_table_and_panels() -> None:
+    from dbprune_assets.core.compare import (
+        aggregate_markdown,
+        aggregate_panels,
+        aggregate_rows,
+        aggregate_summary,
+        aggregate_table_rows,
+    )
+
+    results = {
+        ("full", 0): _jsonl({"ImageNet 1k": 0.5, "CIFAR-100": 0.4, "shapes": 0.9}),
+        ("full", 1): _jsonl({"ImageNet 1k": 0.7, "CIFAR-100": 0.6, "shapes": 0.8}),
+        ("dbp", 0): _jsonl({"ImageNet 1k": 0.6, "CIFAR-100": 0.2, "shapes": 1.0}),
+    }
+    rows = aggregate_rows(results)
+    assert set(rows["task"]) == {"datacomp"}
+    agg = aggregate_summary(rows, {"dbp": 10, "full": 20}, {"dbp": 12800, "full": 12800}, n_boot=200, seed=0)
+    assert agg["strategy"].to_list() == ["dbp"] * 3 + ["full"] * 3
+    assert agg["metric"].to_list() == ["ImageNet", "VTAB", "Average"] * 2  # DataComp's group order
+    by = {(r["strategy"], r["metric"]): r for r in agg.to_dicts()}
+    # full: ImageNet 0.5, 0.7 -> 0.6 ± 0.1414; Average per seed (0.5+0.4+0.9)/3 = 0.6, (0.7+0.6+0.8)/3 = 0.7 -> 0.65
+    assert by[("full", "ImageNet")]["mean"] == pytest.approx(0.6)
+    assert by[("full", "ImageNet")]["std"] == pytest.approx(0.2 / np.sqrt(2))
+    assert by[("full", "Average")]["mean"] == pytest.approx(0.65)
+    assert by[("dbp", "VTAB")]["mean"] == pytest.approx(0.2) and by[("dbp", "VTAB")]["n_seeds"] == 1
+    assert (by[("dbp", "VTAB")]["n_tasks"], by[("dbp", "VTAB")]["n_group"]) == (1, 13)
+    assert by[("dbp", "Average")]["n_tasks"] == 3
+    table = aggregate_table_rows(agg)
+    assert list(table[0]) == ["strategy", "samples seen", "seeds", "ImageNet", "VTAB (1 of 13)", "Average (3 tasks)"]
+    assert table[0]["strategy"] == "dbp" and table[0]["samples seen"] == "12,800"
+    assert table[1]["Average (3 tasks)"].startswith("0.650 ± 0.071 [")
+    md = aggregate_markdown(agg).splitlines()
+    assert md[0] == "| strategy | samples seen | seeds | ImageNet | VTAB (1 of 13) | Average (3 tasks) |"
+    assert [p.title for p in aggregate_panels(agg)] == ["DataComp ImageNet", "DataComp VTAB", "DataComp Average"]
+
+
+def test_samples_seen_sentence() -> None:
+    from dbprune_assets.core.compare import samples_seen_sentence
+
+    assert samples_seen_sentence({"dbp": 12800, "full": 12800}) == (
+        "Every model saw 12,800 training samples (steps × global batch), at equal compute.")
+    s = samples_seen_sentence({"full": 25600, "dbp": 12800})
+    assert "dbp 12,800; full 25,600" in s and "not at equal compute" in s
+    assert "unknown" in samples_seen_sentence({"dbp": None})  # type: ignore[dict-item]
+
+
+def test_compare_strategies_writes_the_aggregate(tmp_path) -> None:
+    import json
+
+    from dbprune_assets.core.compare import compare_strategies
+    from dbprune_assets.core.evaluate import eval_results_path, write_eval_results
+    from dbprune_assets.core.layout import Layout
+    from dbprune_assets.core.train import RESULT_FILE
+
+    layout = Layout.from_env(tmp_path / "home", tmp_path / "pool")
+    for strategy, acc in (("dbp", [0.3, 0.5]), ("full", [0.2, 0.4])):
+        layout.table("eval", strategy).parent.mkdir(parents=True, exist_ok=True)
+        pl.DataFrame({"strategy": [strategy] * 2, "seed": [0, 1], "task": ["shapes"] * 2, "metric": ["acc1"] * 2,
+                      "value": acc}).write_parquet(layout.table("eval", strategy))
+        layout.model_dir(strategy).mkdir(parents=True)
+        (layout.model_dir(strategy) / RESULT_FILE).write_text(json.dumps({"samples_seen": 12800}))
+        for seed, v in enumerate(acc):
+            write_eval_results(eval_results_path(layout, strategy, seed), _jsonl({"shapes": v, "ImageNet 1k": v / 2}))
+    out = compare_strategies(layout, ["dbp", "full"], n_boot=100)
+    assert out is not None and out.aggregate is not None
+    text = (layout.artefact_dir("comparison") / "comparison.md").read_text()
+    assert "Every model saw 12,800 training samples" in text
+    assert "### DataComp-style aggregate" in text and "| dbp | 12,800 | 2 | 0.200 ± 0.071 [" in text
+    assert pl.read_parquet(layout.table("comparison", "datacomp"))["metric"].to_list() == ["ImageNet", "Average"] * 2
+    for p in (layout.artefact_dir("eval_scores")).rglob("eval_results.jsonl"):
+        p.unlink()
+    out = compare_strategies(layout, ["dbp", "full"], n_boot=100)
+    assert out is not None and out.aggregate is None and not layout.table("comparison", "datacomp").exists()
+    assert "DataComp" not in (layout.artefact_dir("comparison") / "comparison.md").read_text()

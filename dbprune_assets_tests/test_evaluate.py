@@ -1,24 +1,43 @@
-"""Evaluation: exact retrieval recalls on hand-built embeddings, top-k accuracy,
-zero-shot with open_clip's classifier on a tiny random model, and the three
-kinds of evaluation split (pool eval/, image folder, captioned webdataset)."""
+"""Evaluation through CLIP_benchmark: the sample pool's eval sets load with its
+``build_dataset("wds/...")``; dbprune and CLIP_benchmark's command line give
+the same numbers for one model; a hand-made three-class set (and a five-image
+retrieval set) with known embeddings gives hand-computed accuracy and recall;
+dataset folders are checked with errors that name the folder; DataComp's
+result rows and aggregate."""
 
 from __future__ import annotations
 
 import io
 import json
+import math
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from dbprune_assets.core.eval_metrics import RETRIEVAL_METRICS, positive_ranks, retrieval_metrics, topk_accuracy
+from dbprune_assets.core.eval_metrics import (
+    AGGREGATE_GROUPS,
+    DATACOMP_TASKS,
+    DATASET_GROUPS,
+    aggregate_scores,
+    datacomp_task,
+    dataset_name,
+    results_row,
+)
 from dbprune_assets.core.evaluate import (
     EvalError,
-    embed_split,
+    _accuracy,
+    clip_benchmark_metrics,
+    datacomp_rows,
+    eval_rows,
+    evaluate_dataset,
     evaluate_model,
-    load_eval_split,
-    zeroshot_metrics,
+    find_eval_datasets,
+    load_eval_dataset,
+    read_eval_results,
+    write_eval_results,
 )
 from dbprune_assets.core.settings import PoolSettings
 from dbprune_assets.core.wds import write_tar
@@ -29,111 +48,7 @@ PER_CLASS = 2
 
 
 # ---------------------------------------------------------------------------
-# pure retrieval metrics
-
-
-def _onehot(n: int) -> np.ndarray:
-    return np.eye(n, dtype=np.float32)
-
-
-def test_identical_embeddings_give_recall_one() -> None:
-    rng = np.random.default_rng(0)
-    emb = rng.normal(size=(50, 16)).astype(np.float32)
-    m = retrieval_metrics(emb, emb.copy(), np.arange(50))
-    assert set(m) == set(RETRIEVAL_METRICS)
-    assert all(v == 1.0 for v in m.values())
-
-
-def test_known_permutation_gives_known_recalls() -> None:
-    # images: one-hot e_j.  Text i is about image i but looks more like image pi(i):
-    # t_i = e_pi(i) + 0.5 e_i.  Its true image ranks 1st if pi(i) = i, else 2nd.
-    n = 10
-    pi = np.array([0, 1, 2, 4, 3, 6, 7, 5, 9, 8])  # fixed points 0, 1, 2
-    img = _onehot(n)
-    txt = img[pi] + 0.5 * img
-    m = retrieval_metrics(img, txt, np.arange(n))
-    assert m["image_retrieval_recall@1"] == pytest.approx(0.3)
-    assert m["text_retrieval_recall@1"] == pytest.approx(0.3)
-    for k in (5, 10):
-        assert m[f"image_retrieval_recall@{k}"] == 1.0
-        assert m[f"text_retrieval_recall@{k}"] == 1.0
-    # a pure shift: text i is image i+3, so the true image ranks 2nd (t_i = e_{i+3} + 0.5 e_i)
-    shift = (np.arange(n) + 3) % n
-    m = retrieval_metrics(img, img[shift] + 0.5 * img, np.arange(n))
-    assert m["image_retrieval_recall@1"] == 0.0 and m["image_retrieval_recall@5"] == 1.0
-
-
-def test_several_captions_per_image_and_images_without_text() -> None:
-    img = _onehot(4)
-    # image 0 has two texts, one of them wrong (looks like image 1); image 3 has none
-    txt = np.stack([img[1], img[0], img[1], img[2]])
-    owner = np.array([0, 0, 1, 2])
-    m = retrieval_metrics(img, txt, owner, ks=(1, 2))
-    # text -> image: text 0 (about 0, looks like 1): rank 1; others rank 0
-    assert m["image_retrieval_recall@1"] == pytest.approx(3 / 4)
-    assert m["image_retrieval_recall@2"] == 1.0
-    # image -> text, queries 0, 1, 2 (image 3 has no text): image 0's best text is text 1 (score 1): hit;
-    # image 1: texts 0 and 2 both score 1 and its own (text 2) comes after text 0 (ties by index): rank 1
-    assert m["text_retrieval_recall@1"] == pytest.approx(2 / 3)
-    assert m["text_retrieval_recall@2"] == 1.0
-
-
-def _brute_ranks(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
-    order = np.argsort(-scores, axis=1, kind="stable")
-    return np.array([np.flatnonzero(positive[i][order[i]])[0] for i in range(len(scores))])
-
-
-def test_ranks_match_a_stable_sort_with_ties() -> None:
-    rng = np.random.default_rng(1)
-    scores = rng.integers(0, 4, size=(40, 9)).astype(np.float32)  # many ties
-    positive = rng.random((40, 9)) < 0.25
-    positive[np.arange(40), rng.integers(0, 9, 40)] = True
-    assert np.array_equal(positive_ranks(scores, positive), _brute_ranks(scores, positive))
-
-
-def test_retrieval_matches_brute_force_and_blocks() -> None:
-    rng = np.random.default_rng(2)
-    img = rng.normal(size=(30, 8))
-    owner = rng.integers(0, 30, size=55)
-    txt = img[owner] + rng.normal(scale=1.5, size=(55, 8))
-    a = retrieval_metrics(img, txt, owner)
-    b = retrieval_metrics(img, txt, owner, block=7)
-    assert a == b
-    imn = img / np.linalg.norm(img, axis=1, keepdims=True)
-    txn = txt / np.linalg.norm(txt, axis=1, keepdims=True)
-    s = (txn @ imn.T).astype(np.float32)
-    r_t2i = _brute_ranks(s, owner[:, None] == np.arange(30)[None, :])
-    q = np.unique(owner)
-    r_i2t = _brute_ranks((imn[q] @ txn.T).astype(np.float32), owner[None, :] == q[:, None])
-    for k in (1, 5, 10):
-        assert a[f"image_retrieval_recall@{k}"] == pytest.approx((r_t2i < k).mean())
-        assert a[f"text_retrieval_recall@{k}"] == pytest.approx((r_i2t < k).mean())
-
-
-def test_retrieval_rejects_bad_index() -> None:
-    with pytest.raises(ValueError):
-        retrieval_metrics(_onehot(3), _onehot(3), np.array([0, 1, 3]))
-
-
-def test_topk_accuracy_by_hand() -> None:
-    logits = np.array([[0.9, 0.1, 0.0], [0.2, 0.5, 0.3], [0.1, 0.2, 0.7], [0.3, 0.3, 0.4]])
-    labels = np.array([0, 2, 2, 1])
-    # ranks of the labels: 0, 1, 0, 2 (row 3: class 2, then class 0 before class 1 on the tie)
-    acc = topk_accuracy(logits, labels, (1, 2, 5))
-    assert acc[1] == pytest.approx(2 / 4)
-    assert acc[2] == pytest.approx(3 / 4)
-    assert acc[5] == 1.0  # k capped at the 3 classes
-
-
-def test_topk_accuracy_ties_are_stable() -> None:
-    logits = np.array([[0.3, 0.3, 0.4]])
-    assert topk_accuracy(logits, np.array([0]), (1, 2))[2] == 1.0
-    assert topk_accuracy(logits, np.array([1]), (1, 2))[2] == 0.0
-    assert topk_accuracy(logits, np.array([1]), (5,))[5] == 1.0  # k capped at 3 classes
-
-
-# ---------------------------------------------------------------------------
-# splits and the model-level metrics
+# fixtures
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +63,7 @@ def pool_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """A randomly initialised dbprune-tiny saved as an open_clip local-dir folder."""
     import open_clip
     import torch
 
@@ -164,118 +80,357 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> tuple:
     return model, preprocess, tokenizer, folder
 
 
-def test_pool_eval_split_loads_with_class_names(pool_dir: Path) -> None:
-    split = load_eval_split(pool_dir / "eval")
-    names = [ln for ln in (pool_dir / "eval" / "classnames.txt").read_text().splitlines() if ln]
-    assert split.kind == "webdataset"
-    assert split.classnames == names and len(names) == N_CONCEPTS
-    assert split.templates == list(EVAL_TEMPLATES)
-    assert split.n_items == N_CONCEPTS * PER_CLASS
-    assert split.has_labels and split.has_captions and split.supports_zeroshot and split.supports_retrieval
-    items = list(split.iter_items())
-    assert len(items) == split.n_items
-    assert sorted(i.label for i in items) == sorted(list(range(N_CONCEPTS)) * PER_CLASS)
-    assert all(len(i.captions) == 1 for i in items)
+def _write_dataset(root: Path, samples: list[dict[str, bytes]], *, classnames: list[str] | None = None,
+                   templates: list[str] | None = None, dataset_type: str | None = None, per_shard: int = 4) -> Path:
+    """A dataset folder in CLIP_benchmark's webdataset layout."""
+    (root / "test").mkdir(parents=True)
+    chunks = [samples[i:i + per_shard] for i in range(0, len(samples), per_shard)]
+    for s, chunk in enumerate(chunks):
+        write_tar(root / "test" / f"{s}.tar", ((f"k{s}_{i:03d}", m) for i, m in enumerate(chunk)))
+    (root / "test" / "nshards.txt").write_text(f"{len(chunks)}\n")
+    if classnames is not None:
+        (root / "classnames.txt").write_text("".join(f"{c}\n" for c in classnames))
+    if templates is not None:
+        (root / "zeroshot_classification_templates.txt").write_text("".join(f"{t}\n" for t in templates))
+    if dataset_type is not None:
+        (root / "dataset_type.txt").write_text(dataset_type + "\n")
+    return root
 
 
-def test_zeroshot_on_random_model(pool_dir: Path, tiny_model: tuple) -> None:
-    model, preprocess, tokenizer, _ = tiny_model
-    split = load_eval_split(pool_dir / "eval")
-    emb = embed_split(model, preprocess, tokenizer, split, "cpu", batch_size=5)
-    n = N_CONCEPTS * PER_CLASS
-    assert emb.image_emb.shape[0] == n and emb.text_emb.shape[0] == n
-    assert np.allclose(np.linalg.norm(emb.image_emb, axis=1), 1.0, atol=1e-4)
-    m = zeroshot_metrics(model, preprocess, tokenizer, split, "cpu", batch_size=5)
-    assert set(m) == {"acc1", "acc5"}
-    for v in m.values():
-        assert 0.0 <= v <= 1.0
-        assert abs(v * n - round(v * n)) < 1e-9  # a fraction of the n images
-    assert m["acc5"] >= m["acc1"]
-    # reusing embeddings gives the same numbers
-    assert zeroshot_metrics(model, preprocess, tokenizer, split, "cpu", 5, embeddings=emb) == m
-
-
-def test_evaluate_model_rows(pool_dir: Path, tiny_model: tuple) -> None:
-    *_, folder = tiny_model
-    rows = evaluate_model(folder, pool_dir / "eval", pool_dir / "eval", "cpu", batch_size=64)
-    metrics = [r["metric"] for r in rows]
-    assert metrics == ["acc1", "acc5", *RETRIEVAL_METRICS]
-    assert {r["task"] for r in rows} == {"zeroshot", "retrieval"}
-    assert all(0.0 <= r["value"] <= 1.0 and r["n"] == N_CONCEPTS * PER_CLASS and r["dataset"] == "eval" for r in rows)
-
-
-def _png(color: tuple[int, int, int], size: int = 20) -> Image.Image:
-    return Image.new("RGB", (size, size), color)
-
-
-def test_image_folder_split(tmp_path: Path, tiny_model: tuple) -> None:
-    from open_clip import OPENAI_IMAGENET_TEMPLATES
-
-    root = tmp_path / "folder"
-    for cls, color, n in (("red_circle", (200, 0, 0), 3), ("blue_square", (0, 0, 200), 2), ("green", (0, 200, 0), 1)):
-        (root / cls).mkdir(parents=True)
-        for i in range(n):
-            _png(color).save(root / cls / f"{i}.png")
-    (root / "notes.txt").write_text("not a class\n")
-    split = load_eval_split(root)
-    assert split.kind == "imagefolder"
-    assert split.classnames == ["blue square", "green", "red circle"]  # sorted folders, _ -> space
-    assert split.n_items == 6 and split.labels == [0, 0, 1, 2, 2, 2]
-    assert len(split.templates) == len(OPENAI_IMAGENET_TEMPLATES) and all("{}" in t for t in split.templates)
-    assert not split.supports_retrieval
-    assert len(load_eval_split(root, template_set="simple").templates) < len(split.templates)
-    # classnames.txt beside the class folders wins
-    (root / "classnames.txt").write_text("a blue square\na green thing\na red circle\n")
-    assert load_eval_split(root).classnames == ["a blue square", "a green thing", "a red circle"]
-
-    model, preprocess, tokenizer, folder = tiny_model
-    m = zeroshot_metrics(model, preprocess, tokenizer, split, "cpu", 4)
-    assert all(0 <= v <= 1 and abs(v * 6 - round(v * 6)) < 1e-9 for v in m.values())
-    assert m["acc5"] == 1.0  # 3 classes: top-min(5, 3) always holds the label
-    rows = evaluate_model(folder, root, None, "cpu", 8)
-    assert [r["metric"] for r in rows] == ["acc1", "acc5"] and all(r["n"] == 6 for r in rows)
-    with pytest.raises(EvalError, match="no captions"):
-        evaluate_model(folder, None, root, "cpu", 8)
-
-
-def _jpeg_bytes(color: tuple[int, int, int]) -> bytes:
+def _png(red: int) -> bytes:
     buf = io.BytesIO()
-    _png(color).save(buf, format="JPEG")
+    Image.new("RGB", (4, 4), (red, 0, 0)).save(buf, format="PNG")
     return buf.getvalue()
 
 
-def test_captioned_webdataset_is_retrieval_only(tmp_path: Path, tiny_model: tuple) -> None:
-    root = tmp_path / "captions"
-    root.mkdir()
-    samples = [
-        (f"{i:04d}", {"jpg": _jpeg_bytes((i * 40, 0, 0)), "txt": f"a red thing number {i}\nanother caption {i}".encode()})
-        for i in range(5)
+# ---------------------------------------------------------------------------
+# the sample pool's eval sets with CLIP_benchmark's builder
+
+
+def test_sample_eval_sets_load_with_clip_benchmark_build_dataset(pool_dir: Path) -> None:
+    from clip_benchmark.datasets.builder import build_dataset
+
+    names = (pool_dir / "eval" / "shapes" / "classnames.txt").read_text().splitlines()
+    info = json.loads((pool_dir / "pool_info.json").read_text())
+    assert names == [c["name"] for c in info["concepts"]]
+    ds = build_dataset("wds/shapes", root=str(pool_dir / "eval" / "shapes"), transform=None, split="test",
+                       download=False, task="zeroshot_classification")
+    assert ds.classes == names and ds.templates == list(EVAL_TEMPLATES)
+    items = list(ds)
+    assert len(items) == N_CONCEPTS * PER_CLASS
+    assert sorted(label for _, label in items) == sorted(list(range(N_CONCEPTS)) * PER_CLASS)
+    assert all(isinstance(img, Image.Image) and img.size == (48, 48) for img, _ in items)  # PoolSettings.image_size
+
+    ret = build_dataset("wds/shapes_retrieval", root=str(pool_dir / "eval" / "shapes_retrieval"), transform=None,
+                        split="test", download=False, task="zeroshot_retrieval")
+    pairs = list(ret)
+    assert len(pairs) == N_CONCEPTS * PER_CLASS
+    captions = [c for _, caps in pairs for c in caps]
+    assert all(len(caps) == 2 for _, caps in pairs)
+    assert len(set(captions)) == len(captions)  # every caption singles out its image
+    for _, caps in pairs:  # each names one concept and where it is
+        assert sum(n in caps[0] for n in names) >= 1 and any(w in caps[0] for w in ("corner", "edge", "center"))
+
+    found = find_eval_datasets([pool_dir / "eval"])
+    assert [(d.name, d.task, d.n_shards) for d in found] == [
+        ("shapes", "zeroshot_classification", 1), ("shapes_retrieval", "zeroshot_retrieval", 1)]
+    assert found[0].classnames == tuple(names) and found[1].n_images == N_CONCEPTS * PER_CLASS
+
+
+def test_retrieval_captions_describe_their_rendering() -> None:
+    from dbprune_assets.samplepool import RenderParams
+    from dbprune_assets.samplepool.captions import describe_rendering
+    from dbprune_assets.samplepool.render import Blob
+
+    other = Blob("circle", 40.0, 8.0, 3.0, 0.0, (40.0, 80.0, 225.0))
+    p = RenderParams(main=Blob("square", 5.0, 40.0, 5.5, 20.0, (154.0, 28.0, 28.0)), distractors=(other, other),
+                     bg_rgb=(22.0, 28.0, 95.0), texture="stripes", texture_amp=10.0, texture_angle=0.0,
+                     texture_freq=3.0, texture_seed=0, noise_sigma=1.0, noise_seed=0, quality=90)
+    # 48 px: radius 5.5 / 48 = 0.11 (small); x 5 < 16 (left), y 40 >= 32 (bottom); 20 degrees (right);
+    # red at 0.7 of its base (220, 40, 40): dark; background nearest navy (20, 30, 90)
+    first, second = describe_rendering("red square", p, 48, (220, 40, 40))
+    assert first == ("a small dark red square in the bottom left corner, tilted right, on a striped navy background, "
+                     "with two other shapes")
+    assert second == ("striped navy background with a dark red square in the bottom left corner: small, tilted right; "
+                      "two other shapes around it")
+    centred = RenderParams(**{**p.__dict__, "main": Blob("circle", 24.0, 24.0, 12.0, 30.0, (220.0, 40.0, 40.0)),
+                              "distractors": (), "texture": "none"})
+    assert describe_rendering("red circle", centred, 48, (220, 40, 40))[0] == (
+        "a large red circle in the center, on a plain navy background, with no other shapes")  # no tilt for circles
+
+
+# ---------------------------------------------------------------------------
+# dbprune and CLIP_benchmark's command line agree
+
+
+def _clip_benchmark_cli(monkeypatch: pytest.MonkeyPatch, out: Path, dataset: str, root: Path, task: str,
+                        weights: Path, batch_size: int) -> dict[str, float]:
+    """``clip_benchmark eval ...`` through its python ``main`` entry (in process,
+    so the project's dbprune-tiny architecture is registered with open_clip)."""
+    from clip_benchmark.cli import main
+
+    from dbprune_assets.core.encoders import register_model_configs
+
+    register_model_configs()
+    monkeypatch.setattr(sys, "argv", [
+        "clip_benchmark", "eval", "--dataset", f"wds/{dataset}", "--dataset_root", str(root),
+        "--model", "dbprune-tiny", "--pretrained", str(weights), "--task", task, "--no_amp",
+        "--num_workers", "0", "--batch_size", str(batch_size), "--recall_k", "1", "5", "10",
+        "--output", str(out), "--quiet",
+    ])
+    main()
+    return json.loads(out.read_text())["metrics"]
+
+
+def test_dbprune_and_clip_benchmark_cli_give_the_same_numbers(pool_dir: Path, tiny_model: tuple, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    *_, folder = tiny_model
+    datasets = find_eval_datasets([pool_dir / "eval"])
+    results = evaluate_model(folder, datasets, "cpu", batch_size=8)
+    ours = {r.dataset.name: r.metrics for r in results}
+    assert [r.n for r in results] == [N_CONCEPTS * PER_CLASS] * 2
+    for name, task in (("shapes", "zeroshot_classification"), ("shapes_retrieval", "zeroshot_retrieval")):
+        theirs = _clip_benchmark_cli(monkeypatch, tmp_path / f"{name}.json", name, pool_dir / "eval" / name, task,
+                                     folder / "open_clip_model.safetensors", batch_size=5)
+        assert set(theirs) <= set(ours[name]), name
+        for metric, value in theirs.items():
+            assert ours[name][metric] == pytest.approx(value, abs=1e-6), (name, metric)
+    assert set(ours["shapes"]) == {"acc1", "acc5", "mean_per_class_recall"}
+    assert set(ours["shapes_retrieval"]) == {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)
+                                             } | {"mean_recall@1"}
+
+    rows = eval_rows(results)
+    assert {(r["task"], r["metric"]) for r in rows} == {(n, m) for n, ms in ours.items() for m in ms}
+    jsonl = datacomp_rows(results)
+    assert [(r["key"], r["dataset"]) for r in jsonl] == [("shapes", "shapes"), ("shapes_retrieval", "shapes_retrieval")]
+    assert jsonl[0]["metrics"]["main_metric"] == ours["shapes"]["acc1"]
+    assert jsonl[1]["metrics"]["main_metric"] == ours["shapes_retrieval"]["mean_recall@1"]
+    write_eval_results(tmp_path / "r" / "eval_results.jsonl", jsonl)
+    assert read_eval_results(tmp_path / "r" / "eval_results.jsonl") == jsonl
+
+
+# ---------------------------------------------------------------------------
+# a hand-made set with known embeddings
+
+
+class _Lookup:
+    """A CLIP-like model with known embeddings: an image is its red value / 20
+    (an index into IMAGES), a text its index in TEXTS."""
+
+    def __init__(self, images: np.ndarray, texts: dict[str, np.ndarray]) -> None:
+        import torch
+
+        self.images = torch.tensor(images, dtype=torch.float32)
+        self.names = list(texts)
+        self.texts = torch.tensor(np.stack(list(texts.values())), dtype=torch.float32)
+
+    def eval(self) -> "_Lookup":
+        return self
+
+    def transform(self, image: Image.Image) -> object:
+        import torch
+
+        return torch.tensor([float(image.getpixel((0, 0))[0])])
+
+    def tokenizer(self, texts: list[str]) -> object:
+        import torch
+
+        return torch.tensor([self.names.index(t) for t in texts])
+
+    def encode_image(self, x: object) -> object:
+        return self.images[(x[:, 0] / 20).round().long()]  # type: ignore[index]
+
+    def encode_text(self, tokens: object) -> object:
+        return self.texts[tokens]
+
+
+E = np.eye(5, dtype=np.float32)
+# classification: images 0-6 (labels below), 3 classes whose only prompt embeds to e0, e1, e2
+CLS_IMAGES = [((0.9, 0.3, 0.1), 0), ((0.2, 0.8, 0.1), 0), ((0.1, 0.9, 0.3), 1), ((0.1, 0.2, 0.7), 1),
+              ((0.1, 0.3, 0.9), 2), ((0.3, 0.1, 0.6), 2), ((0.8, 0.1, 0.1), 0)]
+# retrieval: images 7-11 embed to e0..e4; captions (owner, embedding)
+RET_CAPTIONS = {
+    "t0a": (0, E[0] + 0.5 * E[1]),
+    "t0b": (0, E[1] + 0.2 * E[0]),
+    "t1": (1, E[2] + 0.4 * E[1]),
+    "t2": (2, E[2] + 0.1 * E[3]),
+    "t3": (3, E[3] + 0.3 * E[0]),
+    "t4": (4, E[4] + 0.5 * E[3]),
+}
+
+
+@pytest.fixture()
+def hand_model() -> _Lookup:
+    images = np.zeros((12, 5), np.float32)
+    for i, (emb, _) in enumerate(CLS_IMAGES):
+        images[i, :3] = emb
+    images[7:12] = E
+    texts = {"a cat.": E[0], "a dog.": E[1], "a bird.": E[2], **{k: v for k, (_, v) in RET_CAPTIONS.items()}}
+    return _Lookup(images, texts)
+
+
+def test_three_class_set_by_hand(tmp_path: Path, hand_model: _Lookup) -> None:
+    root = _write_dataset(tmp_path / "three", [{"png": _png(20 * i), "cls": str(c).encode()}
+                                               for i, (_, c) in enumerate(CLS_IMAGES)],
+                          classnames=["cat", "dog", "bird"], templates=["a {c}."], per_shard=3)
+    ds = load_eval_dataset(root)
+    assert (ds.name, ds.task, ds.n_shards, ds.classnames) == ("three", "zeroshot_classification", 3,
+                                                             ("cat", "dog", "bird"))
+    res = evaluate_dataset(hand_model, hand_model.transform, hand_model.tokenizer, ds, "cpu", batch_size=2)
+    # predictions (argmax of the first three coordinates): 0, 1, 1, 2, 2, 2, 0 for labels 0, 0, 1, 1, 2, 2, 0:
+    # right for images 0, 2, 4, 5, 6
+    assert res.n == 7
+    assert res.metrics["acc1"] == pytest.approx(5 / 7)
+    # recall per class: cat 2/3 (images 0, 6 of 0, 1, 6), dog 1/2, bird 2/2
+    assert res.metrics["mean_per_class_recall"] == pytest.approx((2 / 3 + 1 / 2 + 1) / 3)
+    assert math.isnan(res.metrics["acc5"])  # CLIP_benchmark: no acc5 below 5 classes ...
+    assert {r["metric"] for r in eval_rows([res])} == {"acc1", "mean_per_class_recall"}  # ... and no row
+    assert datacomp_rows([res])[0]["metrics"]["acc5"] is None
+
+
+def test_retrieval_set_by_hand(tmp_path: Path, hand_model: _Lookup) -> None:
+    by_owner: dict[int, list[str]] = {}
+    for cap, (owner, _) in RET_CAPTIONS.items():
+        by_owner.setdefault(owner, []).append(cap)
+    root = _write_dataset(tmp_path / "wds_captions", [{"png": _png(20 * (7 + i)), "txt": "\n".join(by_owner[i]).encode()}
+                                                       for i in range(5)], dataset_type="retrieval", per_shard=2)
+    ds = load_eval_dataset(root)
+    assert (ds.name, ds.task, ds.n_images, ds.main_metric) == ("captions", "zeroshot_retrieval", 5, "mean_recall@1")
+    res = evaluate_dataset(hand_model, hand_model.transform, hand_model.tokenizer, ds, "cpu", batch_size=2)
+    m = res.metrics
+    # cosine of (normalised) caption and image e_i = the caption's i-th coordinate over its norm.
+    # text -> image, the best image per caption: t0a e0 (own), t0b e1 (0.98 > 0.20: miss), t1 e2 (0.93 > 0.37: miss),
+    # t2 e2, t3 e3, t4 e4: 4 of 6
+    assert m["image_retrieval_recall@1"] == pytest.approx(4 / 6)
+    # image -> text, the best caption per image: e0 t0a (0.89 > 0.29, own), e1 t0b (0.98, image 0's: miss),
+    # e2 t2 (0.995 > 0.93, own), e3 t3 (0.96 > 0.45), e4 t4: 4 of 5
+    assert m["text_retrieval_recall@1"] == pytest.approx(4 / 5)
+    assert m["mean_recall@1"] == pytest.approx((4 / 6 + 4 / 5) / 2)
+    assert m["image_retrieval_recall@5"] == 1.0 and m["text_retrieval_recall@5"] == 1.0
+    assert "image_retrieval_recall@10" not in m  # only k up to the 5 images
+
+
+def test_patched_accuracy_by_hand() -> None:
+    import torch
+
+    zsc, _ = clip_benchmark_metrics()
+    assert zsc.accuracy is _accuracy
+    logits = torch.tensor([[0.9, 0.1, 0.0, 0.2, 0.3, 0.4], [0.2, 0.5, 0.3, 0.0, 0.1, 0.6],
+                           [0.1, 0.2, 0.7, 0.3, 0.0, 0.5], [0.35, 0.3, 0.4, 0.1, 0.2, 0.0]])
+    # ranks of the labels 0, 2, 2, 1: 0, 2, 0, 2
+    assert _accuracy(logits, torch.tensor([0, 2, 2, 1]), topk=(1, 2, 3)) == [0.5, 0.5, 1.0]
+
+
+# ---------------------------------------------------------------------------
+# folders: checks and names
+
+
+def _cls_set(root: Path, **kw: object) -> Path:
+    args: dict = {"classnames": ["a", "b"], "templates": ["a photo of a {c}."], **kw}
+    return _write_dataset(root, [{"png": _png(0), "cls": b"0"}, {"png": _png(20), "cls": b"1"}], **args)
+
+
+def test_folder_errors_name_the_folder_and_what_is_expected(tmp_path: Path) -> None:
+    with pytest.raises(EvalError, match="nope: no such folder"):
+        load_eval_dataset(tmp_path / "nope")
+    old = tmp_path / "old"  # dbprune's earlier layout: tars and templates.txt directly in the folder
+    old.mkdir()
+    write_tar(old / "00000.tar", [("k", {"jpg": b"x", "cls": b"0"})])
+    (old / "templates.txt").write_text("a photo of a {}.\n")
+    with pytest.raises(EvalError) as e:
+        find_eval_datasets([old])
+    assert str(old) in str(e.value) and "old evaluation layout" in str(e.value) and "test/nshards.txt" in str(e.value)
+    with pytest.raises(EvalError, match=r"template 'a photo of a \{\}\.' has no \{c\}"):
+        load_eval_dataset(_cls_set(tmp_path / "braces", templates=["a photo of a {}."]))
+    with pytest.raises(EvalError, match="no classnames.txt"):
+        load_eval_dataset(_cls_set(tmp_path / "nonames", classnames=None))
+    with pytest.raises(EvalError, match="dataset type 'captions'"):
+        load_eval_dataset(_cls_set(tmp_path / "badtype", dataset_type="captions"))
+    gap = _cls_set(tmp_path / "gap")
+    (gap / "test" / "nshards.txt").write_text("3\n")
+    with pytest.raises(EvalError, match=r"says 3 shards but .*gap/test/1.tar is missing"):
+        load_eval_dataset(gap)
+    (gap / "test" / "nshards.txt").write_text("three\n")
+    with pytest.raises(EvalError, match="'three' is not a number of shards"):
+        load_eval_dataset(gap)
+
+
+def test_folder_of_datasets_datacomp_names_and_duplicates(tmp_path: Path) -> None:
+    data = tmp_path / "datacomp"
+    _cls_set(data / "wds_vtab-cifar100_test")
+    _cls_set(data / "wds_imagenet-a_test")
+    _cls_set(data / "wds_mine")
+    (data / "hf_cache").mkdir()  # DataComp keeps its Hugging Face retrieval sets here: skipped
+    found = find_eval_datasets([data])
+    assert [(d.name, d.key, d.display_name, d.main_metric) for d in found] == [
+        ("imagenet-a", "imagenet-a", "ImageNet-A", "acc1"),  # sorted by folder name
+        ("mine", "mine", "mine", "acc1"),
+        ("vtab/cifar100", "vtab/cifar100", "CIFAR-100", "acc1"),
     ]
-    write_tar(root / "00000.tar", samples[:3])
-    write_tar(root / "00001.tar", samples[3:])
-    (root / "sizes.json").write_text(json.dumps({"00000.tar": 3, "00001.tar": 2}))
-    split = load_eval_split(root)
-    assert split.n_items == 5 and split.has_captions and not split.has_labels
-    (root / "sizes.json").unlink()  # counted from the tars then
-    split = load_eval_split(root)
-    assert split.n_items == 5 and split.has_captions and not split.has_labels
-    assert not split.supports_zeroshot
-    model, preprocess, tokenizer, folder = tiny_model
-    emb = embed_split(model, preprocess, tokenizer, split, "cpu", 2)
-    assert emb.text_emb.shape[0] == 10 and list(emb.text_to_image_index) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
-    rows = evaluate_model(folder, None, root, "cpu", 4)
-    assert [r["metric"] for r in rows] == list(RETRIEVAL_METRICS)
-    # @5 and @10 over 5 images / 10 texts with 2 positives each
-    by = {r["metric"]: r["value"] for r in rows}
-    assert by["image_retrieval_recall@5"] == 1.0 and by["image_retrieval_recall@10"] == 1.0
-    assert by["text_retrieval_recall@10"] == 1.0
-    with pytest.raises(EvalError, match="no labels"):
-        evaluate_model(folder, root, None, "cpu", 4)
-
-
-def test_missing_split_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(EvalError, match="no such file"):
-        load_eval_split(tmp_path / "nope")
+    assert found[2].wds_name == "wds/vtab/cifar100"
+    with pytest.raises(EvalError, match="two evaluation datasets named mine"):
+        find_eval_datasets([data, data / "wds_mine"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(EvalError, match="ImageFolder"):
-        load_eval_split(tmp_path / "empty")
+    with pytest.raises(EvalError, match="empty: no test/nshards.txt"):
+        find_eval_datasets([tmp_path / "empty"])
+
+
+def test_eval_splits_default_old_settings_and_failure(tmp_path: Path, pool_dir: Path) -> None:
+    import dagster as dg
+
+    from dbprune_assets.core.layout import Layout
+    from dbprune_assets.core.settings import build_settings
+    from dbprune_assets.defs.training import eval_splits
+
+    layout = Layout(home=tmp_path / "home", pool=pool_dir)
+    assert [d.name for d in eval_splits(layout, build_settings({}, profile="sample"))] == ["shapes", "shapes_retrieval"]
+    extra = _cls_set(tmp_path / "wds_imagenet1k_test")
+    s = build_settings({"eval": {"datasets": [str(pool_dir / "eval" / "shapes")], "zeroshot": str(extra)}},
+                       profile="sample")
+    assert [d.name for d in eval_splits(layout, s)] == ["shapes", "imagenet1k"]
+    bad = build_settings({"eval": {"datasets": [str(tmp_path / "missing")]}}, profile="sample")
+    with pytest.raises(dg.Failure, match="missing: no such folder"):
+        eval_splits(layout, bad)
+
+
+# ---------------------------------------------------------------------------
+# DataComp's rows and aggregate
+
+
+def test_datacomp_tables_copied_consistently() -> None:
+    names = {t.name for t in DATACOMP_TASKS}
+    assert len(DATACOMP_TASKS) == 40 and len(names) == 40
+    for members in DATASET_GROUPS.values():
+        assert members <= names
+    assert AGGREGATE_GROUPS == ("ImageNet", "ImageNet dist. shifts", "VTAB", "Retrieval", "Average")
+    assert datacomp_task("wds_dollar_street_test").key == "fairness/dollar_street"  # DataComp drops fairness/
+    assert datacomp_task("wds_wilds-iwildcam_test").main_metric is None
+    assert datacomp_task("wds_mscoco_captions").name == "MSCOCO"  # CLIP_benchmark's copy of the 5k test split
+    assert datacomp_task("wds_retrieval-mscoco_2014_5k_test_image_text_retrieval_test") is None  # not a wds set
+    assert dataset_name("wds_imagenet1k_test") == "imagenet1k" and dataset_name("shapes") == "shapes"
+
+
+def test_results_row_and_aggregate_by_hand() -> None:
+    row = results_row("vtab/kitti_closest_vehicle_distance", "KITTI Vehicle Distance",
+                      {"acc1": 0.5, "acc5": float("nan"), "mean_per_class_recall": 0.4}, "acc1")
+    assert row == {"key": "vtab/kitti_closest_vehicle_distance", "dataset": "KITTI Vehicle Distance",
+                   "metrics": {"acc1": 0.5, "acc5": None, "mean_per_class_recall": 0.4, "main_metric": 0.5}}
+    assert json.loads(json.dumps(row)) == row  # valid JSON (no NaN)
+
+    def r(dataset: str, main: float | None) -> dict:
+        return {"key": dataset, "dataset": dataset, "metrics": {"main_metric": main}}
+
+    rows = [r("ImageNet 1k", 0.30), r("ImageNet v2", 0.20), r("ImageNet-R", 0.40), r("CIFAR-100", 0.50),
+            r("SVHN", 0.10), r("MSCOCO", 0.25), r("iWildCam", None), r("shapes", 0.90)]
+    agg = aggregate_scores(rows)
+    assert list(agg) == ["ImageNet", "ImageNet dist. shifts", "VTAB", "Retrieval", "Average"]
+    assert agg["ImageNet"].score == pytest.approx(0.30)
+    assert (agg["ImageNet dist. shifts"].score, agg["ImageNet dist. shifts"].n_present,
+            agg["ImageNet dist. shifts"].n_group) == (pytest.approx(0.30), 2, 6)
+    assert (agg["VTAB"].score, agg["VTAB"].n_present, agg["VTAB"].n_group) == (pytest.approx(0.30), 2, 13)
+    assert (agg["Retrieval"].score, agg["Retrieval"].n_present) == (pytest.approx(0.25), 1)
+    # Average: every row with a main metric (iWildCam has none): (0.3+0.2+0.4+0.5+0.1+0.25+0.9) / 7
+    assert (agg["Average"].score, agg["Average"].n_present) == (pytest.approx(2.65 / 7), 7)
+    only_sample = aggregate_scores([r("shapes", 0.6), r("shapes_retrieval", 0.2)])
+    assert list(only_sample) == ["Average"] and only_sample["Average"].score == pytest.approx(0.4)
+    assert aggregate_scores([r("x", None)]) == {}

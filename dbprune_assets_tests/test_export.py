@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from dbprune_assets.core.export import export_subset, train_data_spec, verify_export
+from dbprune_assets.core.shard_stats import STATS_KEYS
 from dbprune_assets.core.kmeans import uid_hash
 from dbprune_assets.core.strategies import decide
 
@@ -137,7 +138,8 @@ def test_export_contents(setup) -> None:
     s = do_export(root, dec, out)
     assert (s.n_samples, s.n_shards, s.id_file) == (15, 4, "uids.npy")
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["00000.tar", "00001.tar", "00002.tar", "00003.tar", "sizes.json", "uids.npy"]
+    assert names == ["00000.tar", "00000_stats.json", "00001.tar", "00001_stats.json", "00002.tar",
+                     "00002_stats.json", "00003.tar", "00003_stats.json", "sizes.json", "uids.npy"]
     sizes = json.loads((out / "sizes.json").read_text())
     assert sizes == {"00000.tar": 4, "00001.tar": 4, "00002.tar": 4, "00003.tar": 3}
 
@@ -212,7 +214,8 @@ def test_reexport_replaces_atomically(setup) -> None:
     do_export(root, dec, out, shard_size=4)
     s = do_export(root, dec, out, shard_size=10)
     assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": 10, "00001.tar": 5}
-    assert sorted(p.name for p in out.iterdir()) == ["00000.tar", "00001.tar", "sizes.json", "uids.npy"]
+    assert sorted(p.name for p in out.iterdir()) == ["00000.tar", "00000_stats.json", "00001.tar", "00001_stats.json",
+                                                     "sizes.json", "uids.npy"]
     assert s.n_shards == 2 and verify_export(out, dec) == []
     assert list((root / ".tmp").iterdir()) == []
 
@@ -285,6 +288,58 @@ def test_verify_finds_problems(setup) -> None:
     assert any("00000.tar: holds 4 samples, sizes.json says 5" in p for p in problems)
     assert any("4 kept samples are missing" in p for p in problems)
     assert verify_export(root / "nowhere", dec) == [f"{root / 'nowhere'}: no exported subset"]
+
+
+def _datacomp_shard_size(stats_path: Path) -> int:
+    """DataComp's resharder.py (load_shard_size, commit 4a8df19) reads a shard's size as
+    ``int(simdjson.Parser().parse(f.read()).get("successes"))``; json is simdjson's equal here."""
+    return int(json.loads(stats_path.read_text()).get("successes"))
+
+
+def test_stats_files_are_img2dataset_s(setup) -> None:
+    """Every exported tar has img2dataset's NNNNN_stats.json: its keys in its order, all samples
+    successes, written as json.dump(..., indent=4); DataComp's resharder reads the tar's size from it."""
+    root, info, kept, dec = setup
+    out = root / "subsets" / "dbp"
+    do_export(root, dec, out)  # 15 kept, shards of 4: 4, 4, 4, 3
+    for name, n in (("00000", 4), ("00001", 4), ("00002", 4), ("00003", 3)):
+        path = out / f"{name}_stats.json"
+        stats = json.loads(path.read_text())
+        assert list(stats) == list(STATS_KEYS) == [
+            "count", "successes", "failed_to_download", "failed_to_resize", "duration", "start_time", "end_time",
+            "status_dict"]
+        assert stats == {"count": n, "successes": n, "failed_to_download": 0, "failed_to_resize": 0,
+                         "duration": 1.0, "start_time": 0.0, "end_time": 1.0, "status_dict": {"success": n}}
+        assert path.read_text() == json.dumps(stats, indent=4)  # img2dataset's write_stats formatting
+        assert _datacomp_shard_size(path) == n == sum(1 for _ in _tar_keys(out / f"{name}.tar"))
+
+
+def _tar_keys(path: Path) -> set[str]:
+    return {m.name.split(".", 1)[0] for m, _ in read_tar(path)}
+
+
+def test_verify_checks_stats_files(setup) -> None:
+    root, info, kept, dec = setup
+    out = root / "subsets" / "dbp"
+    do_export(root, dec, out)
+    assert verify_export(out, dec) == []
+    (out / "00001_stats.json").unlink()
+    stats = json.loads((out / "00002_stats.json").read_text())
+    stats["successes"] = 5  # and count no longer adds up
+    (out / "00002_stats.json").write_text(json.dumps(stats))
+    stats = json.loads((out / "00003_stats.json").read_text())
+    del stats["status_dict"]
+    (out / "00003_stats.json").write_text(json.dumps(stats))
+    (out / "00009_stats.json").write_text("{}")
+    problems = verify_export(out, dec)
+    assert "00001_stats.json is missing (img2dataset's stats of 00001.tar)" in problems
+    assert "00002_stats.json: count 4 != successes + failed_to_download + failed_to_resize = 5" in problems
+    assert "00002_stats.json: status_dict['success'] is 4, successes is 5" in problems
+    assert "00002_stats.json: successes 5, but the tar holds 4 samples" in problems
+    assert any(p.startswith("00003_stats.json: missing status_dict") for p in problems)
+    assert "stats files without a tar: ['00009_stats.json']" in problems
+    (out / "00000_stats.json").write_text("{not json")
+    assert any(p.startswith(f"{out / '00000_stats.json'}: not valid JSON") for p in verify_export(out, dec))
 
 
 @pytest.mark.slow

@@ -260,7 +260,8 @@ def test_forced_rerun_replaces_files_and_rows_also_when_killed_mid_swap(clean, w
     # nothing is duplicated, nothing differs
     r = run_cli("run", "--config", str(config), "--select", SELECT, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "pruned_subset [5 of 6 partitions]" in r.stdout and "raw_metadata, embeddings: up to date" in r.stdout, r.stdout
+    assert "pruned_subset [5 of 6 partitions]" in r.stdout and "✓ raw_metadata: up to date" in r.stdout
+    assert "✓ embeddings: up to date" in r.stdout, r.stdout
     assert fk.decisions_digest(home) == (clean.digest, clean.rows)
     assert sorted(p.name for p in (home / "tables" / "decisions").iterdir()) == sorted(f"{s}.parquet" for s in STRATEGIES)
     for strategy in STRATEGIES:

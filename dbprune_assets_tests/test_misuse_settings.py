@@ -292,3 +292,17 @@ def test_explicit_k_above_a_user_pool_stops_before_the_encoder(tmp_path: Path):
     assert read_state(layout, "encoder", UNPARTITIONED) is None  # nothing was trained
     emb = home / "embeddings" / "img_emb"
     assert not emb.exists() or not any(emb.iterdir())  # nor embedded
+
+
+def test_eval_folders_are_checked_before_any_run(tmp_path: Path):
+    """A wrong evaluation folder is refused up front, naming it, not after training."""
+    from dbprune_assets.cli import preflight
+
+    (tmp_path / "old_layout").mkdir()
+    (tmp_path / "old_layout" / "templates.txt").write_text("a photo of a {}.\n")
+    layout = Layout(tmp_path / "home", tmp_path / "pool")
+    for folder, fragment in ((tmp_path / "absent", "no such folder"), (tmp_path / "old_layout", "old_layout")):
+        s = build_settings({"eval": {"datasets": [str(folder)]}}, profile="sample")
+        with pytest.raises(SettingsError, match="eval.datasets: ") as info:
+            preflight(layout, s)
+        assert fragment in str(info.value) and str(folder) in str(info.value)

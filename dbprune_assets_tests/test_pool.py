@@ -84,7 +84,9 @@ def test_same_settings_give_byte_identical_files(pool: Path, tmp_path: Path) -> 
     a = sorted(p.relative_to(pool) for p in pool.rglob("*") if p.is_file())
     b = sorted(p.relative_to(tmp_path / "again") for p in (tmp_path / "again").rglob("*") if p.is_file())
     assert a == b
-    assert len(a) == 4 + 2 + 4 + 2  # 2 shards x (tar, parquet), gt, info, eval 4 files, reference tar + sizes
+    # 2 shards x (tar, parquet, _stats.json), gt, info, eval/ 8 files (shapes: test/0.tar, test/nshards.txt,
+    # classnames, templates, dataset_type; shapes_retrieval: tar, nshards, dataset_type), reference tar + sizes
+    assert len(a) == 6 + 2 + 8 + 2
     for rel in a:
         assert (pool / rel).read_bytes() == (tmp_path / "again" / rel).read_bytes(), rel
     assert summary.samples == ROWS and summary.shards == ("00000", "00001")
@@ -152,6 +154,41 @@ def test_tars_hold_one_sample_per_success_row(pool: Path, shards: pl.DataFrame, 
         first = tf.getmembers()[:3]
     assert [m.name.split(".")[1] for m in first] == ["jpg", "json", "txt"]  # webdataset's sorted order
     assert {(m.mtime, m.uid, m.gid, m.uname) for m in first} == {(POOL_MTIME, 0, 0, "")}
+
+
+def test_stats_files_count_every_parquet_row_like_img2dataset(pool: Path, shards: pl.DataFrame,
+                                                               members: dict[str, bytes]) -> None:
+    """img2dataset's NNNNN_stats.json beside each tar and parquet (its logger.write_stats: these keys
+    in this order, json.dump indent=4): successes = success rows = samples in the tar,
+    failed_to_download = the failed rows, status_dict = "success" plus each failed row's error message."""
+    from dbprune_assets.core.shard_stats import check_stats
+    from dbprune_assets.core.wds import POOL_MTIME
+
+    assert sorted(p.name for p in pool.glob("*_stats.json")) == ["00000_stats.json", "00001_stats.json"]
+    total = {"count": 0, "successes": 0, "failed_to_download": 0}
+    for shard in ("00000", "00001"):
+        text = (pool / f"{shard}_stats.json").read_text()
+        stats = json.loads(text)
+        assert text == json.dumps(stats, indent=4)
+        assert list(stats) == ["count", "successes", "failed_to_download", "failed_to_resize", "duration",
+                               "start_time", "end_time", "status_dict"]
+        rows = shards.filter(pl.col("shard") == shard)
+        failed = rows.filter(pl.col("status") == "failed_to_download")
+        in_tar = {m.split(".")[0] for m in members if m.startswith(shard)}
+        assert stats["count"] == rows.height == 60
+        assert stats["successes"] == rows.height - failed.height == len(in_tar)
+        assert stats["failed_to_download"] == failed.height and stats["failed_to_resize"] == 0
+        expect_sd = {"success": stats["successes"]}
+        for msg in failed["error_message"]:
+            expect_sd[msg] = expect_sd.get(msg, 0) + 1
+        assert stats["status_dict"] == expect_sd
+        assert (stats["start_time"], stats["end_time"], stats["duration"]) == (float(POOL_MTIME), POOL_MTIME + 1.0, 1.0)
+        assert check_stats(stats, shard, samples=len(in_tar)) == []
+        # DataComp's resharder (load_shard_size) sizes a shard by int(stats["successes"])
+        assert int(json.loads(text).get("successes")) == len(in_tar)
+        for k in total:
+            total[k] += stats[k]
+    assert total == {"count": ROWS, "successes": ROWS - N_FAILED, "failed_to_download": N_FAILED}
 
 
 def test_ground_truth_has_one_row_per_parquet_row(gt: pl.DataFrame, shards: pl.DataFrame, pool: Path) -> None:
@@ -269,21 +306,36 @@ def test_default_pool_plan_is_long_tailed_and_unconfounded() -> None:
 
 
 def test_eval_split(pool: Path) -> None:
-    ev = pool / "eval"
+    """eval/ holds two sets in CLIP_benchmark's webdataset layout: shapes (classification) and
+    shapes_retrieval (captions that describe their own image)."""
+    ev = pool / "eval" / "shapes"
     names = (ev / "classnames.txt").read_text().splitlines()
     info = json.loads((pool / "pool_info.json").read_text())
     assert names == [c["name"] for c in info["concepts"]]
-    templates = (ev / "templates.txt").read_text().splitlines()
-    assert templates == list(EVAL_TEMPLATES) and all(t.count("{}") == 1 for t in templates)
-    assert json.loads((ev / "sizes.json").read_text()) == {"00000.tar": 18}
-    m = _tar_members(ev / "00000.tar")
+    assert info["eval"]["datasets"] == ["shapes", "shapes_retrieval"] and info["eval"]["samples"] == 36
+    templates = (ev / "zeroshot_classification_templates.txt").read_text().splitlines()
+    assert templates == list(EVAL_TEMPLATES) and all(t.count("{c}") == 1 for t in templates)
+    assert (ev / "test" / "nshards.txt").read_text() == "1\n" and (ev / "dataset_type.txt").read_text() == "classification\n"
+    m = _tar_members(ev / "test" / "0.tar")
     keys = sorted({n.split(".")[0] for n in m})
-    assert len(keys) == 18 and all(set(f"{k}.{e}" for e in ("jpg", "cls", "txt")) <= set(m) for k in keys)
+    assert len(keys) == 18 and all(set(f"{k}.{e}" for e in ("jpg", "cls")) == {n for n in m if n.startswith(k + ".")}
+                                   for k in keys)
     classes = [int(m[f"{k}.cls"]) for k in keys]
     assert sorted(classes) == sorted(list(range(6)) * 3)
-    for k, c in zip(keys, classes):
-        assert names[c] in m[f"{k}.txt"].decode()
-        assert _pixels(m[f"{k}.jpg"]).shape == (32, 32, 3)
+    assert all(_pixels(m[f"{k}.jpg"]).shape == (32, 32, 3) for k in keys)
+
+    rt = pool / "eval" / "shapes_retrieval"
+    assert (rt / "dataset_type.txt").read_text() == "retrieval\n" and (rt / "test" / "nshards.txt").read_text() == "1\n"
+    assert not (rt / "classnames.txt").exists()
+    m = _tar_members(rt / "test" / "0.tar")
+    keys = sorted({n.split(".")[0] for n in m})
+    assert len(keys) == 18 and len(m) == 36
+    captions = [m[f"{k}.txt"].decode().split("\n") for k in keys]
+    assert all(len(c) == 2 for c in captions)
+    flat = [c for cs in captions for c in cs]
+    assert len(set(flat)) == len(flat)  # no two images share a caption
+    per_concept = [sum(n in cs[0] for cs in captions) for n in names]
+    assert per_concept == [3] * 6  # 3 images per concept, each caption naming its concept
 
 
 def test_reference_split(pool: Path) -> None:

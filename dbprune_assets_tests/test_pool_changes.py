@@ -61,7 +61,7 @@ class Env:
         return dagster_instance(self.layout)
 
     def run(self, select: str = SELECT) -> dict[str, list[str]]:
-        """`dbprune run --select`: what ran, per group."""
+        """`dbprune run --select`: the partitions each asset ran."""
         from dbprune_assets.core.atomic import write_bytes
         from dbprune_assets.runner import run_pipeline
 
@@ -71,7 +71,7 @@ class Env:
         write_bytes(self.layout.config_file, settings.to_yaml().encode(), self.layout.tmp)
         report = run_pipeline(self.layout, settings, select=select, echo=lambda m: None, log_level="ERROR")
         assert report.ok, report.failure
-        return {", ".join(g.assets): g.partitions for g in report.groups}
+        return {a: (g.partitions if a in g.ran else []) for g in report.groups for a in g.assets}
 
     def sensor_tick(self) -> list[dg.RunRequest]:
         """One tick of pool_shards_sensor, applied as the daemon does: partition
@@ -194,14 +194,16 @@ def test_a_new_shard_turns_pool_manifest_and_every_global_asset_stale(small) -> 
 
 
 def test_a_rerun_after_adding_a_shard_redoes_everything_from_pool_manifest_on(small) -> None:
-    assert small.first["raw_metadata, embeddings"] == ["00000", "00001"]
+    assert small.first["raw_metadata"] == small.first["embeddings"] == ["00000", "00001"]
     ran = small.rerun
-    assert ran["encoder"] == []
-    assert ran["raw_metadata, embeddings"] == ["00002"]  # the old shards' ingest and embeddings are kept
-    for group in ("pool_manifest, dedup_centroids", "semantic_dedup, candidates, centroids", "cluster_complexity"):
-        assert ran[group] == ["all"], group
-    for group in ("dedup_assignments", "cluster_assignments"):
-        assert ran[group] == ["00000", "00001", "00002"], group
+    assert ran["encoder"] == []  # beside the stale pool_manifest in its group, but not retrained
+    assert ran["raw_metadata"] == []  # the sensor ingested 00002
+    assert ran["embeddings"] == ["00002"]  # the old shards' embeddings are kept
+    assert ran["pool_manifest"] == []  # the sensor refreshed it
+    for asset in ("dedup_centroids", "semantic_dedup", "candidates", "centroids", "cluster_complexity"):
+        assert ran[asset] == ["all"], asset
+    for asset in ("dedup_assignments", "cluster_assignments"):
+        assert ran[asset] == ["00000", "00001", "00002"], asset
     assert ran["pruned_subset"] == list(STRATEGIES)
     assert set(small.after_rerun.values()) == {"FRESH"}, small.after_rerun
     rows = small.tables_after_add
@@ -217,7 +219,7 @@ def test_removing_a_shard_removes_its_partition_files_and_rows(small) -> None:
     assert small.partitions_after_remove_tick == ["00000", "00002"]
     assert set(small.after_remove_tick.values()) == {"STALE"}
     ran = small.rerun_remove
-    assert ran["raw_metadata, embeddings"] == []
+    assert ran["raw_metadata"] == ran["embeddings"] == []
     assert ran["dedup_assignments"] == ran["cluster_assignments"] == ["00000", "00002"]
     assert ran["pruned_subset"] == list(STRATEGIES)
     # no file, commit marker or row of 00001 is left (exported subsets are re-sharded: their NNNNN are not pool shards)
@@ -243,7 +245,7 @@ def test_replacing_the_encoder_checkpoint_in_place_re_embeds_every_shard(small) 
     assert small.dims_before == {"00000": 64, "00002": 64}
     ran = small.rerun_encoder
     assert ran["encoder"] == ["all"]
-    assert ran["raw_metadata, embeddings"] == ["00000", "00002"]
+    assert ran["raw_metadata"] == [] and ran["embeddings"] == ["00000", "00002"]
     assert ran["pruned_subset"] == list(STRATEGIES)
     assert small.dims_after == {"00000": 32, "00002": 32}
     rows = small.env.rows("SELECT strategy, count(*) n, count(DISTINCT (shard, uid)) d FROM decisions GROUP BY 1")
@@ -258,7 +260,7 @@ def test_over_100_shards_the_manifest_carries_staleness(work) -> None:
     _hide(pool, "00101", aside)
     env = Env(work.mp, work.dir / "home102", pool, fk.config_with_encoder(work.dir / "tiny102.yaml", work.encoder))
     first = env.run()
-    assert len(first["raw_metadata, embeddings"]) == 101
+    assert len(first["raw_metadata"]) == len(first["embeddings"]) == 101
 
     _restore(pool, "00101", aside)
     assert _requests(env.sensor_tick()) == [(["raw_metadata"], "00101")]

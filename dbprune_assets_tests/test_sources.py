@@ -10,6 +10,8 @@ from dbprune_assets.core.sources import (
     SourceError,
     bad_rows,
     check_dim,
+    clip_retrieval_id,
+    clip_retrieval_id_sql,
     clip_retrieval_parts,
     clip_scores,
     link,
@@ -59,21 +61,65 @@ def test_datacomp_errors_name_file_values_and_fix(tmp_path, case, words):
         assert w in str(err.value)
 
 
-def test_clip_retrieval_parts_in_numeric_order_and_key_from_image_path(tmp_path):
-    rng = np.random.default_rng(1)
+def _cr_part(folder, part, rng, image_paths, uids=None, rows=None):
     for sub in ("img_emb", "text_emb", "metadata"):
-        (tmp_path / sub).mkdir()
-    for part in (0, 2, 10):
-        np.save(tmp_path / "img_emb" / f"img_emb_{part}.npy", _unit(rng, 2, 8))
-        np.save(tmp_path / "text_emb" / f"text_emb_{part}.npy", _unit(rng, 2, 8))
-        pl.DataFrame({"image_path": [f"/x/{part:05d}/{part:05d}{i:04d}.jpg" for i in range(2)]}).write_parquet(
-            tmp_path / "metadata" / f"metadata_{part}.parquet")
-    assert clip_retrieval_parts(tmp_path) == ["0", "2", "10"]
-    rows = read_clip_retrieval(tmp_path, "10")
-    assert list(rows.ids) == ["000100000", "000100001"]
-    (tmp_path / "text_emb" / "text_emb_2.npy").unlink()
-    with pytest.raises(SourceError, match="text_emb_2.npy is missing"):
-        read_clip_retrieval(tmp_path, "2")
+        (folder / sub).mkdir(exist_ok=True)
+    np.save(folder / "img_emb" / f"img_emb_{part}.npy", _unit(rng, rows or len(image_paths), 8))
+    np.save(folder / "text_emb" / f"text_emb_{part}.npy", _unit(rng, len(image_paths), 8))
+    cols = {"image_path": image_paths, "caption": ["c"] * len(image_paths), **({"uid": uids} if uids else {})}
+    pl.DataFrame(cols).write_parquet(folder / "metadata" / f"metadata_{part}.parquet")
+
+
+def test_clip_retrieval_parts_in_numeric_order_as_the_files_spell_them(tmp_path):
+    """clip-retrieval zero-pads N to the digits of its partition count (img_emb_007.npy)."""
+    rng = np.random.default_rng(1)
+    for part in ("000", "002", "010"):
+        _cr_part(tmp_path, part, rng, [f"{part}{i}" for i in range(2)])
+    assert clip_retrieval_parts(tmp_path) == ["000", "002", "010"]
+    (tmp_path / "metadata" / "metadata_002.parquet").unlink()
+    with pytest.raises(SourceError, match=r"metadata/metadata_002.parquet is missing: .*or remove part 002's"):
+        clip_retrieval_parts(tmp_path)
+    np.save(tmp_path / "text_emb" / "text_emb_011.npy", _unit(rng, 1, 8))  # a part without its image file
+    (tmp_path / "metadata" / "metadata_002.parquet").touch()
+    with pytest.raises(SourceError, match=r"img_emb/img_emb_011.npy is missing"):
+        clip_retrieval_parts(tmp_path)
+    with pytest.raises(SourceError, match=r"has no img_emb/img_emb_N.npy: point embeddings.path"):
+        clip_retrieval_parts(tmp_path / "nothing")
+
+
+def test_clip_retrieval_ids_are_the_webdataset_key_or_the_uid(tmp_path):
+    """Webdataset input: image_path is the sample's __key__, kept as is; a folder
+    of files: the image's path, whose stem is the key; a uid column wins."""
+    rng = np.random.default_rng(2)
+    _cr_part(tmp_path, "0", rng, ["000010000", "000010001"])
+    _cr_part(tmp_path, "1", rng, ["/data/x/00001/000010002.jpg", "y/000010003.webp"])
+    _cr_part(tmp_path, "2", rng, ["000010004", "000010005"], uids=["a" * 32, "b" * 32])
+    assert list(read_clip_retrieval(tmp_path, "0").ids) == ["000010000", "000010001"]
+    assert list(read_clip_retrieval(tmp_path, "1").ids) == ["000010002", "000010003"]
+    rows = read_clip_retrieval(tmp_path, "2")
+    assert list(rows.ids) == ["a" * 32, "b" * 32] and rows.img.dtype == np.float16 and rows.dim == 8
+    assert [clip_retrieval_id(v) for v in ("a/b", "x.y/abc", "x/a.b.jpg", None)] == ["a/b", "x.y/abc", "a.b", None]
+    import duckdb
+
+    for v in ("000010000", "/data/x/00001/000010002.jpg", "a/b", "x.y/abc", "x/a.b.jpg"):
+        sql = duckdb.execute(f"SELECT {clip_retrieval_id_sql('v')} FROM (SELECT ?::VARCHAR AS v)", [v]).fetchone()
+        assert sql == (clip_retrieval_id(v),)
+
+
+def test_clip_retrieval_part_errors_name_the_file(tmp_path):
+    rng = np.random.default_rng(3)
+    _cr_part(tmp_path, "3", rng, ["k0", "k1"], rows=3)
+    with pytest.raises(SourceError, match=r"2 metadata rows but 3 image and 2 text embedding rows"):
+        read_clip_retrieval(tmp_path, "3")
+    (tmp_path / "text_emb" / "text_emb_3.npy").unlink()
+    with pytest.raises(SourceError, match=r"text_emb/text_emb_3.npy is missing"):
+        read_clip_retrieval(tmp_path, "3")
+    _cr_part(tmp_path, "4", rng, ["k0", None])
+    with pytest.raises(SourceError, match=r"metadata_4.parquet: row 1 has no image_path"):
+        read_clip_retrieval(tmp_path, "4")
+    pl.DataFrame({"caption": ["x", "y"]}).write_parquet(tmp_path / "metadata" / "metadata_4.parquet")
+    with pytest.raises(SourceError, match=r"metadata_4.parquet has neither uid nor image_path"):
+        read_clip_retrieval(tmp_path, "4")
 
 
 def test_bad_rows_flags_nan_inf_and_zero_norm_in_either_modality():

@@ -91,7 +91,7 @@ def test_train_two_subsets_equal_samples_seen(tmp_path: Path, subsets: dict[str,
     import open_clip
     import torch
 
-    settings = _settings()
+    settings = _settings(scale="debug", beta2=0.95)  # DataComp's debug scale, every value overridden
     home = tmp_path / "home"
     results = {}
     for strategy, (pattern, n) in subsets.items():
@@ -112,6 +112,11 @@ def test_train_two_subsets_equal_samples_seen(tmp_path: Path, subsets: dict[str,
         assert r.argv[r.argv.index("--train-num-samples") + 1] == "192"
         assert r.argv[r.argv.index("--epochs") + 1] == "1"
         assert r.argv[r.argv.index("--zeroshot-frequency") + 1] == "0"
+        assert r.argv[r.argv.index("--beta2") + 1] == "0.95"
+        assert "beta2: 0.95" in (r.log_path.parent / "params.txt").read_text().splitlines()  # open_clip_train's args
+        assert r.scale == "debug" and r.to_json()["scale"] == "debug"
+        assert any("train.scale debug, but model 'dbprune-tiny' (DataComp debug: 'ViT-B-32')" in n
+                   and "beta2 0.95 (DataComp debug: 0.98)" in n and "not comparable" in n for n in r.notes)
         assert r.seconds > 0 and r.samples_per_s > 0
         assert r.log_path is not None and r.log_path.is_file()
         assert (r.log_path.parent / "loss_curve.json").is_file()
@@ -149,6 +154,48 @@ def test_train_failure_reports_the_log_tail(tmp_path: Path, subsets: dict[str, t
                    threads=1, timeout_s=0.5)
     assert "last output" in str(err.value)
     assert not (tmp_path / "m" / "seed1").exists() and not (tmp_path / "m" / RESULT_FILE).exists()
+
+
+@pytest.mark.parametrize(
+    ("scale", "per_device", "lr", "warmup", "beta2", "model"),
+    [("small", "4096", "0.0005", "500", "0.98", "ViT-B-32"), ("xlarge", "90112", "0.001", "10000", "0.95", "ViT-L-14")],
+)
+def test_scale_values_reach_open_clip_train_argv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scale: str,
+                                                 per_device: str, lr: str, warmup: str, beta2: str, model: str) -> None:
+    """train.scale's values are the arguments open_clip_train gets (no run: the runner is replaced)."""
+    from dbprune_assets.core import train as train_mod
+    from dbprune_assets.core.oc_train import OpenClipTrainError
+
+    seen: dict[str, list[str]] = {}
+
+    def fake_run(argv, **_):
+        seen["argv"] = list(argv)
+        raise OpenClipTrainError("not run in this test")
+
+    monkeypatch.setattr(train_mod, "run_open_clip_train", fake_run)
+    monkeypatch.setattr(train_mod, "training_scratch", _fake_scratch)
+    settings = TrainSettings(scale=scale, workers=4)
+    with pytest.raises(TrainError, match="not run in this test"):
+        train_clip(str(tmp_path / "00000.tar"), 10, tmp_path / "m" / "seed0", settings, 0, "cpu", tmp_path / "l", tmp_path / "t")
+    argv = seen["argv"]
+    arg = lambda flag: argv[argv.index(flag) + 1]  # noqa: E731
+    assert (arg("--batch-size"), arg("--lr"), arg("--warmup"), arg("--beta2")) == (per_device, lr, warmup, beta2)
+    assert arg("--model") == f"local-dir:{model}"  # the staged architecture (faked here)
+    plan = plan_training(settings.samples_seen, int(per_device), 4)
+    assert arg("--train-num-samples") == str(plan.samples_per_epoch)
+    if scale == "small":  # 12.8M / 4096 = 3125 steps -> 3124 (a multiple of the 4 workers)
+        assert (plan.steps, plan.samples_seen) == (3124, 12_795_904)
+
+
+class _FakeScratch:
+    def __init__(self, architecture: str, root: Path) -> None:
+        self.model_arg, self.logs, self.stdout_path = f"local-dir:{architecture}", root / "logs", root / "stdout.log"
+
+
+def _fake_scratch(architecture: str, tmp_root: Path, prefix: str):
+    import contextlib
+
+    return contextlib.nullcontext(_FakeScratch(architecture, Path(tmp_root)))
 
 
 def test_train_rejects_empty_subset(tmp_path: Path) -> None:

@@ -25,6 +25,13 @@ losing is reported as such.
 
 Rows follow ``STRATEGIES`` order (dbp, ssp, random, clip_score, semdedup,
 full), then any other strategy name alphabetically.
+
+Beside it, :func:`aggregate_summary` gives DataComp's aggregate scores
+(ImageNet, ImageNet dist. shifts, VTAB, Retrieval, Average of the main
+metrics over the tasks present; :func:`.eval_metrics.aggregate_scores`) per
+strategy, from each seed's ``eval_results.jsonl``, summarised over seeds the
+same way (task ``datacomp``, metric = the group), and
+:func:`samples_seen_sentence` says how many samples each model saw.
 """
 
 from __future__ import annotations
@@ -58,13 +65,18 @@ SUMMARY_SCHEMA: dict[str, Any] = {
 METRIC_ORDER: tuple[str, ...] = (
     "acc1",
     "acc5",
+    "mean_per_class_recall",
+    "mean_average_precision",
     "image_retrieval_recall@1",
     "image_retrieval_recall@5",
     "image_retrieval_recall@10",
     "text_retrieval_recall@1",
     "text_retrieval_recall@5",
     "text_retrieval_recall@10",
+    "mean_recall@1",
 )
+#: the ``task`` of DataComp's aggregate scores in :func:`aggregate_summary`
+AGGREGATE_TASK = "datacomp"
 
 
 def _strategy_key(name: str) -> tuple[int, str]:
@@ -338,6 +350,114 @@ def summary_metadata(summary: pl.DataFrame) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------
+# DataComp's aggregate and samples seen
+
+
+def aggregate_rows(results: Mapping[tuple[str, int], Sequence[Mapping[str, Any]]]) -> pl.DataFrame:
+    """Rows (strategy, seed, task ``datacomp``, metric = group, value, n_tasks,
+    n_group) of DataComp's aggregate scores of each (strategy, seed)'s
+    ``eval_results.jsonl`` rows; groups with no task present have no row."""
+    from .eval_metrics import aggregate_scores
+
+    out = [
+        {"strategy": st, "seed": int(seed), "task": AGGREGATE_TASK, "metric": g, "value": a.score,
+         "n_tasks": a.n_present, "n_group": a.n_group}
+        for (st, seed), rows in results.items() for g, a in aggregate_scores(rows).items()
+    ]
+    schema = {"strategy": pl.Utf8, "seed": pl.Int64, "task": pl.Utf8, "metric": pl.Utf8, "value": pl.Float64,
+              "n_tasks": pl.Int64, "n_group": pl.Int64}
+    return pl.DataFrame(out, schema=schema)
+
+
+def aggregate_summary(rows: pl.DataFrame, subset_sizes: Mapping[str, int], samples_seen: Mapping[str, int],
+                      n_boot: int, seed: int) -> pl.DataFrame:
+    """:func:`summarize` of :func:`aggregate_rows` (one row per strategy x
+    group, groups in DataComp's order), with ``n_tasks`` / ``n_group``: how
+    many of the group's tasks the score averages (most over seeds) and how many
+    DataComp's group has."""
+    from .eval_metrics import AGGREGATE_GROUPS
+
+    if rows.height == 0:
+        return pl.DataFrame(schema={**SUMMARY_SCHEMA, "n_tasks": pl.Int64, "n_group": pl.Int64})
+    summary = summarize(rows, subset_sizes, samples_seen, n_boot, seed)
+    counts = rows.group_by("strategy", "metric").agg(pl.col("n_tasks").max(), pl.col("n_group").max())
+    order = {g: i for i, g in enumerate(AGGREGATE_GROUPS)}
+    out = summary.join(counts, on=["strategy", "metric"], how="left")
+    return out.with_columns(
+        pl.col("strategy").map_elements(lambda x: _strategy_key(x)[0], return_dtype=pl.Int64).alias("_s"),
+        pl.col("metric").replace_strict(order, default=len(order), return_dtype=pl.Int64).alias("_g"),
+    ).sort("_s", "strategy", "_g").drop("_s", "_g")
+
+
+def _group_label(group: str, n_tasks: int, n_group: int) -> str:
+    if group == "Average":
+        return f"{group} ({n_tasks} task{'s' if n_tasks != 1 else ''})"
+    if group == "ImageNet":
+        return group
+    return f"{group} ({n_tasks} of {n_group})"
+
+
+def aggregate_table_rows(agg: pl.DataFrame, digits: int = 3) -> list[dict[str, str]]:
+    """Strategies as rows (table order): samples seen, seeds, then one column per
+    aggregate group (``mean ± std [lo, hi]``), headed with how many of the
+    group's tasks it averages."""
+    from .eval_metrics import AGGREGATE_GROUPS
+
+    rows = agg.to_dicts()
+    by = {(r["strategy"], r["metric"]): r for r in rows}
+    groups = [g for g in AGGREGATE_GROUPS if any(r["metric"] == g for r in rows)]
+    n = {g: max(int(r["n_tasks"]) for r in rows if r["metric"] == g) for g in groups}
+    size = {g: max(int(r["n_group"]) for r in rows if r["metric"] == g) for g in groups}
+    out = []
+    for s in sorted({r["strategy"] for r in rows}, key=_strategy_key):
+        any_row = next(r for r in rows if r["strategy"] == s)
+        row = {"strategy": s,
+               "samples seen": "" if any_row["samples_seen"] is None else f"{any_row['samples_seen']:,}",
+               "seeds": str(max(int(r["n_seeds"]) for r in rows if r["strategy"] == s))}
+        for g in groups:
+            r = by.get((s, g))
+            row[_group_label(g, n[g], size[g])] = "" if r is None else (
+                f"{r['mean']:.{digits}f} ± {r['std']:.{digits}f} [{r['ci_lo']:.{digits}f}, {r['ci_hi']:.{digits}f}]")
+        out.append(row)
+    return out
+
+
+def aggregate_markdown(agg: pl.DataFrame, digits: int = 3) -> str:
+    """The aggregate as a markdown table (:func:`aggregate_table_rows`)."""
+    rows = aggregate_table_rows(agg, digits)
+    if not rows:
+        return "(no eval_results.jsonl with a main metric)\n"
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |"]
+    lines += ["| " + " | ".join(row[h] for h in header) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def aggregate_panels(agg: pl.DataFrame) -> list[Panel]:
+    """The aggregate's plot panels (one per group, in DataComp's order), titled ``DataComp <group>``."""
+    from dataclasses import replace
+
+    from .eval_metrics import AGGREGATE_GROUPS
+
+    panels = [replace(p, title=f"DataComp {p.title.split('/', 1)[-1]}") for p in plot_panels(agg)]
+    order = {f"DataComp {g}": i for i, g in enumerate(AGGREGATE_GROUPS)}
+    return sorted(panels, key=lambda p: order.get(p.title, len(order)))
+
+
+def samples_seen_sentence(samples_seen: Mapping[str, int | None]) -> str:
+    """How many samples each model saw (training steps x global batch)."""
+    known = {s: int(n) for s, n in samples_seen.items() if n}
+    if not known:
+        return "Samples seen in training: unknown (no training result found)."
+    if len(set(known.values())) == 1 and len(known) == len(samples_seen):
+        n = next(iter(known.values()))
+        return f"Every model saw {n:,} training samples (steps × global batch), at equal compute."
+    parts = "; ".join(f"{s} {known[s]:,}" if s in known else f"{s} unknown"
+                      for s in sorted(samples_seen, key=_strategy_key))
+    return f"Training samples seen per model (steps × global batch): {parts}; not all equal, so not at equal compute."
+
+
+# ---------------------------------------------------------------------------
 # the comparison step
 
 
@@ -349,6 +469,9 @@ class Comparison:
     verdicts: list[str]
     subset_sizes: dict[str, int | None]
     samples_seen: dict[str, int]
+    aggregate: pl.DataFrame | None = None  # aggregate_summary (None: no eval_results.jsonl)
+    aggregate_table: str = ""  # markdown
+    samples_seen_text: str = ""
 
     @property
     def verdicts_md(self) -> str:
@@ -357,9 +480,12 @@ class Comparison:
 
 def compare_strategies(layout: Layout, strategies: Sequence[str], n_boot: int) -> Comparison | None:
     """Summarise the ``eval`` tables of the strategies that have one (None when
-    none has), write ``tables/comparison/all.parquet`` and
-    ``artefacts/comparison/comparison.md`` (the table and the verdicts)."""
+    none has) and DataComp's aggregate of their ``eval_results.jsonl``; write
+    ``tables/comparison/all.parquet``, ``tables/comparison/datacomp.parquet``
+    (when there is an aggregate) and ``artefacts/comparison/comparison.md``
+    (samples seen, the table, the verdicts and the aggregate)."""
     from .atomic import write_bytes, write_parquet
+    from .evaluate import eval_results_path, read_eval_results
     from .state import read_state
     from .train import read_train_result
 
@@ -374,9 +500,23 @@ def compare_strategies(layout: Layout, strategies: Sequence[str], n_boot: int) -
         sizes[st] = int(state.summary.get("kept", 0)) if state else None
         seen[st] = int(read_train_result(layout.model_dir(st)).get("samples_seen", 0))
     summary = summarize(rows.select("strategy", "seed", "task", "metric", "value"), sizes, seen, n_boot=n_boot, seed=0)
-    out = Comparison(have, summary, markdown_table(summary), verdicts(summary, baseline="full", focus="dbp"), sizes, seen)
-    text = "## comparison\n\n" + out.table + "\n\n" + out.verdicts_md + "\n"
+    pairs = sorted({(str(st), int(sd)) for st, sd in rows.select("strategy", "seed").iter_rows()})
+    jsonl = {(st, sd): read_eval_results(eval_results_path(layout, st, sd)) for st, sd in pairs}
+    agg_rows = aggregate_rows(jsonl)
+    agg = aggregate_summary(agg_rows, sizes, seen, n_boot=n_boot, seed=0) if agg_rows.height else None
+    out = Comparison(have, summary, markdown_table(summary), verdicts(summary, baseline="full", focus="dbp"), sizes,
+                     seen, agg, aggregate_markdown(agg) if agg is not None else "", samples_seen_sentence(seen))
+    text = "## comparison\n\n" + out.samples_seen_text + "\n\n" + out.table + "\n\n" + out.verdicts_md + "\n"
+    if agg is not None:
+        text += ("\n### DataComp-style aggregate\n\nMean over seeds of DataComp's aggregate scores (main metric per "
+                 "task, averaged per group over the tasks present; a column head says how many of the group's tasks "
+                 "are present):\n\n"
+                 + out.aggregate_table)
     write_bytes(layout.artefact_dir("comparison") / "comparison.md", text.encode(), layout.tmp)
     write_parquet(layout.table("comparison"), summary.drop([c for c in ("values", "seeds") if c in summary.columns]),
                   layout.tmp)
+    if agg is not None:
+        write_parquet(layout.table("comparison", AGGREGATE_TASK), agg.drop("values", "seeds"), layout.tmp)
+    else:
+        layout.table("comparison", AGGREGATE_TASK).unlink(missing_ok=True)  # not a stale one from an earlier run
     return out

@@ -1,380 +1,339 @@
-"""Evaluation of trained models: zero-shot classification and image-text retrieval.
+"""Evaluation of trained models with CLIP_benchmark, on evaluation sets in its
+webdataset layout (the layout DataComp's 38 evaluation sets come in).
 
-Splits (:func:`load_eval_split`)
---------------------------------
-* **webdataset folder** (or one ``.tar``): ``NNNNN.tar`` holding ``KEY.jpg``
-  (or png/jpeg/webp) with ``KEY.cls`` (integer label) and/or ``KEY.txt``
-  (captions, one per line), optionally ``sizes.json`` (then the item count is
-  taken from it instead of reading the tars through), ``classnames.txt`` (one
-  class name per line, line i = label i) and ``templates.txt`` (prompt
-  templates with ``{}`` for the class name).  The sample pool's ``eval/`` split
-  is such a folder (labels, one caption per image, class names and templates);
-  a captioned webdataset without labels serves retrieval only, one with labels
-  but no ``classnames.txt`` needs class names passed in.
-* **labelled image folder** (torchvision ``ImageFolder`` layout: one
-  sub-folder per class holding its images): labels are the sorted sub-folder
-  indices, class names the folder names (``_`` read as a space) unless a
-  ``classnames.txt`` lies beside the class folders; templates come from
-  ``templates.txt`` there, else open_clip's OpenAI ImageNet templates (or the
-  "simple" ones).  Zero-shot only (no captions).
+Datasets (:func:`load_eval_dataset`, :func:`find_eval_datasets`)
+---------------------------------------------------------------
+A dataset is a folder holding ``test/nshards.txt`` and ``test/0.tar`` ...
+``test/<n-1>.tar`` (samples: an image, ``jpg``/``png``/``webp``, with ``cls``,
+an integer label, for classification or ``txt``, captions one per line, for
+retrieval), ``classnames.txt`` and ``zeroshot_classification_templates.txt``
+(templates with ``{c}`` for the class name; both needed for classification)
+and an optional ``dataset_type.txt`` (``retrieval``, ``multilabel``, else
+classification).  Its task is read from the folder: retrieval when
+``dataset_type.txt`` says so, zero-shot classification otherwise.  Its name
+(the ``task`` column of the ``eval`` table) is DataComp's task key for a folder
+named as DataComp downloads it (``wds_vtab-cifar100_test`` -> ``vtab/cifar100``),
+else the folder name without ``wds_`` / ``_test``.  A folder that holds such
+folders (a local copy of DataComp's evaluation sets, or the sample pool's
+``eval/`` with ``shapes/`` and ``shapes_retrieval/``) stands for all of them.
 
-Splits are streamed: images are decoded batch by batch, never all held.
+The evaluator is CLIP_benchmark 1.6.2
+-------------------------------------
+Datasets are built by ``clip_benchmark.datasets.builder.build_dataset(
+"wds/<name>", root=<folder>, split="test", task=...)`` and batched as
+CLIP_benchmark's command line does (``dataset.batched(batch_size)`` in a
+``DataLoader(batch_size=None)``); metrics come from
+``clip_benchmark.metrics.zeroshot_classification.evaluate`` and
+``clip_benchmark.metrics.zeroshot_retrieval.evaluate``, in fp32 (``amp=False``,
+as DataComp's classification evaluation), so ``clip_benchmark eval --dataset
+wds/<name> --dataset_root <folder> --model <arch> --pretrained <weights>
+--no_amp`` gives the same numbers.  Metric names: :mod:`.eval_metrics`.
 
-Metrics: :mod:`dbprune_assets.core.eval_metrics` (their definitions);
-zero-shot uses open_clip's ``build_zero_shot_classifier`` (class names x
-templates, averaged, unit norm) against L2-normalised image embeddings.
+dbprune keeps its own code only where the library cannot serve:
 
-torch and open_clip are imported inside the functions.
+* checking a folder before evaluating (:func:`load_eval_dataset`):
+  CLIP_benchmark reads it unchecked and fails late, with an assertion or a
+  webdataset error that does not name the missing file;
+* retrieval's k: ``zeroshot_retrieval.evaluate`` calls ``torch.topk`` with
+  each k and fails on a set with fewer than k images, so only the k up to the
+  number of images (counted from the tar headers) are asked for;
+* loading dbprune's trained models (open_clip ``local-dir:`` folders, through
+  ``core/encoders.py``), counting the images evaluated (a pass-through around
+  the data loader), DataComp's ``mean_recall@1`` (one line of its
+  ``retr_eval.py``) and the result rows: the ``eval`` table and DataComp's
+  ``eval_results.jsonl`` (:mod:`.eval_metrics`);
+* numpy 2.4: ``zeroshot_classification.accuracy`` calls ``float()`` on a
+  one-element array, which numpy 2.4 refuses (TypeError: only 0-dimensional
+  arrays can be converted).  :func:`clip_benchmark_metrics` replaces that one
+  helper, at our import site, with the same computation ending in
+  ``.item()``.  Chosen over pinning ``numpy<2.4``: the environment's other
+  packages are installed against numpy 2.4, the fault is one line of one
+  helper, and the replacement computes the same numbers (the tests check it
+  by hand).  Drop it once CLIP_benchmark fixes ``accuracy``.
+
+torch, open_clip and clip_benchmark are imported inside the functions.
 """
 
 from __future__ import annotations
 
-import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
-import numpy as np
+from .eval_metrics import (
+    RETRIEVAL_KS,
+    DataCompTask,
+    dataset_name,
+    datacomp_task,
+    is_missing,
+    main_metric_name,
+    results_row,
+    with_mean_recall,
+)
 
-from .device import torch_device
-from .eval_metrics import retrieval_metrics, topk_accuracy
-from .progress import progress
-from .wds import IMAGE_EXTS, TarDamaged, image_member, iter_sample_headers, iter_samples
+if TYPE_CHECKING:  # pragma: no cover
+    from .layout import Layout
 
-T = TypeVar("T")
-
-FOLDER_IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+DATASET_TYPES: tuple[str, ...] = ("classification", "retrieval", "multilabel")
+EVAL_RESULTS_FILE = "eval_results.jsonl"
+_LAYOUT_HELP = (
+    "expected CLIP_benchmark's webdataset layout: test/nshards.txt with test/0.tar ... test/<n-1>.tar, and "
+    "classnames.txt plus zeroshot_classification_templates.txt (templates with {c}) for classification, or "
+    "dataset_type.txt reading 'retrieval' for a retrieval set (captions in .txt); or a folder of such folders"
+)
 
 
 class EvalError(ValueError):
-    """An evaluation split cannot be read or does not support the requested task."""
+    """An evaluation dataset cannot be read or evaluated; the message names the folder."""
 
 
 # ---------------------------------------------------------------------------
-# splits
+# datasets
 
 
-@dataclass
-class EvalItem:
-    key: str
-    image: Any  # PIL.Image (RGB)
-    label: int | None
-    captions: list[str]
+@dataclass(frozen=True)
+class EvalDataset:
+    """One evaluation dataset folder (see the module docstring)."""
 
-
-@dataclass
-class EvalSplit:
-    """A streamed evaluation split (see the module docstring)."""
-
-    name: str
-    kind: Literal["webdataset", "imagefolder"]
+    name: str  # the eval table's task; "wds/<name>" for CLIP_benchmark
     root: Path
-    n_items: int
-    classnames: list[str] | None = None
-    templates: list[str] | None = None
-    has_labels: bool = False
-    has_captions: bool = False
-    files: list[Path] = field(default_factory=list)  # tars, or the image files of an image folder
-    labels: list[int] = field(default_factory=list)  # image folder: label per file
+    dataset_type: str  # classification | retrieval | multilabel
+    n_shards: int
+    classnames: tuple[str, ...] = ()
+    templates: tuple[str, ...] = ()
+    datacomp: DataCompTask | None = None
+    n_images: int | None = None  # retrieval sets: images, counted from the tar headers
 
     @property
-    def supports_zeroshot(self) -> bool:
-        return self.has_labels and bool(self.classnames) and bool(self.templates)
+    def task(self) -> str:
+        """CLIP_benchmark's task: ``zeroshot_retrieval`` or ``zeroshot_classification``."""
+        return "zeroshot_retrieval" if self.dataset_type == "retrieval" else "zeroshot_classification"
 
     @property
-    def supports_retrieval(self) -> bool:
-        return self.has_captions
+    def wds_name(self) -> str:
+        return f"wds/{self.name}"
 
-    def iter_items(self) -> Iterator[EvalItem]:
-        from PIL import Image
+    @property
+    def key(self) -> str:
+        """``key`` of its ``eval_results.jsonl`` row: DataComp's task key, else the name."""
+        return self.datacomp.key if self.datacomp else self.name
 
-        if self.kind == "imagefolder":
-            for path, label in zip(self.files, self.labels):
-                with Image.open(path) as im:
-                    yield EvalItem(str(path.relative_to(self.root)), im.convert("RGB"), label, [])
-            return
-        for tar in self.files:
-            for key, members in _read_tar(tar, iter_samples):
-                found = image_member(members)
-                if found is None:
-                    continue
-                try:
-                    with Image.open(io.BytesIO(found[1])) as im:
-                        image = im.convert("RGB")
-                except Exception as err:  # noqa: BLE001 - PIL raises many types
-                    raise EvalError(f"{tar}, key {key}: undecodable image ({type(err).__name__}: {err})") from err
-                label = None
-                if "cls" in members:
-                    try:
-                        label = int(members["cls"].decode().strip())
-                    except ValueError:
-                        raise EvalError(f"{tar}, key {key}: .cls is not an integer: {members['cls'][:40]!r}") from None
-                captions = _captions(members.get("txt"))
-                yield EvalItem(key, image, label, captions)
+    @property
+    def display_name(self) -> str:
+        """``dataset`` of its ``eval_results.jsonl`` row: DataComp's name, else the name."""
+        return self.datacomp.name if self.datacomp else self.name
+
+    @property
+    def main_metric(self) -> str | None:
+        return main_metric_name(self.datacomp, self.dataset_type)
 
 
-def _captions(raw: bytes | None) -> list[str]:
-    if raw is None:
-        return []
-    return [line.strip() for line in raw.decode("utf-8", errors="replace").splitlines() if line.strip()]
+def _not_a_dataset(root: Path) -> str:
+    found = ""
+    if (root / "templates.txt").is_file() or any(p.suffix == ".tar" for p in root.iterdir() if p.is_file()):
+        found = (" (it has tars or templates.txt directly in it: dbprune's old evaluation layout; regenerate the "
+                 "sample pool with `dbprune sample-pool --overwrite`)")
+    elif any(p.is_dir() for p in root.iterdir()):
+        found = " (nor does any folder in it have test/nshards.txt)"
+    return (f"evaluation dataset {root}: no test/nshards.txt{found}; {_LAYOUT_HELP}. Convert other data with "
+            "clip_benchmark.webdataset_builder.convert_dataset")
 
 
-def _read_tar(tar_path: Path, reader: Callable[[Path], Iterator[tuple[str, dict[str, T]]]]) -> Iterator[tuple[str, dict[str, T]]]:
-    """The samples of one split tar through a :mod:`~dbprune_assets.core.wds` reader; a damaged tar is an :class:`EvalError`."""
+def _lines(path: Path) -> list[str]:
+    """A metadata file's lines as CLIP_benchmark's ``build_wds_dataset`` reads them."""
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def load_eval_dataset(folder: str | Path) -> EvalDataset:
+    """Check one dataset folder (files present, templates with ``{c}``) and
+    read its task, class names and templates; a retrieval set's images are
+    counted from the tar headers.  Nothing is decoded."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise EvalError(f"evaluation dataset {root}: no such folder; {_LAYOUT_HELP}")
+    nshards_file = root / "test" / "nshards.txt"
+    if not nshards_file.is_file():
+        raise EvalError(_not_a_dataset(root))
+    text = nshards_file.read_text(encoding="utf-8", errors="replace").strip()
     try:
-        yield from reader(tar_path)
-    except (TarDamaged, OSError) as err:
-        raise EvalError(f"{tar_path}: unreadable tar ({err})") from err
+        n_shards = int(text)
+    except ValueError:
+        raise EvalError(f"{nshards_file}: {text[:40]!r} is not a number of shards; write the number of "
+                        "test/<i>.tar files") from None
+    if n_shards < 1:
+        raise EvalError(f"{nshards_file}: {n_shards} shards; a dataset needs test/0.tar at least")
+    tars = [root / "test" / f"{i}.tar" for i in range(n_shards)]
+    missing = [t for t in tars if not t.is_file()]
+    if missing:
+        raise EvalError(f"evaluation dataset {root}: test/nshards.txt says {n_shards} shards but {missing[0]} "
+                        f"is missing ({len(missing)} of {n_shards} missing); copy the dataset completely")
+    type_file = root / "dataset_type.txt"
+    dataset_type = type_file.read_text(encoding="utf-8").strip().lower() if type_file.is_file() else "classification"
+    if dataset_type not in DATASET_TYPES:
+        raise EvalError(f"{type_file}: dataset type {dataset_type!r}; allowed: {', '.join(DATASET_TYPES)}")
+    name = dataset_name(root.name)
+    task = datacomp_task(root.name)
+    if dataset_type == "retrieval":
+        return EvalDataset(name, root, dataset_type, n_shards, datacomp=task, n_images=_count_images(tars))
+    names_file, temps_file = root / "classnames.txt", root / "zeroshot_classification_templates.txt"
+    for f in (names_file, temps_file):
+        if not f.is_file():
+            raise EvalError(f"evaluation dataset {root}: no {f.name}, which zero-shot classification needs "
+                            f"(or dataset_type.txt reading 'retrieval' for a retrieval set); {_LAYOUT_HELP}")
+    classnames, templates = _lines(names_file), _lines(temps_file)
+    if not any(classnames):
+        raise EvalError(f"{names_file}: no class names (one per line, line i = label i)")
+    if not any(templates):
+        raise EvalError(f"{temps_file}: no templates (one per line, {{c}} for the class name)")
+    for t in templates:
+        try:
+            ok = t.format(c="\x00") != t
+        except (KeyError, IndexError, ValueError):
+            ok = False
+        if not ok:
+            raise EvalError(f"{temps_file}: template {t!r} has no {{c}} for the class name (CLIP_benchmark fills "
+                            "templates with template.format(c=classname); write e.g. 'a photo of a {c}.')")
+    return EvalDataset(name, root, dataset_type, n_shards, tuple(classnames), tuple(templates), task)
 
 
-def _read_lines(path: Path) -> list[str] | None:
-    if not path.is_file():
-        return None
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-    return [ln for ln in lines if ln]
+def _count_images(tars: Sequence[Path]) -> int:
+    from .wds import IMAGE_EXTS, TarDamaged, iter_sample_headers
 
-
-def default_templates(which: Literal["openai", "simple"] = "openai") -> list[str]:
-    """open_clip's ImageNet prompt templates as ``str.format`` strings."""
-    from open_clip import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
-
-    src = OPENAI_IMAGENET_TEMPLATES if which == "openai" else SIMPLE_IMAGENET_TEMPLATES
-    return [t("{}") if callable(t) else str(t) for t in src]
-
-
-def load_eval_split(
-    path: str | Path,
-    *,
-    name: str | None = None,
-    classnames: Sequence[str] | None = None,
-    templates: Sequence[str] | None = None,
-    template_set: Literal["openai", "simple"] = "openai",
-) -> EvalSplit:
-    """Open an evaluation split (webdataset folder or tar, or labelled image folder).
-
-    ``classnames`` / ``templates`` override the split's files; templates
-    default to the split's ``templates.txt``, else open_clip's ``template_set``.
-    Reads tar headers (or ``sizes.json``) to count items; no image is decoded.
-    """
-    root = Path(path).expanduser()
-    if not root.exists():
-        raise EvalError(f"evaluation split {root}: no such file or folder")
-    folder = root if root.is_dir() else root.parent
-    split_name = name or (root.stem if root.is_file() else root.name)
-    names = list(classnames) if classnames is not None else _read_lines(folder / "classnames.txt")
-    temps = list(templates) if templates is not None else _read_lines(folder / "templates.txt")
-    for t in temps or []:
-        if "{}" not in t:
-            raise EvalError(f"{folder / 'templates.txt'}: template {t!r} has no '{{}}' for the class name")
-
-    tars = [root] if root.is_file() else sorted(p for p in root.iterdir() if p.is_file() and p.name.endswith(".tar"))
-    if tars:
-        return _webdataset_split(root, split_name, tars, names, temps, template_set)
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if classes:
-        return _imagefolder_split(root, split_name, classes, names, temps, template_set)
-    raise EvalError(
-        f"evaluation split {root}: neither webdataset tars (NNNNN.tar) nor class sub-folders of images "
-        "(ImageFolder layout) found"
-    )
-
-
-def _webdataset_split(
-    root: Path, name: str, tars: list[Path], names: list[str] | None, temps: list[str] | None, template_set: str
-) -> EvalSplit:
-    sizes = _sizes_json(root if root.is_dir() else root.parent, tars)
     n = 0
-    labels = captions = False
-    if sizes is not None:
-        # count from sizes.json; tell labels / captions from the first samples
-        n = sum(sizes)
-        for i, (_key, exts) in enumerate(_read_tar(tars[0], iter_sample_headers)):
-            labels |= "cls" in exts
-            captions |= "txt" in exts
-            if i >= 15:
-                break
-    else:
-        for tar in tars:
-            for _key, exts in _read_tar(tar, iter_sample_headers):
-                if not any(e in exts for e in IMAGE_EXTS):
-                    continue
-                n += 1
-                labels |= "cls" in exts
-                captions |= "txt" in exts
-    if n == 0:
-        raise EvalError(f"evaluation split {root}: the tars hold no images ({', '.join(IMAGE_EXTS)})")
-    if labels and names is not None and temps is None:
-        temps = default_templates(template_set)  # type: ignore[arg-type]
-    return EvalSplit(name, "webdataset", root, n, names, temps, labels, captions, list(tars))
+    for tar in tars:
+        try:
+            n += sum(1 for _key, exts in iter_sample_headers(tar) if any(e in exts for e in IMAGE_EXTS))
+        except (TarDamaged, OSError) as err:
+            raise EvalError(f"{tar}: unreadable tar ({err})") from err
+    return n
 
 
-def _sizes_json(folder: Path, tars: list[Path]) -> list[int] | None:
-    """Per-tar sample counts from ``sizes.json`` when it lists every tar."""
-    path = folder / "sizes.json"
-    if not path.is_file():
-        return None
-    try:
-        sizes = json.loads(path.read_text())
-        return [int(sizes[t.name]) for t in tars]
-    except (ValueError, KeyError, TypeError, OSError):
-        return None
-
-
-def _imagefolder_split(
-    root: Path, name: str, classes: list[str], names: list[str] | None, temps: list[str] | None, template_set: str
-) -> EvalSplit:
-    files: list[Path] = []
-    labels: list[int] = []
-    for i, c in enumerate(classes):
-        imgs = sorted(p for p in (root / c).rglob("*") if p.is_file() and p.suffix.lower() in FOLDER_IMAGE_SUFFIXES)
-        files += imgs
-        labels += [i] * len(imgs)
-    if not files:
-        raise EvalError(f"image folder {root}: the class folders hold no images")
-    if names is None:
-        names = [c.replace("_", " ") for c in classes]
-    elif len(names) != len(classes):
-        raise EvalError(f"{root}: {len(names)} class names for {len(classes)} class folders")
-    temps = temps or default_templates(template_set)  # type: ignore[arg-type]
-    return EvalSplit(name, "imagefolder", root, len(files), names, temps, True, False, files, labels)
-
-
-def resolve_split(split: EvalSplit | str | Path | None) -> EvalSplit | None:
-    if split is None or isinstance(split, EvalSplit):
-        return split
-    return load_eval_split(split)
+def find_eval_datasets(folders: Iterable[str | Path]) -> list[EvalDataset]:
+    """The datasets of ``folders``, in order: a dataset folder is itself, a
+    folder of dataset folders stands for those (sorted by name; sub-folders
+    without ``test/nshards.txt``, such as DataComp's ``hf_cache``, are
+    skipped).  Two datasets with one name are an error."""
+    out: list[EvalDataset] = []
+    for folder in folders:
+        root = Path(folder).expanduser()
+        if not root.is_dir():
+            raise EvalError(f"evaluation dataset {root}: no such folder; {_LAYOUT_HELP}")
+        if (root / "test" / "nshards.txt").is_file():
+            out.append(load_eval_dataset(root))
+            continue
+        subs = sorted(p for p in root.iterdir() if p.is_dir() and (p / "test" / "nshards.txt").is_file())
+        if not subs:
+            raise EvalError(_not_a_dataset(root))
+        out += [load_eval_dataset(p) for p in subs]
+    seen: dict[str, Path] = {}
+    for ds in out:
+        if ds.name in seen:
+            raise EvalError(f"two evaluation datasets named {ds.name}: {seen[ds.name]} and {ds.root}; "
+                            "list each dataset once")
+        seen[ds.name] = ds.root
+    return out
 
 
 # ---------------------------------------------------------------------------
-# embeddings
+# CLIP_benchmark
 
 
-@dataclass
-class SplitEmbeddings:
-    """L2-normalised embeddings of a split, rows in split order."""
-
-    image_emb: np.ndarray  # [n_images, d] float32
-    labels: np.ndarray  # [n_images] int64, -1 where unlabelled
-    text_emb: np.ndarray  # [n_texts, d] float32 (empty when texts were not embedded)
-    text_to_image_index: np.ndarray  # [n_texts] int64
-    keys: list[str]
-
-    @property
-    def n_images(self) -> int:
-        return int(self.image_emb.shape[0])
+def _accuracy(output: Any, target: Any, topk: Sequence[int] = (1,)) -> list[float]:
+    """``clip_benchmark.metrics.zeroshot_classification.accuracy`` with
+    ``.item()`` where it calls ``float()`` on a one-element array (numpy 2.4)."""
+    pred = output.topk(max(topk), 1, True, True)[1].t()
+    correct = pred.eq(target.view(1, -1).expand_as(pred))
+    n = len(target)
+    return [float(correct[:k].reshape(-1).float().sum(0).item()) / n for k in topk]
 
 
-def embed_split(
-    model: Any,
-    preprocess: Callable[[Any], Any],
-    tokenizer: Callable[..., Any] | None,
-    split: EvalSplit,
-    device: str,
-    batch_size: int,
-    *,
-    texts: bool = True,
-) -> SplitEmbeddings:
-    """Stream ``split`` through ``model``: normalised image embeddings, labels
-    and (``texts`` and a tokenizer given) caption embeddings with the index of
-    each caption's image.  fp32, ``torch.inference_mode``."""
+def clip_benchmark_metrics() -> tuple[Any, Any]:
+    """CLIP_benchmark's ``zeroshot_classification`` and ``zeroshot_retrieval``
+    modules, ``accuracy`` replaced by :func:`_accuracy` (module docstring)."""
+    from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval
+
+    if zeroshot_classification.accuracy is not _accuracy:
+        zeroshot_classification.accuracy = _accuracy
+    return zeroshot_classification, zeroshot_retrieval
+
+
+class _Counted:
+    """A data loader that counts the images it hands out (``dataset`` kept:
+    ``zeroshot_classification.evaluate`` reads ``dataloader.dataset.classes``)."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+        self.dataset = loader.dataset
+        self.n = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.loader:
+            self.n += len(batch[0])
+            yield batch
+
+
+def build_loader(ds: EvalDataset, transform: Any, batch_size: int, workers: int = 0) -> tuple[Any, Any]:
+    """``(dataset, loader)`` as CLIP_benchmark's command line builds them for
+    ``--dataset wds/<name> --dataset_root <folder>``."""
     import torch
+    from clip_benchmark.datasets.builder import build_dataset
 
+    dataset = build_dataset(dataset_name=ds.wds_name, root=str(ds.root), transform=transform, split="test",
+                            download=False, task=ds.task)
+    loader = torch.utils.data.DataLoader(dataset.batched(batch_size), batch_size=None, shuffle=False,
+                                         num_workers=max(0, min(workers, ds.n_shards)))
+    return dataset, loader
+
+
+def _autocast_device(device: str) -> str:
+    """CLIP_benchmark passes its device to ``torch.autocast``, which takes
+    ``cuda`` but not ``cuda:N``: select N and say ``cuda``."""
+    if device.startswith("cuda:"):
+        import torch
+
+        torch.cuda.set_device(int(device.split(":", 1)[1]))
+        return "cuda"
+    return device
+
+
+@dataclass(frozen=True)
+class DatasetResult:
+    dataset: EvalDataset
+    metrics: dict[str, float]  # CLIP_benchmark's (NaN where undefined), plus mean_recall@1 for retrieval
+    n: int  # images evaluated
+
+
+def evaluate_dataset(model: Any, transform: Any, tokenizer: Any, ds: EvalDataset, device: str, batch_size: int,
+                     workers: int = 0) -> DatasetResult:
+    """CLIP_benchmark's zero-shot classification or retrieval of ``model`` on
+    ``ds`` (fp32); retrieval at k = 1, 5, 10 up to the number of images."""
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    zsc, zsr = clip_benchmark_metrics()
+    dev = _autocast_device(device)
     model.eval()
-    img_chunks: list[np.ndarray] = []
-    txt_chunks: list[np.ndarray] = []
-    labels: list[int] = []
-    keys: list[str] = []
-    owners: list[int] = []
-    pending_imgs: list[Any] = []
-    pending_txt: list[str] = []
-
-    def flush_images() -> None:
-        if pending_imgs:
-            x = torch.stack(pending_imgs).to(device)
-            img_chunks.append(model.encode_image(x, normalize=True).float().cpu().numpy())
-            pending_imgs.clear()
-
-    def flush_texts() -> None:
-        if pending_txt:
-            assert tokenizer is not None
-            t = tokenizer(pending_txt).to(device)
-            txt_chunks.append(model.encode_text(t, normalize=True).float().cpu().numpy())
-            pending_txt.clear()
-
-    with torch.inference_mode():
-        items = progress(split.iter_items(), desc=f"evaluate: embedding {split.name}", unit="image", total=split.n_items)
-        for i, item in enumerate(items):
-            pending_imgs.append(preprocess(item.image))
-            labels.append(-1 if item.label is None else int(item.label))
-            keys.append(item.key)
-            if texts and tokenizer is not None:
-                for cap in item.captions:
-                    pending_txt.append(cap)
-                    owners.append(i)
-                    if len(pending_txt) >= batch_size:
-                        flush_texts()
-            if len(pending_imgs) >= batch_size:
-                flush_images()
-        flush_images()
-        flush_texts()
-    dim = img_chunks[0].shape[1] if img_chunks else 0
-    image_emb = np.concatenate(img_chunks) if img_chunks else np.zeros((0, dim), np.float32)
-    text_emb = np.concatenate(txt_chunks) if txt_chunks else np.zeros((0, dim), np.float32)
-    return SplitEmbeddings(
-        image_emb.astype(np.float32, copy=False),
-        np.asarray(labels, dtype=np.int64),
-        text_emb.astype(np.float32, copy=False),
-        np.asarray(owners, dtype=np.int64),
-        keys,
-    )
-
-
-# ---------------------------------------------------------------------------
-# model-level metrics
-
-
-def zeroshot_classifier(model: Any, tokenizer: Callable[..., Any], split: EvalSplit, device: str) -> np.ndarray:
-    """open_clip's zero-shot classifier of the split's class names and templates: [d, classes]."""
-    from open_clip import build_zero_shot_classifier
-
-    if not split.has_labels:
-        raise EvalError(f"zero-shot on {split.name} ({split.root}): the split has no labels (.cls or class folders)")
-    if not split.classnames:
-        raise EvalError(f"zero-shot on {split.name} ({split.root}): no class names (add classnames.txt, one per label)")
-    if not split.templates:
-        raise EvalError(f"zero-shot on {split.name} ({split.root}): no prompt templates")
-    w = build_zero_shot_classifier(
-        model, tokenizer, list(split.classnames), list(split.templates), num_classes_per_batch=10, device=device
-    )
-    return w.float().cpu().numpy()
-
-
-def zeroshot_metrics(
-    model: Any,
-    preprocess: Callable[[Any], Any],
-    tokenizer: Callable[..., Any],
-    split: EvalSplit,
-    device: str,
-    batch_size: int,
-    *,
-    embeddings: SplitEmbeddings | None = None,
-) -> dict[str, float]:
-    """``{"acc1", "acc5"}`` of open_clip's zero-shot classifier on the split's
-    labelled images (``embeddings`` reuses an :func:`embed_split` result)."""
-    classifier = zeroshot_classifier(model, tokenizer, split, device)
-    emb = embeddings or embed_split(model, preprocess, tokenizer, split, device, batch_size, texts=False)
-    keep = emb.labels >= 0
-    if not keep.any():
-        raise EvalError(f"zero-shot on {split.name}: no labelled images")
-    labels = emb.labels[keep]
-    if labels.max() >= classifier.shape[1]:
-        raise EvalError(f"zero-shot on {split.name}: label {int(labels.max())} but only {classifier.shape[1]} class names")
-    logits = emb.image_emb[keep] @ classifier
-    acc = topk_accuracy(logits, labels, (1, 5))
-    return {"acc1": acc[1], "acc5": acc[5]}
+    dataset, loader = build_loader(ds, transform, batch_size, workers)
+    counted = _Counted(loader)
+    try:
+        if ds.task == "zeroshot_retrieval":
+            ks = [k for k in RETRIEVAL_KS if k <= (ds.n_images or 0)]
+            if not ks:
+                raise EvalError(f"evaluation dataset {ds.root}: no images in its tars")
+            metrics = with_mean_recall(zsr.evaluate(model, counted, tokenizer, device=dev, amp=False,
+                                                    recall_k_list=ks))
+        else:
+            metrics = zsc.evaluate(model, counted, tokenizer, list(dataset.classes), list(dataset.templates),
+                                   device=dev, amp=False, verbose=False)
+    except EvalError:
+        raise
+    except Exception as err:  # noqa: BLE001 - webdataset, PIL and torch raise many types
+        raise EvalError(f"evaluating {ds.name} ({ds.root}) with CLIP_benchmark failed: {type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}") from err
+    if counted.n == 0:
+        raise EvalError(f"evaluation dataset {ds.root}: CLIP_benchmark read no samples (images with "
+                        f"{'txt' if ds.task == 'zeroshot_retrieval' else 'cls'}) from its tars")
+    return DatasetResult(ds, {k: float(v) for k, v in metrics.items()}, counted.n)
 
 
 def load_model(model_dir: str | Path, device: str) -> tuple[Any, Any, Any]:
@@ -387,40 +346,52 @@ def load_model(model_dir: str | Path, device: str) -> tuple[Any, Any, Any]:
     return enc.model, enc.preprocess, enc.tokenizer
 
 
-def evaluate_model(
-    model_dir: str | Path,
-    split_zeroshot: EvalSplit | str | Path | None,
-    split_retrieval: EvalSplit | str | Path | None,
-    device: str,
-    batch_size: int,
-) -> list[dict[str, Any]]:
-    """Rows for the ``eval`` table (the caller adds ``strategy`` and ``seed``):
-    ``{"task": "zeroshot" | "retrieval", "metric", "value", "dataset", "n"}``
-    where ``dataset`` names the split and ``n`` counts the images evaluated
-    (labelled images for zero-shot, images for retrieval).  When both splits
-    are the same folder its images are embedded once."""
+def evaluate_model(model_dir: str | Path, datasets: Sequence[EvalDataset], device: str, batch_size: int,
+                   workers: int = 0) -> list[DatasetResult]:
+    """Every dataset's result for the model folder ``model_dir``, in order."""
+    from .device import torch_device
+
+    if not datasets:
+        raise EvalError("evaluate_model: no evaluation dataset given")
     dev = torch_device(device)
-    zs, rt = resolve_split(split_zeroshot), resolve_split(split_retrieval)
-    if zs is None and rt is None:
-        raise EvalError("evaluate_model: no evaluation split given")
-    if zs is not None and not zs.has_labels:
-        raise EvalError(f"zero-shot split {zs.root}: no labels (.cls members or class folders)")
-    if zs is not None and not zs.classnames:
-        raise EvalError(f"zero-shot split {zs.root}: no class names (add classnames.txt, one name per label)")
-    if rt is not None and not rt.supports_retrieval:
-        raise EvalError(f"retrieval split {rt.root}: no captions (.txt members)")
     model, preprocess, tokenizer = load_model(model_dir, dev)
-    zs_rows: list[dict[str, Any]] = []
-    rt_rows: list[dict[str, Any]] = []
-    rt_emb: SplitEmbeddings | None = None
-    if rt is not None:
-        rt_emb = embed_split(model, preprocess, tokenizer, rt, dev, batch_size, texts=True)
-        for metric, value in retrieval_metrics(rt_emb.image_emb, rt_emb.text_emb, rt_emb.text_to_image_index).items():
-            rt_rows.append({"task": "retrieval", "metric": metric, "value": value, "dataset": rt.name, "n": rt_emb.n_images})
-    if zs is not None:
-        same = rt is not None and rt.kind == zs.kind and rt.files == zs.files
-        emb = rt_emb if same and rt_emb is not None else embed_split(model, preprocess, tokenizer, zs, dev, batch_size, texts=False)
-        n = int((emb.labels >= 0).sum())
-        for metric, value in zeroshot_metrics(model, preprocess, tokenizer, zs, dev, batch_size, embeddings=emb).items():
-            zs_rows.append({"task": "zeroshot", "metric": metric, "value": value, "dataset": zs.name, "n": n})
-    return zs_rows + rt_rows
+    return [evaluate_dataset(model, preprocess, tokenizer, ds, dev, batch_size, workers) for ds in datasets]
+
+
+# ---------------------------------------------------------------------------
+# results
+
+
+def eval_rows(results: Iterable[DatasetResult]) -> list[dict[str, Any]]:
+    """Rows for the ``eval`` table (the caller adds ``strategy`` and ``seed``):
+    ``{"task": dataset name, "metric", "value", "n": images evaluated}``;
+    undefined metrics (NaN, e.g. acc5 below 5 classes) get no row."""
+    return [
+        {"task": r.dataset.name, "metric": m, "value": float(v), "n": r.n}
+        for r in results for m, v in r.metrics.items() if not is_missing(v)
+    ]
+
+
+def datacomp_rows(results: Iterable[DatasetResult]) -> list[dict[str, Any]]:
+    """DataComp's ``eval_results.jsonl`` rows (:func:`.eval_metrics.results_row`)."""
+    return [results_row(r.dataset.key, r.dataset.display_name, r.metrics, r.dataset.main_metric) for r in results]
+
+
+def eval_results_path(layout: "Layout", strategy: str, seed: int) -> Path:
+    """``artefacts/eval_scores/<strategy>/seed<k>/eval_results.jsonl``."""
+    return layout.artefact_dir("eval_scores") / strategy / f"seed{int(seed)}" / EVAL_RESULTS_FILE
+
+
+def write_eval_results(path: Path, rows: Iterable[dict[str, Any]], tmp_root: Path | None = None) -> None:
+    """DataComp's ``eval_results.jsonl``: one JSON object per line (atomic)."""
+    from .atomic import write_bytes
+
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    write_bytes(path, text.encode(), tmp_root)
+
+
+def read_eval_results(path: Path) -> list[dict[str, Any]]:
+    """The rows of an ``eval_results.jsonl`` (empty when the file is absent)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

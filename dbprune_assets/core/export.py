@@ -10,6 +10,10 @@
   ``i`` holds positions ``[i * shard_size, (i + 1) * shard_size)`` in order;
 * ``sizes.json``: ``{"00000.tar": n, ...}``, what open_clip_train's
   ``get_dataset_size`` reads;
+* ``NNNNN_stats.json`` beside each tar: img2dataset's per-shard stats
+  (:mod:`dbprune_assets.core.shard_stats`; ``count`` = ``successes`` = the
+  tar's samples, no failures), so tools that read img2dataset output (DataComp's
+  ``resharder.py`` takes a shard's size from ``successes``) take the subset as is;
 * ``uids.npy``: DataComp's subset format, the sorted ``np.dtype("u8,u8")`` array
   of the kept 32-hex uids (high 64 bits, low 64 bits); a pool whose uids are not
   all 32-hex writes ``keys.txt`` instead (the kept uids, which are then the
@@ -37,14 +41,16 @@ formats; split, each would import the other's internals.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import struct
+import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Iterator
 
 import numpy as np
 
@@ -52,6 +58,7 @@ from .atomic import atomic_path, scratch_dir
 from . import wds
 from .duck import connect, create_view, parquet_files
 from .progress import progress
+from .shard_stats import STATS_SUFFIX, check_stats, read_stats, stats_bytes, stats_name, success_stats
 
 SIZES_FILE = "sizes.json"
 UIDS_FILE = "uids.npy"
@@ -59,6 +66,9 @@ KEYS_FILE = "keys.txt"
 UID_DTYPE = np.dtype("u8,u8")
 _HEX32 = "[0-9a-fA-F]{32}"
 _SHARD_RE = re.compile(r"^(\d{5,})\.tar$")
+_STATS_RE = re.compile(r"^(\d{5,})" + re.escape(STATS_SUFFIX) + "$")
+#: start_time of an export's stats files: its tars' member mtime (deterministic bytes)
+EXPORT_TIME = 0.0
 _REC_HEADER = struct.Struct("<qq")  # spool record: position, byte length
 
 
@@ -213,6 +223,7 @@ def export_subset(
     max_open: int = 256,
     memory_limit: str = "1GB",
     threads: int | None = None,
+    images: bool = True,
 ) -> ExportSummary:
     """Write the kept samples of ``decisions_path`` to ``out_dir`` (see the
     module docstring): ``NNNNN.tar`` + ``sizes.json`` + ``uids.npy`` (or
@@ -247,6 +258,16 @@ def export_subset(
                 """,
                 [int(seed)],
             )
+            if not images:  # a metadata-only pool: DataComp's subset file, which its resharder turns into shards
+                if not hex_uids:
+                    raise ValueError(f"{decisions_path}: a pool without images needs 32-hex uids (DataComp's) to "
+                                     "export its subset as uids.npy")
+                with atomic_path(out_dir, tmp_root) as tmp:
+                    tmp.mkdir(parents=True)
+                    _write_uids_npy(con, tmp / UIDS_FILE, n)
+                    _fsync_tree(tmp)
+                return ExportSummary(out_dir=out_dir, n_samples=n, n_shards=0, shard_size=shard_size, seed=seed,
+                                     id_file=UIDS_FILE, bytes_written=0, sizes={})
             n_shards = -(-n // shard_size)
             sizes = {shard_name(i): min(shard_size, n - i * shard_size) for i in range(n_shards)}
             spool_dir = work / "spool"
@@ -265,7 +286,9 @@ def export_subset(
                 tmp.mkdir(parents=True)
                 total = 0
                 for i in progress(range(n_shards), desc="export: writing shards", unit="shard"):
-                    total += _finish_shard(spools.path(i), tmp / shard_name(i), i, shard_size, sizes[shard_name(i)])
+                    name = shard_name(i)
+                    total += _finish_shard(spools.path(i), tmp / name, i, shard_size, sizes[name])
+                    (tmp / stats_name(name)).write_bytes(stats_bytes(success_stats(sizes[name], EXPORT_TIME)))
                 (tmp / SIZES_FILE).write_text(json.dumps(sizes, indent=2, sort_keys=True) + "\n")
                 if hex_uids:
                     _write_uids_npy(con, tmp / UIDS_FILE, n)
@@ -404,13 +427,14 @@ def verify_export(
     tmp_root: Path | None = None,
     memory_limit: str = "1GB",
     limit: int = 5,
+    images: bool = True,
 ) -> list[str]:
     """Problems of an exported subset against its decisions (empty = healthy):
     missing / extra / repeated samples, shard files vs ``sizes.json``, unequal
-    shard sizes, and ``uids.npy`` / ``keys.txt`` vs the kept uids.  Streams the
+    shard sizes, each tar's ``NNNNN_stats.json`` (present, img2dataset's keys,
+    ``successes`` = the tar's samples, no stray ones), and ``uids.npy`` /
+    ``keys.txt`` vs the kept uids.  Streams the
     tars; the comparison runs in DuckDB (bounded memory)."""
-    import tempfile
-
     import pyarrow as pa
 
     out_dir = Path(out_dir)
@@ -419,6 +443,12 @@ def verify_export(
     problems: list[str] = []
     if not out_dir.is_dir():
         return [f"{out_dir}: no exported subset"]
+    if not images:  # uids.npy alone (a metadata-only pool)
+        extra = sorted(p.name for p in out_dir.iterdir() if p.name != UIDS_FILE)
+        with _kept_connection(decisions_path, samples_dir, tmp_root, memory_limit) as con:
+            n_kept = con.execute("SELECT count(*) FROM kept").fetchall()[0][0]
+            ids = _verify_ids(con, out_dir, n_kept, True, limit)
+        return ([f"files beside {UIDS_FILE} in a subset without images: {extra[:limit]}"] if extra else []) + ids
     try:
         sizes = _read_sizes(out_dir)
     except (OSError, ValueError) as err:
@@ -432,47 +462,75 @@ def verify_export(
     if len(counts) > 1 and (len(set(counts[:-1])) != 1 or counts[-1] > counts[0]):
         problems.append(f"shard sizes are not equal (but the last): {counts[:limit]}...")
 
+    with _kept_connection(decisions_path, samples_dir, tmp_root, memory_limit) as con:
+        con.execute("CREATE TABLE found (tar VARCHAR, key VARCHAR)")
+        for t in progress(tars, desc="export: verifying shards", unit="shard"):
+            buf: list[str] = []
+            n_t = 0
+            try:
+                for key, _ in wds.iter_samples(out_dir / t):
+                    buf.append(key)
+                    n_t += 1
+                    if len(buf) >= 1 << 16:
+                        _insert_found(con, pa, t, buf)
+                        buf = []
+            except (wds.TarDamaged, OSError) as err:
+                problems.append(f"{t}: unreadable ({err})")
+            _insert_found(con, pa, t, buf)
+            if t in sizes and sizes[t] != n_t:
+                problems.append(f"{t}: holds {n_t} samples, {SIZES_FILE} says {sizes[t]}")
+            problems += _verify_stats(out_dir / stats_name(t), n_t)
+        stray = sorted(p.name for p in out_dir.iterdir()
+                       if _STATS_RE.match(p.name) and p.name[: -len(STATS_SUFFIX)] + ".tar" not in tars)
+        if stray:
+            problems.append(f"stats files without a tar: {stray[:limit]}")
+        repeated = con.execute(
+            "SELECT key, count(*) FROM found GROUP BY key HAVING count(*) > 1 ORDER BY key LIMIT ?", [limit]
+        ).fetchall()
+        if repeated:
+            problems.append(f"samples exported more than once: {[k for k, _ in repeated]}")
+        n_missing = con.execute("SELECT count(*) FROM kept k ANTI JOIN found f ON f.key = k.key").fetchall()[0][0]
+        if n_missing:
+            ex = [r[0] for r in con.execute("SELECT k.key FROM kept k ANTI JOIN found f ON f.key = k.key ORDER BY 1 LIMIT ?", [limit]).fetchall()]
+            problems.append(f"{n_missing} kept samples are missing from the export, e.g. {ex}")
+        n_extra = con.execute("SELECT count(*) FROM found f ANTI JOIN kept k ON f.key = k.key").fetchall()[0][0]
+        if n_extra:
+            ex = [r[0] for r in con.execute("SELECT f.key FROM found f ANTI JOIN kept k ON f.key = k.key ORDER BY 1 LIMIT ?", [limit]).fetchall()]
+            problems.append(f"{n_extra} exported samples are not kept by the decisions, e.g. {ex}")
+        n_kept = con.execute("SELECT count(*) FROM kept").fetchall()[0][0]
+        if sum(sizes.values()) != n_kept:
+            problems.append(f"{SIZES_FILE} totals {sum(sizes.values())} samples, the decisions keep {n_kept}")
+        problems += _verify_ids(con, out_dir, n_kept, _all_hex(con), limit)
+    return problems
+
+
+@contextlib.contextmanager
+def _kept_connection(decisions_path: Path, samples_dir: Path, tmp_root: Path | None, memory_limit: str
+                     ) -> Iterator[Any]:
+    """A bounded DuckDB connection in a temp folder with the ``kept`` view of the decisions."""
     if tmp_root is not None:
         Path(tmp_root).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="verify-export-", dir=tmp_root) as work:
         con = connect(Path(work), memory_limit)
         try:
             _kept_view(con, decisions_path, samples_dir)
-            con.execute("CREATE TABLE found (tar VARCHAR, key VARCHAR)")
-            for t in progress(tars, desc="export: verifying shards", unit="shard"):
-                buf: list[str] = []
-                n_t = 0
-                try:
-                    for key, _ in wds.iter_samples(out_dir / t):
-                        buf.append(key)
-                        n_t += 1
-                        if len(buf) >= 1 << 16:
-                            _insert_found(con, pa, t, buf)
-                            buf = []
-                except (wds.TarDamaged, OSError) as err:
-                    problems.append(f"{t}: unreadable ({err})")
-                _insert_found(con, pa, t, buf)
-                if t in sizes and sizes[t] != n_t:
-                    problems.append(f"{t}: holds {n_t} samples, {SIZES_FILE} says {sizes[t]}")
-            repeated = con.execute(
-                "SELECT key, count(*) FROM found GROUP BY key HAVING count(*) > 1 ORDER BY key LIMIT ?", [limit]
-            ).fetchall()
-            if repeated:
-                problems.append(f"samples exported more than once: {[k for k, _ in repeated]}")
-            n_missing = con.execute("SELECT count(*) FROM kept k ANTI JOIN found f ON f.key = k.key").fetchall()[0][0]
-            if n_missing:
-                ex = [r[0] for r in con.execute("SELECT k.key FROM kept k ANTI JOIN found f ON f.key = k.key ORDER BY 1 LIMIT ?", [limit]).fetchall()]
-                problems.append(f"{n_missing} kept samples are missing from the export, e.g. {ex}")
-            n_extra = con.execute("SELECT count(*) FROM found f ANTI JOIN kept k ON f.key = k.key").fetchall()[0][0]
-            if n_extra:
-                ex = [r[0] for r in con.execute("SELECT f.key FROM found f ANTI JOIN kept k ON f.key = k.key ORDER BY 1 LIMIT ?", [limit]).fetchall()]
-                problems.append(f"{n_extra} exported samples are not kept by the decisions, e.g. {ex}")
-            n_kept = con.execute("SELECT count(*) FROM kept").fetchall()[0][0]
-            if sum(sizes.values()) != n_kept:
-                problems.append(f"{SIZES_FILE} totals {sum(sizes.values())} samples, the decisions keep {n_kept}")
-            problems += _verify_ids(con, out_dir, n_kept, _all_hex(con), limit)
+            yield con
         finally:
             con.close()
+
+
+def _verify_stats(path: Path, samples: int) -> list[str]:
+    """Problems of one exported tar's stats file (``samples``: what the tar holds)."""
+    if not path.is_file():
+        return [f"{path.name} is missing (img2dataset's stats of {path.name[: -len(STATS_SUFFIX)]}.tar)"]
+    try:
+        stats = read_stats(path)
+    except (OSError, ValueError) as err:
+        return [str(err)]
+    problems = check_stats(stats, path.name, samples)
+    if not problems and (stats["failed_to_download"] or stats["failed_to_resize"]):
+        problems.append(f"{path.name}: an export has no failed samples, got {stats['failed_to_download']} + "
+                        f"{stats['failed_to_resize']}")
     return problems
 
 

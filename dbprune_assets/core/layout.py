@@ -121,11 +121,13 @@ def list_pool_shards(pool: Path) -> list[str]:
     The parquet is the shard's ledger (one row per attempted sample), so a
     numbered shard whose tar is missing is still a shard (its rows get
     ``missing_in_tar``), while other parquet files beside the shards (such as
-    the sample pool's ``ground_truth.parquet``) are not.
+    the sample pool's ``ground_truth.parquet``) are not.  A DataComp metadata
+    shard is a parquet with its ``NAME.npz`` beside it.
     """
     if not pool.is_dir():
         return []
     return sorted(
         p.stem for p in pool.glob("*.parquet")
-        if p.is_file() and not p.name.startswith(".") and (p.stem.isdigit() or p.with_suffix(".tar").exists())
+        if p.is_file() and not p.name.startswith(".")
+        and (p.stem.isdigit() or p.with_suffix(".tar").exists() or p.with_suffix(".npz").exists())
     )

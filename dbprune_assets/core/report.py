@@ -78,14 +78,21 @@ def _decisions(layout: Layout) -> str:
 def _comparison(layout: Layout) -> str:
     import polars as pl
 
-    from .compare import table_rows, verdicts
+    from .compare import AGGREGATE_TASK, aggregate_table_rows, samples_seen_sentence, table_rows, verdicts
 
     path = layout.table("comparison")
     if not path.is_file():
         return "<p><em>no comparison yet (materialise comparison: dbprune run)</em></p>"
     summary = pl.read_parquet(path)
     items = "".join(f"<li>{html.escape(v)}</li>" for v in verdicts(summary, baseline="full", focus="dbp"))
-    return html_table(table_rows(summary)) + f"<ul>{items}</ul>"
+    seen = dict(summary.select("strategy", "samples_seen").unique().iter_rows())
+    out = f"<p>{html.escape(samples_seen_sentence(seen))}</p>" + html_table(table_rows(summary)) + f"<ul>{items}</ul>"
+    agg_path = layout.table("comparison", AGGREGATE_TASK)
+    if agg_path.is_file():
+        out += ("<h3>DataComp-style aggregate</h3><p>Mean over seeds of DataComp's aggregate scores (main metric "
+                "per task, averaged per group over the tasks present).</p>"
+                + html_table(aggregate_table_rows(pl.read_parquet(agg_path))))
+    return out
 
 
 def _clusters(layout: Layout) -> str:

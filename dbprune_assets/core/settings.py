@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationErr
 from pydantic_core import PydanticCustomError
 
 from .layout import Layout
+from .scales import ScaleName, layer_scale, resolve_train
 
 STRATEGIES: tuple[str, ...] = ("dbp", "ssp", "random", "clip_score", "semdedup", "full")
 PROFILES: tuple[str, ...] = ("paper", "sample")
@@ -156,6 +157,40 @@ class EncoderSettings(_Section):
         return self.score_encoder or self.cluster_encoder
 
 
+class EmbeddingsSettings(_Section):
+    """Where the embeddings come from (docs/design.md, "Pools, embedding sources and scale")."""
+
+    source: Literal["compute", "datacomp", "clip_retrieval"] = Field(
+        "compute", description="compute: the encoder embeds the pool's images; datacomp: the pool is DataComp "
+                               "metadata (<stem>.parquet + <stem>.npz per shard), its stored embeddings are used "
+                               "and no encoder is trained or loaded; clip_retrieval: the pool is img2dataset "
+                               "output embedded by clip-retrieval's inference, whose stored embeddings are used "
+                               "(linked by uid, or by key when its metadata has no uid column); no encoder")
+    path: str | None = Field(None, description="datacomp: the folder holding <shard>.parquet + <shard>.npz for each "
+                                               "pool shard; clip_retrieval: clip-retrieval's output folder, the one "
+                                               "holding img_emb/, text_emb/ and metadata/ (default: the pool itself)")
+    model: Literal["l14", "b32"] = Field("l14", description="datacomp: which stored embeddings (npz key prefix)")
+
+    def folder(self, pool: Path) -> Path:
+        """Where the precomputed files are (DataComp's per shard, or clip-retrieval's output folder)."""
+        return Path(self.path).expanduser() if self.path else pool
+
+    @property
+    def precomputed(self) -> bool:
+        return self.source != "compute"
+
+
+class PartitionSettings(_Section):
+    """How the pool maps to Dagster partitions and runs (``core/shardgroups.py``);
+    execution only: no result depends on them."""
+
+    shards_per_partition: Clusters = Field(
+        AUTO, description="shards per partition of the per-shard assets; auto: 1 up to 10,000 shards, above that "
+                          "the least that keeps 10,000 partitions (named <first>..<last>)")
+    per_run: int = Field(1000, gt=0, description="partitions per Dagster run: a group's out-of-date partitions run "
+                                                 "in batches of this many (many runs spread over Celery workers)")
+
+
 class ComputeSettings(_Section):
     device: Device = Field("auto", description="auto: cuda when present, else cpu")
     batch_size: int = Field(256, gt=0, description="embedding batch size")
@@ -235,19 +270,42 @@ class ExportSettings(_Section):
 
 
 class TrainSettings(_Section):
+    """Per-strategy training.  ``scale`` (DataComp's ``debug``, ``small``,
+    ``medium``, ``large``, ``xlarge``) sets ``model``, ``batch_size``, ``lr``,
+    ``samples_seen``, ``warmup`` and ``beta2`` to DataComp's values for that
+    scale (:mod:`~dbprune_assets.core.scales`); those keys, when the settings
+    file also sets them, win over the scale, and the scale wins over the
+    profile's.  The resolved values are what the settings hold and save."""
+
+    scale: ScaleName | None = Field(
+        None, description="DataComp scale (debug, small, medium, large, xlarge): sets model, batch_size, lr, "
+                          "samples_seen, warmup and beta2 to DataComp's values; keys set beside it win")
     model: str = Field("ViT-B-32", description="open_clip architecture trained per strategy")
     samples_seen: int = Field(128_000_000, gt=0, description="equal for every strategy: steps x global batch")
     batch_size: int = Field(4096, gt=0, description="global batch")
     lr: float = Field(5e-4, gt=0)
-    warmup: int = Field(500, ge=0)
+    warmup: int = Field(500, ge=0, description="warmup steps")
+    beta2: float = Field(0.98, gt=0, lt=1, description="AdamW beta2 (open_clip_train --beta2); 0.98 = open_clip's ViT default")
     precision: str = Field("amp_bf16")
     workers: int = Field(4, ge=0)
     train_seeds: tuple[int, ...] = Field((0,), min_length=1, strict=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _scale_defaults(cls, data: Any) -> Any:
+        return resolve_train(data)
+
 
 class EvalSettings(_Section):
-    zeroshot: str | None = Field(None, description="labelled eval folder (default: the sample pool's eval/)")
-    retrieval: str | None = Field(None, description="captioned webdataset folder (default: the sample pool's eval/)")
+    """Evaluation sets in CLIP_benchmark's webdataset layout (``core/evaluate.py``)."""
+
+    datasets: tuple[str, ...] | None = Field(
+        None, min_length=1, strict=False,
+        description="evaluation dataset folders in CLIP_benchmark's webdataset layout (test/nshards.txt, "
+                    "test/0.tar, ...), or folders holding such folders (a local copy of DataComp's eval sets); "
+                    "each one's task is read from it (default: the sample pool's eval/)")
+    zeroshot: str | None = Field(None, description="old setting, still read: one more folder for eval.datasets")
+    retrieval: str | None = Field(None, description="old setting, still read: one more folder for eval.datasets")
     batch_size: int = Field(256, gt=0)
     bootstrap_samples: int = Field(1000, gt=0, description="bootstrap resamples for confidence intervals")
 
@@ -257,6 +315,8 @@ class PipelineSettings(_Section):
     pool: PoolSettings = PoolSettings()
     ingest: IngestSettings = IngestSettings()
     encoder: EncoderSettings = EncoderSettings()
+    embeddings: EmbeddingsSettings = EmbeddingsSettings()
+    partitions: PartitionSettings = PartitionSettings()
     compute: ComputeSettings = ComputeSettings()
     semdedup: SemDedupSettings = SemDedupSettings()
     clip_filter: ClipFilterSettings = ClipFilterSettings()
@@ -358,7 +418,7 @@ def build_settings(overrides: dict[str, Any] | None = None, profile: str | None 
     (:func:`choose_settings` makes the automatic choice instead)."""
     overrides = dict(overrides or {})
     name = overrides.pop("profile", None) or profile or "paper"
-    data = _deep_merge(profile_dict(str(name)), overrides)
+    data = _deep_merge(layer_scale(profile_dict(str(name)), overrides), overrides)  # train.scale beats the profile
     data["profile"] = name
     try:
         return PipelineSettings.model_validate(data)
@@ -388,14 +448,35 @@ def auto_profile(pool: Path) -> tuple[str, dict[str, Any], str]:
     """The profile that fits ``pool``, the overrides that come with it, and why:
     ``sample`` for the generated sample pool (or no pool yet: it is generated),
     else ``paper`` with ``auto`` cluster counts (the paper's k assume 10^8 samples)."""
-    from ..samplepool.writer import is_sample_pool  # here: the generator imports these settings
+    from ..samplepool.datacomp import is_datacomp_pool  # here: the generator imports these settings
+    from ..samplepool.writer import is_sample_pool
 
     if not pool.exists():
         return "sample", {}, f"there is no pool at {pool} yet, so the sample pool is generated there"
     if is_sample_pool(pool):
         return "sample", {}, f"{pool} is the generated sample pool"
+    if is_datacomp_pool(pool):
+        return "sample", GENERATED_DATACOMP_OVERRIDES, (
+            f"{pool} is the generated DataComp-format pool: the sample profile with its stored embeddings "
+            "(embeddings.source: datacomp) and the paper's SemDeDup eps (its vectors are CLIP-like, not the "
+            "bootstrap encoder's)")
+    if looks_like_datacomp(pool):
+        return "paper", _deep_merge(USER_POOL_OVERRIDES, DATACOMP_OVERRIDES), (
+            f"{pool} is your own DataComp metadata pool (<stem>.parquet + <stem>.npz, no images): the paper's "
+            "values, with semdedup.dedup_k and dbp.k auto and embeddings.source: datacomp")
     return "paper", USER_POOL_OVERRIDES, (f"{pool} is your own pool: the paper's values, with semdedup.dedup_k "
                                           "and dbp.k auto (scaled to the pool's size)")
+
+
+#: what a pool of DataComp metadata shards gets when no profile is named
+DATACOMP_OVERRIDES: dict[str, Any] = {"embeddings": {"source": "datacomp"}}
+#: the generated DataComp-format pool (samplepool/datacomp.py plants near copies at cosine > 1 - 0.07/2)
+GENERATED_DATACOMP_OVERRIDES: dict[str, Any] = {**DATACOMP_OVERRIDES, "semdedup": {"eps": 0.07}}
+
+
+def looks_like_datacomp(pool: Path) -> bool:
+    """A pool of DataComp metadata shards: an npz beside a parquet and no tar."""
+    return any(p.with_suffix(".parquet").is_file() for p in pool.glob("*.npz")) and not any(pool.glob("*.tar"))
 
 
 def choose_settings(config: Path | None = None, profile: str | None = None, pool: Path | None = None,

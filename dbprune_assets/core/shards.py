@@ -49,6 +49,7 @@ from .wds import TarDamaged, decode_text, image_member, iter_samples
 #: every status a sample can get at ingest, in the contract's order
 STATUSES: tuple[str, ...] = (
     "ok", "failed_download", "undecodable", "missing_in_tar", "empty_caption", "truncated_tar", "duplicate_uid",
+    "no_embedding", "bad_embedding",  # precomputed embeddings (core/precomputed.py)
 )
 #: the ``problems`` cause prefix of a caption repaired from non-UTF-8 bytes
 CAPTION_NOT_UTF8 = "caption_not_utf8"

@@ -4,11 +4,19 @@ clip-retrieval's ``img_emb`` / ``text_emb`` / ``metadata`` folders.
 Users rarely embed a pool themselves: DataComp ships every metadata shard as
 ``<stem>.parquet`` + ``<stem>.npz`` (rows aligned; keys ``b32_img``,
 ``b32_txt``, ``l14_img``, ``l14_txt``, L2-normalised, float16 in practice) and
-LAION-style pools are embedded once with clip-retrieval
+LAION-style pools are embedded once with clip-retrieval's ``clip_inference``
 (``img_emb/img_emb_{N}.npy``, ``text_emb/text_emb_{N}.npy``,
-``metadata/metadata_{N}.parquet``; rows aligned, ``image_path`` is the
-webdataset key, ``uid`` when present).  See docs/design.md, "Pools, embedding
-sources and scale".
+``metadata/metadata_{N}.parquet``; rows aligned).  What clip-retrieval writes
+(its ``clip_inference/writer.py``, ``reader.py``, ``mapper.py``): ``N`` is the
+output partition number zero-padded to the digits of the partition count
+(``img_emb_007.npy``); the arrays are L2-normalised float16; the metadata has
+``image_path`` (for webdataset input the sample's ``__key__``, which is the
+img2dataset key; for a folder of files the image's path), ``caption`` and,
+with ``--enable_metadata``, the columns of each sample's json (img2dataset's
+``url``, ``key``, ``uid`` when the download kept it, ...).  Rows are linked by
+``uid`` when the metadata has that column, else by key (``image_path``; the
+file name without extension for a path).  See docs/design.md, "Pools,
+embedding sources and scale".
 
 This module reads one source file set at a time (memory bounded by one shard),
 checks it, and links its rows to the pool's samples by uid or key.  The
@@ -32,7 +40,11 @@ import numpy as np
 DATACOMP_MODELS: dict[str, int] = {"b32": 512, "l14": 768}
 DataCompModel = Literal["b32", "l14"]
 
-_CR_PART = re.compile(r"^img_emb_(\d+)\.npy$")
+#: clip-retrieval's three files of part ``N``: folder, file name prefix, suffix
+CLIP_RETRIEVAL_FILES: tuple[tuple[str, str, str], ...] = (
+    ("img_emb", "img_emb_", ".npy"), ("text_emb", "text_emb_", ".npy"), ("metadata", "metadata_", ".parquet"))
+_CR_PART = {sub: re.compile(rf"^{re.escape(prefix)}(\d+){re.escape(suffix)}$")
+            for sub, prefix, suffix in CLIP_RETRIEVAL_FILES}
 
 
 class SourceError(ValueError):
@@ -91,34 +103,79 @@ def read_datacomp(parquet: Path, model: DataCompModel = "l14", npz: Path | None 
     return rows
 
 
+def clip_retrieval_files(folder: Path, part: str) -> tuple[Path, Path, Path]:
+    """``img_emb/img_emb_N.npy``, ``text_emb/text_emb_N.npy``, ``metadata/metadata_N.parquet`` of part ``N``."""
+    img, txt, meta = (folder / sub / f"{prefix}{part}{suffix}" for sub, prefix, suffix in CLIP_RETRIEVAL_FILES)
+    return img, txt, meta
+
+
 def clip_retrieval_parts(folder: Path) -> list[str]:
-    """The part numbers ``N`` of a clip-retrieval output folder, in numeric order."""
-    parts = sorted((int(m.group(1)), m.group(1)) for p in (folder / "img_emb").glob("img_emb_*.npy")
-                   if (m := _CR_PART.match(p.name)))
-    if not parts:
+    """The part numbers ``N`` of a clip-retrieval output folder as its file
+    names spell them (``"007"``), in numeric order; a part some of whose three
+    files are missing is an error naming the missing file."""
+    found: dict[str, set[str]] = {}
+    for sub, _, _ in CLIP_RETRIEVAL_FILES:
+        d = folder / sub
+        for p in (d.iterdir() if d.is_dir() else ()):
+            if (m := _CR_PART[sub].match(p.name)) and p.is_file():
+                found.setdefault(m.group(1), set()).add(sub)
+    if not found:
         raise SourceError(f"{folder} has no img_emb/img_emb_N.npy: point embeddings.path at clip-retrieval's "
                           "output folder (the one holding img_emb/, text_emb/ and metadata/)")
-    return [name for _, name in parts]
+    parts = sorted(found, key=lambda n: (int(n), n))
+    for part in parts:
+        for path, (sub, _, _) in zip(clip_retrieval_files(folder, part), CLIP_RETRIEVAL_FILES):
+            if sub not in found[part]:
+                raise SourceError(f"{path} is missing: clip-retrieval writes img_emb, text_emb and metadata for "
+                                  "every part; re-run its inference with image and text enabled (the default), "
+                                  f"or remove part {part}'s other files")
+    return parts
+
+
+def clip_retrieval_id(image_path: str | None) -> str | None:
+    """The pool key of a clip-retrieval ``image_path``: webdataset input writes
+    the sample's key itself (kept as is); a folder of files writes the image's
+    path, whose file name without extension is the key."""
+    if image_path is None:
+        return None
+    name = image_path.rsplit("/", 1)[-1]
+    return name.rsplit(".", 1)[0] if "." in name else image_path
+
+
+def clip_retrieval_id_sql(column: str) -> str:
+    """:func:`clip_retrieval_id` as a DuckDB expression over the VARCHAR ``column``."""
+    name = f"regexp_extract({column}, '[^/]*$')"
+    return f"CASE WHEN strpos({name}, '.') > 0 THEN regexp_replace({name}, '\\.[^.]*$', '') ELSE {column} END"
+
+
+def clip_retrieval_link_column(names: list[str], meta: Path) -> str:
+    """``uid`` when the metadata has it, else ``image_path``; neither is an error naming the file."""
+    if "uid" in names:
+        return "uid"
+    if "image_path" in names:
+        return "image_path"
+    raise SourceError(f"{meta} has neither uid nor image_path (found {names}); cannot link its rows to the pool: "
+                      "run clip-retrieval's inference with image embeddings enabled (it writes image_path)")
 
 
 def read_clip_retrieval(folder: Path, part: str) -> SourceRows:
-    """Part ``N`` of clip-retrieval's output; ids are ``uid`` where the metadata has it, else ``image_path``."""
+    """Part ``N`` of clip-retrieval's output (arrays memory-mapped); ids are
+    ``uid`` where the metadata has it, else the key (:func:`clip_retrieval_id`)."""
     import pyarrow.parquet as pq
 
-    img_p = folder / "img_emb" / f"img_emb_{part}.npy"
-    txt_p = folder / "text_emb" / f"text_emb_{part}.npy"
-    meta_p = folder / "metadata" / f"metadata_{part}.parquet"
+    img_p, txt_p, meta_p = clip_retrieval_files(folder, part)
     for p in (img_p, txt_p, meta_p):
         if not p.is_file():
             raise SourceError(f"{p} is missing: clip-retrieval writes img_emb, text_emb and metadata for every "
-                              "part; re-run its inference with text and metadata enabled")
-    names = pq.read_schema(meta_p).names
-    column = "uid" if "uid" in names else "image_path" if "image_path" in names else None
-    if column is None:
-        raise SourceError(f"{meta_p} has neither uid nor image_path (found {names}); cannot link its rows to the pool")
+                              "part; re-run its inference with image and text enabled (the default)")
+    column = clip_retrieval_link_column(pq.read_schema(meta_p).names, meta_p)
     ids = np.asarray(pq.read_table(meta_p, columns=[column]).column(column).to_pylist(), dtype=object)
     if column == "image_path":
-        ids = np.asarray([Path(str(p)).stem if p is not None else None for p in ids], dtype=object)
+        ids = np.asarray([clip_retrieval_id(p) for p in ids], dtype=object)
+    missing = [i for i, v in enumerate(ids) if v is None or v == ""]
+    if missing:
+        raise SourceError(f"{meta_p}: row {missing[0]} has no {column} ({len(missing)} such rows); every row "
+                          "must name its sample (re-export the part)")
     return SourceRows(ids, np.load(img_p, mmap_mode="r"), np.load(txt_p, mmap_mode="r"),
                       f"{img_p.name} + {txt_p.name} + {meta_p.name}")
 

@@ -303,7 +303,9 @@ def make_subset(layout: Layout, settings: PipelineSettings, strategy: str) -> Su
 
     from .duck import parquet_files
     from .export import export_subset, verify_export
+    from .layout import list_pool_shards
     from .oserrors import MIN_FREE_BYTES, require_free_space
+    from .precomputed import is_metadata_only
     from .strategies import decide, strategy_quotas
 
     quotas, M = strategy_quotas(strategy, pl.read_parquet(layout.table("clusters")))
@@ -318,10 +320,11 @@ def make_subset(layout: Layout, settings: PipelineSettings, strategy: str) -> Su
             problems["kept_equals_quota"].append(f"{strategy}: clusters {bad[:10].tolist()} kept != quota")
     require_free_space(layout.subset_dir(strategy), export_bytes(layout, out) + MIN_FREE_BYTES,
                        f"exporting the {strategy} subset")
+    images = not is_metadata_only(layout.pool, list_pool_shards(layout.pool))
     exp = export_subset(out, layout.pool, layout.subset_dir(strategy), settings.export.shard_size,
-                        settings.export.seed, layout.tmp)
-    problems["export_matches_decisions"] = [f"{strategy}: {p}" for p in
-                                            verify_export(layout.subset_dir(strategy), out, tmp_root=layout.tmp)]
+                        settings.export.seed, layout.tmp, images=images)
+    problems["export_matches_decisions"] = [
+        f"{strategy}: {p}" for p in verify_export(layout.subset_dir(strategy), out, tmp_root=layout.tmp, images=images)]
     # a uid repeated inside a shard is one decision per row (duplicate_uid rows are corrupt), so the
     # decisions match the samples row for row and (shard, uid) for (shard, uid)
     [(n_samples, n_dec, n_distinct, n_sample_ids)] = query_tables(

@@ -29,6 +29,18 @@ from the subset size.  The samples actually seen (``S x G``) are recorded and
 checked against the steps open_clip_train logged.  The sample profile's
 20 000 samples at batch 128 give 156 steps = 19 968 samples for every strategy.
 
+DataComp scales
+---------------
+``train.scale`` (:mod:`dbprune_assets.core.scales`) sets the model, global
+batch, learning rate, samples seen, warmup and AdamW beta2 to DataComp's
+values for that scale; they reach open_clip_train as ``--model``,
+``--batch-size`` (per device), ``--lr``, ``--train-num-samples`` (through the
+plan above), ``--warmup`` and ``--beta2``.  ``train_result.json`` records the
+scale, and a note names every value the settings changed from it (such a run
+is not comparable with that scale's leaderboard).  DataComp's small scale
+plans 3124 steps x 4096 = 12 795 904 samples with 4 workers (the nearest
+multiple of the workers to 3125).
+
 Where things land
 -----------------
 ``out_dir`` (the caller passes ``models/<strategy>/seed<k>/``) becomes an
@@ -82,6 +94,7 @@ from dbprune_assets.core.oc_train import (
     run_open_clip_train,
     training_scratch,
 )
+from dbprune_assets.core.scales import deviations
 from dbprune_assets.core.settings import TrainSettings
 
 RESULT_FILE = "train_result.json"
@@ -168,6 +181,7 @@ class TrainResult:
     model_name: str  # "local-dir:<out_dir>"
     canonical_dir: Path | None  # models/<strategy>/ when this run was published there
     architecture: str
+    scale: str | None  # DataComp's scale named by train.scale (its values may be overridden: see notes)
     seed: int
     n_samples: int  # the subset's size (samples available, not samples seen)
     steps: int
@@ -203,6 +217,7 @@ class TrainResult:
     def to_json(self) -> dict[str, Any]:
         return {
             "architecture": self.architecture,
+            "scale": self.scale,
             "seed": self.seed,
             "n_samples": self.n_samples,
             "steps": self.steps,
@@ -344,12 +359,15 @@ def _train(
         notes.append(f"the subset holds {n_samples} samples, fewer than one batch of {plan.global_batch}: batches repeat samples")
     if settings.warmup >= plan.steps:
         notes.append(f"warmup {settings.warmup} >= {plan.steps} steps: the learning rate never reaches {settings.lr}")
+    if settings.scale is not None and (changed := deviations(settings.model_dump())):
+        notes.append(f"train.scale {settings.scale}, but {', '.join(changed)}: not comparable with DataComp's "
+                     f"{settings.scale} leaderboard")
 
     with training_scratch(settings.model, tmp_root, "train-") as staged:
         argv = build_train_argv(
             model=staged.model_arg, train_data=str(train_data), n_samples=plan.samples_per_epoch,
             batch_size=plan.per_device_batch, epochs=plan.epochs, lr=settings.lr, warmup=settings.warmup,
-            workers=settings.workers, precision=precision, seed=seed, logs=staged.logs, device=dev,
+            beta2=settings.beta2, workers=settings.workers, precision=precision, seed=seed, logs=staged.logs, device=dev,
             save_frequency=0, log_every_n_steps=log_every_n_steps, extra=["--dataset-resampled"],
         )
         try:
@@ -368,6 +386,7 @@ def _train(
             model_name=LOCAL_DIR + str(out_dir.resolve()),
             canonical_dir=None,
             architecture=settings.model,
+            scale=settings.scale,
             seed=int(seed),
             n_samples=int(n_samples),
             steps=plan.steps,

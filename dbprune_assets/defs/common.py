@@ -19,6 +19,7 @@ and the step's own metadata, the same on every partition it ran, is named
 from __future__ import annotations
 
 import re
+from pathlib import Path
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -27,7 +28,8 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import dagster as dg
 
 from ..core.catalog import CATALOG_TABLES, refresh_catalog
-from ..core.layout import UNPARTITIONED, Layout
+from ..core import shardgroups
+from ..core.layout import UNPARTITIONED, Layout, list_pool_shards
 from ..core.settings import STRATEGIES, PipelineSettings, choose_settings
 from ..core.state import State, combine_versions, file_signature, read_state, stable_hash, write_state
 
@@ -120,6 +122,20 @@ class DbpruneResource(dg.ConfigurableResource):
                        graph_nodes(context.job_def.asset_layer.asset_graph), context)
 
 
+#: per-partition metadata only for steps of at most this many partitions: Dagster
+#: checks each call against every partition of the asset (a query per call), and a
+#: bigger step's numbers are in the commit markers and the catalog
+PARTITION_METADATA_MAX = 200
+
+
+def registered_shards(keys: Sequence[str], pool: Path) -> list[str]:
+    """The shards of partition ``keys``: a shard's own key, or every pool shard
+    in a group's range (``core/shardgroups.py``)."""
+    if not any(shardgroups.SEP in k for k in keys):
+        return list(keys)
+    return shardgroups.shards_of(keys, list_pool_shards(pool))
+
+
 @dataclass
 class Versions:
     """Computes fingerprints from commit markers (see ``core/state.py``)."""
@@ -168,6 +184,18 @@ class Versions:
                 file_signature(self.layout.shard_parquet(partition)),
                 file_signature(self.layout.shard_tar(partition)),
             ]
+            if self.settings.embeddings.precomputed:  # the stored embeddings decide no_/bad_embedding
+                folder = self.settings.embeddings.folder(self.layout.pool)
+                if self.settings.embeddings.source == "clip_retrieval":  # any part may hold the shard's rows
+                    from ..core.source_index import source_signature
+
+                    memo = ("clip_retrieval_files", str(folder))  # stat the parts once per Versions, not per shard
+                    if memo not in self._cache:
+                        self._cache[memo] = source_signature(folder)
+                    parts["files"].append(self._cache[memo])
+                else:
+                    parts["files"] += [file_signature(folder / f"{partition}.parquet"),
+                                       file_signature(folder / f"{partition}.npz")]
         if asset == "encoder":
             parts["reference"] = file_signature(self.layout.reference_dir / "sizes.json")
             from ..core.encoders import local_source_files
@@ -197,10 +225,30 @@ class Session:
         self.context = context
         self.started = time.monotonic()
         self._lap = self.started
+        self._group_metadata: dict[str, dict[str, Any]] = {}
+
+    @cached_property
+    def partition_keys(self) -> list[str]:
+        """The registered partitions of the per-shard assets (shards or shard groups)."""
+        return sorted(self.instance.get_dynamic_partitions(SHARDS))
 
     @cached_property
     def shards(self) -> list[str]:
-        return sorted(self.instance.get_dynamic_partitions(SHARDS))
+        """Every shard of the registered partitions (``core/shardgroups.py``)."""
+        return registered_shards(self.partition_keys, self.layout.pool)
+
+    def partition_shards(self, keys: Sequence[str]) -> list[str]:
+        """The shards of a step's partition ``keys``, in order."""
+        return registered_shards(keys, self.layout.pool)
+
+    @cached_property
+    def _step_keys(self) -> list[str]:
+        """The step's partition keys (Dagster computes them from the instance at each access)."""
+        return list(self.context.partition_keys) if self.context is not None else []
+
+    @cached_property
+    def _partition_of(self) -> dict[str, str]:
+        return {sh: key for key in self._step_keys for sh in self.partition_shards([key])}
 
     @cached_property
     def versions(self) -> Versions:
@@ -227,11 +275,31 @@ class Session:
         write_state(self.layout, asset, partition, state)
         self.versions.forget(asset, partition)
         now = time.monotonic()
-        if metadata is not None and self.context is not None and partition != UNPARTITIONED:
-            self.context.add_asset_metadata({**metadata, "seconds": round(now - self._lap, 2)},
-                                            partition_key=partition)
+        if (metadata is not None and self.context is not None and partition != UNPARTITIONED
+                and len(self._step_keys) <= PARTITION_METADATA_MAX):
+            self._partition_metadata(partition, {**metadata, "seconds": round(now - self._lap, 2)})
         self._lap = now
         return state
+
+    @property
+    def table_rows(self) -> int:
+        """Rows a step's tables show: Dagster copies a step's metadata onto every
+        partition it materialises, so a step over many partitions shows few."""
+        return 60 if len(self._step_keys) <= PARTITION_METADATA_MAX else 10
+
+    def _partition_metadata(self, shard: str, metadata: Mapping[str, Any]) -> None:
+        """A shard's metadata on its partition; on a shard group's, the sums of its
+        shards' numbers so far (other values: the last shard's) and ``shards``."""
+        assert self.context is not None
+        key = self._partition_of.get(shard, shard)
+        if key != shard:
+            acc = self._group_metadata.setdefault(key, {"shards": 0})
+            acc["shards"] += 1
+            for name, value in metadata.items():
+                number = isinstance(value, (int, float)) and not isinstance(value, bool)
+                acc[name] = acc.get(name, 0) + value if number and name in acc else value
+            metadata = dict(acc)
+        self.context.add_asset_metadata(dict(metadata), partition_key=key)
 
     def done(self, asset: str, summary: Mapping[str, Any], metadata: Mapping[str, Any],
              checks: Mapping[str, tuple[bool, Mapping[str, Any]]] | None = None,

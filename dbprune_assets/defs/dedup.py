@@ -34,12 +34,13 @@ def assign_asset(context: dg.AssetExecutionContext, s: Session, asset: str, cent
                  selection: str | None, sums_table: str | None = None) -> dg.MaterializeResult:
     """Assign and commit each of the run's shards (:func:`~..core.embstore.assign_shards`)."""
     total = 0
-    for shard, rows in embstore.assign_shards(s.layout, context.partition_keys, centroids, out_table, selection,
+    shards = s.partition_shards(context.partition_keys)
+    for shard, rows in embstore.assign_shards(s.layout, shards, centroids, out_table, selection,
                                               faiss_use_gpu(s.device), s.threads, sums_table):
         s.commit(asset, shard, {"rows": rows}, metadata={"rows": rows})
         total += rows
     s.refresh_catalog(out_table)
-    return dg.MaterializeResult(metadata={"step_rows": total, "step_shards": len(context.partition_keys),
+    return dg.MaterializeResult(metadata={"step_rows": total, "step_shards": len(shards),
                                           "step_seconds": s.elapsed()})
 
 

@@ -9,6 +9,7 @@ from ..core.atomic import write_json, write_parquet
 from ..core.device import torch_device
 from ..core.layout import Layout, list_pool_shards
 from ..core.progress import progress
+from ..core.state import stable_hash
 from .common import Session, shard_partitions, stage
 from .ingest import raw_metadata
 from .plots import artefact_md, loss_curve_png, table
@@ -39,13 +40,19 @@ def _reference_shards(layout: Layout) -> tuple[list, int, str]:
     kinds={"pytorch", "openclip"},
     # the encoder is a model, not a product of the pool: adding a shard must not
     # retrain it (and re-embed everything); it versions on its training data
-    settings=["encoder", "compute.device"],
+    settings=["encoder", "compute.device", "embeddings"],
 )
 def encoder(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
     """The cluster and score encoders: an open_clip architecture with a pretrained tag, an hf-hub: id or a
     local checkpoint, or the offline default `bootstrap` (a small CLIP trained with open_clip_train on the
     pool's clean reference split). Its data version is the weights hash, so embeddings turn stale when it
     changes."""
+    emb = s.settings.embeddings
+    if emb.precomputed:  # stored embeddings: no model is trained or loaded
+        version = stable_hash({"source": emb.source, "model": emb.model})
+        used = f"{emb.source}{f' {emb.model}' if emb.source == 'datacomp' else ''} (stored embeddings; no encoder)"
+        write_json(s.layout.encoder_dir / "encoder.json", {"precomputed": used}, s.layout.tmp)
+        return s.done("encoder", summary={"precomputed": used}, metadata={"source": used}, data_version=version)
     cfg = s.settings.encoder
     metadata = _train_bootstrap(context, s) if cfg.cluster_encoder.is_bootstrap or cfg.score.is_bootstrap else {}
     resolved, hashes = _check_encoders(s, metadata)
@@ -113,6 +120,8 @@ def embeddings(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeR
     from ..core.encoders import load_encoder, resolve_encoder
 
     s.check_k()
+    if s.settings.embeddings.precomputed:
+        return _stored_embeddings(context, s)
     cfg = s.settings.encoder
     device = torch_device(s.device)
     bootstrap_dir = s.layout.encoder_dir / "bootstrap"
@@ -120,7 +129,7 @@ def embeddings(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeR
     score_enc = None if cfg.score == cfg.cluster_encoder else load_encoder(
         resolve_encoder(cfg.score, bootstrap_dir, setting="encoder.score_encoder"), device)
     stats_rows = []
-    for shard in progress(context.partition_keys, desc="embeddings", unit="shard"):
+    for shard in progress(s.partition_shards(context.partition_keys), desc="embeddings", unit="shard"):
         samples = pl.read_parquet(s.layout.table("samples", shard))
         ok = samples.filter(pl.col("status") == "ok").select("uid", "key", "caption", "row")
         stats = embed_shard(
@@ -141,5 +150,50 @@ def embeddings(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeR
     secs = sum(r["embed_seconds"] for r in stats_rows) or 1e-9
     return dg.MaterializeResult(metadata={
         "step_embedded": total, "step_images_per_s": round(total / secs, 1), "device": device,
-        "embed_dim": cluster_enc.embed_dim, "step_shards": table(stats_rows), "step_seconds": s.elapsed(),
+        "embed_dim": cluster_enc.embed_dim, "step_shards": table(stats_rows, s.table_rows), "step_seconds": s.elapsed(),
     })
+
+
+def _stored_embeddings(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
+    """``embeddings`` from a precomputed source: the ok rows' stored pairs,
+    copied into the same layout; its data version is the source files'."""
+    import polars as pl
+
+    from ..core import precomputed
+    from ..core.source_index import source_signature
+    from ..core.state import file_signature, read_state
+
+    emb = s.settings.embeddings
+    step = s.partition_shards(context.partition_keys)
+    mine = set(step)
+    # the width of the shards embedded before, which every shard must share
+    dim = next((st.summary["dim"] for sh in s.shards if sh not in mine
+                and (st := read_state(s.layout, "embeddings", sh)) and "dim" in st.summary), None)
+    rows = []
+    # clip-retrieval: one folder for every shard, whose files' signatures are each shard's data version
+    cr_version = (stable_hash(["clip_retrieval", source_signature(emb.folder(s.layout.pool))])
+                  if emb.source == "clip_retrieval" else None)
+    for shard in progress(step, desc="embeddings (stored)", unit="shard"):
+        samples = pl.read_parquet(s.layout.table("samples", shard))
+        ok = samples.filter(pl.col("status") == "ok").select("uid", "key", "row")
+        src = precomputed.source_parquet(s.layout.pool, shard, emb.folder(s.layout.pool))
+        out = (s.layout.img_emb(shard), s.layout.text_emb(shard), s.layout.emb_metadata(shard), s.layout.tmp, shard)
+        if cr_version is not None:  # linked through the folder's index
+            src = emb.folder(s.layout.pool)
+            dim = precomputed.write_clip_retrieval_embeddings(src, ok, s.layout.home, *out, expected_dim=dim)
+        else:
+            dim = precomputed.write_datacomp_embeddings(src, ok, emb.model, *out, expected_dim=dim)
+        meta = pl.read_parquet(s.layout.emb_metadata(shard), columns=["uid", "shard", "clip_score"])
+        write_parquet(s.layout.table("scores", shard), meta, s.layout.tmp)
+        version = cr_version or stable_hash([file_signature(src), file_signature(src.with_suffix(".npz")), emb.model])
+        row = {"shard": shard, "embedded": ok.height, "source": src.name,
+               "mean_clip_score": round(float(meta["clip_score"].mean() or 0.0), 4)}
+        s.commit("embeddings", shard, {"rows": ok.height, "source": str(src), "dim": dim}, data_version=version,
+                 metadata=row)
+        rows.append(row)
+    s.refresh_catalog("scores")
+    return dg.MaterializeResult(metadata={
+        "step_embedded": sum(r["embedded"] for r in rows), "source": emb.source + (f" {emb.model}" if emb.source == "datacomp" else ""),
+        "embed_dim": dim or 0, "step_shards": table(rows, s.table_rows), "step_seconds": s.elapsed(),
+    })
+

@@ -3,14 +3,19 @@ and the sensor that registers shards as they appear in the pool folder."""
 
 
 from collections import Counter
+from typing import Sequence
+from pathlib import Path
 
 import dagster as dg
 
 from ..core import stages
 from ..core.atomic import remove, write_parquet
+from ..core import shardgroups
 from ..core.layout import UNPARTITIONED, Layout, list_pool_shards
+from ..core.shardgroups import GroupSize
 from ..core.progress import progress
-from ..core.shards import STATUSES, ShardError, failed_ingest, ingest_shard
+from ..core.settings import PipelineSettings
+from ..core.shards import STATUSES, ShardError, ShardIngest, failed_ingest, ingest_shard
 from ..core.state import combine_versions, read_state
 from .common import ALL_PARTITIONS, SHARDS, DbpruneResource, Session, shard_partitions, stage
 from .plots import md_table
@@ -29,28 +34,63 @@ def remove_shard_outputs(layout: Layout, shard: str) -> None:
         remove(marker)
 
 
-def sync_shard_partitions(instance: dg.DagsterInstance, layout: Layout) -> tuple[list[str], list[str]]:
-    """Make the dynamic partitions equal the pool's shards; returns (added, removed).
+def sync_shard_partitions(instance: dg.DagsterInstance, layout: Layout, group: GroupSize = "auto"
+                          ) -> tuple[list[str], list[str]]:
+    """Make the dynamic partitions equal the pool's shards, in groups of ``group``
+    (``core/shardgroups.py``); returns the partition keys (added, removed).
 
-    A shard that left the pool loses its partition, files and rows.
+    A shard that left the pool loses its files, rows and commit markers.
     """
-    on_disk = list_pool_shards(layout.pool)
-    known = set(instance.get_dynamic_partitions(SHARDS))
-    added = [s for s in on_disk if s not in known]
-    removed = sorted(known - set(on_disk))
+    added, removed, vanished = partition_changes(instance.get_dynamic_partitions(SHARDS), layout, group)
     if added:
         instance.add_dynamic_partitions(SHARDS, added)
-    for shard in removed:
-        instance.delete_dynamic_partition(SHARDS, shard)
+    for key in removed:
+        instance.delete_dynamic_partition(SHARDS, key)
+    for shard in vanished:
         remove_shard_outputs(layout, shard)
     return added, removed
+
+
+def partition_changes(known: Sequence[str], layout: Layout, group: GroupSize
+                      ) -> tuple[list[str], list[str], list[str]]:
+    """(keys to add, keys to remove, shards that left the pool) for the pool as it is now."""
+    on_disk = list_pool_shards(layout.pool)
+    keys = shardgroups.partition_keys(on_disk, shardgroups.group_size(len(on_disk), group))
+    known_set, key_set = set(known), set(keys)
+    ingested = {p.stem for p in layout.state("raw_metadata", "x").parent.glob("*.json")}
+    vanished = sorted(ingested - set(on_disk))
+    return [k for k in keys if k not in known_set], sorted(known_set - key_set), vanished
+
+
+def ingest_pool_shard(pool: Path, shard: str, settings: PipelineSettings, home: Path | None = None) -> ShardIngest:
+    """One shard's samples and problems: img2dataset output, or with
+    ``embeddings.source: datacomp`` a DataComp metadata shard (or an image shard
+    linked to the npz of its stem, :mod:`~..core.precomputed`), or with
+    ``clip_retrieval`` an image shard linked to clip-retrieval's output through
+    the index under ``home`` (default ``$DBPRUNE_HOME``)."""
+    from ..core import precomputed
+
+    emb = settings.embeddings
+    if not emb.precomputed or emb.source == "clip_retrieval":
+        if precomputed.is_datacomp_shard(pool, shard):
+            raise ShardError(f"{pool / shard}.parquet: shard {shard} is DataComp metadata (an npz beside it, no "
+                             "tar): set embeddings.source: datacomp to use its stored embeddings")
+        ingest = ingest_shard(pool, shard, settings.ingest.verify_images)
+        if not emb.precomputed:
+            return ingest
+        layout = Layout.from_env(home, pool)
+        return precomputed.link_clip_retrieval_shard(ingest, emb.folder(pool), layout.home, layout.tmp)
+    if precomputed.is_datacomp_shard(pool, shard):
+        return precomputed.ingest_datacomp_shard(pool, shard, emb.model)
+    return precomputed.link_image_shard(ingest_shard(pool, shard, settings.ingest.verify_images),
+                                        precomputed.source_parquet(pool, shard, emb.folder(pool)), emb.model)
 
 
 @stage(
     partitions=shard_partitions,
     group="ingest",
     kinds={"python", "parquet"},
-    settings=["ingest"],
+    settings=["ingest", "embeddings"],
 )
 def raw_metadata(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
     """One row per parquet row of an img2dataset shard (failed downloads included) with its status: ok,
@@ -61,9 +101,9 @@ def raw_metadata(context: dg.AssetExecutionContext, s: Session) -> dg.Materializ
     per_shard = []
     problems_preview = []
     failed: dict[str, str] = {}
-    for shard in progress(context.partition_keys, desc="ingest", unit="shard"):
+    for shard in progress(s.partition_shards(context.partition_keys), desc="ingest", unit="shard"):
         try:
-            result = ingest_shard(s.layout.pool, shard, s.settings.ingest.verify_images)
+            result = ingest_pool_shard(s.layout.pool, shard, s.settings, s.layout.home)
         except ShardError as err:
             result = failed_ingest(shard, err)
             failed[shard] = str(err)
@@ -74,7 +114,8 @@ def raw_metadata(context: dg.AssetExecutionContext, s: Session) -> dg.Materializ
         totals.update(counts)
         per_shard.append({"shard": shard, "rows": result.samples.height, **{k: counts.get(k, 0) for k in STATUSES},
                           "problems": result.problems.height})
-        problems_preview.extend(result.problems.head(20).to_dicts())
+        if len(problems_preview) < 60:
+            problems_preview.extend(result.problems.head(20).to_dicts())
         s.commit("raw_metadata", shard, {"rows": result.samples.height, "status": dict(counts),
                                          "problems": result.problems.height,
                                          **({"failed": failed[shard]} if shard in failed else {})},
@@ -90,8 +131,9 @@ def raw_metadata(context: dg.AssetExecutionContext, s: Session) -> dg.Materializ
             "ok": totals.get("ok", 0),
             "by_status": dg.MetadataValue.json(dict(totals)),
             "failed_shards": dg.MetadataValue.json(failed),
-            "shards": dg.MetadataValue.md(md_table(per_shard)),
-            "problems": dg.MetadataValue.md(md_table(problems_preview[:50]) if problems_preview else "no problems"),
+            "shards": dg.MetadataValue.md(md_table(per_shard, s.table_rows)),
+            "problems": dg.MetadataValue.md(md_table(problems_preview, s.table_rows) if problems_preview
+                                            else "no problems"),
             "seconds": s.elapsed(),
         }
     )
@@ -144,10 +186,9 @@ def pool_manifest(context: dg.AssetExecutionContext, s: Session) -> dg.Materiali
 def pool_shards_sensor(context: dg.SensorEvaluationContext, dbprune: DbpruneResource) -> dg.SensorResult:
     layout = dbprune.layout()
     on_disk = list_pool_shards(layout.pool)
-    known = set(context.instance.get_dynamic_partitions(SHARDS))
-    added = [s for s in on_disk if s not in known]
-    removed = sorted(known - set(on_disk))
-    for shard in removed:
+    added, removed, vanished = partition_changes(context.instance.get_dynamic_partitions(SHARDS), layout,
+                                                 dbprune.settings().partitions.shards_per_partition)
+    for shard in vanished:
         remove_shard_outputs(layout, shard)
     requests = [dg.RunRequest(partition_key=s, asset_selection=[raw_metadata.key]) for s in added]
     # Dagster stops tracking staleness across an edge with >= 100 upstream partitions, so

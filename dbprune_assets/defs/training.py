@@ -34,8 +34,11 @@ def trained_model(context: dg.AssetExecutionContext, s: Session) -> dg.Materiali
     with open_clip.create_model_and_transforms('local-dir:<path>')."""
     from ..core.export import train_data_spec
     from ..core.model_dir import require_training_space
+    from ..core.precomputed import NEEDS_IMAGES, is_metadata_only
     from ..core.train import train_clip
 
+    if is_metadata_only(s.layout.pool, s.shards):
+        raise dg.Failure(NEEDS_IMAGES)
     cfg = s.settings.train
     device = torch_device(s.device)
     n_gpus = 0
@@ -75,50 +78,75 @@ def trained_model(context: dg.AssetExecutionContext, s: Session) -> dg.Materiali
     })
 
 
-def eval_splits(layout: Layout, settings: PipelineSettings) -> tuple[Any, Any]:
-    """(zero-shot split, retrieval split): configured folders, else the sample pool's eval/."""
-    from ..core.evaluate import load_eval_split
+def eval_splits(layout: Layout, settings: PipelineSettings) -> list[Any]:
+    """The evaluation datasets (``core.evaluate.EvalDataset``): eval.datasets (plus the old eval.zeroshot /
+    eval.retrieval, still read), else the sample pool's eval/ sets."""
+    from ..core.evaluate import EvalError, find_eval_datasets
 
-    default = layout.eval_dir
-    zs_path = settings.eval.zeroshot or (default if default.exists() else None)
-    rt_path = settings.eval.retrieval or (default if default.exists() else None)
-    if zs_path is None and rt_path is None:
-        raise dg.Failure(f"no evaluation data: set eval.zeroshot and/or eval.retrieval (the pool has no {default})")
-    zs = load_eval_split(zs_path) if zs_path else None
-    rt = zs if rt_path == zs_path else (load_eval_split(rt_path) if rt_path else None)
-    return zs, rt
+    cfg = settings.eval
+    folders = [*(cfg.datasets or ()), *(p for p in (cfg.zeroshot, cfg.retrieval) if p)]
+    if not folders:
+        if not layout.eval_dir.exists():
+            raise dg.Failure(f"no evaluation data: set eval.datasets (the pool has no {layout.eval_dir})")
+        folders = [layout.eval_dir]
+    try:
+        return find_eval_datasets(dict.fromkeys(str(f) for f in folders))
+    except EvalError as e:
+        raise dg.Failure(str(e)) from None
 
 
 @stage(group="train", kinds={"pytorch", "parquet"}, settings=["eval"], partitions=strategy_partitions,
        deps=[trained_model])
 def eval_scores(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
-    """Zero-shot classification (acc1, acc5; open_clip's zero-shot classifier from class names and prompt
-    templates) and image↔text retrieval recall@1/5/10 of every seed's model. Writes
-    tables/eval/<strategy>.parquet (strategy, seed, task, metric, value)."""
+    """Every seed's model on every evaluation dataset (CLIP_benchmark webdataset folders; the sample pool's
+    eval/shapes and eval/shapes_retrieval by default), evaluated with CLIP_benchmark: zero-shot classification
+    (acc1, acc5, mean_per_class_recall) or image↔text retrieval (recall@1/5/10, mean_recall@1). Writes
+    tables/eval/<strategy>.parquet (strategy, seed, task = dataset, metric, value, n) and DataComp's
+    eval_results.jsonl per seed under artefacts/eval_scores/<strategy>/seed<k>/."""
     import polars as pl
 
-    from ..core.evaluate import evaluate_model
+    from ..core.eval_metrics import aggregate_scores
+    from ..core.evaluate import (
+        EvalError,
+        datacomp_rows,
+        eval_results_path,
+        eval_rows,
+        evaluate_model,
+        write_eval_results,
+    )
 
     device = torch_device(s.device)
-    zs, rt = eval_splits(s.layout, s.settings)
+    datasets = eval_splits(s.layout, s.settings)
+    context.log.info("evaluation datasets: " + "; ".join(f"{d.name} ({d.task}, {d.root})" for d in datasets))
     shown = []
     for strategy in progress(context.partition_keys, desc="eval_scores", unit="strategy"):
-        rows = []
+        rows, aggregates = [], []
         for seed in s.settings.train.train_seeds:
             model = s.layout.model_dir(strategy) / SEED_DIR.format(seed)
-            for r in evaluate_model(model, zs, rt, device, s.settings.eval.batch_size):
-                rows.append({"strategy": strategy, "seed": int(seed), **r})
+            try:
+                results = evaluate_model(model, datasets, device, s.settings.eval.batch_size,
+                                         workers=s.settings.compute.workers)
+            except EvalError as e:
+                raise dg.Failure(f"{strategy} seed {seed}: {e}") from None
+            jsonl = datacomp_rows(results)
+            write_eval_results(eval_results_path(s.layout, strategy, seed), jsonl, s.layout.tmp)
+            aggregates.append({g: a.score for g, a in aggregate_scores(jsonl).items()})
+            rows += [{"strategy": strategy, "seed": int(seed), **r} for r in eval_rows(results)]
         frame = pl.DataFrame(rows).with_columns(pl.col("seed").cast(pl.Int32), pl.col("value").cast(pl.Float64))
         write_parquet(s.layout.table("eval", strategy), frame, s.layout.tmp)
-        means = frame.group_by("metric").agg(pl.col("value").mean()).sort("metric")
-        mean = {m: round(v, 4) for m, v in means.iter_rows()}
-        s.commit("eval_scores", strategy, {"rows": frame.height}, metadata=mean)
-        shown.append({"strategy": strategy, **mean})
+        means = frame.group_by("task", "metric", maintain_order=True).agg(pl.col("value").mean())
+        mean = {f"{t}/{m}": round(v, 4) for t, m, v in means.iter_rows()}
+        agg = {f"datacomp/{g}": round(sum(a[g] for a in aggregates) / len(aggregates), 4)
+               for g in aggregates[0] if all(g in a for a in aggregates)} if aggregates else {}
+        s.commit("eval_scores", strategy, {"rows": frame.height}, metadata={
+            **mean, **agg,
+            "eval_results": dg.MetadataValue.path(str(s.layout.artefact_dir("eval_scores") / strategy))})
+        shown.append({"strategy": strategy, **mean, **agg})
     s.refresh_catalog("eval")
     return dg.MaterializeResult(metadata={
         "step_mean_over_seeds": table(shown),
-        "zeroshot_data": str(zs.root) if zs is not None else "none",
-        "retrieval_data": str(rt.root) if rt is not None else "none",
+        "datasets": table([{"dataset": d.name, "task": d.task, "main_metric": d.main_metric or "",
+                            "folder": str(d.root)} for d in datasets]),
         "step_seconds": s.elapsed(),
     })
 
@@ -131,23 +159,26 @@ def eval_scores(context: dg.AssetExecutionContext, s: Session) -> dg.Materialize
     settings=["eval.bootstrap_samples"],
 )
 def comparison(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
-    """All strategies side by side: subset size, samples seen, and each metric as mean ± std over seeds with a
-    bootstrap confidence interval; a plot; and plain verdicts that claim a difference only where the intervals
-    separate."""
-    from ..core.compare import compare_strategies, plot_panels, summary_metadata, table_rows
+    """All strategies side by side: subset size, samples seen, and each dataset's metrics as mean ± std over
+    seeds with a bootstrap confidence interval; DataComp's aggregate scores (ImageNet, distribution shifts, VTAB,
+    retrieval, average over the tasks present) per strategy; a plot; and plain verdicts that claim a difference
+    only where the intervals separate."""
+    from ..core.compare import aggregate_panels, compare_strategies, plot_panels, summary_metadata, table_rows
     from ..core.report import write_report
 
     out = compare_strategies(s.layout, s.settings.selection.strategies, s.settings.eval.bootstrap_samples)
     if out is None:
         raise dg.Failure("no eval scores yet: materialise eval_scores first")
-    plot = artefact_md(s.layout, "comparison", "comparison", comparison_png(plot_panels(out.summary)),
-                       "scores per strategy (mean, 95% bootstrap interval)")
+    panels = plot_panels(out.summary) + (aggregate_panels(out.aggregate) if out.aggregate is not None else [])
+    plot = artefact_md(s.layout, "comparison", "comparison", comparison_png(panels),
+                       "scores per strategy (mean, 95% bootstrap interval); last: DataComp's aggregate")
     report = write_report(s.layout, f"run-{context.run_id}")
     return s.done("comparison", summary={"strategies": out.strategies, "report": str(report)}, metadata={
         "report": dg.MetadataValue.path(str(report)),
         "report_url": dg.MetadataValue.url(report.as_uri()),
         "mean_over_seeds": table(table_rows(out.summary, intervals=False)),
-        "table": dg.MetadataValue.md(out.table),
+        "table": dg.MetadataValue.md(out.samples_seen_text + "\n\n" + out.table),
+        "datacomp_aggregate": dg.MetadataValue.md(out.aggregate_table or "(no eval_results.jsonl)"),
         "verdicts": dg.MetadataValue.md(out.verdicts_md),
         "plot": plot,
         "scores": dg.MetadataValue.json(summary_metadata(out.summary)),

@@ -26,15 +26,21 @@ Modules, by job: :mod:`.concepts` (the concept table, random streams),
 :mod:`.render` (drawing and JPEG bytes), :mod:`.captions` (alt texts,
 prompt templates), :mod:`.plan` (rows, duplicates, planted defects) and
 :mod:`.writer` (layout, tar + parquet shards, ground truth, splits).
+
+``write_datacomp_pool`` (:mod:`.datacomp`) tells the same story as DataComp
+metadata shards (``<stem>.parquet`` + ``<stem>.npz`` with synthesised b32/l14
+CLIP embeddings, no images), with the same ``ground_truth.parquet``.
 """
 
 from .captions import CAPTION_TEMPLATES, EVAL_TEMPLATES, make_caption
 from .concepts import COLORS, SHAPES, ZIPF_EXPONENT, Concept, concept_counts, make_concepts
+from .datacomp import DATACOMP_GENERATOR, DataCompPoolSummary, is_datacomp_pool, write_datacomp_pool
 from .render import RenderParams, encode_jpeg, render, sample_params
 from .writer import GENERATOR, GENERATOR_VERSION, PLANTED_STATUSES, PoolSummary, is_sample_pool, load_ground_truth, write_sample_pool
 
 __all__ = [
-    "CAPTION_TEMPLATES", "COLORS", "EVAL_TEMPLATES", "GENERATOR", "GENERATOR_VERSION", "PLANTED_STATUSES", "SHAPES",
-    "ZIPF_EXPONENT", "Concept", "PoolSummary", "RenderParams", "concept_counts", "encode_jpeg", "is_sample_pool",
-    "load_ground_truth", "make_caption", "make_concepts", "render", "sample_params", "write_sample_pool",
+    "CAPTION_TEMPLATES", "COLORS", "DATACOMP_GENERATOR", "EVAL_TEMPLATES", "GENERATOR", "GENERATOR_VERSION",
+    "PLANTED_STATUSES", "SHAPES", "ZIPF_EXPONENT", "Concept", "DataCompPoolSummary", "PoolSummary", "RenderParams",
+    "concept_counts", "encode_jpeg", "is_datacomp_pool", "is_sample_pool", "load_ground_truth", "make_caption",
+    "make_concepts", "render", "sample_params", "write_datacomp_pool", "write_sample_pool",
 ]

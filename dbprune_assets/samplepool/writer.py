@@ -8,7 +8,7 @@ import hashlib
 import io
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,19 +21,20 @@ from PIL import Image
 from dbprune_assets.core.atomic import atomic_path
 from dbprune_assets.core.progress import progress
 from dbprune_assets.core.settings import PoolSettings
-from dbprune_assets.core.wds import write_tar
+from dbprune_assets.core.shard_stats import shard_stats, stats_bytes, stats_name
+from dbprune_assets.core.wds import POOL_MTIME, write_tar
 
-from .captions import EVAL_TEMPLATES, make_caption
-from .concepts import Concept, make_concepts, rng_stream
+from .captions import BACKGROUND_COLORS, EVAL_TEMPLATES, describe_rendering, make_caption
+from .concepts import COLORS, Concept, make_concepts, rng_stream
 from .plan import Row, plan_pool
-from .render import NEAR_NOISE_SIGMA, corrupt, encode_jpeg, noise, render, sample_params
+from .render import NEAR_NOISE_SIGMA, RenderParams, corrupt, encode_jpeg, noise, render, sample_params
 
 #: written into ``pool_info.json``; ``is_sample_pool`` looks for it
 GENERATOR = "dbprune.sample_pool"
 
 
 #: bump when the same settings would produce different files
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: eval/ holds CLIP_benchmark webdataset sets (shapes, shapes_retrieval)
 
 
 #: what ingest should find for each planted row (a subset of ingest's statuses)
@@ -275,7 +276,9 @@ def _download_record(row: Row, size: int) -> dict[str, Any]:
 
 
 def _write_pool_shards(folder: Path, rows: Sequence[Row], shard_names: Sequence[str], settings: PoolSettings) -> None:
-    """Render the images and write ``NNNNN.tar`` + ``NNNNN.parquet`` per shard."""
+    """Render the images and write ``NNNNN.tar`` + ``NNNNN.parquet`` + img2dataset's
+    ``NNNNN_stats.json`` (:mod:`dbprune_assets.core.shard_stats`: every parquet
+    row counted, failed downloads by error message) per shard."""
     size = settings.image_size
     _assign_layout(rows, settings, shard_names)
     _render_images(rows, size, settings.seed)
@@ -292,6 +295,8 @@ def _write_pool_shards(folder: Path, rows: Sequence[Row], shard_names: Sequence[
                 if r.image is not None
             ),
         )
+        stats = shard_stats(((rec["status"], rec["error_message"]) for rec in records), start_time=POOL_MTIME)
+        (folder / stats_name(shard)).write_bytes(stats_bytes(stats))
 
 
 _GROUND_TRUTH_SCHEMA = pa.schema(
@@ -355,19 +360,75 @@ def _clean_samples(concept_ids: Sequence[int], concepts: Sequence[Concept], size
     return out
 
 
+#: the sample pool's evaluation sets: folders under ``eval/`` in CLIP_benchmark's
+#: webdataset layout (``clip_benchmark.datasets.builder.build_wds_dataset``)
+EVAL_CLASSIFICATION = "shapes"
+EVAL_RETRIEVAL = "shapes_retrieval"
+
+
+def _write_wds_dataset(folder: Path, samples: Sequence[dict[str, bytes]], shard_size: int, dataset_type: str) -> None:
+    """One dataset folder in CLIP_benchmark's webdataset layout: ``test/0.tar``,
+    ``test/1.tar``, ... with ``test/nshards.txt``, and ``dataset_type.txt``."""
+    (folder / "test").mkdir(parents=True)
+    starts = range(0, len(samples), shard_size)
+    for s_idx, start in enumerate(starts):
+        chunk = samples[start : start + shard_size]
+        write_tar(folder / "test" / f"{s_idx}.tar", ((f"s{start + i:07d}", m) for i, m in enumerate(chunk)))
+    (folder / "test" / "nshards.txt").write_text(f"{len(starts)}\n")
+    (folder / "dataset_type.txt").write_text(f"{dataset_type}\n")
+
+
+def _retrieval_params(concept: Concept, rng: np.random.Generator, size: int) -> RenderParams:
+    """A rendering of ``concept`` whose scene varies in every facet a caption
+    names (grid cell, size, shade, tilt, background colour and texture), so
+    that captions can single out their image as COCO captions do."""
+    p = sample_params(concept, rng, size)
+    s = float(size)
+    radius = s * float(rng.choice((0.12, 0.18, 0.26))) * float(np.exp(rng.uniform(-0.08, 0.08)))
+    lo, hi = radius * 0.7, s - radius * 0.7
+    cx, cy = ((int(rng.integers(3)) + 0.5 + rng.uniform(-0.25, 0.25)) * s / 3 for _ in range(2))
+    shade = float(rng.choice((0.7, 1.0, 1.2)))
+    rgb = tuple(float(np.clip(c * shade, 0, 255)) for c in p.main.rgb)
+    fg = np.asarray(rgb)
+    names = [k for k, v in BACKGROUND_COLORS.items() if np.linalg.norm(np.asarray(v) - fg) > 110] or ["charcoal"]
+    bg = tuple(float(c) for c in BACKGROUND_COLORS[names[int(rng.integers(len(names)))]])
+    main = replace(p.main, cx=float(min(max(cx, lo), hi)), cy=float(min(max(cy, lo), hi)), radius=radius,
+                   rotation=float(rng.uniform(-40, 40)), rgb=rgb)
+    texture = ("none", "none", "gradient", "noise", "stripes", "checker")[int(rng.integers(6))]
+    return replace(p, main=main, bg_rgb=bg, texture=texture, distractors=p.distractors[: int(rng.integers(4))])
+
+
 def _write_eval_split(folder: Path, settings: PoolSettings, concepts: Sequence[Concept]) -> int:
-    """``eval/``: classnames, templates and labelled, captioned shards."""
+    """``eval/``: two evaluation sets in CLIP_benchmark's webdataset layout
+    (``eval_per_class`` images per concept each; returns the images written):
+
+    * ``eval/shapes/``: zero-shot classification (``cls`` = concept id, with
+      ``classnames.txt`` and ``zeroshot_classification_templates.txt``);
+    * ``eval/shapes_retrieval/``: image-text retrieval (``dataset_type.txt`` =
+      ``retrieval``), two captions per image that describe that image (size,
+      shade, place, tilt, background, other shapes), not just its concept.
+    """
+    folder.mkdir(parents=True)
     rng = rng_stream(settings.seed, 3)
     ids = np.repeat(np.arange(len(concepts)), settings.eval_per_class)
     ids = ids[rng.permutation(len(ids))].tolist()
-    samples = [
-        {"jpg": jpg, "cls": str(c).encode(), "txt": cap.encode()}
-        for c, jpg, cap in _clean_samples(ids, concepts, settings.image_size, rng)
-    ]
-    _write_split(folder, samples, EVAL_SHARD_SIZE)
-    (folder / "classnames.txt").write_text("".join(f"{c.name}\n" for c in concepts))
-    (folder / "templates.txt").write_text("".join(f"{t}\n" for t in EVAL_TEMPLATES))
-    return len(samples)
+    cls_samples = [{"jpg": jpg, "cls": str(c).encode()} for c, jpg, _ in _clean_samples(ids, concepts, settings.image_size, rng)]
+    cls_dir = folder / EVAL_CLASSIFICATION
+    _write_wds_dataset(cls_dir, cls_samples, EVAL_SHARD_SIZE, "classification")
+    (cls_dir / "classnames.txt").write_text("".join(f"{c.name}\n" for c in concepts))
+    (cls_dir / "zeroshot_classification_templates.txt").write_text("".join(f"{t}\n" for t in EVAL_TEMPLATES))
+
+    rng = rng_stream(settings.seed, 7)
+    base = np.repeat(np.arange(len(concepts)), settings.eval_per_class)
+    ids_r = base[rng.permutation(len(base))].tolist()
+    size = settings.image_size
+    ret_samples = []
+    for c in progress(ids_r, desc="sample pool: rendering the retrieval set", unit="image"):
+        params = _retrieval_params(concepts[c], rng, size)
+        captions = describe_rendering(concepts[c].name, params, size, COLORS[concepts[c].color])
+        ret_samples.append({"jpg": encode_jpeg(render(params, size), params.quality), "txt": "\n".join(captions).encode()})
+    _write_wds_dataset(folder / EVAL_RETRIEVAL, ret_samples, EVAL_SHARD_SIZE, "retrieval")
+    return len(cls_samples) + len(ret_samples)
 
 
 def _write_reference_split(folder: Path, settings: PoolSettings, concepts: Sequence[Concept]) -> int:
@@ -421,6 +482,7 @@ def _pool_info(
             }
             for c in concepts
         ],
-        "eval": {"samples": eval_n, "classes": len(concepts), "per_class": settings.eval_per_class},
+        "eval": {"samples": eval_n, "classes": len(concepts), "per_class": settings.eval_per_class,
+                 "datasets": [EVAL_CLASSIFICATION, EVAL_RETRIEVAL]},
         "reference": {"samples": ref_n},
     }
