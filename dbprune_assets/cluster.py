@@ -52,7 +52,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .core.layout import Layout
 
 ENV_POSTGRES = "DBPRUNE_POSTGRES_URL"
 ENV_BROKER = "DBPRUNE_BROKER"
@@ -498,7 +501,6 @@ def run_ranges(job: Any, instance: Any, group: list[str], ranges: list[tuple[str
     import dagster as dg
 
     from .core.atomic import process_tmp_name
-    from .runner import RANGE_END_TAG, RANGE_START_TAG, console_config
 
     launcher = instance.run_launcher
     if not isinstance(launcher, launcher_class()):
@@ -858,7 +860,6 @@ def main(argv: list[str] | None = None) -> int:
     then become ``dagster-webserver -m dbprune_assets.definitions ARGS`` on
     that instance, the production webserver beside ``dbprune daemon``."""
     from .core.layout import Layout
-    from .runner import dagster_instance
 
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] != "webserver":
@@ -883,3 +884,30 @@ if __name__ == "__main__":  # pragma: no cover
 
 __all__ = ["ClusterError", "check_config", "check_reachable", "enabled", "instance_config", "instance_yaml",
            "mask_url", "queue_for", "run_ranges", "run_worker", "worker_argv", "make_app"]
+
+
+#: Dagster's documented run tags for a partition-range run (the single-run
+#: backfill policy turns it into one step over the range)
+RANGE_START_TAG = "dagster/asset_partition_range_start"
+RANGE_END_TAG = "dagster/asset_partition_range_end"
+
+
+def console_config(log_level: str | None) -> dict[str, Any]:
+    """Run config of Dagster's console logger: its lines at ``log_level`` (``-v``),
+    else none (every event still goes to the run's log in the instance)."""
+    return {"loggers": {"console": {"config": {"log_level": log_level or "CRITICAL"}}}}
+
+
+def dagster_instance(layout: Layout):  # -> dg.DagsterInstance
+    import dagster as dg
+
+    layout.dagster_home.mkdir(parents=True, exist_ok=True)
+    cfg = layout.dagster_home / "dagster.yaml"
+    text = instance_yaml()  # SQLite; PostgreSQL and Celery with DBPRUNE_POSTGRES_URL / DBPRUNE_BROKER
+    if not cfg.exists() or cfg.read_text() != text:
+        from .core.atomic import write_bytes
+
+        write_bytes(cfg, text.encode(), layout.tmp)  # atomic: a kill never leaves half of it
+    check_reachable()  # database or broker down: one clear error before any run
+    # this home's instance, whatever $DAGSTER_HOME says (`dbprune ui` exports it for dagster dev)
+    return dg.DagsterInstance.from_config(str(layout.dagster_home))

@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from . import cluster
+from .cluster import RANGE_END_TAG, RANGE_START_TAG, console_config, dagster_instance  # noqa: F401 (re-exported)
 from .core.layout import UNPARTITIONED, Layout
 from .core.progress import bars_enabled
 from .core.settings import STRATEGIES, PipelineSettings
@@ -51,23 +53,6 @@ class RunReport:
     seconds: float
     ok: bool = True
     failure: str | None = None
-
-
-def dagster_instance(layout: Layout):  # -> dg.DagsterInstance
-    import dagster as dg
-
-    from . import cluster
-
-    layout.dagster_home.mkdir(parents=True, exist_ok=True)
-    cfg = layout.dagster_home / "dagster.yaml"
-    text = cluster.instance_yaml()  # SQLite; PostgreSQL and Celery with DBPRUNE_POSTGRES_URL / DBPRUNE_BROKER
-    if not cfg.exists() or cfg.read_text() != text:
-        from .core.atomic import write_bytes
-
-        write_bytes(cfg, text.encode(), layout.tmp)  # atomic: a kill never leaves half of it
-    cluster.check_reachable()  # database or broker down: one clear error before any run
-    # this home's instance, whatever $DAGSTER_HOME says (`dbprune ui` exports it for dagster dev)
-    return dg.DagsterInstance.from_config(str(layout.dagster_home))
 
 
 def plan_groups(keys: list[str], parents: dict[str, set[str]], partitioning: dict[str, str | None]) -> list[list[str]]:
@@ -156,10 +141,6 @@ def batched_ranges(all_keys: list[str], wanted: list[str], per_run: int) -> list
     return out
 
 
-#: Dagster's documented run tags for a partition-range run (the single-run
-#: backfill policy turns it into one step over the range)
-RANGE_START_TAG = "dagster/asset_partition_range_start"
-RANGE_END_TAG = "dagster/asset_partition_range_end"
 
 
 class GroupBar:
@@ -198,12 +179,6 @@ class GroupBar:
             self.bar.close()
 
 
-def console_config(log_level: str | None) -> dict[str, Any]:
-    """Run config of Dagster's console logger: its lines at ``log_level`` (``-v``),
-    else none (every event still goes to the run's log in the instance)."""
-    return {"loggers": {"console": {"config": {"log_level": log_level or "CRITICAL"}}}}
-
-
 def run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None = None, force: bool = False,
                  echo: Echo = print, log_level: str | None = None) -> RunReport:
     """Materialise the selected assets group by group (see the module docstring);
@@ -219,7 +194,6 @@ def _run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None
                   echo: Echo, log_level: str | None) -> RunReport:
     import dagster as dg
 
-    from . import cluster
     from .core.atomic import clean_stale_tmp
     from .core.layout import list_pool_shards
     from .core.oserrors import MIN_FREE_BYTES, NotEnoughSpace, require_free_space

@@ -343,7 +343,7 @@ def test_ui_stops_on_a_signal_to_its_own_pid(tmp_path: Path, signum: int) -> Non
 # defect 6: free space checked before the long steps whose need is predictable
 # ---------------------------------------------------------------------------
 def test_training_needs_its_weights_free_before_it_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from dbprune_assets.core.model_dir import TRAINING_WEIGHT_COPIES, parameter_count, require_training_space
+    from dbprune_assets.core.encoders import TRAINING_WEIGHT_COPIES, parameter_count, require_training_space
 
     n = parameter_count("dbprune-tiny")
     assert 3_000_000 < n < 4_000_000  # the bootstrap architecture (model_configs/dbprune-tiny.json)

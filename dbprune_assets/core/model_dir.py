@@ -194,35 +194,3 @@ def export_checkpoint(
     with torch.no_grad():
         return save_local_dir(out_dir, model.state_dict(), model_cfg, preprocess_cfg, tmp_root, extra_files)
 
-
-def parameter_count(architecture: str) -> int:
-    """Parameters of an open_clip ``architecture``, counted on torch's meta
-    device (no memory is allocated, no weights are read)."""
-    import open_clip
-    import torch
-
-    from .encoders import register_model_configs
-
-    register_model_configs()
-    with torch.device("meta"):
-        model = open_clip.create_model(architecture, pretrained=None, device="meta")
-    return sum(p.numel() for p in model.parameters())
-
-
-#: float32 copies of the weights one training writes: the checkpoint (weights and
-#: AdamW's two moments), the converted model folder and the strategy's copy of it
-TRAINING_WEIGHT_COPIES = 5
-
-
-def require_training_space(folder: Path, architecture: str, what: str, runs: int = 1) -> None:
-    """Fail before ``runs`` trainings of ``architecture`` when the volume of
-    ``folder`` cannot hold what they write (:data:`TRAINING_WEIGHT_COPIES`
-    float32 copies of the weights each, plus the run's floor), naming the need
-    and the free space."""
-    from .oserrors import MIN_FREE_BYTES, require_free_space
-
-    try:
-        n = parameter_count(architecture)
-    except Exception:  # an architecture open_clip cannot build here fails later, with its own message
-        return
-    require_free_space(folder, runs * n * 4 * TRAINING_WEIGHT_COPIES + MIN_FREE_BYTES, what)

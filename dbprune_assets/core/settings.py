@@ -448,8 +448,7 @@ def auto_profile(pool: Path) -> tuple[str, dict[str, Any], str]:
     """The profile that fits ``pool``, the overrides that come with it, and why:
     ``sample`` for the generated sample pool (or no pool yet: it is generated),
     else ``paper`` with ``auto`` cluster counts (the paper's k assume 10^8 samples)."""
-    from ..samplepool.datacomp import is_datacomp_pool  # here: the generator imports these settings
-    from ..samplepool.writer import is_sample_pool
+    from .poolkind import is_datacomp_pool, is_sample_pool, looks_like_datacomp
 
     if not pool.exists():
         return "sample", {}, f"there is no pool at {pool} yet, so the sample pool is generated there"
@@ -472,11 +471,6 @@ def auto_profile(pool: Path) -> tuple[str, dict[str, Any], str]:
 DATACOMP_OVERRIDES: dict[str, Any] = {"embeddings": {"source": "datacomp"}}
 #: the generated DataComp-format pool (samplepool/datacomp.py plants near copies at cosine > 1 - 0.07/2)
 GENERATED_DATACOMP_OVERRIDES: dict[str, Any] = {**DATACOMP_OVERRIDES, "semdedup": {"eps": 0.07}}
-
-
-def looks_like_datacomp(pool: Path) -> bool:
-    """A pool of DataComp metadata shards: an npz beside a parquet and no tar."""
-    return any(p.with_suffix(".parquet").is_file() for p in pool.glob("*.npz")) and not any(pool.glob("*.tar"))
 
 
 def choose_settings(config: Path | None = None, profile: str | None = None, pool: Path | None = None,

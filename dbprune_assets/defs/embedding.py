@@ -66,7 +66,7 @@ def _train_bootstrap(context: dg.AssetExecutionContext, s: Session) -> dict[str,
     """Train the bootstrap encoder (on the reference split); its metadata."""
     from ..core.bootstrap import train_bootstrap
 
-    from ..core.model_dir import require_training_space
+    from ..core.encoders import require_training_space
 
     s.check_k()
     cfg = s.settings.encoder.bootstrap

@@ -33,7 +33,7 @@ def trained_model(context: dg.AssetExecutionContext, s: Session) -> dg.Materiali
     global batch). Lands in models/<strategy>/seed<k>/; models/<strategy>/ is the first seed's model. Load
     with open_clip.create_model_and_transforms('local-dir:<path>')."""
     from ..core.export import train_data_spec
-    from ..core.model_dir import require_training_space
+    from ..core.encoders import require_training_space
     from ..core.precomputed import NEEDS_IMAGES, is_metadata_only
     from ..core.train import train_clip
 

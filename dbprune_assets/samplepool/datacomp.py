@@ -70,6 +70,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dbprune_assets.core.atomic import atomic_path
+from dbprune_assets.core.poolkind import DATACOMP_GENERATOR, is_datacomp_pool  # noqa: F401  (re-exported)
 from dbprune_assets.core.settings import PoolSettings
 from dbprune_assets.core.sources import DATACOMP_MODELS, clip_scores
 
@@ -78,9 +79,6 @@ from .concepts import COLORS, SHAPES, Concept, concept_counts, make_concepts
 from .plan import DUPLICATE_RATE, EXACT_SHARE, MISMATCH_RATE, NEAR_VARIANTS, _other_concept, _planted_count
 from .writer import _DOMAINS, _GROUND_TRUTH_SCHEMA, _SLUG_WORDS
 
-#: written into ``pool_info.json``; :func:`is_datacomp_pool` looks for it
-#: (it differs from the image pool's ``GENERATOR``, so ``is_sample_pool`` is False)
-DATACOMP_GENERATOR = "dbprune.sample_pool.datacomp"
 
 #: bump when the same settings would produce different files
 DATACOMP_GENERATOR_VERSION = 1
@@ -156,15 +154,6 @@ def expected_within_cosine(concept: Concept) -> float:
     (``(1 + a²) / (1 + a² + spread²)``; duplicates excluded)."""
     a2 = MODALITY_GAP**2
     return (1 + a2) / (1 + a2 + spread(concept) ** 2)
-
-
-def is_datacomp_pool(pool_dir: Path) -> bool:
-    """True when ``pool_dir`` holds a pool written by :func:`write_datacomp_pool`."""
-    info = Path(pool_dir) / "pool_info.json"
-    try:
-        return json.loads(info.read_text()).get("generator") == DATACOMP_GENERATOR
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def write_datacomp_pool(out: Path, settings: PoolSettings, models: Sequence[str] = MODELS,

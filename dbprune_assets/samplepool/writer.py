@@ -20,6 +20,7 @@ from PIL import Image
 
 from dbprune_assets.core.atomic import atomic_path
 from dbprune_assets.core.progress import progress
+from dbprune_assets.core.poolkind import GENERATOR, is_sample_pool  # noqa: F401  (re-exported)
 from dbprune_assets.core.settings import PoolSettings
 from dbprune_assets.core.shard_stats import shard_stats, stats_bytes, stats_name
 from dbprune_assets.core.wds import POOL_MTIME, write_tar
@@ -29,8 +30,6 @@ from .concepts import COLORS, Concept, make_concepts, rng_stream
 from .plan import Row, plan_pool
 from .render import NEAR_NOISE_SIGMA, RenderParams, corrupt, encode_jpeg, noise, render, sample_params
 
-#: written into ``pool_info.json``; ``is_sample_pool`` looks for it
-GENERATOR = "dbprune.sample_pool"
 
 
 #: bump when the same settings would produce different files
@@ -160,15 +159,6 @@ def write_sample_pool(pool_dir: Path, settings: PoolSettings, tmp_root: Path | N
         reference_samples=ref_n,
         seconds=time.perf_counter() - start,
     )
-
-
-def is_sample_pool(pool_dir: Path) -> bool:
-    """True when ``pool_dir`` holds a pool written by this generator."""
-    info = Path(pool_dir) / "pool_info.json"
-    try:
-        return json.loads(info.read_text()).get("generator") == GENERATOR
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def load_ground_truth(pool_dir: Path) -> pl.DataFrame:
