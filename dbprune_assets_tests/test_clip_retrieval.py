@@ -7,12 +7,15 @@ input an error naming the file; and the whole graph through the exports."""
 from __future__ import annotations
 
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dbprune_assets.core import precomputed, source_index
 from dbprune_assets.core.shards import PROBLEMS_SCHEMA, SAMPLES_SCHEMA, ShardIngest
@@ -295,6 +298,176 @@ def test_a_broken_source_stops_ingest_rather_than_failing_each_shard(tmp_path: P
     truth = pl.read_parquet(pool / "ground_truth.parquet")["planted_status"].to_list()
     assert got.samples["status"].to_list() == truth  # every downloaded sample has its row
     assert (tmp_path / "home" / "embeddings" / "source_index" / "index.json").is_file()
+
+
+# ---------------------------------------------------------------------------
+# point lookups of 32-hex uids: the memory-mapped uid arrays
+# ---------------------------------------------------------------------------
+#: uids whose 16 bytes start or end with 00 (numpy drops an S item's trailing
+#: NULs when it turns it into bytes: S16 is exact only if nothing does that)
+EDGE_UIDS = ["00" * 16, "00" * 15 + "01", "01" + "00" * 15, "01" + "00" * 14 + "01", "ff" * 16, "ff" * 15 + "00",
+             "00" * 8 + "ff" * 8, "ab" * 15 + "00"]
+
+
+def _uid_source(folder: Path, parts: list[list[str]]) -> dict[str, tuple[int, int]]:
+    """A source linked by uid, ``parts[p]`` the uids of part p in row order; ``{uid: (part, row)}``."""
+    where, at = {}, 0
+    for p, uids in enumerate(parts):
+        x = np.ones((len(uids), 2), np.float16)
+        write_part(folder, str(p), [f"{at + i:09d}" for i in range(len(uids))], x, x, uids)
+        where.update({u: (p, r) for r, u in enumerate(uids)})
+        at += len(uids)
+    return where
+
+
+def _expected(where: dict[str, tuple[int, int]], queries: list[str]) -> tuple[list[int], list[int]]:
+    return [where.get(q, (-1, -1))[0] for q in queries], [where.get(q, (-1, -1))[1] for q in queries]
+
+
+def _both_paths(idx: source_index.SourceIndex, queries: list[str], tmp: Path) -> tuple[tuple, tuple]:
+    from dataclasses import replace
+
+    assert idx.uids is not None
+    fast = source_index.lookup(idx, queries, tmp)
+    slow = source_index.lookup(replace(idx, uids=None, uid_case=None), queries, tmp)  # the DuckDB join
+    assert fast[0].dtype == slow[0].dtype == np.int32 and fast[1].dtype == slow[1].dtype == np.int64
+    return (fast[0].tolist(), fast[1].tolist()), (slow[0].tolist(), slow[1].tolist())
+
+
+def test_uid_lookup_by_the_arrays_equals_the_duckdb_join(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    uids = [bytes(b).hex() for b in rng.integers(0, 256, (300, 16), dtype=np.uint8)] + EDGE_UIDS
+    order = rng.permutation(len(uids))  # inference order, unrelated to the uid order
+    parts = [[uids[i] for i in order[a:b]] for a, b in ((0, 120), (120, 121), (121, len(uids)))]
+    where = _uid_source(tmp_path / "cr", parts)
+    idx = source_index.ensure_index(tmp_path / "cr", tmp_path / "idx", tmp_path / "tmp")
+    assert idx.by == "uid" and idx.uid_case == "lower" and idx.uids == tmp_path / "idx" / f"{idx.ids.stem}-uid16"
+    stored = np.load(idx.uids / "uid.npy")
+    assert stored.dtype == np.dtype("S16") and stored.shape == (len(uids),)
+    # the raw bytes, trailing 00s included, are the sorted uids; part and row aligned with them
+    assert [bytes(r).hex() for r in stored.view(np.uint8).reshape(-1, 16)] == sorted(uids)
+    assert list(zip(np.load(idx.uids / "part.npy").tolist(), np.load(idx.uids / "row.npy").tolist())) == [
+        where[u] for u in sorted(uids)]
+    absent = [bytes(b).hex() for b in rng.integers(0, 256, (200, 16), dtype=np.uint8)]
+    near = ["01" + "00" * 13 + "01" + "00", "00" * 14 + "01" + "00", "ff" * 14 + "fe" + "00", "ff" * 15 + "01",
+            "00" * 15 + "02", "ab" * 15 + "01"]  # one byte off an edge uid
+    not_hex = [uids[0].upper(), uids[1][:-2], uids[2] + "00", "", "None", "g" * 32, "é" * 16, " " + uids[3][1:]]
+    queries = list(rng.permutation(uids[:150] + EDGE_UIDS + absent + near + not_hex + uids[:3]))  # repeats too
+    assert not set(absent + near + not_hex) & set(uids)
+    fast, slow = _both_paths(idx, queries, tmp_path / "tmp")
+    assert fast == slow == _expected(where, queries)
+    assert sum(p >= 0 for p in fast[0]) == 150 + len(EDGE_UIDS) + 3
+    # a shard's ids as the pool gives them (a numpy object array), and none at all
+    part, row = source_index.lookup(idx, np.asarray(EDGE_UIDS, dtype=object), tmp_path / "tmp")
+    assert (part.tolist(), row.tolist()) == _expected(where, EDGE_UIDS)
+    assert [a.tolist() for a in source_index.lookup(idx, [], tmp_path / "tmp")] == [[], []]
+    _source(tmp_path / "keys", "key")
+    key_idx = source_index.ensure_index(tmp_path / "keys", tmp_path / "kidx", tmp_path / "tmp")
+    assert key_idx.uids is None and not list((tmp_path / "kidx").glob("*-uid16"))  # keys: the parquet serves
+
+
+def test_uid_arrays_are_rebuilt_with_the_index_and_only_then(tmp_path: Path) -> None:
+    import json
+
+    src, out, tmp = tmp_path / "cr", tmp_path / "idx", tmp_path / "tmp"
+    a, b, c = "0a" * 16, "0b" * 15 + "00", "0c" * 16
+    _uid_source(src, [[a, b], [c]])
+    first = source_index.ensure_index(src, out, tmp)
+    assert first.built and first.uids is not None
+    built = (first.uids / "uid.npy").stat().st_mtime_ns
+    arr = src / "img_emb" / "img_emb_0.npy"  # an array touched: nothing rebuilt
+    st = arr.stat()
+    os.utime(arr, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    kept = source_index.ensure_index(src, out, tmp)
+    assert not kept.built and kept.uids == first.uids and (kept.uids / "uid.npy").stat().st_mtime_ns == built
+    # a metadata file changes: new arrays (the new uid found, the removed one not), the old folder gone
+    d = "0d" * 15 + "00"
+    x = np.ones((2, 2), np.float16)
+    write_part(src, "1", ["000000002", "000000003"], x, x, [d, c])
+    rebuilt = source_index.ensure_index(src, out, tmp)
+    assert rebuilt.built and rebuilt.uids is not None and rebuilt.uids != first.uids and not first.uids.exists()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("ids-")) == sorted([rebuilt.ids.name,
+                                                                                        rebuilt.uids.name])
+    part, row = source_index.lookup(rebuilt, [d, c, b, "0c" * 15 + "0d"], tmp)
+    assert part.tolist() == [1, 1, 0, -1] and row.tolist() == [0, 1, 1, -1]
+    # the arrays' folder lost, or an index of the format before them: rebuilt, with them
+    shutil.rmtree(rebuilt.uids)
+    again = source_index.ensure_index(src, out, tmp)
+    assert again.built and again.uids == rebuilt.uids and again.uids.is_dir()
+    manifest = out / source_index.MANIFEST
+    old = {k: v for k, v in json.loads(manifest.read_text()).items() if k not in ("uids", "uid_case")}
+    manifest.write_text(json.dumps({**old, "format": 1}))
+    upgraded = source_index.ensure_index(src, out, tmp)
+    assert upgraded.built and upgraded.uids == rebuilt.uids and upgraded.uid_case == "lower"
+    assert json.loads(manifest.read_text())["uids"] == rebuilt.uids.name
+
+
+@pytest.mark.parametrize("case", ["short", "not_hex", "mixed_case_rows", "mixed_case_batches", "mixed_in_a_uid"])
+def test_uids_that_are_not_32_hex_of_one_case_keep_the_duckdb_join(tmp_path: Path, case: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from dbprune_assets.core import source_lookup
+
+    uids = {
+        "short": ["a", "b", "0a" * 16],
+        "not_hex": ["0a" * 16, "0g" + "0a" * 15, "ff" * 16],
+        # one uid with upper-case letters, one with lower-case: "AB.." and "ab.." would be one value as bytes
+        "mixed_case_rows": ["0A" * 16, "0b" * 16, "11" * 16],
+        # the same, a batch apart (batches of 2): lower-case letters in the first, upper-case in the second
+        "mixed_case_batches": ["0a" * 16, "11" * 16, "1A" * 16, "22" * 16, "33" * 16, "44" * 16],
+        "mixed_in_a_uid": ["0A0b" * 8, "11" * 16],
+    }[case]
+    monkeypatch.setattr(source_lookup, "_BATCH", 2)
+    where = _uid_source(tmp_path / "cr", [uids[:2], uids[2:]])
+    idx = source_index.ensure_index(tmp_path / "cr", tmp_path / "idx", tmp_path / "tmp")
+    assert idx.by == "uid" and idx.uids is None and idx.uid_case is None
+    assert not list((tmp_path / "idx").glob("*-uid16")) and not list((tmp_path / "tmp").rglob("*uid16*"))
+    queries = uids + [u.swapcase() for u in uids] + ["0c" * 16, "a" * 31]
+    part, row = source_index.lookup(idx, queries, tmp_path / "tmp")
+    assert (part.tolist(), row.tolist()) == _expected(where, queries)
+
+
+def test_upper_case_uids_have_arrays_and_match_only_as_written(tmp_path: Path) -> None:
+    uids = ["0A" * 16, "FF" * 15 + "00", "12" * 16]
+    where = _uid_source(tmp_path / "cr", [uids])
+    idx = source_index.ensure_index(tmp_path / "cr", tmp_path / "idx", tmp_path / "tmp")
+    assert idx.uid_case == "upper"
+    queries = uids + [u.lower() for u in uids]  # "12..." has no letter: the same string either way
+    fast, slow = _both_paths(idx, queries, tmp_path / "tmp")
+    assert fast == slow == _expected(where, queries) == ([0, 0, 0, -1, -1, 0], [0, 1, 2, -1, -1, 2])
+
+
+def test_a_repeated_hex_uid_is_an_error_and_leaves_no_arrays(tmp_path: Path) -> None:
+    u = "00" * 15 + "ab"
+    _uid_source(tmp_path / "cr", [["11" * 16, u], [u]])
+    with pytest.raises(SourceError, match=rf"uid '{u}' appears 2 times in .*row 1 of .*metadata_0.parquet, "
+                                          r"row 0 of .*metadata_1.parquet\)"):
+        source_index.ensure_index(tmp_path / "cr", tmp_path / "idx", tmp_path / "tmp")
+    assert not [p for p in (tmp_path / "idx").iterdir() if p.name.startswith("ids-")]
+    assert not list((tmp_path / "tmp").rglob("*uid16*"))
+
+
+@given(uids=st.sets(st.binary(min_size=16, max_size=16), min_size=1, max_size=40),
+       others=st.lists(st.binary(min_size=16, max_size=16), max_size=20),
+       cuts=st.lists(st.integers(0, 40), max_size=3), upper=st.booleans())
+@settings(max_examples=25, deadline=None)
+def test_property_uid_array_lookup_is_a_dict_lookup(uids: set[bytes], others: list[bytes], cuts: list[int],
+                                                   upper: bool) -> None:
+    import tempfile
+
+    def hexed(b: bytes) -> str:
+        return b.hex().upper() if upper else b.hex()
+
+    ids = [hexed(b) for b in sorted(uids, key=lambda b: b[::-1])]  # any order but the sorted one
+    bounds = sorted({0, len(ids), *(min(c, len(ids)) for c in cuts)})
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        where = _uid_source(root / "cr", [ids[a:b] for a, b in zip(bounds, bounds[1:]) if b > a])
+        idx = source_index.ensure_index(root / "cr", root / "idx", root / "tmp")
+        letters = any(ch.isalpha() for u in ids for ch in u)  # with digits only, either case: "lower"
+        assert idx.uids is not None and idx.uid_case == ("upper" if upper and letters else "lower")
+        queries = ids[::2] + [hexed(b) for b in others]
+        part, row = source_index.lookup(idx, queries, root / "tmp")
+        assert (part.tolist(), row.tolist()) == _expected(where, queries)
 
 
 # ---------------------------------------------------------------------------

@@ -12,7 +12,11 @@ on-disk index, built once by DuckDB out of core:
   has that column, else the key; :func:`.sources.clip_retrieval_id`), so
   DuckDB skips the row groups outside a shard's id range (img2dataset keys of
   one shard are one contiguous range);
-* ``index.json`` beside it: the folder, the link column, the parts and their
+* ``ids-<hash>-uid16/`` beside it, when the source links by uid and every uid
+  is 32 hex digits of one case (DataComp, img2dataset): the uids as 16 raw
+  bytes, sorted, with their part and row (:mod:`.source_lookup`), for point
+  lookups of random uids, which no row-group range can narrow;
+* ``index.json`` beside them: the folder, the link column, the parts and their
   row counts, the width and dtype, and the size+mtime signature of every
   source file.  The index is rebuilt only when a metadata file's signature
   changes (or a part comes or goes); when only an array changes, the cheap
@@ -25,10 +29,12 @@ column everywhere) and every id (present, listed once); a failure is a
 parallel processes take turns (a ``flock`` on ``.lock``) and every file is
 replaced atomically, so a reader sees an old or a new index, never half one.
 
-Per pool shard, :func:`lookup` finds its ids' ``(part, row)`` with a DuckDB
-join against the sorted parquet (bounded connection, ``core/duck.py``) and
+Per pool shard, :func:`lookup` finds its ids' ``(part, row)``: by binary
+search in the memory-mapped uid arrays when the index has them, else with a
+DuckDB join against the sorted parquet (bounded connection, ``core/duck.py``);
 :func:`gather` copies those rows out of the parts with ``np.load(mmap_mode="r")``,
-part by part: memory is one shard's rows, never the source's.
+part by part: memory is one shard's rows, never the source's (the uid arrays
+are written from the sorted parquet in batches).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from typing import Iterator, Literal, Sequence
 import numpy as np
 
 from .atomic import atomic_path, remove, scratch_dir, write_json
+from .source_lookup import HexCase, UidArrays, build_uid_arrays, lookup_duckdb
 from .sources import (
     CLIP_RETRIEVAL_FILES,
     SourceError,
@@ -54,7 +61,7 @@ from .sources import (
 from .state import file_signature, stable_hash
 
 #: bump when the index's layout or meaning changes (an older index is rebuilt)
-FORMAT = 1
+FORMAT = 2  # 2: the uid arrays
 MANIFEST = "index.json"
 
 LinkBy = Literal["uid", "key"]
@@ -103,6 +110,8 @@ class SourceIndex:
     dtype: str  # of the stored arrays (float16 from clip-retrieval)
     signature: str  # source_signature(folder) when checked
     built: bool  # whether this call (re)built the sorted parquet
+    uids: Path | None = None  # the uid arrays' folder (32-hex uids only), else lookups join the parquet
+    uid_case: HexCase | None = None  # the hex digits' case of every uid, with ``uids``
 
     def files(self, part: int) -> tuple[Path, Path, Path]:
         """(img_emb, text_emb, metadata) of part number ``part`` (an index into ``parts``)."""
@@ -199,7 +208,8 @@ def _read_manifest(path: Path) -> dict | None:
 
 def _as_index(folder: Path, out: Path, m: dict, signature: str, built: bool) -> SourceIndex:
     return SourceIndex(folder=folder, ids=out / m["ids"], by=m["by"], parts=tuple(m["parts"]),
-                       rows=tuple(m["rows"]), dim=int(m["dim"]), dtype=m["dtype"], signature=signature, built=built)
+                       rows=tuple(m["rows"]), dim=int(m["dim"]), dtype=m["dtype"], signature=signature, built=built,
+                       uids=out / m["uids"] if m.get("uids") else None, uid_case=m.get("uid_case"))
 
 
 def ensure_index(folder: Path, out: Path, tmp_root: Path, memory_limit: str = "1GB",
@@ -216,7 +226,8 @@ def ensure_index(folder: Path, out: Path, tmp_root: Path, memory_limit: str = "1
         signature = stable_hash({"clip_retrieval": sigs})
         m = _read_manifest(out / MANIFEST)
         if (m is not None and m.get("format") == FORMAT and m.get("folder") == str(folder)
-                and m.get("signatures", {}).get("metadata") == sigs["metadata"] and (out / m["ids"]).is_file()):
+                and m.get("signatures", {}).get("metadata") == sigs["metadata"] and (out / m["ids"]).is_file()
+                and (not m.get("uids") or (out / m["uids"]).is_dir())):
             if m["signatures"].get("arrays") != sigs["arrays"]:  # arrays rewritten: redo the cheap checks
                 by, rows, dim, dtype = check_parts(folder, clip_retrieval_parts(folder))
                 if by != m["by"] or rows != m["rows"]:  # pragma: no cover - the metadata did not change
@@ -226,18 +237,23 @@ def ensure_index(folder: Path, out: Path, tmp_root: Path, memory_limit: str = "1
             return _as_index(folder, out, m, signature, built=False)
         parts = clip_retrieval_parts(folder)
         by, rows, dim, dtype = check_parts(folder, parts)
-        name = f"ids-{stable_hash(sigs['metadata'])}.parquet"
+        stem = f"ids-{stable_hash(sigs['metadata'])}"
+        name, uids = f"{stem}.parquet", f"{stem}-uid16"
         m = {"format": FORMAT, "folder": str(folder), "by": by, "parts": parts, "rows": rows, "dim": dim,
-             "dtype": dtype, "ids": name, "signatures": sigs, "n": int(sum(rows))}
+             "dtype": dtype, "ids": name, "signatures": sigs, "n": int(sum(rows)), "uids": None, "uid_case": None}
         index = _as_index(folder, out, m, signature, built=True)
         with atomic_path(out / name, tmp_root) as tmp:
             _build(index, tmp, tmp_root, memory_limit, threads)
             _check_ids(index, tmp)
+            if by == "uid":  # from the checked parquet before it is renamed in (a failure here leaves no parquet)
+                case = build_uid_arrays(tmp, m["n"], out / uids, tmp_root)
+                if case is not None:
+                    m = {**m, "uids": uids, "uid_case": case}
         write_json(out / MANIFEST, m, tmp_root)
-        for old in out.glob("ids-*.parquet"):
-            if old.name != name:
+        for old in out.glob("ids-*"):  # the files of older builds (the manifest names the new ones)
+            if old.name not in (name, m["uids"]):
                 remove(old)
-        return index
+        return _as_index(folder, out, m, signature, built=True)
 
 
 def _build(index: SourceIndex, target: Path, tmp_root: Path, memory_limit: str, threads: int | None) -> None:
@@ -317,31 +333,13 @@ def _check_ids(index: SourceIndex, path: Path) -> None:
 def lookup(index: SourceIndex, ids: Sequence[str] | np.ndarray, tmp_root: Path,
            memory_limit: str = "512MB") -> tuple[np.ndarray, np.ndarray]:
     """For each of ``ids`` (one shard's uids or keys) its ``(part, row)`` in the
-    source, ``(-1, -1)`` when the source has no row for it."""
-    import pyarrow as pa
-
-    from .duck import connect
-
+    source, ``(-1, -1)`` when the source has no row for it: a binary search in
+    the uid arrays when the index has them, else a join against the parquet
+    (:mod:`.source_lookup`; both compare the ids as strings)."""
     values = [str(v) for v in np.asarray(ids, dtype=object)]
-    part = np.full(len(values), -1, dtype=np.int32)
-    row = np.full(len(values), -1, dtype=np.int64)
-    if not values:
-        return part, row
-    with scratch_dir(tmp_root, "source-lookup-") as work:
-        con = connect(Path(work), memory_limit, threads=1)
-        try:
-            con.register("pool_ids", pa.table({"pos": pa.array(np.arange(len(values)), pa.int64()),
-                                               "id": pa.array(values, pa.string())}))
-            # the explicit range lets DuckDB skip the row groups outside it (parquet min/max statistics)
-            found = con.execute(
-                'SELECT p.pos, i.part, i."row" FROM read_parquet(?) i JOIN pool_ids p ON p.id = i.id '
-                "WHERE i.id BETWEEN ? AND ?", [str(index.ids), min(values), max(values)]).fetchnumpy()
-        finally:
-            con.close()
-    pos = np.asarray(found["pos"], dtype=np.int64)
-    part[pos] = np.asarray(found["part"], dtype=np.int32)
-    row[pos] = np.asarray(found["row"], dtype=np.int64)
-    return part, row
+    if index.uids is not None and index.uid_case is not None:
+        return UidArrays.open(index.uids, index.uid_case).lookup(values)
+    return lookup_duckdb(index.ids, values, tmp_root, memory_limit)
 
 
 def gather(index: SourceIndex, part: np.ndarray, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
