@@ -70,6 +70,8 @@ _STATS_RE = re.compile(r"^(\d{5,})" + re.escape(STATS_SUFFIX) + "$")
 #: start_time of an export's stats files: its tars' member mtime (deterministic bytes)
 EXPORT_TIME = 0.0
 _REC_HEADER = struct.Struct("<qq")  # spool record: position, byte length
+#: the samples columns the export reads (caption last: only a pool with images needs it)
+SAMPLE_COLUMNS = ("uid", "shard", "key", "row", "caption")
 
 
 @dataclass
@@ -164,16 +166,19 @@ class _Spools:
 # ---------------------------------------------------------------------------
 # export
 # ---------------------------------------------------------------------------
-def _kept_view(con: Any, decisions_path: Path, samples_dir: Path) -> None:
+def _kept_view(con: Any, decisions_path: Path, samples_dir: Path, images: bool = True) -> None:
     """The view ``kept`` (shard, uid, key, caption) of the kept decisions.  A
     decision names its sample by (shard, uid): of the rows of a shard that
-    share a uid, the first (the others are ``duplicate_uid`` or worse, never kept)."""
+    share a uid, the first (the others are ``duplicate_uid`` or worse, never kept).
+    Reads only the samples columns it needs; without ``images`` (nothing is
+    written to a tar) not the caption, which is NULL then."""
     create_view(con, "dec", [Path(decisions_path)], "decisions")
-    create_view(con, "samples", parquet_files(samples_dir))
+    create_view(con, "samples", parquet_files(samples_dir), columns=SAMPLE_COLUMNS if images else SAMPLE_COLUMNS[:-1])
+    caption = "s.caption" if images else "CAST(NULL AS VARCHAR)"
     con.execute(
-        """
+        f"""
         CREATE OR REPLACE TEMP VIEW kept AS
-        SELECT d.shard, d.uid, s.key, s.caption FROM dec d
+        SELECT d.shard, d.uid, s.key, {caption} AS caption FROM dec d
         JOIN (SELECT * FROM samples QUALIFY row_number() OVER (PARTITION BY shard, uid ORDER BY row) = 1) s
           ON s.shard = d.shard AND s.uid = d.uid
         WHERE d.keep
@@ -247,7 +252,7 @@ def export_subset(
         work = Path(work_s)
         con = connect(work / "db", memory_limit, threads)
         try:
-            _kept_view(con, decisions_path, samples_dir)
+            _kept_view(con, decisions_path, samples_dir, images)
             n = _check_kept(con, decisions_path, samples_dir)
             hex_uids = _all_hex(con)
             con.execute(
@@ -445,7 +450,7 @@ def verify_export(
         return [f"{out_dir}: no exported subset"]
     if not images:  # uids.npy alone (a metadata-only pool)
         extra = sorted(p.name for p in out_dir.iterdir() if p.name != UIDS_FILE)
-        with _kept_connection(decisions_path, samples_dir, tmp_root, memory_limit) as con:
+        with _kept_connection(decisions_path, samples_dir, tmp_root, memory_limit, images=False) as con:
             n_kept = con.execute("SELECT count(*) FROM kept").fetchall()[0][0]
             ids = _verify_ids(con, out_dir, n_kept, True, limit)
         return ([f"files beside {UIDS_FILE} in a subset without images: {extra[:limit]}"] if extra else []) + ids
@@ -505,15 +510,15 @@ def verify_export(
 
 
 @contextlib.contextmanager
-def _kept_connection(decisions_path: Path, samples_dir: Path, tmp_root: Path | None, memory_limit: str
-                     ) -> Iterator[Any]:
+def _kept_connection(decisions_path: Path, samples_dir: Path, tmp_root: Path | None, memory_limit: str, *,
+                     images: bool = True) -> Iterator[Any]:
     """A bounded DuckDB connection in a temp folder with the ``kept`` view of the decisions."""
     if tmp_root is not None:
         Path(tmp_root).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="verify-export-", dir=tmp_root) as work:
         con = connect(Path(work), memory_limit)
         try:
-            _kept_view(con, decisions_path, samples_dir)
+            _kept_view(con, decisions_path, samples_dir, images)
             yield con
         finally:
             con.close()

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from .export import ExportSummary
     from .strategies import DecisionSummary
+    from .subset_inputs import SubsetInputs
 
 #: how many (duplicate, original) pairs the UI shows
 EXAMPLE_PAIRS = 6
@@ -282,56 +283,71 @@ def query_tables(layout: Layout, sql: str, params: Mapping[str, Any], views: Map
             con.close()
 
 
-def export_bytes(layout: Layout, decisions: Path) -> int:
+def export_bytes(layout: Layout, decisions: Path, tar_sizes: Mapping[str, int] | None = None) -> int:
     """About the bytes an export of ``decisions`` writes: each shard's tar size
-    times its kept fraction (the spool and the shards hold one copy at a time)."""
+    times its kept fraction (the spool and the shards hold one copy at a time).
+    ``tar_sizes`` (shard -> bytes, shards with a tar; :mod:`~.subset_inputs`
+    lists them once per step) saves a ``stat`` per shard."""
     rows = query_tables(layout, "SELECT shard, count(*) FILTER (WHERE keep), count(*) FROM decisions GROUP BY shard",
                         {}, {"decisions": [decisions]})
     total = 0.0
     for shard, kept, n in rows:
-        tar = layout.shard_tar(shard)
-        if kept and tar.exists():
-            total += tar.stat().st_size * kept / n
+        if not kept:
+            continue
+        if tar_sizes is not None:
+            size = tar_sizes.get(shard)
+        else:
+            tar = layout.shard_tar(shard)
+            size = tar.stat().st_size if tar.exists() else None
+        if size is not None:
+            total += size * kept / n
     return int(total)
 
 
-def make_subset(layout: Layout, settings: PipelineSettings, strategy: str) -> SubsetOutcome:
+def make_subset(layout: Layout, settings: PipelineSettings, strategy: str,
+                inputs: "SubsetInputs | None" = None) -> SubsetOutcome:
     """Decide every sample under ``strategy`` (``tables/decisions/<strategy>``,
     and ``tables/quotas/<strategy>`` for dbp/ssp), export the kept samples to
-    ``subsets/<strategy>/`` and check both."""
+    ``subsets/<strategy>/`` and check both.
+
+    ``inputs``: the step's input tables, read once for all its strategies
+    (:func:`~.subset_inputs.subset_inputs`); without it this call reads them itself."""
     import polars as pl
 
-    from .duck import parquet_files
     from .export import export_subset, verify_export
-    from .layout import list_pool_shards
     from .oserrors import MIN_FREE_BYTES, require_free_space
-    from .precomputed import is_metadata_only
     from .strategies import decide, strategy_quotas
+    from .subset_inputs import subset_inputs
 
+    threads = settings.compute.threads or None
+    if inputs is None:
+        with subset_inputs(layout, threads=threads) as step_inputs:
+            return make_subset(layout, settings, strategy, step_inputs)
     quotas, M = strategy_quotas(strategy, pl.read_parquet(layout.table("clusters")))
     out = layout.table("decisions", strategy)
-    summary = decide(strategy, layout.home / "tables", M, quotas, settings.selection.seed, out, layout.tmp,
-                     threads=settings.compute.threads or None)
+    summary = decide(strategy, inputs.tables, M, quotas, settings.selection.seed, out, layout.tmp,
+                     threads=threads, origin=inputs.origin)
     problems: dict[str, list[str]] = {"one_decision_per_sample": [], "kept_equals_quota": []}
     if quotas is not None:
         write_parquet(layout.table("quotas", strategy), summary.quota_table(), layout.tmp)
         if not np.array_equal(summary.per_cluster_kept, quotas):
             bad = np.flatnonzero(summary.per_cluster_kept != quotas)
             problems["kept_equals_quota"].append(f"{strategy}: clusters {bad[:10].tolist()} kept != quota")
-    require_free_space(layout.subset_dir(strategy), export_bytes(layout, out) + MIN_FREE_BYTES,
+    require_free_space(layout.subset_dir(strategy), export_bytes(layout, out, inputs.tar_sizes) + MIN_FREE_BYTES,
                        f"exporting the {strategy} subset")
-    images = not is_metadata_only(layout.pool, list_pool_shards(layout.pool))
     exp = export_subset(out, layout.pool, layout.subset_dir(strategy), settings.export.shard_size,
-                        settings.export.seed, layout.tmp, images=images)
+                        settings.export.seed, layout.tmp, samples_dir=inputs.samples_dir, threads=threads,
+                        images=inputs.images)
     problems["export_matches_decisions"] = [
-        f"{strategy}: {p}" for p in verify_export(layout.subset_dir(strategy), out, tmp_root=layout.tmp, images=images)]
+        f"{strategy}: {p}" for p in verify_export(layout.subset_dir(strategy), out, samples_dir=inputs.samples_dir,
+                                                  tmp_root=layout.tmp, images=inputs.images)]
     # a uid repeated inside a shard is one decision per row (duplicate_uid rows are corrupt), so the
-    # decisions match the samples row for row and (shard, uid) for (shard, uid)
-    [(n_samples, n_dec, n_distinct, n_sample_ids)] = query_tables(
-        layout, "SELECT (SELECT count(*) FROM samples), count(*), count(DISTINCT (shard, uid)), "
-                "(SELECT count(DISTINCT (shard, uid)) FROM samples) FROM decisions", {},
-        {"samples": parquet_files(layout.table_dir("samples")), "decisions": [out]})
-    if not (n_samples == n_dec and n_distinct == n_sample_ids):
+    # decisions match the samples row for row and (shard, uid) for (shard, uid); the samples' counts
+    # were taken once for the step (``inputs``)
+    [(n_dec, n_distinct)] = query_tables(layout, "SELECT count(*), count(DISTINCT (shard, uid)) FROM decisions", {},
+                                         {"decisions": [out]})
+    if not (inputs.samples == n_dec and n_distinct == inputs.sample_ids):
         problems["one_decision_per_sample"].append(
-            f"{strategy}: {n_samples} samples ({n_sample_ids} distinct), {n_dec} decisions ({n_distinct} distinct)")
+            f"{strategy}: {inputs.samples} samples ({inputs.sample_ids} distinct), {n_dec} decisions "
+            f"({n_distinct} distinct)")
     return SubsetOutcome(summary, exp, problems)

@@ -229,6 +229,8 @@ def decide(
     tmp_root: Path,
     memory_limit: str = "1GB",
     threads: int | None = None,
+    *,
+    origin: Path | None = None,
 ) -> DecisionSummary:
     """Write ``out_path`` (``tables/decisions/<strategy>.parquet``): one row per
     samples row, columns strategy, uid, shard, keep, reason, ordered by
@@ -240,6 +242,11 @@ def decide(
     random baseline's ``uid_hash`` (:func:`register_uid_hash`).  Raises ValueError on inconsistent
     inputs (M above the eligible count, quotas not summing to M or above a
     cluster's size, candidates that are not ok samples, ...).
+
+    ``tables`` is a tables root: ``$DBPRUNE_HOME/tables`` or its one-file-per-table
+    copy (:mod:`~.subset_inputs`, which a ``pruned_subset`` step reads once for
+    all its strategies); ``origin`` is then the root it was copied from, the
+    one error messages name.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; allowed: {', '.join(STRATEGIES)}")
@@ -271,11 +278,12 @@ def decide(
         "full": (),
     }[strategy]
     files = {t: parquet_files(tables / t) for t in INPUTS}
+    named = Path(origin) if origin is not None else tables
     if not files["samples"]:
-        raise ValueError(f"no samples table under {tables / 'samples'}: run ingest first")
+        raise ValueError(f"no samples table under {named / 'samples'}: run ingest first")
     for t in needs:
         if not files[t]:
-            raise ValueError(f"strategy {strategy!r} needs the {t} table, but {tables / t} holds no parquet file")
+            raise ValueError(f"strategy {strategy!r} needs the {t} table, but {named / t} holds no parquet file")
 
     tmp_root.mkdir(parents=True, exist_ok=True)
     with scratch_dir(tmp_root, f"decide-{strategy}-") as work:
@@ -289,10 +297,17 @@ def decide(
             _validate_inputs(con, strategy)
             eligible = _select(con, strategy, M, q, seed)
             with atomic_path(out_path, tmp_root) as tmp:
+                # uid and shard as nullable columns (parquet OPTIONAL), as DuckDB writes them from several
+                # files; from one file (a one-shard pool, or core/subset_inputs.py's copy) it would infer NOT
+                # NULL from the file's statistics and write them REQUIRED, so the decisions' bytes would depend
+                # on how the input tables are split.  The CASE is the identity on values.
                 con.execute(
                     """
                     COPY (
-                      SELECT CAST(? AS VARCHAR) AS strategy, s.uid, s.shard, (k.row IS NOT NULL) AS keep,
+                      SELECT CAST(? AS VARCHAR) AS strategy,
+                        CASE WHEN s.uid IS NULL THEN NULL ELSE s.uid END AS uid,
+                        CASE WHEN s.shard IS NULL THEN NULL ELSE s.shard END AS shard,
+                        (k.row IS NOT NULL) AS keep,
                         CASE WHEN k.row IS NOT NULL THEN 'kept'
                              WHEN s.status IS DISTINCT FROM 'ok' THEN 'corrupt'
                              WHEN d.uid IS NOT NULL THEN 'duplicate'

@@ -7,6 +7,7 @@ import dagster as dg
 
 from ..core import stages
 from ..core.progress import progress
+from ..core.subset_inputs import subset_inputs
 from .common import Session, stage, strategy_partitions
 from .dbp import cluster_complexity
 from .dedup import candidates, semantic_dedup
@@ -38,18 +39,20 @@ def pruned_subset(context: dg.AssetExecutionContext, s: Session) -> dg.Materiali
     the kept samples' original bytes to subsets/<strategy>/ (equal shuffled tars + sizes.json + uids.npy) for
     open_clip_train."""
     rows, problems = [], {name: [] for name in CHECKS}
-    for strategy in progress(context.partition_keys, desc="pruned_subset", unit="strategy"):
-        out = stages.make_subset(s.layout, s.settings, strategy)
-        for name, found in out.problems.items():
-            problems[name] += found
-        meta = {**out.summary.metadata(), "export_shards": out.export.n_shards}
-        s.commit("pruned_subset", strategy, {**meta, "exported": out.export.n_samples},
-                 metadata={**meta, "exported": out.export.n_samples,
-                           "kept_fraction": round(out.summary.kept / max(out.summary.rows, 1), 4),
-                           "subset": dg.MetadataValue.path(str(s.layout.subset_dir(strategy)))})
-        rows.append(meta)
-        context.log.info(f"{strategy}: kept {out.summary.kept} of {out.summary.rows}; "
-                         f"exported {out.export.n_samples} in {out.export.n_shards} tars")
+    # the input tables are read once for all the step's strategies (core/subset_inputs.py)
+    with subset_inputs(s.layout, threads=s.settings.compute.threads or None) as inputs:
+        for strategy in progress(context.partition_keys, desc="pruned_subset", unit="strategy"):
+            out = stages.make_subset(s.layout, s.settings, strategy, inputs)
+            for name, found in out.problems.items():
+                problems[name] += found
+            meta = {**out.summary.metadata(), "export_shards": out.export.n_shards}
+            s.commit("pruned_subset", strategy, {**meta, "exported": out.export.n_samples},
+                     metadata={**meta, "exported": out.export.n_samples,
+                               "kept_fraction": round(out.summary.kept / max(out.summary.rows, 1), 4),
+                               "subset": dg.MetadataValue.path(str(s.layout.subset_dir(strategy)))})
+            rows.append(meta)
+            context.log.info(f"{strategy}: kept {out.summary.kept} of {out.summary.rows}; "
+                             f"exported {out.export.n_samples} in {out.export.n_shards} tars")
     s.refresh_catalog("decisions", "quotas")
     return dg.MaterializeResult(
         metadata={
