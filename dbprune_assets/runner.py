@@ -275,7 +275,8 @@ def _run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None
                 clear_state(layout, a, p)
         ranges = [(None, None)] if kind is None else batched_ranges(
             registered if kind == "shard" else list(STRATEGIES), stale_keys, settings.partitions.per_run)
-        with GroupBar(layout, to_run, stale, label):
+        with GroupBar(layout, to_run, stale, label), \
+                cluster.planned_events(min(len(stale_keys), settings.partitions.per_run) if kind else 1):
             run_ids, failed = (cluster.run_ranges(job, instance, to_run, ranges, log_level, layout=layout, echo=echo)
                                if cluster.enabled() else _run_ranges(job, instance, to_run, ranges, log_level))
         if failed is not None:

@@ -15,6 +15,73 @@ def test_group_size_keeps_at_most_ten_thousand_partitions():
     assert sg.group_size(5, 3) == 3
 
 
+def test_auto_groups_small_shards_of_big_pools_to_ten_thousand_rows_a_partition():
+    # 10,000-row shards (DataComp, img2dataset's default) and pools of <= 256 shards: a partition per shard
+    assert sg.group_size(10_000, "auto", 10_000) == 1 and sg.group_size(12_800, "auto", 10_000) == 2  # the cap
+    assert sg.group_size(256, "auto", 10) == 1
+    # past 256 shards: the least power of two reaching 10,000 rows (1,000 rows -> 10 -> 16; 100 -> 100 -> 128)
+    assert sg.group_size(257, "auto", 1_000) == 16
+    assert sg.group_size(10_000, "auto", 1_000) == 16 and sg.group_size(1_000, "auto", 100) == 128
+    assert sg.group_size(1_000, "auto", 9_999) == 2 and sg.group_size(1_000, "auto", 0) == 16_384
+    # an estimate that drifts as the pool grows keeps the grouping (95 and 110 rows both give 128)
+    assert sg.group_size(3_000, "auto", 95) == sg.group_size(3_300, "auto", 110) == 128
+    # the 10,000-partition cap still applies, and an explicit setting wins
+    assert sg.group_size(230_000, "auto", 5_000) == 23 and sg.group_size(1_000, 3, 10) == 3
+    assert sg.group_size(1_000, "auto", None) == 1  # row counts unknown: no grouping by rows
+
+
+def test_typical_rows_is_the_median_of_shards_spread_over_the_pool(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dbprune_assets.core.layout import typical_shard_rows
+
+    assert sg.typical_rows([]) is None and sg.typical_rows([3, 1, 2]) == 2.0 and sg.typical_rows([1, 4]) == 2.5
+    assert sg.spread_sample(list("abcdefghij"), 4) == ["a", "d", "g", "j"] and sg.spread_sample(["a"], 4) == ["a"]
+    shards = [f"{i:05d}" for i in range(40)]
+    for i, shard in enumerate(shards):
+        pq.write_table(pa.table({"uid": [str(j) for j in range(100 + i % 3)]}), tmp_path / f"{shard}.parquet")
+    (tmp_path / "00020.parquet").write_bytes(b"not parquet")  # damaged: left out of the estimate
+    assert typical_shard_rows(tmp_path, shards) == 101.0
+    assert typical_shard_rows(tmp_path, []) is None
+
+
+def test_a_pool_of_many_small_shards_registers_shard_groups(tmp_path):
+    """300 shards of 40 rows: groups of 256 shards (10,240 rows), named by their first and last shard."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dbprune_assets.core.layout import Layout
+    from dbprune_assets.defs.ingest import partition_changes
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for i in range(300):
+        pq.write_table(pa.table({"uid": [f"{i}-{j}" for j in range(40)]}), pool / f"{i:05d}.parquet")
+    layout = Layout.from_env(home=tmp_path / "home", pool=pool)
+    added, removed, vanished = partition_changes([], layout, "auto")
+    assert added == ["00000..00255", "00256..00299"] and removed == vanished == []
+    assert partition_changes(added, layout, "auto")[:2] == ([], [])  # stable while the pool is
+    assert len(partition_changes(added, layout, 1)[0]) == 300  # an explicit 1: a partition per shard
+
+
+def test_big_runs_log_their_planned_partitions_as_one_subset(monkeypatch):
+    from dbprune_assets import cluster
+
+    monkeypatch.delenv(cluster.PLANNED_SUBSET_ENV, raising=False)
+    import os
+
+    with cluster.planned_events(cluster.PLANNED_SUBSET_FROM):
+        assert cluster.PLANNED_SUBSET_ENV not in os.environ  # small runs: Dagster's per-partition events
+    with cluster.planned_events(cluster.PLANNED_SUBSET_FROM + 1):
+        assert os.environ[cluster.PLANNED_SUBSET_ENV] == "1"
+    assert cluster.PLANNED_SUBSET_ENV not in os.environ
+    monkeypatch.setenv(cluster.PLANNED_SUBSET_ENV, "0")  # the user's own choice is kept
+    with cluster.planned_events(5_000):
+        assert os.environ[cluster.PLANNED_SUBSET_ENV] == "0"
+    assert os.environ[cluster.PLANNED_SUBSET_ENV] == "0"
+
+
 def test_every_shard_of_a_100k_pool_is_in_exactly_one_partition():
     shards = [f"{i:06d}" for i in range(100_000)]
     size = sg.group_size(len(shards))

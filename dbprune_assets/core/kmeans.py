@@ -267,8 +267,18 @@ class UniformSample:
         order = np.lexsort((uu, hh))[: self.size]
         self._h = hh[order]
         self._u = uu[order]
-        self._e = np.concatenate([self._e, *(p[2] for p in self._pending)])[order]
+        # gather the kept rows from each part rather than concatenating every row first:
+        # the peak is the old sample, the waiting chunks and the new sample (not twice more)
+        parts = [self._e, *(p[2] for p in self._pending)]
+        starts = np.cumsum([0] + [len(part) for part in parts])
+        src = np.searchsorted(starts, order, side="right") - 1
+        merged = np.empty((len(order), self._e.shape[1]), dtype=self._e.dtype)
+        for i, part in enumerate(parts):
+            at = np.flatnonzero(src == i)
+            if len(at):
+                merged[at] = part[order[at] - starts[i]]
         self._pending, self._n_pending = [], 0
+        self._e = merged
 
     @property
     def hashes(self) -> np.ndarray:

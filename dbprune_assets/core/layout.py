@@ -131,3 +131,20 @@ def list_pool_shards(pool: Path) -> list[str]:
         if p.is_file() and not p.name.startswith(".")
         and (p.stem.isdigit() or p.with_suffix(".tar").exists() or p.with_suffix(".npz").exists())
     )
+
+
+def typical_shard_rows(pool: Path, shards: list[str], sample: int = 16) -> float | None:
+    """The median row count of up to ``sample`` of the (sorted) ``shards``,
+    evenly spread, read from their parquet footers (no data is read); None when
+    none can be read.  What ``auto`` shard grouping sizes partitions by."""
+    import pyarrow.parquet as pq
+
+    from .shardgroups import spread_sample, typical_rows
+
+    counts = []
+    for shard in spread_sample(shards, sample):
+        try:
+            counts.append(pq.ParquetFile(pool / f"{shard}.parquet").metadata.num_rows)
+        except Exception:  # a damaged shard is ingest's to report; it just does not count here
+            continue
+    return typical_rows(counts)

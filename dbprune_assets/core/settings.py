@@ -185,8 +185,10 @@ class PartitionSettings(_Section):
     execution only: no result depends on them."""
 
     shards_per_partition: Clusters = Field(
-        AUTO, description="shards per partition of the per-shard assets; auto: 1 up to 10,000 shards, above that "
-                          "the least that keeps 10,000 partitions (named <first>..<last>)")
+        AUTO, description="shards per partition of the per-shard assets; auto: 1, except that pools of more than "
+                          "256 shards of under 10,000 rows get groups of a power of two shards reaching 10,000 rows, "
+                          "and pools of more than 10,000 shards the least groups that keep 10,000 partitions "
+                          "(groups are named <first>..<last>)")
     per_run: int = Field(1000, gt=0, description="partitions per Dagster run: a group's out-of-date partitions run "
                                                  "in batches of this many (many runs spread over Celery workers)")
 

@@ -185,9 +185,10 @@ def bad_rows(img: np.ndarray, txt: np.ndarray) -> np.ndarray:
     out = np.zeros(len(img), dtype=bool)
     for e in (img, txt):
         x = np.asarray(e, dtype=np.float32)
-        out |= ~np.isfinite(x).all(axis=1)
         with np.errstate(invalid="ignore", over="ignore"):
-            out |= ~(np.linalg.norm(np.nan_to_num(x, posinf=0.0, neginf=0.0), axis=1) > 0)
+            # a non-finite value makes the squared norm NaN or inf; a finite row is bad when it is 0
+            sq = np.einsum("ij,ij->i", x, x)
+        out |= ~np.isfinite(sq) | ~(sq > 0)
     return out
 
 

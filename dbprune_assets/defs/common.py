@@ -19,6 +19,7 @@ and the step's own metadata, the same on every partition it ran, is named
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 import time
 from dataclasses import dataclass, field
@@ -248,7 +249,16 @@ class Session:
 
     @cached_property
     def _partition_of(self) -> dict[str, str]:
-        return {sh: key for key in self._step_keys for sh in self.partition_shards([key])}
+        """Each of the step's shards -> its partition key (the pool listed once)."""
+        if not any(shardgroups.SEP in k for k in self._step_keys):
+            return {k: k for k in self._step_keys}
+        listing = list_pool_shards(self.layout.pool)
+        return {sh: key for key in self._step_keys for sh in shardgroups.shards_of([key], listing)}
+
+    @cached_property
+    def _group_left(self) -> Counter[str]:
+        """Shards of each of the step's shard-group partitions not yet committed."""
+        return Counter(key for sh, key in self._partition_of.items() if key != sh)
 
     @cached_property
     def versions(self) -> Versions:
@@ -288,8 +298,9 @@ class Session:
         return 60 if len(self._step_keys) <= PARTITION_METADATA_MAX else 10
 
     def _partition_metadata(self, shard: str, metadata: Mapping[str, Any]) -> None:
-        """A shard's metadata on its partition; on a shard group's, the sums of its
-        shards' numbers so far (other values: the last shard's) and ``shards``."""
+        """A shard's metadata on its partition; on a shard group's, once its last
+        shard is committed, the sums of its shards' numbers (other values: the
+        last shard's) and ``shards`` (each call costs Dagster a query)."""
         assert self.context is not None
         key = self._partition_of.get(shard, shard)
         if key != shard:
@@ -298,6 +309,9 @@ class Session:
             for name, value in metadata.items():
                 number = isinstance(value, (int, float)) and not isinstance(value, bool)
                 acc[name] = acc.get(name, 0) + value if number and name in acc else value
+            self._group_left[key] -= 1
+            if self._group_left[key] > 0:
+                return
             metadata = dict(acc)
         self.context.add_asset_metadata(dict(metadata), partition_key=key)
 

@@ -11,13 +11,13 @@ import dagster as dg
 from ..core import stages
 from ..core.atomic import remove, write_parquet
 from ..core import shardgroups
-from ..core.layout import UNPARTITIONED, Layout, list_pool_shards
+from ..core.layout import UNPARTITIONED, Layout, list_pool_shards, typical_shard_rows
 from ..core.shardgroups import GroupSize
 from ..core.progress import progress
 from ..core.settings import PipelineSettings
 from ..core.shards import STATUSES, ShardError, ShardIngest, failed_ingest, ingest_shard
 from ..core.state import combine_versions, read_state
-from .common import ALL_PARTITIONS, SHARDS, DbpruneResource, Session, shard_partitions, stage
+from .common import ALL_PARTITIONS, PARTITION_METADATA_MAX, SHARDS, DbpruneResource, Session, shard_partitions, stage
 from .plots import md_table
 
 #: per-shard files every stage writes; removing a shard removes all of them
@@ -55,7 +55,9 @@ def partition_changes(known: Sequence[str], layout: Layout, group: GroupSize
                       ) -> tuple[list[str], list[str], list[str]]:
     """(keys to add, keys to remove, shards that left the pool) for the pool as it is now."""
     on_disk = list_pool_shards(layout.pool)
-    keys = shardgroups.partition_keys(on_disk, shardgroups.group_size(len(on_disk), group))
+    rows = (typical_shard_rows(layout.pool, on_disk)
+            if group == "auto" and len(on_disk) > shardgroups.GROUP_FROM_SHARDS else None)
+    keys = shardgroups.partition_keys(on_disk, shardgroups.group_size(len(on_disk), group, rows))
     known_set, key_set = set(known), set(keys)
     ingested = {p.stem for p in layout.state("raw_metadata", "x").parent.glob("*.json")}
     vanished = sorted(ingested - set(on_disk))
@@ -101,7 +103,8 @@ def raw_metadata(context: dg.AssetExecutionContext, s: Session) -> dg.Materializ
     per_shard = []
     problems_preview = []
     failed: dict[str, str] = {}
-    for shard in progress(s.partition_shards(context.partition_keys), desc="ingest", unit="shard"):
+    shards = s.partition_shards(context.partition_keys)
+    for shard in progress(shards, desc="ingest", unit="shard"):
         try:
             result = ingest_pool_shard(s.layout.pool, shard, s.settings, s.layout.home)
         except ShardError as err:
@@ -123,7 +126,9 @@ def raw_metadata(context: dg.AssetExecutionContext, s: Session) -> dg.Materializ
                            "by_status": dg.MetadataValue.json(dict(counts)),
                            "problem_rows": result.problems.height,
                            **({"failed": failed[shard]} if shard in failed else {})})
-        context.log.info(f"shard {shard}: {result.samples.height} rows, {dict(counts)}")
+        if result.problems.height or len(shards) <= PARTITION_METADATA_MAX:
+            # a line per shard only where it tells something: each is an event Dagster stores
+            context.log.info(f"shard {shard}: {result.samples.height} rows, {dict(counts)}")
     s.refresh_catalog("samples", "problems")
     return dg.MaterializeResult(
         metadata={
