@@ -254,17 +254,8 @@ def export_subset(
         try:
             _kept_view(con, decisions_path, samples_dir, images)
             n = _check_kept(con, decisions_path, samples_dir)
-            hex_uids = _all_hex(con)
-            con.execute(
-                """
-                CREATE TABLE ranked AS
-                SELECT shard, key, uid, caption, row_number() OVER (ORDER BY uid_hash(uid, ?), uid, shard) - 1 AS pos
-                FROM kept ORDER BY shard, key
-                """,
-                [int(seed)],
-            )
             if not images:  # a metadata-only pool: DataComp's subset file, which its resharder turns into shards
-                if not hex_uids:
+                if not _all_hex(con):
                     raise ValueError(f"{decisions_path}: a pool without images needs 32-hex uids (DataComp's) to "
                                      "export its subset as uids.npy")
                 with atomic_path(out_dir, tmp_root) as tmp:
@@ -273,6 +264,16 @@ def export_subset(
                     _fsync_tree(tmp)
                 return ExportSummary(out_dir=out_dir, n_samples=n, n_shards=0, shard_size=shard_size, seed=seed,
                                      id_file=UIDS_FILE, bytes_written=0, sizes={})
+            hex_uids = _all_hex(con)
+            # the shuffle: a sample's place in the subset is its rank by the seeded uid hash
+            con.execute(
+                """
+                CREATE TABLE ranked AS
+                SELECT shard, key, uid, caption, row_number() OVER (ORDER BY uid_hash(uid, ?), uid, shard) - 1 AS pos
+                FROM kept ORDER BY shard, key
+                """,
+                [int(seed)],
+            )
             n_shards = -(-n // shard_size)
             sizes = {shard_name(i): min(shard_size, n - i * shard_size) for i in range(n_shards)}
             spool_dir = work / "spool"
