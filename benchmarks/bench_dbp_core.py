@@ -72,7 +72,7 @@ def load_emb(work: Path, name: str, mmap: bool = True) -> np.ndarray:
 
 
 def stage_sample(work: Path, a: argparse.Namespace) -> dict:
-    from dbprune_assets.core.kmeans import UniformSample
+    from dbprune_assets.core.method.kmeans import UniformSample
 
     s = UniformSample(a.sample_size, a.seed)
     for name in shard_names(work):
@@ -84,7 +84,7 @@ def stage_sample(work: Path, a: argparse.Namespace) -> dict:
 
 
 def stage_kmeans(work: Path, a: argparse.Namespace) -> dict:
-    from dbprune_assets.core.kmeans import spherical_kmeans
+    from dbprune_assets.core.method.kmeans import spherical_kmeans
 
     x = np.load(work / "sample.npy")
     c = spherical_kmeans(x, a.k, a.niter, a.seed, use_gpu=False, threads=a.threads)
@@ -96,8 +96,8 @@ def stage_assign(work: Path, a: argparse.Namespace) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dbprune_assets.core.dbp import cluster_partial_sums
-    from dbprune_assets.core.kmeans import nearest_centroid
+    from dbprune_assets.core.method.dbp import cluster_partial_sums
+    from dbprune_assets.core.method.kmeans import nearest_centroid
 
     c = np.load(work / "centroids.npy")
     k = len(c)
@@ -126,7 +126,7 @@ def stage_assign(work: Path, a: argparse.Namespace) -> dict:
 
 
 def stage_quotas(work: Path, a: argparse.Namespace) -> dict:
-    from dbprune_assets.core.dbp import cluster_table, target_size
+    from dbprune_assets.core.method.dbp import cluster_table, target_size
 
     c = np.load(work / "centroids.npy")
     count = np.load(work / "count.npy")
@@ -137,7 +137,7 @@ def stage_quotas(work: Path, a: argparse.Namespace) -> dict:
 
 
 def stage_select(work: Path, a: argparse.Namespace) -> dict:
-    from dbprune_assets.core.duck import connect, create_view
+    from dbprune_assets.core.store.duck import connect, create_view
     from dbprune_assets.core.strategies import select_by_quota
 
     con = connect(work / "duckdb_tmp", a.duckdb_memory, a.threads)
@@ -187,8 +187,8 @@ def stage_imports(work: Path, a: argparse.Namespace) -> dict:
     import polars  # noqa: F401
     import pyarrow.parquet  # noqa: F401
 
-    import dbprune_assets.core.dbp  # noqa: F401
-    import dbprune_assets.core.kmeans  # noqa: F401
+    import dbprune_assets.core.method.dbp  # noqa: F401
+    import dbprune_assets.core.method.kmeans  # noqa: F401
 
     return {}
 

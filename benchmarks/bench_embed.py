@@ -39,8 +39,8 @@ def make_shard(path: Path, n: int, size: int = 48, seed: int = 0) -> list[tuple[
     """Write a webdataset tar of ``n`` samples; returns (key, caption) in tar order."""
     from PIL import Image, ImageDraw
 
-    from dbprune_assets.core.progress import progress
-    from dbprune_assets.core.wds import write_tar
+    from dbprune_assets.core.running.progress import progress
+    from dbprune_assets.core.pool.wds import write_tar
 
     colors = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 225), "yellow": (235, 215, 40)}
     rng = np.random.default_rng(seed)
@@ -65,7 +65,7 @@ def make_shard(path: Path, n: int, size: int = 48, seed: int = 0) -> list[tuple[
 
 def read_rows(tar: Path) -> list[tuple[str, str]]:
     """(key, caption) of the samples of a webdataset tar that have a caption."""
-    from dbprune_assets.core.wds import iter_samples
+    from dbprune_assets.core.pool.wds import iter_samples
 
     return [(key, m["txt"].decode()) for key, m in iter_samples(tar) if "txt" in m]
 
@@ -97,7 +97,7 @@ def bare_loop(enc, tar: Path, rows, batch_size: int, workers: int, device: str, 
     import torch
     from torch.utils.data import DataLoader
 
-    from dbprune_assets.core.embed import autocast
+    from dbprune_assets.core.models.embed import autocast
 
     ds = BareDataset(tar, [k for k, _ in rows], [c for _, c in rows], enc.preprocess, enc.tokenizer)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=device.startswith("cuda"))
@@ -172,10 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     import polars as pl
     import torch
 
-    from dbprune_assets.core import encoders as E
-    from dbprune_assets.core.device import auto_threads, torch_device
-    from dbprune_assets.core.embed import embed_shard, resolve_precision
-    from dbprune_assets.core.model_dir import save_local_dir
+    from dbprune_assets.core.models import encoders as E
+    from dbprune_assets.core.running.device import auto_threads, torch_device
+    from dbprune_assets.core.models.embed import embed_shard, resolve_precision
+    from dbprune_assets.core.models.model_dir import save_local_dir
     from dbprune_assets.core.settings import ComputeSettings, EncoderSpec
 
     # the same CPU thread count for both paths (embed_shard's auto choice when 0)

@@ -39,7 +39,7 @@ from synth import D, save_shard, shard_names, shard_path  # also puts the reposi
 
 
 def generate(work: Path, a: argparse.Namespace) -> dict:
-    from dbprune_assets.core.kmeans import UniformSample, nearest_centroid, spherical_kmeans
+    from dbprune_assets.core.method.kmeans import UniformSample, nearest_centroid, spherical_kmeans
 
     concepts = a.clusters or max(1, a.n // a.cluster_size)
     rng = np.random.default_rng(a.seed)
@@ -77,7 +77,7 @@ def generate(work: Path, a: argparse.Namespace) -> dict:
 
 
 def _load(work: Path, name: str, mmap: bool):
-    from dbprune_assets.core.semdedup import DedupShard
+    from dbprune_assets.core.method.semdedup import DedupShard
 
     return DedupShard(
         name=name,
@@ -91,7 +91,7 @@ def _load(work: Path, name: str, mmap: bool):
 def stage_semdedup(work: Path, a: argparse.Namespace) -> dict:
     import polars as pl
 
-    from dbprune_assets.core.semdedup import empty_duplicates, semdedup_pool
+    from dbprune_assets.core.method.semdedup import empty_duplicates, semdedup_pool
 
     names = shard_names(work)
     k = int(max(np.load(shard_path(work, n, "cluster")).max() for n in names)) + 1
@@ -141,7 +141,7 @@ def stage_imports(work: Path, a: argparse.Namespace) -> dict:
     import polars  # noqa: F401
     import torch  # noqa: F401
 
-    import dbprune_assets.core.semdedup  # noqa: F401
+    import dbprune_assets.core.method.semdedup  # noqa: F401
 
     return {}
 

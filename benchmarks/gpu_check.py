@@ -139,7 +139,7 @@ class Env:
 def env_section(rep: Report) -> Env:
     import torch
 
-    from dbprune_assets.core.device import available_cores
+    from dbprune_assets.core.running.device import available_cores
 
     cores = available_cores()
     gpu = torch.cuda.is_available()
@@ -203,7 +203,7 @@ def decode(data: bytes) -> float:
 
 
 def decode_section(rep: Report, env: Env, s: Sizes) -> tuple[list[bytes], float]:
-    from dbprune_assets.core.device import torch_threads
+    from dbprune_assets.core.running.device import torch_threads
 
     ctx = mp.get_context("forkserver")
     with ctx.Pool(env.cores, initializer=_worker_init) as pool:
@@ -288,7 +288,7 @@ def embed_section(rep: Report, env: Env, s: Sizes, jpegs: list[bytes], decode_ra
     try:
         from PIL import Image
 
-        from dbprune_assets.core.embed import encode_images
+        from dbprune_assets.core.models.embed import encode_images
 
         dev = "cuda" if m.gpu is not None else "cpu"
         pil = [Image.open(io.BytesIO(b)) for b in jpegs[: max(s.agree, min(1024, len(jpegs)))]]
@@ -353,8 +353,8 @@ class Assigned:
 def faiss_section(rep: Report, env: Env, s: Sizes) -> Assigned:
     import faiss  # noqa: F401 - skips the section when missing
 
-    from dbprune_assets.core.device import faiss_threads
-    from dbprune_assets.core.kmeans import nearest_centroid, spherical_kmeans
+    from dbprune_assets.core.running.device import faiss_threads
+    from dbprune_assets.core.method.kmeans import nearest_centroid, spherical_kmeans
 
     x = clustered(s.rows, s, "cuda" if env.torch_gpu else "cpu")
     rep.fig("data", f"{s.rows:,} x {s.d} float32, k = {s.k}, niter = {s.niter}")
@@ -414,7 +414,7 @@ def torch_section(rep: Report, env: Env, s: Sizes, a: Assigned) -> None:
 
 def decisions(cluster: np.ndarray, dist: np.ndarray, cent: np.ndarray, uids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """DBP keep mask and quotas, on the CPU, with the settings' defaults."""
-    from dbprune_assets.core import dbp
+    from dbprune_assets.core.method import dbp
 
     k = len(cent)
     count, total = dbp.cluster_partial_sums(cluster, dist, k)
@@ -434,7 +434,7 @@ def other_device(env: Env, a: Assigned, s: Sizes) -> tuple[str, tuple[np.ndarray
         return "faiss GPU (project nearest_centroid)", a.gpu, None
     import torch
 
-    from dbprune_assets.core.kmeans import exact_distances, l2_normalize_checked
+    from dbprune_assets.core.method.kmeans import exact_distances, l2_normalize_checked
     dev = "cuda" if env.torch_gpu else "cpu"
     c, d = torch_assign(torch.from_numpy(a.x).to(dev), torch.from_numpy(a.cent).to(dev), torch.float32, s.chunk)
     cl = c.cpu().numpy().astype(np.int32)

@@ -14,8 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from .core.layout import Layout
-from .core.settings import PipelineSettings, SettingsError, build_settings
+from dbprune_assets.core.store.layout import Layout
+from dbprune_assets.core.settings import PipelineSettings, SettingsError, build_settings
 
 
 #: exit status when another process holds the home's lock (EX_TEMPFAIL)
@@ -37,14 +37,14 @@ def _wait_seconds(text: str) -> float:
 def resolve_settings(layout: Layout, config: Path | None, profile: str | None) -> tuple[PipelineSettings, str]:
     """--config FILE, else the saved config.yaml, else the profile that fits the
     pool; and the line saying which profile that is and why."""
-    from .core.settings import choose_settings
+    from dbprune_assets.core.settings import choose_settings
 
     return choose_settings(config, profile, layout.pool, layout.config_file)
 
 
 def preflight(layout: Layout, settings: PipelineSettings) -> None:
     """Checks that need the file system, before any run starts."""
-    from .core.settings import SettingsError
+    from dbprune_assets.core.settings import SettingsError
 
     for name, spec in (("cluster_encoder", settings.encoder.cluster_encoder), ("score_encoder", settings.encoder.score_encoder)):
         if spec is None or spec.is_bootstrap:
@@ -63,7 +63,7 @@ def preflight(layout: Layout, settings: PipelineSettings) -> None:
             )
     folders = [*(settings.eval.datasets or ()), *(p for p in (settings.eval.zeroshot, settings.eval.retrieval) if p)]
     if folders:  # checked before any run: a bad folder would otherwise fail only at eval_scores
-        from .core.evaluate import EvalError, find_eval_datasets
+        from dbprune_assets.core.models.evaluate import EvalError, find_eval_datasets
 
         try:
             find_eval_datasets(folders)
@@ -79,7 +79,7 @@ def ensure_pool(layout: Layout, settings: PipelineSettings, echo=print) -> None:
             f"DBPRUNE_POOL={layout.pool} does not exist; point it at a folder of img2dataset shards "
             "(NNNNN.tar + NNNNN.parquet) or unset it to use the generated sample pool"
         )
-    from .samplepool import write_sample_pool
+    from dbprune_assets.samplepool import write_sample_pool
 
     echo(f"generating the sample pool in {layout.pool} …")
     summary = write_sample_pool(layout.pool, settings.pool, tmp_root=layout.tmp)
@@ -90,7 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """One writer per home: everything from reading the saved settings to the
     last step runs under the home's lock, so a second run refuses (or waits,
     ``--wait``) and never mixes its settings or results with this one's."""
-    from .core.homelock import home_lock
+    from dbprune_assets.core.running.homelock import home_lock
 
     layout = Layout.from_env()
     layout.home.mkdir(parents=True, exist_ok=True)
@@ -105,8 +105,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_locked(layout: Layout, args: argparse.Namespace) -> int:
-    from .core.atomic import write_bytes
-    from .runner import run_pipeline
+    from dbprune_assets.core.store.atomic import write_bytes
+    from dbprune_assets.runner import run_pipeline
 
     try:
         settings, why = resolve_settings(layout, args.config, args.profile)
@@ -127,8 +127,8 @@ def _run_locked(layout: Layout, args: argparse.Namespace) -> int:
 def failed_shard_lines(layout: Layout, limit: int = 10) -> list[str]:
     """The shards the last manifest left out of the pool (a schema that cannot
     be read), each with its cause: a run that finishes without them says so."""
-    from .core.layout import UNPARTITIONED
-    from .core.state import read_state
+    from dbprune_assets.core.store.layout import UNPARTITIONED
+    from dbprune_assets.core.store.state import read_state
 
     manifest = read_state(layout, "pool_manifest", UNPARTITIONED)
     failed = list(manifest.summary.get("failed_shards", [])) if manifest else []
@@ -163,7 +163,7 @@ def print_summary(layout: Layout, report) -> None:
 
 
 def cmd_sample_pool(args: argparse.Namespace) -> int:
-    from .samplepool import write_datacomp_pool, write_sample_pool
+    from dbprune_assets.samplepool import write_datacomp_pool, write_sample_pool
 
     layout = Layout.from_env()
     out = Path(args.out).resolve() if args.out else layout.pool
@@ -186,7 +186,7 @@ def cmd_sample_pool(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()):
         if not args.overwrite:
             return _err(f"{out} exists and is not empty; pass --overwrite to replace it")
-    from .core.homelock import home_lock
+    from dbprune_assets.core.running.homelock import home_lock
 
     # a pool inside the home is written under its lock, like a run
     with home_lock(layout.lock_file) if out.is_relative_to(layout.home) else contextlib.nullcontext():
@@ -199,7 +199,7 @@ def cmd_sample_pool(args: argparse.Namespace) -> int:
 def cmd_sql(args: argparse.Namespace) -> int:
     import polars as pl
 
-    from .core.catalog import QueryRefused, ensure_catalog, query
+    from dbprune_assets.core.store.catalog import QueryRefused, ensure_catalog, query
 
     layout = Layout.from_env()
     if not layout.home.is_dir():
@@ -224,7 +224,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from .runner import dagster_instance
+    from dbprune_assets.runner import dagster_instance
 
     layout = Layout.from_env()
     dagster_instance(layout)  # creates the instance folder and its dagster.yaml
@@ -290,7 +290,7 @@ def _signal_group(pgid: int, signum: int) -> bool:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """A Celery worker executing dbprune runs (README "Many machines")."""
-    from .cluster import ClusterError, run_worker
+    from dbprune_assets.cluster import ClusterError, run_worker
 
     try:
         return run_worker(args.queue, concurrency=args.concurrency, name=args.name, loglevel=args.loglevel)
@@ -301,8 +301,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_daemon(args: argparse.Namespace) -> int:
     """``dagster-daemon run`` on this home's instance: sensors, schedules and
     backfills launched from the UI (``dbprune run`` itself needs no daemon)."""
-    from .cluster import ClusterError
-    from .runner import dagster_instance
+    from dbprune_assets.cluster import ClusterError
+    from dbprune_assets.runner import dagster_instance
 
     layout = Layout.from_env()
     try:
@@ -317,9 +317,11 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .core.report import write_report
+    from dbprune_assets.core.report.page import write_report
+    from dbprune_assets.defs.common import with_fact
+    from dbprune_assets.definitions import asset_nodes
 
-    print(write_report(Layout.from_env(), args.name))
+    print(write_report(Layout.from_env(), with_fact(asset_nodes(), "plots"), args.name))
     return 0
 
 
@@ -383,8 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; any error becomes one line (``-v``: and its traceback)."""
-    from .core.homelock import HomeBusy
-    from .core.oserrors import explain
+    from dbprune_assets.core.running.homelock import HomeBusy
+    from dbprune_assets.core.running.oserrors import explain
 
     args = build_parser().parse_args(argv)
     try:

@@ -22,7 +22,7 @@ partition range, and the runner already cuts a group into many runs
 executor, every run would still need a coordinating process that stays alive
 for the whole run and sends its one or two steps to the broker: more moving
 parts, no more parallelism.  :class:`DbpruneRunLauncher` (a
-``CeleryRunLauncher``) sends each run to queue ``gpu`` (:data:`GPU_ASSETS`) or
+``CeleryRunLauncher``) sends each run to queue ``gpu`` (assets declaring ``Facts(gpu=True)``) or
 ``cpu`` by its assets; the worker task (:func:`_execute_run_task`) records the
 worker's name, host and pid in the run's tags, then executes the run in the
 worker's pool process with the in-process executor (the definitions, torch
@@ -56,7 +56,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .core.layout import Layout
+    from dbprune_assets.core.store.layout import Layout
 
 ENV_POSTGRES = "DBPRUNE_POSTGRES_URL"
 ENV_BROKER = "DBPRUNE_BROKER"
@@ -69,9 +69,6 @@ ENV_LOST_AFTER = "DBPRUNE_WORKER_LOST_S"
 
 GPU, CPU = "gpu", "cpu"
 QUEUES = (GPU, CPU)
-#: the assets whose runs go to queue ``gpu``: the encoder (``bootstrap`` trains a CLIP),
-#: embeddings, training and evaluation; every other run goes to ``cpu``
-GPU_ASSETS = frozenset({"encoder", "embeddings", "trained_model", "eval_scores"})
 
 QUEUE_TAG = "dagster-celery/queue"  # dagster-celery's own tag: the Celery queue of a run
 TASK_ID_TAG = "dagster-celery/task_id"
@@ -272,8 +269,13 @@ def _check_broker(url: str, timeout_s: float, what: str = f"Celery broker ({ENV_
 
 
 def queue_for(assets: list[str] | set[str] | frozenset[str]) -> str:
-    """``gpu`` for a run of any of :data:`GPU_ASSETS`, else ``cpu``."""
-    return GPU if set(assets) & GPU_ASSETS else CPU
+    """``gpu`` for a run of any asset that declares ``Facts(gpu=True)`` (the
+    encoder, whose ``bootstrap`` trains a CLIP, embeddings, training and
+    evaluation), else ``cpu``."""
+    from dbprune_assets.definitions import asset_nodes
+
+    nodes = asset_nodes()
+    return GPU if any(nodes[a].facts.gpu for a in assets if a in nodes) else CPU
 
 
 # ---------------------------------------------------------------------------
@@ -413,8 +415,8 @@ def reconstruct_defs(home: str, pool: str):
     """The definitions bound to a home and pool, as a worker rebuilds them for
     a run (kept for the next run of the same home in this process)."""
     if (home, pool) not in _DEFS:
-        from .defs.common import DbpruneResource
-        from .definitions import build_defs
+        from dbprune_assets.defs.common import DbpruneResource
+        from dbprune_assets.definitions import build_defs
 
         _DEFS[(home, pool)] = build_defs(DbpruneResource(home=home, pool=pool))
     return _DEFS[(home, pool)]
@@ -473,7 +475,7 @@ def _float_env(name: str, default: float) -> float:
 
 
 def _where(start: str | None, end: str | None) -> str:
-    from .core.settings import STRATEGIES
+    from dbprune_assets.core.settings import STRATEGIES
 
     if start is None:
         return "unpartitioned"
@@ -501,7 +503,7 @@ def run_ranges(job: Any, instance: Any, group: list[str], ranges: list[tuple[str
     submitted again.  (run ids, the first failed run or None)."""
     import dagster as dg
 
-    from .core.atomic import process_tmp_name
+    from dbprune_assets.core.store.atomic import process_tmp_name
 
     launcher = instance.run_launcher
     if not isinstance(launcher, launcher_class()):
@@ -860,7 +862,7 @@ def main(argv: list[str] | None = None) -> int:
     write this home's ``dagster.yaml`` (checking the database and broker),
     then become ``dagster-webserver -m dbprune_assets.definitions ARGS`` on
     that instance, the production webserver beside ``dbprune daemon``."""
-    from .core.layout import Layout
+    from dbprune_assets.core.store.layout import Layout
 
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] != "webserver":
@@ -906,7 +908,7 @@ def dagster_instance(layout: Layout):  # -> dg.DagsterInstance
     cfg = layout.dagster_home / "dagster.yaml"
     text = instance_yaml()  # SQLite; PostgreSQL and Celery with DBPRUNE_POSTGRES_URL / DBPRUNE_BROKER
     if not cfg.exists() or cfg.read_text() != text:
-        from .core.atomic import write_bytes
+        from dbprune_assets.core.store.atomic import write_bytes
 
         write_bytes(cfg, text.encode(), layout.tmp)  # atomic: a kill never leaves half of it
     check_reachable()  # database or broker down: one clear error before any run

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import dagster as dg
 
-from .defs.common import DbpruneResource
-from .defs.dbp import centroids, cluster_assignments, cluster_complexity
-from .defs.dedup import candidates, dedup_assignments, dedup_centroids, semantic_dedup
-from .defs.embedding import embeddings, encoder
-from .defs.ingest import pool_manifest, pool_shards_sensor, raw_metadata
-from .defs.subsets import pruned_subset
-from .defs.training import comparison, eval_scores, trained_model
+from functools import cache
+
+from dbprune_assets.defs.common import DbpruneResource, Node, graph_nodes
+from dbprune_assets.defs.dbp import centroids, cluster_assignments, cluster_complexity
+from dbprune_assets.defs.dedup import candidates, dedup_assignments, dedup_centroids, semantic_dedup
+from dbprune_assets.defs.embedding import embeddings, encoder
+from dbprune_assets.defs.ingest import pool_manifest, pool_shards_sensor, raw_metadata
+from dbprune_assets.defs.subsets import pruned_subset
+from dbprune_assets.defs.training import comparison, eval_scores, trained_model
 
 ASSETS = [
     raw_metadata, pool_manifest, encoder, embeddings,
@@ -33,3 +35,11 @@ def build_defs(dbprune: DbpruneResource | None = None) -> dg.Definitions:
 
 
 defs = build_defs()
+
+
+@cache
+def asset_nodes() -> dict[str, Node]:
+    """Every asset as dbprune sees it (parents, partitioning, settings, facts),
+    in topological order: what the runner, the cluster's queues and the report
+    derive their lists from."""
+    return graph_nodes(defs.resolve_asset_graph())

@@ -14,9 +14,9 @@ What a person sees: a line per group (``▶`` when it starts, ``✓``/``✗`` wh
 ends) with a live bar of its partitions on a terminal; Dagster's own log lines
 go to each run's log in the instance (``dbprune ui``), and to the console only
 with ``dbprune run -v``.  A failure prints one line naming the step, with an
-OS error explained (file, cause, what to do; ``core/oserrors.py``); the full
+OS error explained (file, cause, what to do; ``core/running/oserrors.py``); the full
 trace stays in the run's log.  The whole run holds the home's one-writer lock
-(``core/homelock.py``), and each group first checks that the home's volume has
+(``core/running/homelock.py``), and each group first checks that the home's volume has
 at least ``oserrors.MIN_FREE_BYTES`` free.
 """
 
@@ -28,11 +28,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from . import cluster
-from .cluster import RANGE_END_TAG, RANGE_START_TAG, console_config, dagster_instance  # noqa: F401 (re-exported)
-from .core.layout import UNPARTITIONED, Layout
-from .core.progress import bars_enabled
-from .core.settings import STRATEGIES, PipelineSettings
+from dbprune_assets import cluster
+from dbprune_assets.cluster import RANGE_END_TAG, RANGE_START_TAG, console_config, dagster_instance  # noqa: F401 (re-exported)
+from dbprune_assets.core.store.layout import UNPARTITIONED, Layout
+from dbprune_assets.core.running.progress import bars_enabled
+from dbprune_assets.core.settings import STRATEGIES, PipelineSettings
 
 Echo = Callable[[str], None]
 
@@ -79,28 +79,22 @@ def plan_groups(keys: list[str], parents: dict[str, set[str]], partitioning: dic
     return groups
 
 
-#: the assets that read the pool itself; they run first, so the pool's size is known
-#: (and explicit cluster counts are checked against it) before any expensive step
-INGEST = frozenset({"raw_metadata", "pool_manifest"})
-
-
-#: the stages that need the pool's images; a run over a pool without images leaves them out
-NEED_IMAGES = frozenset({"trained_model", "eval_scores", "comparison"})
-
-
 def ingest_first(ordered: list[str], nodes: Mapping[str, Any]) -> list[str]:
-    """``ordered`` (topological) with the ingest assets moved to the front,
-    which keeps it topological: they have no parents outside ``INGEST``."""
-    assert all(set(nodes[k].parents) <= INGEST for k in ordered if k in INGEST)
-    return [k for k in ordered if k in INGEST] + [k for k in ordered if k not in INGEST]
+    """``ordered`` (topological) with the ingest assets (``Facts.ingest``: they
+    read the pool itself) moved to the front, so the pool's size is known (and
+    explicit cluster counts are checked against it) before any expensive step.
+    That keeps it topological: ingest assets have no parents but ingest assets."""
+    ingest = {k for k in ordered if nodes[k].facts.ingest}
+    assert all(nodes[p].facts.ingest for k in ingest for p in nodes[k].parents)
+    return [k for k in ordered if k in ingest] + [k for k in ordered if k not in ingest]
 
 
 def _k_refused(layout: Layout, settings: PipelineSettings, shards: list[str]) -> str | None:
     """Why the settings' explicit cluster counts cannot work on this pool (see
     :func:`~.core.settings.check_k`), checked once the pool is ingested and
     before the encoder, embeddings or k-means run; None when they can."""
-    from .core.settings import SettingsError, check_k
-    from .core.state import ingested_ok
+    from dbprune_assets.core.settings import SettingsError, check_k
+    from dbprune_assets.core.store.state import ingested_ok
 
     n_ok = ingested_ok(layout, shards)
     if n_ok is None:
@@ -184,7 +178,7 @@ def run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None 
     """Materialise the selected assets group by group (see the module docstring);
     ``log_level``: show Dagster's log lines from that level on the console.
     Raises ``homelock.HomeBusy`` when another process writes the home."""
-    from .core.homelock import home_lock
+    from dbprune_assets.core.running.homelock import home_lock
 
     with home_lock(layout.lock_file):
         return _run_pipeline(layout, settings, select, force, echo, log_level)
@@ -194,14 +188,14 @@ def _run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None
                   echo: Echo, log_level: str | None) -> RunReport:
     import dagster as dg
 
-    from .core.atomic import clean_stale_tmp
-    from .core.layout import list_pool_shards
-    from .core.oserrors import MIN_FREE_BYTES, NotEnoughSpace, require_free_space
-    from .core.precomputed import NEEDS_IMAGES, is_metadata_only
-    from .core.state import clear_state
-    from .defs.common import DbpruneResource, Versions, graph_nodes, registered_shards
-    from .defs.ingest import sync_shard_partitions
-    from .definitions import build_defs
+    from dbprune_assets.core.store.atomic import clean_stale_tmp
+    from dbprune_assets.core.store.layout import list_pool_shards
+    from dbprune_assets.core.running.oserrors import MIN_FREE_BYTES, NotEnoughSpace, require_free_space
+    from dbprune_assets.core.pool.precomputed import NEEDS_IMAGES, is_metadata_only
+    from dbprune_assets.core.store.state import clear_state
+    from dbprune_assets.defs.common import DbpruneResource, Versions, graph_nodes, registered_shards
+    from dbprune_assets.defs.ingest import shard_tables, sync_shard_partitions
+    from dbprune_assets.definitions import build_defs
 
     t0 = time.monotonic()
     defs = build_defs(DbpruneResource(home=str(layout.home), pool=str(layout.pool)))
@@ -212,7 +206,7 @@ def _run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None
         clean_stale_tmp(tmp_base)  # half-written files of killed processes
     for run_id in fail_orphaned_runs(instance):
         echo(f"run {run_id} was left unfinished by a process that no longer runs; marked it failed")
-    added, removed = sync_shard_partitions(instance, layout, settings.partitions.shards_per_partition)
+    added, removed = sync_shard_partitions(instance, layout, shard_tables(nodes), settings.partitions.shards_per_partition)
     if added or removed:
         echo(f"pool: {len(added)} shard(s) added, {len(removed)} removed")
 
@@ -220,8 +214,8 @@ def _run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None
     keys = {k.to_user_string() for k in selection.resolve(graph)}
     ordered = ingest_first([k for k in nodes if k in keys], nodes)
     if select is None and is_metadata_only(layout.pool, list_pool_shards(layout.pool)):
-        skipped_stages = [k for k in ordered if k in NEED_IMAGES]
-        ordered = [k for k in ordered if k not in NEED_IMAGES]
+        skipped_stages = [k for k in ordered if nodes[k].facts.needs_images]
+        ordered = [k for k in ordered if not nodes[k].facts.needs_images]
         echo(f"– {', '.join(skipped_stages)}: skipped: {NEEDS_IMAGES}")
     groups = plan_groups(ordered, {k: set(nodes[k].parents) for k in ordered},
                          {k: nodes[k].partitioning for k in ordered})
@@ -257,7 +251,7 @@ def _run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None
             results.append(GroupResult(group, [], skipped, 0.0))
             continue
         scope = f"{len(stale)} of {len(all_parts)} partitions" if kind else "unpartitioned"
-        if not set(group) <= INGEST and (refused := _k_refused(layout, settings, shards)):
+        if not all(nodes[a].facts.ingest for a in group) and (refused := _k_refused(layout, settings, shards)):
             echo(f"✗ {label} not started: {refused}")
             results.append(GroupResult(group, [], skipped, time.monotonic() - g0))
             return RunReport(results, time.monotonic() - t0, ok=False, failure=refused)
@@ -300,7 +294,7 @@ def fail_orphaned_runs(instance) -> list[str]:
     executes in process, without a queue or concurrency slots."""
     import dagster as dg
 
-    from .core.atomic import pid_alive, process_tmp_name
+    from dbprune_assets.core.store.atomic import pid_alive, process_tmp_name
 
     host = process_tmp_name().rsplit("-", 1)[0]
     unfinished = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
@@ -320,7 +314,7 @@ def _run_ranges(job: Any, instance: Any, group: list[str], ranges: list[tuple[st
     group's assets, in process; (run ids, the failed run's result or None)."""
     import dagster as dg
 
-    from .core.atomic import process_tmp_name
+    from dbprune_assets.core.store.atomic import process_tmp_name
 
     run_ids = []
     for start, end in ranges:
@@ -340,7 +334,7 @@ def _failure_message(result, layout: Layout) -> str:  # ExecuteInProcessResult
     """One line: the failed step and its error (an OS error explained), with a
     hint when the home's volume is (nearly) full, the usual cause of errors
     that do not say so (``iostream error`` of a training subprocess)."""
-    from .core.oserrors import MIN_FREE_BYTES, explain_text, free_bytes, human_bytes
+    from dbprune_assets.core.running.oserrors import MIN_FREE_BYTES, explain_text, free_bytes, human_bytes
 
     text = "the run failed; open it in `dbprune ui` for the logs"
     for event in result.all_events:

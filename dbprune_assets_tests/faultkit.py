@@ -46,7 +46,7 @@ def shared_encoder(tmp_path_factory) -> Path:
     out = tmp_path_factory.getbasetemp() / _ENCODER_DIRNAME
     if (out / "open_clip_config.json").is_file():
         return out
-    from dbprune_assets.core.bootstrap import train_bootstrap
+    from dbprune_assets.core.models.bootstrap import train_bootstrap
 
     work = tmp_path_factory.mktemp("encoder-training")
     pool = write_pool(work / "pool")
@@ -84,7 +84,7 @@ def read_tar(path: Path) -> list[tuple[str, dict[str, bytes]]]:
 
 
 def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
-    from dbprune_assets.core.wds import write_tar as _write
+    from dbprune_assets.core.pool.wds import write_tar as _write
 
     _write(path, samples)
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from dbprune_assets.core.candidates import select_candidates
+from dbprune_assets.core.method.candidates import select_candidates
 
 
 def _meta(tmp: Path, shard: str, rows: list[int], scores: list[float]) -> Path:

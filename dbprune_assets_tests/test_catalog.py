@@ -8,10 +8,10 @@ import duckdb
 import polars as pl
 import pytest
 
-from dbprune_assets.core.atomic import write_parquet
-from dbprune_assets.core.catalog import CATALOG_TABLES, CatalogBusy, query, refresh_catalog, with_retry
-from dbprune_assets.core.duck import TABLES
-from dbprune_assets.core.layout import Layout
+from dbprune_assets.core.store.atomic import write_parquet
+from dbprune_assets.core.store.catalog import CATALOG_TABLES, CatalogBusy, query, refresh_catalog, with_retry
+from dbprune_assets.core.store.duck import TABLES
+from dbprune_assets.core.store.layout import Layout
 
 
 @pytest.fixture()

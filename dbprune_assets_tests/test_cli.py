@@ -67,7 +67,7 @@ def test_models_load_with_open_clip(full_run):
     import torch
 
     home = full_run[0]
-    from dbprune_assets.core.encoders import register_model_configs
+    from dbprune_assets.core.models.encoders import register_model_configs
 
     register_model_configs()
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{home / 'models' / 'dbp'}")

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dbprune_assets.core.clip_filter import clip_keep_mask, clip_threshold, kept_count
+from dbprune_assets.core.method.clip_filter import clip_keep_mask, clip_threshold, kept_count
 
 
 def _never():

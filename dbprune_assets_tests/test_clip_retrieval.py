@@ -17,9 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dbprune_assets.core import precomputed, source_index
-from dbprune_assets.core.shards import PROBLEMS_SCHEMA, SAMPLES_SCHEMA, ShardIngest
-from dbprune_assets.core.sources import SourceError, clip_scores
+from dbprune_assets.core.pool import precomputed, source_index
+from dbprune_assets.core.pool.shards import PROBLEMS_SCHEMA, SAMPLES_SCHEMA, ShardIngest
+from dbprune_assets.core.pool.sources import SourceError, clip_scores
 
 D = 8
 
@@ -405,7 +405,7 @@ def test_uid_arrays_are_rebuilt_with_the_index_and_only_then(tmp_path: Path) -> 
 @pytest.mark.parametrize("case", ["short", "not_hex", "mixed_case_rows", "mixed_case_batches", "mixed_in_a_uid"])
 def test_uids_that_are_not_32_hex_of_one_case_keep_the_duckdb_join(tmp_path: Path, case: str,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from dbprune_assets.core import source_lookup
+    from dbprune_assets.core.pool import source_lookup
 
     uids = {
         "short": ["a", "b", "0a" * 16],
@@ -491,8 +491,8 @@ def test_dbprune_run_with_clip_retrieval_embeddings(tmp_path: Path) -> None:
     its kept samples."""
     import json
 
-    from dbprune_assets.core.catalog import query
-    from dbprune_assets.core.layout import Layout
+    from dbprune_assets.core.store.catalog import query
+    from dbprune_assets.core.store.layout import Layout
     from dbprune_assets.core.settings import PoolSettings, STRATEGIES
     from dbprune_assets.samplepool import write_sample_pool
 

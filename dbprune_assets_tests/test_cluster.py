@@ -34,7 +34,7 @@ import pytest
 import yaml
 
 from dbprune_assets import cluster
-from dbprune_assets.core.layout import Layout
+from dbprune_assets.core.store.layout import Layout
 
 from . import faultkit as fk
 from .conftest import run_cli, write_config

@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from dbprune_assets.core.compare import (
+from dbprune_assets.core.models.compare import (
     SUMMARY_SCHEMA,
     bootstrap_ci,
     compare_intervals,
@@ -153,7 +153,7 @@ def _jsonl(main: dict[str, float]) -> list[dict]:
 
 
 def test_aggregate_summary_table_and_panels() -> None:
-    from dbprune_assets.core.compare import (
+    from dbprune_assets.core.models.compare import (
         aggregate_markdown,
         aggregate_panels,
         aggregate_rows,
@@ -189,7 +189,7 @@ def test_aggregate_summary_table_and_panels() -> None:
 
 
 def test_samples_seen_sentence() -> None:
-    from dbprune_assets.core.compare import samples_seen_sentence
+    from dbprune_assets.core.models.compare import samples_seen_sentence
 
     assert samples_seen_sentence({"dbp": 12800, "full": 12800}) == (
         "Every model saw 12,800 training samples (steps × global batch), at equal compute.")
@@ -201,10 +201,10 @@ def test_samples_seen_sentence() -> None:
 def test_compare_strategies_writes_the_aggregate(tmp_path) -> None:
     import json
 
-    from dbprune_assets.core.compare import compare_strategies
-    from dbprune_assets.core.evaluate import eval_results_path, write_eval_results
-    from dbprune_assets.core.layout import Layout
-    from dbprune_assets.core.train import RESULT_FILE
+    from dbprune_assets.core.models.compare import compare_strategies
+    from dbprune_assets.core.models.evaluate import eval_results_path, write_eval_results
+    from dbprune_assets.core.store.layout import Layout
+    from dbprune_assets.core.models.train import RESULT_FILE
 
     layout = Layout.from_env(tmp_path / "home", tmp_path / "pool")
     for strategy, acc in (("dbp", [0.3, 0.5]), ("full", [0.2, 0.4])):

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from dbprune_assets.core.dbp import (
+from dbprune_assets.core.method.dbp import (
     cluster_partial_sums,
     cluster_table,
     complexity,
@@ -27,7 +27,7 @@ from dbprune_assets.core.dbp import (
     ssp_probabilities,
     target_size,
 )
-from dbprune_assets.core.duck import connect, create_view
+from dbprune_assets.core.store.duck import connect, create_view
 from dbprune_assets.core.strategies import select_by_quota, strategy_quotas
 
 # ---------------------------------------------------------------------------

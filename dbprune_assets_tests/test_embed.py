@@ -16,9 +16,9 @@ pl = pytest.importorskip("polars")
 
 from PIL import Image, ImageDraw  # noqa: E402
 
-from dbprune_assets.core import encoders as E  # noqa: E402
-from dbprune_assets.core.model_dir import save_local_dir  # noqa: E402
-from dbprune_assets.core.embed import (  # noqa: E402
+from dbprune_assets.core.models import encoders as E  # noqa: E402
+from dbprune_assets.core.models.model_dir import save_local_dir  # noqa: E402
+from dbprune_assets.core.models.embed import (  # noqa: E402
     METADATA_COLUMNS,
     EmbedError,
     embed_shard,

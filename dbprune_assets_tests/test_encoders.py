@@ -13,9 +13,9 @@ import pytest
 torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 
-from dbprune_assets.core import encoders as E  # noqa: E402
-from dbprune_assets.core import model_dir as M  # noqa: E402
-from dbprune_assets.core.device import DeviceError  # noqa: E402
+from dbprune_assets.core.models import encoders as E  # noqa: E402
+from dbprune_assets.core.models import model_dir as M  # noqa: E402
+from dbprune_assets.core.running.device import DeviceError  # noqa: E402
 from dbprune_assets.samplepool import write_sample_pool  # noqa: E402
 from dbprune_assets.core.settings import BootstrapSettings, EncoderSpec, PoolSettings  # noqa: E402
 
@@ -217,8 +217,8 @@ def _reference_shards(root: Path, n: int) -> list[Path]:
 
 
 def test_bootstrap_trains_with_open_clip_train_and_loads(tmp_path):
-    from dbprune_assets.core.bootstrap import train_bootstrap
-    from dbprune_assets.core.oc_train import build_train_argv, parse_loss_curve
+    from dbprune_assets.core.models.bootstrap import train_bootstrap
+    from dbprune_assets.core.models.oc_train import build_train_argv, parse_loss_curve
 
     n = 256
     shards = _reference_shards(tmp_path / "src", n)
@@ -266,7 +266,7 @@ def test_bootstrap_trains_with_open_clip_train_and_loads(tmp_path):
 
 
 def test_bootstrap_rejects_batch_larger_than_data(tmp_path):
-    from dbprune_assets.core.bootstrap import BootstrapError, plan_workers
+    from dbprune_assets.core.models.bootstrap import BootstrapError, plan_workers
 
     with pytest.raises(BootstrapError, match="encoder.bootstrap.batch_size"):
         plan_workers([tmp_path / "0.tar"], 100, 128, 1)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dbprune_assets.core.eval_metrics import (
+from dbprune_assets.core.models.eval_metrics import (
     AGGREGATE_GROUPS,
     DATACOMP_TASKS,
     DATASET_GROUPS,
@@ -26,7 +26,7 @@ from dbprune_assets.core.eval_metrics import (
     dataset_name,
     results_row,
 )
-from dbprune_assets.core.evaluate import (
+from dbprune_assets.core.models.evaluate import (
     EvalError,
     _accuracy,
     clip_benchmark_metrics,
@@ -40,7 +40,7 @@ from dbprune_assets.core.evaluate import (
     write_eval_results,
 )
 from dbprune_assets.core.settings import PoolSettings
-from dbprune_assets.core.wds import write_tar
+from dbprune_assets.core.pool.wds import write_tar
 from dbprune_assets.samplepool import EVAL_TEMPLATES, write_sample_pool
 
 N_CONCEPTS = 6
@@ -67,8 +67,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> tuple:
     import open_clip
     import torch
 
-    from dbprune_assets.core.encoders import model_config, register_model_configs
-    from dbprune_assets.core.model_dir import default_preprocess_cfg, save_local_dir
+    from dbprune_assets.core.models.encoders import model_config, register_model_configs
+    from dbprune_assets.core.models.model_dir import default_preprocess_cfg, save_local_dir
 
     register_model_configs()
     torch.manual_seed(0)
@@ -169,7 +169,7 @@ def _clip_benchmark_cli(monkeypatch: pytest.MonkeyPatch, out: Path, dataset: str
     so the project's dbprune-tiny architecture is registered with open_clip)."""
     from clip_benchmark.cli import main
 
-    from dbprune_assets.core.encoders import register_model_configs
+    from dbprune_assets.core.models.encoders import register_model_configs
 
     register_model_configs()
     monkeypatch.setattr(sys, "argv", [
@@ -378,7 +378,7 @@ def test_folder_of_datasets_datacomp_names_and_duplicates(tmp_path: Path) -> Non
 def test_eval_splits_default_old_settings_and_failure(tmp_path: Path, pool_dir: Path) -> None:
     import dagster as dg
 
-    from dbprune_assets.core.layout import Layout
+    from dbprune_assets.core.store.layout import Layout
     from dbprune_assets.core.settings import build_settings
     from dbprune_assets.defs.training import eval_splits
 

@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dbprune_assets.core.export import export_subset, train_data_spec, verify_export
-from dbprune_assets.core.shard_stats import STATS_KEYS
-from dbprune_assets.core.kmeans import uid_hash
+from dbprune_assets.core.store.export import export_subset, train_data_spec, verify_export
+from dbprune_assets.core.pool.shard_stats import STATS_KEYS
+from dbprune_assets.core.method.kmeans import uid_hash
 from dbprune_assets.core.strategies import decide
 
 N_PER_SHARD = 12

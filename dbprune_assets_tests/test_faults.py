@@ -30,8 +30,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from dbprune_assets.core.catalog import query
-from dbprune_assets.core.layout import Layout
+from dbprune_assets.core.store.catalog import query
+from dbprune_assets.core.store.layout import Layout
 from dbprune_assets.core.settings import STRATEGIES, load_settings
 
 from . import faultkit as fk
@@ -276,8 +276,8 @@ def test_forced_rerun_replaces_files_and_rows_also_when_killed_mid_swap(clean, w
 _CATALOG_WORKER = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
-    from dbprune_assets.core import catalog
-    from dbprune_assets.core.layout import Layout
+    from dbprune_assets.core.store import catalog
+    from dbprune_assets.core.store.layout import Layout
 
     role, home, n = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
     layout = Layout(home, home / "pool")
@@ -309,7 +309,7 @@ _CATALOG_WORKER = textwrap.dedent("""
 def test_parallel_processes_refresh_and_query_the_catalog_without_lock_errors(clean, work: Path) -> None:
     home = work / "concurrent"
     shutil.copytree(clean.home, home)
-    from dbprune_assets.core.catalog import refresh_catalog
+    from dbprune_assets.core.store.catalog import refresh_catalog
 
     refresh_catalog(Layout(home, clean.pool))  # views over this copy's files
     script = work / "catalog_worker.py"
@@ -342,7 +342,7 @@ def test_parallel_processes_refresh_and_query_the_catalog_without_lock_errors(cl
 _INGEST_WORKER = textwrap.dedent("""
     import sys
     import dagster as dg
-    from dbprune_assets.core.layout import Layout
+    from dbprune_assets.core.store.layout import Layout
     from dbprune_assets.definitions import defs
     from dbprune_assets.runner import dagster_instance
 
@@ -366,11 +366,13 @@ def test_parallel_runs_of_shard_partitions_share_instance_and_catalog(clean, wor
     shutil.copy(config, home / "config.yaml")  # the settings the assets read
     # register the partitions (as `dbprune run` or the sensor does), then ingest both shards at once
     reg = subprocess.run([sys.executable, "-c", textwrap.dedent("""
-        from dbprune_assets.core.layout import Layout
-        from dbprune_assets.defs.ingest import sync_shard_partitions
+        from dbprune_assets.core.store.layout import Layout
+        from dbprune_assets.definitions import defs
+        from dbprune_assets.defs.common import graph_nodes
+        from dbprune_assets.defs.ingest import shard_tables, sync_shard_partitions
         from dbprune_assets.runner import dagster_instance
         layout = Layout.from_env()
-        print(sync_shard_partitions(dagster_instance(layout), layout))
+        print(sync_shard_partitions(dagster_instance(layout), layout, shard_tables(graph_nodes(defs.resolve_asset_graph()))))
     """)], env=env, capture_output=True, text=True)
     assert reg.returncode == 0, reg.stderr
     script = work / "ingest_worker.py"
@@ -379,8 +381,8 @@ def test_parallel_runs_of_shard_partitions_share_instance_and_catalog(clean, wor
     procs = [subprocess.Popen([sys.executable, str(script), s], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for s in shards]
     reader = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        from dbprune_assets.core.catalog import query
-        from dbprune_assets.core.layout import Layout
+        from dbprune_assets.core.store.catalog import query
+        from dbprune_assets.core.store.layout import Layout
         layout = Layout.from_env()
         seen = set()
         for _ in range(40):

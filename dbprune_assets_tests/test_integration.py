@@ -9,11 +9,11 @@ import numpy as np
 import polars as pl
 import pytest
 
-from dbprune_assets.core.catalog import query
-from dbprune_assets.core.layout import Layout, list_pool_shards
+from dbprune_assets.core.store.catalog import query
+from dbprune_assets.core.store.layout import Layout, list_pool_shards
 from dbprune_assets.samplepool import load_ground_truth, write_sample_pool
 from dbprune_assets.core.settings import build_settings
-from dbprune_assets.core.state import read_state
+from dbprune_assets.core.store.state import read_state
 from dbprune_assets.defs.common import SHARDS, DbpruneResource
 from dbprune_assets.definitions import ASSETS
 from dbprune_assets.runner import RANGE_END_TAG, RANGE_START_TAG

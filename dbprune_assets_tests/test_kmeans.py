@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dbprune_assets.core.kmeans import (
+from dbprune_assets.core.method.kmeans import (
     UniformSample,
     exact_distances,
     l2_normalize_checked,

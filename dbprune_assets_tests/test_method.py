@@ -20,7 +20,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from dbprune_assets.core.layout import Layout
+from dbprune_assets.core.store.layout import Layout
 from dbprune_assets.samplepool import load_ground_truth
 from dbprune_assets.core.settings import STRATEGIES, build_settings
 from dbprune_assets.runner import run_pipeline

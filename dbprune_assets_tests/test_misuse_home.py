@@ -23,18 +23,19 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from dbprune_assets.core import catalog, oserrors
-from dbprune_assets.core.atomic import write_bytes
-from dbprune_assets.core.duck import arrow_schema
-from dbprune_assets.core.homelock import HomeBusy, home_lock, read_holder
-from dbprune_assets.core.layout import Layout
+from dbprune_assets.core.store import catalog
+from dbprune_assets.core.running import oserrors
+from dbprune_assets.core.store.atomic import write_bytes
+from dbprune_assets.core.store.duck import arrow_schema
+from dbprune_assets.core.running.homelock import HomeBusy, home_lock, read_holder
+from dbprune_assets.core.store.layout import Layout
 
 from .conftest import run_cli, write_config
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from dbprune_assets.core.homelock import home_lock
+from dbprune_assets.core.running.homelock import home_lock
 with home_lock(Path(sys.argv[1])):
     print("held", flush=True)
     time.sleep(float(sys.argv[2]))
@@ -343,7 +344,7 @@ def test_ui_stops_on_a_signal_to_its_own_pid(tmp_path: Path, signum: int) -> Non
 # defect 6: free space checked before the long steps whose need is predictable
 # ---------------------------------------------------------------------------
 def test_training_needs_its_weights_free_before_it_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from dbprune_assets.core.encoders import TRAINING_WEIGHT_COPIES, parameter_count, require_training_space
+    from dbprune_assets.core.models.encoders import TRAINING_WEIGHT_COPIES, parameter_count, require_training_space
 
     n = parameter_count("dbprune-tiny")
     assert 3_000_000 < n < 4_000_000  # the bootstrap architecture (model_configs/dbprune-tiny.json)
@@ -358,7 +359,7 @@ def test_training_needs_its_weights_free_before_it_starts(tmp_path: Path, monkey
 
 
 def test_export_need_is_each_shards_kept_fraction_of_its_tar(tmp_path: Path) -> None:
-    from dbprune_assets.core.stages import export_bytes
+    from dbprune_assets.core.method.stages import export_bytes
 
     layout = Layout(tmp_path / "home", tmp_path / "pool")
     layout.pool.mkdir(parents=True)

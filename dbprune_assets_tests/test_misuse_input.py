@@ -25,16 +25,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dbprune_assets.core.atomic import write_parquet
-from dbprune_assets.core.duck import connect
-from dbprune_assets.core.export import export_subset, verify_export
-from dbprune_assets.core.layout import Layout
+from dbprune_assets.core.store.atomic import write_parquet
+from dbprune_assets.core.store.duck import connect
+from dbprune_assets.core.store.export import export_subset, verify_export
+from dbprune_assets.core.store.layout import Layout
 from dbprune_assets.core.settings import build_settings
-from dbprune_assets.core.shards import CAPTION_NOT_UTF8, ShardError, ingest_shard
-from dbprune_assets.core.state import read_state
+from dbprune_assets.core.pool.shards import CAPTION_NOT_UTF8, ShardError, ingest_shard
+from dbprune_assets.core.store.state import read_state
 from dbprune_assets.core.strategies import decide
-from dbprune_assets.core.uids import mark_cross_shard, samples_view
-from dbprune_assets.core.wds import write_tar
+from dbprune_assets.core.pool.uids import mark_cross_shard, samples_view
+from dbprune_assets.core.pool.wds import write_tar
 from dbprune_assets.defs.common import SHARDS, DbpruneResource
 from dbprune_assets.definitions import ASSETS
 from dbprune_assets.runner import RANGE_END_TAG, RANGE_START_TAG
@@ -257,7 +257,7 @@ def test_dbprune_run_on_a_misused_pool(tmp_path_factory: pytest.TempPathFactory)
     KEY.txt in 00002 and an integer key column in 00003: ``dbprune run`` ends
     with every uid decided once, the bad shard failed alone, and the exported
     caption equal to the catalog's."""
-    from dbprune_assets.core.catalog import query
+    from dbprune_assets.core.store.catalog import query
     from dbprune_assets.core.settings import STRATEGIES
 
     from . import faultkit as fk

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from dbprune_assets.core.layout import Layout
+from dbprune_assets.core.store.layout import Layout
 from dbprune_assets.core.settings import (
     AUTO,
     DBP_K,
@@ -142,7 +142,7 @@ def _fake_embeddings(layout: Layout, shard: str, n: int, d: int = 16) -> None:
 
 
 def test_fit_centroids_resolves_auto_and_refuses_a_k_above_the_rows(tmp_path: Path):
-    from dbprune_assets.core import embstore
+    from dbprune_assets.core.method import embstore
 
     layout = Layout(tmp_path / "home", tmp_path / "pool")
     for shard in ("00000", "00001"):
@@ -239,9 +239,9 @@ def test_user_pool_without_settings_passes_dedup_centroids(tmp_path: Path):
     """600 rows of real img2dataset-layout shards, not marked as the sample pool:
     ``dbprune run`` with no settings picks paper with auto k and passes
     dedup_centroids (it failed there with ``k=50000 exceeds the 590 samples``)."""
-    from dbprune_assets.core.layout import UNPARTITIONED
+    from dbprune_assets.core.store.layout import UNPARTITIONED
     from dbprune_assets.core.settings import PoolSettings
-    from dbprune_assets.core.state import read_state
+    from dbprune_assets.core.store.state import read_state
     from dbprune_assets.samplepool import write_sample_pool
 
     pool, home = tmp_path / "pool", tmp_path / "home"
@@ -269,9 +269,9 @@ def test_explicit_k_above_a_user_pool_stops_before_the_encoder(tmp_path: Path):
     """An explicit dbp.k larger than the pool is refused once the pool is
     ingested, before the encoder trains or a shard is embedded; the run says
     which profile it chose and why."""
-    from dbprune_assets.core.layout import UNPARTITIONED
+    from dbprune_assets.core.store.layout import UNPARTITIONED
     from dbprune_assets.core.settings import PoolSettings
-    from dbprune_assets.core.state import read_state
+    from dbprune_assets.core.store.state import read_state
     from dbprune_assets.samplepool import write_sample_pool
 
     pool, home = tmp_path / "pool", tmp_path / "home"

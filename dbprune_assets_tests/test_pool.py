@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from dbprune_assets.core.settings import PoolSettings
-from dbprune_assets.core.wds import POOL_MTIME
+from dbprune_assets.core.pool.wds import POOL_MTIME
 from dbprune_assets.samplepool import writer as pool_writer
 from dbprune_assets.samplepool import (
     COLORS,
@@ -161,8 +161,8 @@ def test_stats_files_count_every_parquet_row_like_img2dataset(pool: Path, shards
     """img2dataset's NNNNN_stats.json beside each tar and parquet (its logger.write_stats: these keys
     in this order, json.dump indent=4): successes = success rows = samples in the tar,
     failed_to_download = the failed rows, status_dict = "success" plus each failed row's error message."""
-    from dbprune_assets.core.shard_stats import check_stats
-    from dbprune_assets.core.wds import POOL_MTIME
+    from dbprune_assets.core.pool.shard_stats import check_stats
+    from dbprune_assets.core.pool.wds import POOL_MTIME
 
     assert sorted(p.name for p in pool.glob("*_stats.json")) == ["00000_stats.json", "00001_stats.json"]
     total = {"count": 0, "successes": 0, "failed_to_download": 0}

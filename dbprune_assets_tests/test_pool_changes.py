@@ -26,8 +26,8 @@ import dagster as dg
 import numpy as np
 import pytest
 
-from dbprune_assets.core.catalog import query
-from dbprune_assets.core.layout import Layout
+from dbprune_assets.core.store.catalog import query
+from dbprune_assets.core.store.layout import Layout
 from dbprune_assets.core.settings import STRATEGIES, load_settings
 
 from . import faultkit as fk
@@ -62,7 +62,7 @@ class Env:
 
     def run(self, select: str = SELECT) -> dict[str, list[str]]:
         """`dbprune run --select`: the partitions each asset ran."""
-        from dbprune_assets.core.atomic import write_bytes
+        from dbprune_assets.core.store.atomic import write_bytes
         from dbprune_assets.runner import run_pipeline
 
         self.activate()

@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dbprune_assets.core import precomputed
+from dbprune_assets.core.pool import precomputed
 from dbprune_assets.core.settings import build_settings, choose_settings
-from dbprune_assets.core.shards import ShardError, ShardIngest, SAMPLES_SCHEMA, PROBLEMS_SCHEMA
-from dbprune_assets.core.sources import SourceError, clip_scores
+from dbprune_assets.core.pool.shards import ShardError, ShardIngest, SAMPLES_SCHEMA, PROBLEMS_SCHEMA
+from dbprune_assets.core.pool.sources import SourceError, clip_scores
 
 D = 512  # DataComp's b32 width
 
@@ -150,8 +150,8 @@ def test_dbprune_run_on_a_datacomp_metadata_pool(tmp_path: Path) -> None:
     across shards planted: ``dbprune run`` needs no encoder, skips the training
     stages saying why, and every strategy's ``uids.npy`` holds exactly its kept
     uids; every samples row has one decision, non-ok rows decided corrupt."""
-    from dbprune_assets.core.catalog import query
-    from dbprune_assets.core.layout import Layout, list_pool_shards
+    from dbprune_assets.core.store.catalog import query
+    from dbprune_assets.core.store.layout import Layout, list_pool_shards
     from dbprune_assets.core.settings import PoolSettings, STRATEGIES
     from dbprune_assets.samplepool import write_datacomp_pool
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dbprune_assets.core.scales import SCALED_KEYS, SCALES, deviations, get_scale
+from dbprune_assets.core.models.scales import SCALED_KEYS, SCALES, deviations, get_scale
 from dbprune_assets.core.settings import SettingsError, TrainSettings, build_settings, choose_settings
 
 # Copied verbatim from DataComp's scale_configs.py, SCALE_CONFIGS:

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dbprune_assets.core.semdedup import (
+from dbprune_assets.core.method.semdedup import (
     DUPLICATE_COLUMNS,
     DedupShard,
     plan_buckets,
@@ -264,7 +264,7 @@ def _via_semdedup_cluster(k, x, cluster, dist, uids, eps, tile):
 
 @pytest.mark.parametrize("eps", [EPS, 0.3])
 def test_memory_disk_packed_and_unpacked_paths_agree(tmp_path, monkeypatch, eps):
-    import dbprune_assets.core.semdedup as sd
+    import dbprune_assets.core.method.semdedup as sd
 
     shards, k, (x, cluster, dist, uids), copy_uids = _mixed_pool()
     names = sorted(shards)
@@ -294,7 +294,7 @@ def test_memory_disk_packed_and_unpacked_paths_agree(tmp_path, monkeypatch, eps)
 
 
 def test_packed_clusters_hand_example(tmp_path, monkeypatch):
-    import dbprune_assets.core.semdedup as sd
+    import dbprune_assets.core.method.semdedup as sd
 
     monkeypatch.setattr(sd, "_PACK_ROWS", 100)  # all three clusters in one product
     # cluster 0: a, b identical; cluster 1: c identical to a, e orthogonal; cluster 2: f alone, identical to a
@@ -308,7 +308,7 @@ def test_packed_clusters_hand_example(tmp_path, monkeypatch):
 
 
 def test_work_units():
-    from dbprune_assets.core.semdedup import _work_units
+    from dbprune_assets.core.method.semdedup import _work_units
 
     sizes = np.array([1, 3, 2, 10, 1, 2, 2])
     ends = np.cumsum(sizes)
@@ -319,7 +319,7 @@ def test_work_units():
 
 
 def test_decode_uids():
-    from dbprune_assets.core.semdedup import _decode_uids
+    from dbprune_assets.core.method.semdedup import _decode_uids
 
     raw = "ab".encode() + "é".encode() + b"xyz"
     assert _decode_uids(raw, np.array([2, 2, 3], np.int32)).tolist() == ["ab", "é", "xyz"]
@@ -346,7 +346,7 @@ def test_pool_any_grouping_equals_bruteforce(data):
     """Property: whatever the bucket size, memory share, packing, tiles and
     shard cuts, the pool gives the full-matrix reference (ties everywhere:
     entries in {-1, -.5, 0, .5, 1}, three distance values)."""
-    import dbprune_assets.core.semdedup as sd
+    import dbprune_assets.core.method.semdedup as sd
 
     n = data.draw(st.integers(1, 40))
     d = data.draw(st.integers(2, 6))

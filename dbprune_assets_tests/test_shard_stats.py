@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from dbprune_assets.core.shard_stats import check_stats, shard_stats, stats_bytes, stats_name, success_stats
+from dbprune_assets.core.pool.shard_stats import check_stats, shard_stats, stats_bytes, stats_name, success_stats
 
 
 def test_counts_like_img2dataset() -> None:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dbprune_assets.core import shardgroups as sg
+from dbprune_assets.core.pool import shardgroups as sg
 from dbprune_assets.runner import batched_ranges, contiguous_ranges
 
 
@@ -34,7 +34,7 @@ def test_typical_rows_is_the_median_of_shards_spread_over_the_pool(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dbprune_assets.core.layout import typical_shard_rows
+    from dbprune_assets.core.store.layout import typical_shard_rows
 
     assert sg.typical_rows([]) is None and sg.typical_rows([3, 1, 2]) == 2.0 and sg.typical_rows([1, 4]) == 2.5
     assert sg.spread_sample(list("abcdefghij"), 4) == ["a", "d", "g", "j"] and sg.spread_sample(["a"], 4) == ["a"]
@@ -51,7 +51,7 @@ def test_a_pool_of_many_small_shards_registers_shard_groups(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dbprune_assets.core.layout import Layout
+    from dbprune_assets.core.store.layout import Layout
     from dbprune_assets.defs.ingest import partition_changes
 
     pool = tmp_path / "pool"
@@ -140,8 +140,8 @@ def test_grouped_partitions_give_the_same_decisions(tmp_path):
 
     import dagster as dg
 
-    from dbprune_assets.core.catalog import query
-    from dbprune_assets.core.layout import Layout, list_pool_shards
+    from dbprune_assets.core.store.catalog import query
+    from dbprune_assets.core.store.layout import Layout, list_pool_shards
     from dbprune_assets.core.settings import PoolSettings
     from dbprune_assets.samplepool import write_datacomp_pool
 

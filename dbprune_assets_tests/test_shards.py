@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from dbprune_assets.core.settings import PoolSettings
-from dbprune_assets.core.shards import (
+from dbprune_assets.core.pool.shards import (
     PROBLEMS_SCHEMA,
     SAMPLES_SCHEMA,
     STATUSES,
@@ -26,7 +26,7 @@ from dbprune_assets.core.shards import (
     iter_shard_images,
     iter_shard_members,
 )
-from dbprune_assets.core.wds import write_tar
+from dbprune_assets.core.pool.wds import write_tar
 from dbprune_assets.samplepool import load_ground_truth, write_sample_pool
 
 KEYS = [f"0000000{i:02d}" for i in range(6)]

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dbprune_assets.core.duck import arrow_schema, connect
+from dbprune_assets.core.store.duck import arrow_schema, connect
 from dbprune_assets.core.strategies import (
     REASONS,
     decide,
@@ -20,7 +20,7 @@ from dbprune_assets.core.strategies import (
     quota_table,
     strategy_quotas,
 )
-from dbprune_assets.core.kmeans import uid_hash
+from dbprune_assets.core.method.kmeans import uid_hash
 
 # ---------------------------------------------------------------------------
 # the hand-made pool: 2 shards x 10 rows
@@ -378,7 +378,7 @@ def test_property_random_tables(tmp_path_factory, data, frac) -> None:
 def test_strategy_quotas_from_the_clusters_table() -> None:
     import polars as pl
 
-    from dbprune_assets.core import dbp
+    from dbprune_assets.core.method import dbp
 
     # rows out of cluster order on purpose: quotas come back indexed by cluster id
     clusters = pl.DataFrame({"cluster": [2, 0, 1], "size": [6, 10, 4], "quota": [3, 5, 1], "lower_bound": [1, 1, 1]})

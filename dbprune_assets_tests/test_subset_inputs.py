@@ -1,4 +1,4 @@
-"""A ``pruned_subset`` step reads its input tables once (core/subset_inputs.py):
+"""A ``pruned_subset`` step reads its input tables once (core/store/subset_inputs.py):
 decisions from the consolidated copy equal, byte for byte, those from the
 per-shard tables; once consolidated, no strategy reads a per-shard file again;
 the pool-level facts (images, tar sizes, sample counts) are right."""
@@ -16,14 +16,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from dbprune_assets.core import oserrors
-from dbprune_assets.core.duck import arrow_schema
-from dbprune_assets.core.export import verify_export
-from dbprune_assets.core.layout import Layout
+from dbprune_assets.core.running import oserrors
+from dbprune_assets.core.store.duck import arrow_schema
+from dbprune_assets.core.store.export import verify_export
+from dbprune_assets.core.store.layout import Layout
 from dbprune_assets.core.settings import STRATEGIES, PipelineSettings
-from dbprune_assets.core.stages import export_bytes, make_subset
+from dbprune_assets.core.method.stages import export_bytes, make_subset
 from dbprune_assets.core.strategies import decide, strategy_quotas
-from dbprune_assets.core.subset_inputs import consolidate, pool_tar_sizes, subset_inputs
+from dbprune_assets.core.store.subset_inputs import consolidate, pool_tar_sizes, subset_inputs
 from dbprune_assets_tests.test_export import make_pool
 from dbprune_assets_tests.test_strategies import ASSIGN, DUPLICATES, SAMPLES, SCORES, write_tables
 

@@ -12,19 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from dbprune_assets.core.device import auto_threads
-from dbprune_assets.core.encoders import model_config
-from dbprune_assets.core.export import train_data_spec
+from dbprune_assets.core.running.device import auto_threads
+from dbprune_assets.core.models.encoders import model_config
+from dbprune_assets.core.store.export import train_data_spec
 from dbprune_assets.samplepool import write_sample_pool
 from dbprune_assets.core.settings import PoolSettings, TrainSettings
-from dbprune_assets.core.train import (
+from dbprune_assets.core.models.train import (
     RESULT_FILE,
     TrainError,
     plan_training,
     read_train_result,
     train_clip,
 )
-from dbprune_assets.core.wds import iter_samples, write_tar
+from dbprune_assets.core.pool.wds import iter_samples, write_tar
 
 
 @pytest.mark.parametrize(
@@ -163,8 +163,8 @@ def test_train_failure_reports_the_log_tail(tmp_path: Path, subsets: dict[str, t
 def test_scale_values_reach_open_clip_train_argv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scale: str,
                                                  per_device: str, lr: str, warmup: str, beta2: str, model: str) -> None:
     """train.scale's values are the arguments open_clip_train gets (no run: the runner is replaced)."""
-    from dbprune_assets.core import train as train_mod
-    from dbprune_assets.core.oc_train import OpenClipTrainError
+    from dbprune_assets.core.models import train as train_mod
+    from dbprune_assets.core.models.oc_train import OpenClipTrainError
 
     seen: dict[str, list[str]] = {}
 

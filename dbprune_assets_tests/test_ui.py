@@ -15,9 +15,14 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from dbprune_assets.core.layout import Layout
+from dbprune_assets.core.store.layout import Layout
 from dbprune_assets.defs.common import DbpruneResource, Session, stage, strategy_partitions
 from dbprune_assets.defs.plots import image_grid, table
+from dbprune_assets.defs.common import with_fact
+from dbprune_assets.definitions import asset_nodes
+
+#: the assets whose plots the report shows, as the definitions declare them
+PLOTS = with_fact(asset_nodes(), "plots")
 
 
 @contextmanager
@@ -174,11 +179,11 @@ def test_grid_sections_stand_apart_with_readable_labels():
 
 
 def test_report_is_one_self_contained_page(tmp_path: Path):
-    from dbprune_assets.core.atomic import write_parquet
-    from dbprune_assets.core.report import write_report
+    from dbprune_assets.core.store.atomic import write_parquet
+    from dbprune_assets.core.report.page import write_report
 
     layout = Layout.from_env(tmp_path / "home", tmp_path / "home" / "pool")
-    empty = write_report(layout, "empty").read_text()
+    empty = write_report(layout, PLOTS, "empty").read_text()
     assert "no comparison yet" in empty and "no clusters yet" in empty
     write_parquet(layout.table("clusters"), pl.DataFrame({"cluster": [0, 1], "size": [5, 7], "complexity": [0.2, 0.4]}),
                   layout.tmp)
@@ -190,7 +195,7 @@ def test_report_is_one_self_contained_page(tmp_path: Path):
     buf = io.BytesIO()
     Image.new("RGB", (4, 4), "blue").save(buf, format="PNG")
     (layout.artefact_dir("cluster_complexity") / "examples.png").write_bytes(buf.getvalue())
-    path = write_report(layout, "run-x")
+    path = write_report(layout, PLOTS, "run-x")
     assert path == layout.home / "reports" / "run-x.html"
     page = path.read_text()
     assert "data:image/png;base64," in page and "src=\"/" not in page and "file:" not in page
@@ -215,9 +220,9 @@ def test_real_partitions_carry_their_own_numbers(tmp_path: Path):
     """A tiny pool through pruned_subset, each step over all its partitions:
     every shard and every strategy shows its own numbers, the clusters and
     strategies are Dagster tables, and the report holds the plots and grids."""
-    from dbprune_assets.core.catalog import query
-    from dbprune_assets.core.layout import list_pool_shards
-    from dbprune_assets.core.report import write_report
+    from dbprune_assets.core.store.catalog import query
+    from dbprune_assets.core.store.layout import list_pool_shards
+    from dbprune_assets.core.report.page import write_report
     from dbprune_assets.core.settings import STRATEGIES, build_settings
     from dbprune_assets.definitions import defs
     from dbprune_assets.samplepool import write_sample_pool
@@ -260,6 +265,6 @@ def test_real_partitions_carry_their_own_numbers(tmp_path: Path):
                data["assetOrError"]["assetMaterializations"][0]["metadataEntries"]}
     assert entries["clusters"] == "TableMetadataEntry"
 
-    page = write_report(layout, "tiny").read_text()
+    page = write_report(layout, PLOTS, "tiny").read_text()
     assert page.count("data:image/png;base64,") >= 5  # the cluster plots, grids, reasons
     assert "most complex first" in page and "<td>dbp</td>" in page

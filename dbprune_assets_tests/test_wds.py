@@ -1,4 +1,4 @@
-"""core/wds.py: the one key rule and grouping agree with webdataset's own
+"""core/pool/wds.py: the one key rule and grouping agree with webdataset's own
 (``base_plus_ext``, ``group_by_keys``), damage is reported where it is, and
 the writers give fixed bytes that webdataset reads back."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dbprune_assets.core.wds import (
+from dbprune_assets.core.pool.wds import (
     POOL_MTIME,
     TarDamaged,
     encode_member,

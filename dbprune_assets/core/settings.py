@@ -23,8 +23,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from .layout import Layout
-from .scales import ScaleName, layer_scale, resolve_train
+from dbprune_assets.core.store.layout import Layout
+from dbprune_assets.core.models.scales import ScaleName, layer_scale, resolve_train
 
 STRATEGIES: tuple[str, ...] = ("dbp", "ssp", "random", "clip_score", "semdedup", "full")
 PROFILES: tuple[str, ...] = ("paper", "sample")
@@ -181,7 +181,7 @@ class EmbeddingsSettings(_Section):
 
 
 class PartitionSettings(_Section):
-    """How the pool maps to Dagster partitions and runs (``core/shardgroups.py``);
+    """How the pool maps to Dagster partitions and runs (``core/pool/shardgroups.py``);
     execution only: no result depends on them."""
 
     shards_per_partition: Clusters = Field(
@@ -275,7 +275,7 @@ class TrainSettings(_Section):
     """Per-strategy training.  ``scale`` (DataComp's ``debug``, ``small``,
     ``medium``, ``large``, ``xlarge``) sets ``model``, ``batch_size``, ``lr``,
     ``samples_seen``, ``warmup`` and ``beta2`` to DataComp's values for that
-    scale (:mod:`~dbprune_assets.core.scales`); those keys, when the settings
+    scale (:mod:`~dbprune_assets.core.models.scales`); those keys, when the settings
     file also sets them, win over the scale, and the scale wins over the
     profile's.  The resolved values are what the settings hold and save."""
 
@@ -299,7 +299,7 @@ class TrainSettings(_Section):
 
 
 class EvalSettings(_Section):
-    """Evaluation sets in CLIP_benchmark's webdataset layout (``core/evaluate.py``)."""
+    """Evaluation sets in CLIP_benchmark's webdataset layout (``core/models/evaluate.py``)."""
 
     datasets: tuple[str, ...] | None = Field(
         None, min_length=1, strict=False,
@@ -450,7 +450,7 @@ def auto_profile(pool: Path) -> tuple[str, dict[str, Any], str]:
     """The profile that fits ``pool``, the overrides that come with it, and why:
     ``sample`` for the generated sample pool (or no pool yet: it is generated),
     else ``paper`` with ``auto`` cluster counts (the paper's k assume 10^8 samples)."""
-    from .poolkind import is_datacomp_pool, is_sample_pool, looks_like_datacomp
+    from dbprune_assets.core.pool.poolkind import is_datacomp_pool, is_sample_pool, looks_like_datacomp
 
     if not pool.exists():
         return "sample", {}, f"there is no pool at {pool} yet, so the sample pool is generated there"

@@ -27,7 +27,7 @@ A dropped sample's ``reason`` is the first rule that removed it:
 Inputs are the parquet tables under the tables root (``samples``, ``scores``,
 ``duplicates``, ``candidates``, ``assignments``); a sample's status is its
 pool-wide one (a uid seen in an earlier shard is ``duplicate_uid``,
-:mod:`dbprune_assets.core.uids`); candidates and assignments
+:mod:`dbprune_assets.core.pool.uids`); candidates and assignments
 are joined to samples on ``(shard, row)`` (unique per parquet row), duplicates
 and scores on ``(shard, uid)``.
 """
@@ -40,11 +40,11 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
-from . import dbp
-from .atomic import atomic_path, scratch_dir
-from .duck import connect, create_view, parquet_files
-from .settings import STRATEGIES
-from .uids import samples_view
+from dbprune_assets.core.method import dbp
+from dbprune_assets.core.store.atomic import atomic_path, scratch_dir
+from dbprune_assets.core.store.duck import connect, create_view, parquet_files
+from dbprune_assets.core.settings import STRATEGIES
+from dbprune_assets.core.pool.uids import samples_view
 
 if TYPE_CHECKING:
     import polars as pl
@@ -298,7 +298,7 @@ def decide(
             eligible = _select(con, strategy, M, q, seed)
             with atomic_path(out_path, tmp_root) as tmp:
                 # uid and shard as nullable columns (parquet OPTIONAL), as DuckDB writes them from several
-                # files; from one file (a one-shard pool, or core/subset_inputs.py's copy) it would infer NOT
+                # files; from one file (a one-shard pool, or core/store/subset_inputs.py's copy) it would infer NOT
                 # NULL from the file's statistics and write them REQUIRED, so the decisions' bytes would depend
                 # on how the input tables are split.  The CASE is the identity on values.
                 con.execute(
@@ -480,7 +480,7 @@ def select_by_quota(con: Any, quotas: np.ndarray) -> None:
     the ``quotas[c]`` members farthest from the centroid (ties by uid, then
     shard and row); clusters beyond ``quotas`` keep none.  The window's sort
     spills past the connection's memory limit (``duck.connect``).
-    :func:`dbprune_assets.core.dbp.select_hardest` is the in-memory reference."""
+    :func:`dbprune_assets.core.method.dbp.select_hardest` is the in-memory reference."""
     import pyarrow as pa
 
     q = np.asarray(quotas, dtype=np.int64)

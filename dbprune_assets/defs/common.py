@@ -28,11 +28,11 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 
 import dagster as dg
 
-from ..core.catalog import CATALOG_TABLES, refresh_catalog
-from ..core import shardgroups
-from ..core.layout import UNPARTITIONED, Layout, list_pool_shards
-from ..core.settings import STRATEGIES, PipelineSettings, choose_settings
-from ..core.state import State, combine_versions, file_signature, read_state, stable_hash, write_state
+from dbprune_assets.core.store.catalog import CATALOG_TABLES, refresh_catalog
+from dbprune_assets.core.pool import shardgroups
+from dbprune_assets.core.store.layout import UNPARTITIONED, Layout, list_pool_shards
+from dbprune_assets.core.settings import STRATEGIES, PipelineSettings, choose_settings
+from dbprune_assets.core.store.state import State, combine_versions, file_signature, read_state, stable_hash, write_state
 
 SHARDS = "shards"
 shard_partitions = dg.DynamicPartitionsDefinition(name=SHARDS)
@@ -43,16 +43,62 @@ Partitioning = Literal["shard", "strategy", None]
 
 #: asset metadata key listing the settings an asset reads
 SETTINGS_KEY = "dbprune/settings"
+#: asset metadata key holding the asset's :class:`Facts`
+FACTS_KEY = "dbprune/facts"
+#: the Dagster pool (concurrency limit) of the assets that use the GPU
+GPU_POOL = "dbprune_gpu"
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the rest of dbprune needs to know about an asset, declared on the
+    asset itself (``@stage(facts=Facts(...))``) so that adding an asset edits
+    no list elsewhere: the runner, the cluster's queues, the report and shard
+    removal all derive theirs from the definitions (:func:`graph_nodes`)."""
+
+    #: uses the GPU where there is one: Dagster pool ``dbprune_gpu``, Celery queue ``gpu``
+    gpu: bool = False
+    #: needs the pool's images; a run over a pool without images leaves it out
+    needs_images: bool = False
+    #: reads the pool itself; the runner runs it first, so the pool's size is known early
+    ingest: bool = False
+    #: writes PNG plots under ``artefacts/<asset>/`` that the HTML report shows
+    plots: bool = False
+    #: tables it writes one file per shard of (``tables/<table>/<shard>.parquet``);
+    #: a shard that leaves the pool loses them
+    shard_tables: tuple[str, ...] = ()
+
+    def as_metadata(self) -> dict[str, Any]:
+        return {"gpu": self.gpu, "needs_images": self.needs_images, "ingest": self.ingest, "plots": self.plots,
+                "shard_tables": list(self.shard_tables)}
+
+    @classmethod
+    def from_metadata(cls, value: Any) -> "Facts":
+        value = dict(getattr(value, "value", value) or {})  # a MetadataValue once normalised
+        return cls(**{**value, "shard_tables": tuple(value.get("shard_tables", ()))})
 
 
 @dataclass(frozen=True)
 class Node:
-    """An asset as the versioning sees it."""
+    """An asset as the versioning (and everything that asks about assets) sees it."""
 
     partitioning: Partitioning
     parents: tuple[str, ...]
     settings: tuple[str, ...] = ()
     code: str = "1"
+    facts: Facts = Facts()
+
+
+def with_fact(nodes: Mapping[str, Node], fact: str) -> list[str]:
+    """The assets of ``nodes`` (in their order, topological from :func:`graph_nodes`)
+    that declare ``fact`` (a :class:`Facts` field that is true)."""
+    return [name for name, node in nodes.items() if getattr(node.facts, fact)]
+
+
+#: extra inputs of an asset's fingerprint beyond its parents and settings (files it
+#: reads outside the graph), declared with ``@stage(inputs=...)``
+InputsFn = Callable[["Versions", str], Mapping[str, Any]]
+_EXTRA_INPUTS: dict[str, InputsFn] = {}
 
 
 def partitioning_of(partitions_def: dg.PartitionsDefinition | None) -> Partitioning:
@@ -79,6 +125,7 @@ def graph_nodes(graph: Any) -> dict[str, Node]:
             tuple(sorted(p.to_user_string() for p in node.parent_keys)),
             tuple(paths),
             node.code_version or "1",
+            Facts.from_metadata(node.metadata.get(FACTS_KEY)),
         )
     return nodes
 
@@ -131,7 +178,7 @@ PARTITION_METADATA_MAX = 200
 
 def registered_shards(keys: Sequence[str], pool: Path) -> list[str]:
     """The shards of partition ``keys``: a shard's own key, or every pool shard
-    in a group's range (``core/shardgroups.py``)."""
+    in a group's range (``core/pool/shardgroups.py``)."""
     if not any(shardgroups.SEP in k for k in keys):
         return list(keys)
     return shardgroups.shards_of(keys, list_pool_shards(pool))
@@ -139,14 +186,14 @@ def registered_shards(keys: Sequence[str], pool: Path) -> list[str]:
 
 @dataclass
 class Versions:
-    """Computes fingerprints from commit markers (see ``core/state.py``)."""
+    """Computes fingerprints from commit markers (see ``core/store/state.py``)."""
 
     layout: Layout
     settings: PipelineSettings
     shards: list[str]
     nodes: Mapping[str, Node]
     strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
-    _cache: dict[tuple[str, str], str | None] = field(default_factory=dict)
+    _cache: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     def keys(self, partitioning: Partitioning) -> list[str]:
         if partitioning == "shard":
@@ -161,6 +208,13 @@ class Versions:
             st = read_state(self.layout, asset, partition)
             self._cache[key] = st.data_version if st else None
         return self._cache[key]
+
+    def memo(self, key: str, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per :class:`Versions` (e.g. a signature of files
+        every partition's fingerprint includes: stat them once, not per shard)."""
+        if ("memo", key) not in self._cache:
+            self._cache[("memo", key)] = compute()
+        return self._cache[("memo", key)]
 
     def forget(self, asset: str, partition: str) -> None:
         self._cache.pop((asset, partition), None)
@@ -180,33 +234,8 @@ class Versions:
                 parts[parent] = self.data_version(parent, partition)
             else:
                 parts[parent] = combine_versions({k: self.data_version(parent, k) for k in self.keys(pnode.partitioning)})
-        if asset == "raw_metadata":
-            parts["files"] = [
-                file_signature(self.layout.shard_parquet(partition)),
-                file_signature(self.layout.shard_tar(partition)),
-            ]
-            if self.settings.embeddings.precomputed:  # the stored embeddings decide no_/bad_embedding
-                folder = self.settings.embeddings.folder(self.layout.pool)
-                if self.settings.embeddings.source == "clip_retrieval":  # any part may hold the shard's rows
-                    from ..core.source_index import source_signature
-
-                    memo = ("clip_retrieval_files", str(folder))  # stat the parts once per Versions, not per shard
-                    if memo not in self._cache:
-                        self._cache[memo] = source_signature(folder)
-                    parts["files"].append(self._cache[memo])
-                else:
-                    parts["files"] += [file_signature(folder / f"{partition}.parquet"),
-                                       file_signature(folder / f"{partition}.npz")]
-        if asset == "encoder":
-            parts["reference"] = file_signature(self.layout.reference_dir / "sizes.json")
-            from ..core.encoders import local_source_files
-
-            # a checkpoint replaced in place (same setting, new weights) re-runs the encoder,
-            # whose data version (the weights hash) then turns every shard's embeddings stale
-            enc = self.settings.encoder
-            local = [file_signature(p) for spec in (enc.cluster_encoder, enc.score) for p in local_source_files(spec)]
-            if local:
-                parts["local_weights"] = local
+        if asset in _EXTRA_INPUTS:
+            parts.update(_EXTRA_INPUTS[asset](self, partition))
         return stable_hash(parts)
 
     def is_fresh(self, asset: str, partition: str) -> bool:
@@ -235,7 +264,7 @@ class Session:
 
     @cached_property
     def shards(self) -> list[str]:
-        """Every shard of the registered partitions (``core/shardgroups.py``)."""
+        """Every shard of the registered partitions (``core/pool/shardgroups.py``)."""
         return registered_shards(self.partition_keys, self.layout.pool)
 
     def partition_shards(self, keys: Sequence[str]) -> list[str]:
@@ -333,8 +362,8 @@ class Session:
         """Fail the step before its expensive work when an explicit cluster count
         exceeds the ingested pool (:func:`~..core.settings.check_k`); the
         runner checks the same before starting the encoder and embeddings."""
-        from ..core.settings import SettingsError, check_k
-        from ..core.state import ingested_ok
+        from dbprune_assets.core.settings import SettingsError, check_k
+        from dbprune_assets.core.store.state import ingested_ok
 
         n_ok = ingested_ok(self.layout, self.shards)
         if n_ok is not None:
@@ -370,6 +399,7 @@ StageFn = Callable[[dg.AssetExecutionContext, Session], dg.MaterializeResult]
 
 def stage(*, group: str, kinds: set[str], settings: Sequence[str] = (),
           partitions: dg.PartitionsDefinition | None = None, code_version: str = "1",
+          facts: Facts = Facts(), inputs: InputsFn | None = None,
           **asset_args: Any) -> Callable[[StageFn], dg.AssetsDefinition]:
     """``@dg.asset`` for a dbprune stage written as ``fn(context, session)``,
     whose docstring is the asset's description.
@@ -377,11 +407,17 @@ def stage(*, group: str, kinds: set[str], settings: Sequence[str] = (),
     Beside Dagster's own arguments it takes the ``settings`` the stage reads
     (dotted paths into the pipeline settings: a section or one field), which
     its fingerprint hashes; ``code_version`` is Dagster's, to bump when the
-    output for the same inputs changes.  A partitioned stage handles a whole
+    output for the same inputs changes; ``facts`` (:class:`Facts`) what the
+    runner, the cluster and the report need to know of it; ``inputs`` a
+    function ``(versions, partition) -> {name: value}`` of what else its
+    fingerprint hashes (files it reads outside the graph).  A partitioned stage handles a whole
     partition range in one step (single-run backfill: the model loads once).
     """
 
     def decorate(fn: StageFn) -> dg.AssetsDefinition:
+        if inputs is not None:
+            _EXTRA_INPUTS[fn.__name__] = inputs
+
         def compute(context: dg.AssetExecutionContext, dbprune: DbpruneResource) -> dg.MaterializeResult:
             return fn(context, dbprune.session(context))
 
@@ -392,8 +428,9 @@ def stage(*, group: str, kinds: set[str], settings: Sequence[str] = (),
         return dg.asset(
             name=fn.__name__, group_name=group, kinds=kinds, description=describe(fn.__doc__ or ""),
             code_version=code_version,
-            metadata={SETTINGS_KEY: list(settings)}, partitions_def=partitions,
-            backfill_policy=dg.BackfillPolicy.single_run() if partitions is not None else None, **asset_args,
+            metadata={SETTINGS_KEY: list(settings), FACTS_KEY: facts.as_metadata()}, partitions_def=partitions,
+            backfill_policy=dg.BackfillPolicy.single_run() if partitions is not None else None,
+            **({"pool": GPU_POOL} if facts.gpu else {}), **asset_args,
         )(compute)
 
     return decorate

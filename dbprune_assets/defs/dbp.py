@@ -1,16 +1,16 @@
 """Density-Based Pruning: ``centroids``, ``cluster_assignments``,
 ``cluster_complexity`` (docs/design.md, method step 3).  The formulas live in
-``core/dbp.py``, the pool-wide step in ``core/stages.py``; this module only
+``core/method/dbp.py``, the pool-wide step in ``core/method/stages.py``; this module only
 wires them and shows the result."""
 
 
 import dagster as dg
 
-from ..core import stages
-from .common import ALL_PARTITIONS, Session, shard_partitions, stage
-from .dedup import assign_asset, candidates, fit_asset
-from .ingest import pool_manifest
-from .plots import artefact_md, cluster_examples_png, cluster_pngs, table
+from dbprune_assets.core.method import stages
+from dbprune_assets.defs.common import ALL_PARTITIONS, Facts, Session, shard_partitions, stage
+from dbprune_assets.defs.dedup import assign_asset, candidates, fit_asset
+from dbprune_assets.defs.ingest import pool_manifest
+from dbprune_assets.defs.plots import artefact_md, cluster_examples_png, cluster_pngs, table
 
 
 @stage(
@@ -26,7 +26,8 @@ def centroids(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeRe
     return fit_asset(s, "centroids", "candidates", cfg, cfg.k, "candidate image embeddings")
 
 
-@stage(group="dbp", kinds={"faiss", "parquet"}, partitions=shard_partitions, deps=[centroids, candidates])
+@stage(group="dbp", kinds={"faiss", "parquet"}, partitions=shard_partitions, deps=[centroids, candidates],
+       facts=Facts(shard_tables=("assignments", "cluster_sums")))
 def cluster_assignments(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
     """Nearest DBP centroid and cosine distance of each candidate, plus per-cluster partial sums (count, sum
     of distances) for d_intra. Writes tables/assignments/<shard>.parquet and
@@ -39,6 +40,7 @@ def cluster_assignments(context: dg.AssetExecutionContext, s: Session) -> dg.Mat
     group="dbp",
     kinds={"python", "parquet"},
     settings=["dbp"],
+    facts=Facts(plots=True),
     check_specs=[
         dg.AssetCheckSpec("quotas_sum_to_M", asset="cluster_complexity", description="Σ N_j = M exactly"),
         dg.AssetCheckSpec("quota_bounds_hold", asset="cluster_complexity", description="lb_j ≤ N_j ≤ |C_j| for every cluster"),

@@ -1,25 +1,25 @@
 """SemDeDup and the CLIP-score filter: ``dedup_centroids``, ``dedup_assignments``,
 ``semantic_dedup``, ``candidates`` (docs/design.md, method steps 1 and 2).
-The work is in ``core/embstore.py``, ``core/stages.py`` and
-``core/candidates.py``; the centroid and assignment assets of both clusterings
+The work is in ``core/method/embstore.py``, ``core/method/stages.py`` and
+``core/method/candidates.py``; the centroid and assignment assets of both clusterings
 are made by :func:`fit_asset` and :func:`assign_asset`."""
 
 
 import dagster as dg
 
-from ..core import embstore, stages
-from ..core.candidates import select_candidates
-from ..core.device import faiss_use_gpu, torch_device
-from ..core.settings import DbpSettings, SemDedupSettings
-from .common import ALL_PARTITIONS, Session, shard_partitions, stage
-from .embedding import embeddings
-from .ingest import pool_manifest
-from .plots import artefact_md, duplicate_pairs_png, histogram_png, table
+from dbprune_assets.core.method import embstore, stages
+from dbprune_assets.core.method.candidates import select_candidates
+from dbprune_assets.core.running.device import faiss_use_gpu, torch_device
+from dbprune_assets.core.settings import DbpSettings, SemDedupSettings
+from dbprune_assets.defs.common import ALL_PARTITIONS, Facts, Session, shard_partitions, stage
+from dbprune_assets.defs.embedding import embeddings
+from dbprune_assets.defs.ingest import pool_manifest
+from dbprune_assets.defs.plots import artefact_md, duplicate_pairs_png, histogram_png, table
 
 
 def fit_asset(s: Session, asset: str, selection: str | None, cfg: SemDedupSettings | DbpSettings, k: int | str,
               what: str) -> dg.MaterializeResult:
-    """Fit and commit a centroid asset (:func:`~..core.embstore.fit_centroids`) with
+    """Fit and commit a centroid asset (:func:`~..core.method.embstore.fit_centroids`) with
     the section's ``niter``, ``sample_size`` and ``seed``; ``k`` is the setting
     (a number or ``auto``), resolved for the rows by ``cfg.clusters``.  The
     resolved k is in the metadata and the commit summary, beside the setting."""
@@ -32,7 +32,7 @@ def fit_asset(s: Session, asset: str, selection: str | None, cfg: SemDedupSettin
 
 def assign_asset(context: dg.AssetExecutionContext, s: Session, asset: str, centroids: str, out_table: str,
                  selection: str | None, sums_table: str | None = None) -> dg.MaterializeResult:
-    """Assign and commit each of the run's shards (:func:`~..core.embstore.assign_shards`)."""
+    """Assign and commit each of the run's shards (:func:`~..core.method.embstore.assign_shards`)."""
     total = 0
     shards = s.partition_shards(context.partition_keys)
     for shard, rows in embstore.assign_shards(s.layout, shards, centroids, out_table, selection,
@@ -57,7 +57,8 @@ def dedup_centroids(context: dg.AssetExecutionContext, s: Session) -> dg.Materia
     return fit_asset(s, "dedup_centroids", None, cfg, cfg.dedup_k, "ok image embeddings")
 
 
-@stage(group="semdedup", kinds={"faiss", "parquet"}, partitions=shard_partitions, deps=[embeddings, dedup_centroids])
+@stage(group="semdedup", kinds={"faiss", "parquet"}, partitions=shard_partitions, deps=[embeddings, dedup_centroids],
+       facts=Facts(shard_tables=("dedup_assignments",)))
 def dedup_assignments(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
     """Each ok sample's SemDeDup cluster and cosine distance to its centroid. Writes
     tables/dedup_assignments/<shard>.parquet."""
@@ -69,6 +70,7 @@ def dedup_assignments(context: dg.AssetExecutionContext, s: Session) -> dg.Mater
     group="semdedup",
     kinds={"pytorch", "parquet"},
     settings=["semdedup.eps"],
+    facts=Facts(plots=True),
 )
 def semantic_dedup(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
     """SemDeDup duplicates: inside each dedup cluster, members in farthest-first order; member j is a
@@ -102,6 +104,7 @@ def semantic_dedup(context: dg.AssetExecutionContext, s: Session) -> dg.Material
     group="semdedup",
     kinds={"duckdb", "parquet"},
     settings=["clip_filter"],
+    facts=Facts(plots=True, shard_tables=("candidates",)),
 )
 def candidates(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
     """Candidates: dedup survivors whose clip_score passes the CLIP filter (an absolute clip_filter.threshold,

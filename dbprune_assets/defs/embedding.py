@@ -2,17 +2,19 @@
 
 
 import json
+from typing import Any
 
 import dagster as dg
 
-from ..core.atomic import write_json, write_parquet
-from ..core.device import torch_device
-from ..core.layout import Layout, list_pool_shards
-from ..core.progress import progress
-from ..core.state import stable_hash
-from .common import Session, shard_partitions, stage
-from .ingest import raw_metadata
-from .plots import artefact_md, loss_curve_png, table
+from dbprune_assets.core.store.atomic import write_json, write_parquet
+from dbprune_assets.core.running.device import torch_device
+from dbprune_assets.core.store.layout import Layout, list_pool_shards
+from dbprune_assets.core.running.progress import progress
+from dbprune_assets.core.store.state import stable_hash
+from dbprune_assets.core.store.state import file_signature
+from dbprune_assets.defs.common import Facts, Session, Versions, shard_partitions, stage
+from dbprune_assets.defs.ingest import raw_metadata
+from dbprune_assets.defs.plots import artefact_md, loss_curve_png, table
 
 
 def _reference_shards(layout: Layout) -> tuple[list, int, str]:
@@ -35,12 +37,29 @@ def _reference_shards(layout: Layout) -> tuple[list, int, str]:
     return shards, n, "the pool itself (no reference split found: the scorer sees the pool's own mismatches)"
 
 
+def encoder_inputs(versions: Versions) -> dict[str, Any]:
+    """What the encoder reads besides settings: the reference split, and local
+    checkpoint files (a checkpoint replaced in place, same setting and new weights,
+    re-runs the encoder, whose data version, the weights hash, then turns every
+    shard's embeddings stale)."""
+    from dbprune_assets.core.models.encoders import local_source_files
+
+    parts: dict[str, Any] = {"reference": file_signature(versions.layout.reference_dir / "sizes.json")}
+    enc = versions.settings.encoder
+    local = [file_signature(p) for spec in (enc.cluster_encoder, enc.score) for p in local_source_files(spec)]
+    if local:
+        parts["local_weights"] = local
+    return parts
+
+
 @stage(
     group="encode",
     kinds={"pytorch", "openclip"},
     # the encoder is a model, not a product of the pool: adding a shard must not
     # retrain it (and re-embed everything); it versions on its training data
     settings=["encoder", "compute.device", "embeddings"],
+    facts=Facts(gpu=True, plots=True),
+    inputs=lambda versions, _: encoder_inputs(versions),
 )
 def encoder(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
     """The cluster and score encoders: an open_clip architecture with a pretrained tag, an hf-hub: id or a
@@ -64,9 +83,9 @@ def encoder(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResu
 
 def _train_bootstrap(context: dg.AssetExecutionContext, s: Session) -> dict[str, object]:
     """Train the bootstrap encoder (on the reference split); its metadata."""
-    from ..core.bootstrap import train_bootstrap
+    from dbprune_assets.core.models.bootstrap import train_bootstrap
 
-    from ..core.encoders import require_training_space
+    from dbprune_assets.core.models.encoders import require_training_space
 
     s.check_k()
     cfg = s.settings.encoder.bootstrap
@@ -88,8 +107,8 @@ def _train_bootstrap(context: dg.AssetExecutionContext, s: Session) -> dict[str,
 def _check_encoders(s: Session, metadata: dict[str, object]) -> tuple[dict[str, dict], dict[str, str]]:
     """Resolve and load both encoders on the CPU (proving they load, and fetching
     weights, before any shard needs them): (what resolved, weights hash) per role."""
-    from ..core.encoders import load_encoder, resolve_encoder
-    from ..core.model_dir import weights_hash
+    from dbprune_assets.core.models.encoders import load_encoder, resolve_encoder
+    from dbprune_assets.core.models.model_dir import weights_hash
 
     cfg = s.settings.encoder
     resolved, hashes = {}, {}
@@ -108,7 +127,7 @@ def _check_encoders(s: Session, metadata: dict[str, object]) -> tuple[dict[str, 
     group="encode",
     kinds={"pytorch", "numpy"},
     settings=["compute.precision"],
-    pool="dbprune_gpu",
+    facts=Facts(gpu=True, shard_tables=("scores",)),
 )
 def embeddings(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
     """Image and text embeddings (L2-normalised, float16) of every ok sample and its clip_score = cos(image,
@@ -116,8 +135,8 @@ def embeddings(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeR
     Streamed from the tar in batches, decoded in worker processes; GPU with autocast when present."""
     import polars as pl
 
-    from ..core.embed import embed_shard
-    from ..core.encoders import load_encoder, resolve_encoder
+    from dbprune_assets.core.models.embed import embed_shard
+    from dbprune_assets.core.models.encoders import load_encoder, resolve_encoder
 
     s.check_k()
     if s.settings.embeddings.precomputed:
@@ -159,9 +178,9 @@ def _stored_embeddings(context: dg.AssetExecutionContext, s: Session) -> dg.Mate
     copied into the same layout; its data version is the source files'."""
     import polars as pl
 
-    from ..core import precomputed
-    from ..core.source_index import source_signature
-    from ..core.state import file_signature, read_state
+    from dbprune_assets.core.pool import precomputed
+    from dbprune_assets.core.pool.source_index import source_signature
+    from dbprune_assets.core.store.state import file_signature, read_state
 
     emb = s.settings.embeddings
     step = s.partition_shards(context.partition_keys)

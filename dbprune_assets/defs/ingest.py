@@ -3,30 +3,28 @@ and the sensor that registers shards as they appear in the pool folder."""
 
 
 from collections import Counter
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 from pathlib import Path
 
 import dagster as dg
 
-from ..core import stages
-from ..core.atomic import remove, write_parquet
-from ..core import shardgroups
-from ..core.layout import UNPARTITIONED, Layout, list_pool_shards, typical_shard_rows
-from ..core.shardgroups import GroupSize
-from ..core.progress import progress
-from ..core.settings import PipelineSettings
-from ..core.shards import STATUSES, ShardError, ShardIngest, failed_ingest, ingest_shard
-from ..core.state import combine_versions, read_state
-from .common import ALL_PARTITIONS, PARTITION_METADATA_MAX, SHARDS, DbpruneResource, Session, shard_partitions, stage
-from .plots import md_table
+from dbprune_assets.core.method import stages
+from dbprune_assets.core.store.atomic import remove, write_parquet
+from dbprune_assets.core.pool import shardgroups
+from dbprune_assets.core.store.layout import UNPARTITIONED, Layout, list_pool_shards, typical_shard_rows
+from dbprune_assets.core.pool.shardgroups import GroupSize
+from dbprune_assets.core.running.progress import progress
+from dbprune_assets.core.settings import PipelineSettings
+from dbprune_assets.core.pool.shards import STATUSES, ShardError, ShardIngest, failed_ingest, ingest_shard
+from dbprune_assets.core.store.state import combine_versions, file_signature, read_state
+from dbprune_assets.defs.common import (ALL_PARTITIONS, PARTITION_METADATA_MAX, SHARDS, DbpruneResource, Facts, Node,
+                                        Session, Versions, graph_nodes, shard_partitions, stage)
+from dbprune_assets.defs.plots import md_table
 
-#: per-shard files every stage writes; removing a shard removes all of them
-PER_SHARD_TABLES = ("samples", "problems", "scores", "dedup_assignments", "candidates", "assignments", "cluster_sums")
-
-
-def remove_shard_outputs(layout: Layout, shard: str) -> None:
-    """Delete every file and commit marker a shard left behind."""
-    for table in PER_SHARD_TABLES:
+def remove_shard_outputs(layout: Layout, shard: str, tables: Sequence[str]) -> None:
+    """Delete every file and commit marker a shard left behind: its files of the
+    per-shard ``tables`` (:func:`shard_tables`), its embeddings and markers."""
+    for table in tables:
         remove(layout.table(table, shard))
     for path in (layout.img_emb(shard), layout.text_emb(shard), layout.emb_metadata(shard)):
         remove(path)
@@ -34,12 +32,13 @@ def remove_shard_outputs(layout: Layout, shard: str) -> None:
         remove(marker)
 
 
-def sync_shard_partitions(instance: dg.DagsterInstance, layout: Layout, group: GroupSize = "auto"
-                          ) -> tuple[list[str], list[str]]:
+def sync_shard_partitions(instance: dg.DagsterInstance, layout: Layout, tables: Sequence[str],
+                          group: GroupSize = "auto") -> tuple[list[str], list[str]]:
     """Make the dynamic partitions equal the pool's shards, in groups of ``group``
-    (``core/shardgroups.py``); returns the partition keys (added, removed).
+    (``core/pool/shardgroups.py``); returns the partition keys (added, removed).
 
-    A shard that left the pool loses its files, rows and commit markers.
+    A shard that left the pool loses its files (of the per-shard ``tables``,
+    :func:`shard_tables`), rows and commit markers.
     """
     added, removed, vanished = partition_changes(instance.get_dynamic_partitions(SHARDS), layout, group)
     if added:
@@ -47,7 +46,7 @@ def sync_shard_partitions(instance: dg.DagsterInstance, layout: Layout, group: G
     for key in removed:
         instance.delete_dynamic_partition(SHARDS, key)
     for shard in vanished:
-        remove_shard_outputs(layout, shard)
+        remove_shard_outputs(layout, shard, tables)
     return added, removed
 
 
@@ -64,13 +63,34 @@ def partition_changes(known: Sequence[str], layout: Layout, group: GroupSize
     return [k for k in keys if k not in known_set], sorted(known_set - key_set), vanished
 
 
+def shard_tables(nodes: Mapping[str, Node]) -> list[str]:
+    """Every table some asset writes one file per shard of."""
+    return [t for node in nodes.values() for t in node.facts.shard_tables]
+
+
+def ingest_inputs(versions: Versions, shard: str) -> dict[str, Any]:
+    """What a shard's ingest reads besides settings: its parquet and tar, and with
+    stored embeddings the source's files (they decide no_/bad_embedding)."""
+    layout, emb = versions.layout, versions.settings.embeddings
+    files = [file_signature(layout.shard_parquet(shard)), file_signature(layout.shard_tar(shard))]
+    if emb.precomputed:
+        folder = emb.folder(layout.pool)
+        if emb.source == "clip_retrieval":  # any part may hold the shard's rows: stat the parts once
+            from dbprune_assets.core.pool.source_index import source_signature
+
+            files.append(versions.memo(f"clip_retrieval_files:{folder}", lambda: source_signature(folder)))
+        else:
+            files += [file_signature(folder / f"{shard}.parquet"), file_signature(folder / f"{shard}.npz")]
+    return {"files": files}
+
+
 def ingest_pool_shard(pool: Path, shard: str, settings: PipelineSettings, home: Path | None = None) -> ShardIngest:
     """One shard's samples and problems: img2dataset output, or with
     ``embeddings.source: datacomp`` a DataComp metadata shard (or an image shard
-    linked to the npz of its stem, :mod:`~..core.precomputed`), or with
+    linked to the npz of its stem, :mod:`~..core.pool.precomputed`), or with
     ``clip_retrieval`` an image shard linked to clip-retrieval's output through
     the index under ``home`` (default ``$DBPRUNE_HOME``)."""
-    from ..core import precomputed
+    from dbprune_assets.core.pool import precomputed
 
     emb = settings.embeddings
     if not emb.precomputed or emb.source == "clip_retrieval":
@@ -93,6 +113,8 @@ def ingest_pool_shard(pool: Path, shard: str, settings: PipelineSettings, home: 
     group="ingest",
     kinds={"python", "parquet"},
     settings=["ingest", "embeddings"],
+    facts=Facts(ingest=True, shard_tables=("samples", "problems")),
+    inputs=ingest_inputs,
 )
 def raw_metadata(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
     """One row per parquet row of an img2dataset shard (failed downloads included) with its status: ok,
@@ -148,6 +170,7 @@ def raw_metadata(context: dg.AssetExecutionContext, s: Session) -> dg.Materializ
     deps=[dg.AssetDep(raw_metadata, partition_mapping=ALL_PARTITIONS)],
     group="ingest",
     kinds={"python", "parquet"},
+    facts=Facts(ingest=True),
 )
 def pool_manifest(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
     """The set of shards and their versions. Its data version changes when a shard is added, removed or
@@ -193,8 +216,9 @@ def pool_shards_sensor(context: dg.SensorEvaluationContext, dbprune: DbpruneReso
     on_disk = list_pool_shards(layout.pool)
     added, removed, vanished = partition_changes(context.instance.get_dynamic_partitions(SHARDS), layout,
                                                  dbprune.settings().partitions.shards_per_partition)
+    tables = shard_tables(graph_nodes(context.repository_def.asset_graph))
     for shard in vanished:
-        remove_shard_outputs(layout, shard)
+        remove_shard_outputs(layout, shard, tables)
     requests = [dg.RunRequest(partition_key=s, asset_selection=[raw_metadata.key]) for s in added]
     # Dagster stops tracking staleness across an edge with >= 100 upstream partitions, so
     # pool_manifest (whose data version is the combined shard versions) is refreshed here

@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 import dagster as dg
 import numpy as np
 
-from ..core.atomic import write_bytes
-from ..core.layout import Layout
+from dbprune_assets.core.store.atomic import write_bytes
+from dbprune_assets.core.store.layout import Layout
 
 if TYPE_CHECKING:
     import polars as pl
 
-    from ..core.compare import Panel
-    from ..core.stages import ComplexityOutcome
+    from dbprune_assets.core.models.compare import Panel
+    from dbprune_assets.core.method.stages import ComplexityOutcome
 
 
 def md_table(rows: Sequence[Mapping[str, Any]], max_rows: int = 60) -> str:
@@ -292,7 +292,7 @@ def duplicate_pairs_png(layout: Layout, pairs: Sequence[tuple[str, str, str, str
     """Image grid of removed duplicates (left) beside the member each duplicates
     (pairs of uid, shard, duplicate_of, duplicate_of_shard); None when no pair's
     images are found."""
-    from ..core.examples import duplicate_pairs
+    from dbprune_assets.core.report.examples import duplicate_pairs
 
     rows = duplicate_pairs(layout, pairs)
     return image_grid(rows) if rows else None
@@ -300,7 +300,7 @@ def duplicate_pairs_png(layout: Layout, pairs: Sequence[tuple[str, str, str, str
 
 def cluster_examples_png(layout: Layout, out: "ComplexityOutcome", n: int = 4) -> bytes:
     """Images of the ``n`` most and ``n`` least complex DBP clusters, a labelled row each."""
-    from ..core.examples import cluster_members
+    from dbprune_assets.core.report.examples import cluster_members
 
     top, bottom = out.extremes(n)
     comp, size = out.column("complexity"), out.column("size")

@@ -1,18 +1,18 @@
 """``pruned_subset``: one decision per sample per strategy, and the export that
 open_clip_train reads (docs/design.md, Strategies).  The work is
-``core/stages.py:make_subset``."""
+``core/method/stages.py:make_subset``."""
 
 
 import dagster as dg
 
-from ..core import stages
-from ..core.progress import progress
-from ..core.subset_inputs import subset_inputs
-from .common import Session, stage, strategy_partitions
-from .dbp import cluster_complexity
-from .dedup import candidates, semantic_dedup
-from .ingest import pool_manifest
-from .plots import artefact_md, reasons_png, table
+from dbprune_assets.core.method import stages
+from dbprune_assets.core.running.progress import progress
+from dbprune_assets.core.store.subset_inputs import subset_inputs
+from dbprune_assets.defs.common import Facts, Session, stage, strategy_partitions
+from dbprune_assets.defs.dbp import cluster_complexity
+from dbprune_assets.defs.dedup import candidates, semantic_dedup
+from dbprune_assets.defs.ingest import pool_manifest
+from dbprune_assets.defs.plots import artefact_md, reasons_png, table
 
 CHECKS = {
     "one_decision_per_sample": "every samples row has exactly one decision per strategy",
@@ -31,6 +31,7 @@ SHOWN = {"strategy": "strategy", "kept": "kept", "eligible": "eligible", "M": "M
     group="subsets",
     kinds={"duckdb", "webdataset"},
     settings=["selection.seed", "export"],
+    facts=Facts(plots=True),
     check_specs=[dg.AssetCheckSpec(name, asset="pruned_subset", description=text) for name, text in CHECKS.items()],
 )
 def pruned_subset(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
@@ -39,7 +40,7 @@ def pruned_subset(context: dg.AssetExecutionContext, s: Session) -> dg.Materiali
     the kept samples' original bytes to subsets/<strategy>/ (equal shuffled tars + sizes.json + uids.npy) for
     open_clip_train."""
     rows, problems = [], {name: [] for name in CHECKS}
-    # the input tables are read once for all the step's strategies (core/subset_inputs.py)
+    # the input tables are read once for all the step's strategies (core/store/subset_inputs.py)
     with subset_inputs(s.layout, threads=s.settings.compute.threads or None) as inputs:
         for strategy in progress(context.partition_keys, desc="pruned_subset", unit="strategy"):
             out = stages.make_subset(s.layout, s.settings, strategy, inputs)

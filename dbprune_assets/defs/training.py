@@ -7,14 +7,14 @@ from typing import Any
 
 import dagster as dg
 
-from ..core.atomic import write_parquet
-from ..core.device import torch_device
-from ..core.layout import Layout
-from ..core.progress import progress
-from ..core.settings import PipelineSettings
-from .common import ALL_PARTITIONS, Session, stage, strategy_partitions
-from .plots import artefact_md, comparison_png, loss_curve_png, table
-from .subsets import pruned_subset
+from dbprune_assets.core.store.atomic import write_parquet
+from dbprune_assets.core.running.device import torch_device
+from dbprune_assets.core.store.layout import Layout
+from dbprune_assets.core.running.progress import progress
+from dbprune_assets.core.settings import PipelineSettings
+from dbprune_assets.defs.common import ALL_PARTITIONS, Facts, Session, stage, strategy_partitions, with_fact
+from dbprune_assets.defs.plots import artefact_md, comparison_png, loss_curve_png, table
+from dbprune_assets.defs.subsets import pruned_subset
 
 SEED_DIR = "seed{}"
 
@@ -25,17 +25,17 @@ SEED_DIR = "seed{}"
     group="train",
     kinds={"pytorch", "openclip"},
     settings=["train"],
-    pool="dbprune_gpu",
+    facts=Facts(gpu=True, needs_images=True, plots=True),
 )
 def trained_model(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
     """An open_clip model trained from scratch with open_clip_train on the strategy's exported subset
     (--dataset-resampled), one per train seed, every strategy seeing the same number of samples (steps ×
     global batch). Lands in models/<strategy>/seed<k>/; models/<strategy>/ is the first seed's model. Load
     with open_clip.create_model_and_transforms('local-dir:<path>')."""
-    from ..core.export import train_data_spec
-    from ..core.encoders import require_training_space
-    from ..core.precomputed import NEEDS_IMAGES, is_metadata_only
-    from ..core.train import train_clip
+    from dbprune_assets.core.store.export import train_data_spec
+    from dbprune_assets.core.models.encoders import require_training_space
+    from dbprune_assets.core.pool.precomputed import NEEDS_IMAGES, is_metadata_only
+    from dbprune_assets.core.models.train import train_clip
 
     if is_metadata_only(s.layout.pool, s.shards):
         raise dg.Failure(NEEDS_IMAGES)
@@ -81,7 +81,7 @@ def trained_model(context: dg.AssetExecutionContext, s: Session) -> dg.Materiali
 def eval_splits(layout: Layout, settings: PipelineSettings) -> list[Any]:
     """The evaluation datasets (``core.evaluate.EvalDataset``): eval.datasets (plus the old eval.zeroshot /
     eval.retrieval, still read), else the sample pool's eval/ sets."""
-    from ..core.evaluate import EvalError, find_eval_datasets
+    from dbprune_assets.core.models.evaluate import EvalError, find_eval_datasets
 
     cfg = settings.eval
     folders = [*(cfg.datasets or ()), *(p for p in (cfg.zeroshot, cfg.retrieval) if p)]
@@ -96,7 +96,8 @@ def eval_splits(layout: Layout, settings: PipelineSettings) -> list[Any]:
 
 
 @stage(group="train", kinds={"pytorch", "parquet"}, settings=["eval"], partitions=strategy_partitions,
-       deps=[trained_model])
+       deps=[trained_model],
+       facts=Facts(gpu=True, needs_images=True))
 def eval_scores(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
     """Every seed's model on every evaluation dataset (CLIP_benchmark webdataset folders; the sample pool's
     eval/shapes and eval/shapes_retrieval by default), evaluated with CLIP_benchmark: zero-shot classification
@@ -105,8 +106,8 @@ def eval_scores(context: dg.AssetExecutionContext, s: Session) -> dg.Materialize
     eval_results.jsonl per seed under artefacts/eval_scores/<strategy>/seed<k>/."""
     import polars as pl
 
-    from ..core.eval_metrics import aggregate_scores
-    from ..core.evaluate import (
+    from dbprune_assets.core.models.eval_metrics import aggregate_scores
+    from dbprune_assets.core.models.evaluate import (
         EvalError,
         datacomp_rows,
         eval_results_path,
@@ -157,14 +158,15 @@ def eval_scores(context: dg.AssetExecutionContext, s: Session) -> dg.Materialize
     group="train",
     kinds={"python", "parquet"},
     settings=["eval.bootstrap_samples"],
+    facts=Facts(needs_images=True, plots=True),
 )
 def comparison(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
     """All strategies side by side: subset size, samples seen, and each dataset's metrics as mean ± std over
     seeds with a bootstrap confidence interval; DataComp's aggregate scores (ImageNet, distribution shifts, VTAB,
     retrieval, average over the tasks present) per strategy; a plot; and plain verdicts that claim a difference
     only where the intervals separate."""
-    from ..core.compare import aggregate_panels, compare_strategies, plot_panels, summary_metadata, table_rows
-    from ..core.report import write_report
+    from dbprune_assets.core.models.compare import aggregate_panels, compare_strategies, plot_panels, summary_metadata, table_rows
+    from dbprune_assets.core.report.page import write_report
 
     out = compare_strategies(s.layout, s.settings.selection.strategies, s.settings.eval.bootstrap_samples)
     if out is None:
@@ -172,7 +174,7 @@ def comparison(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeR
     panels = plot_panels(out.summary) + (aggregate_panels(out.aggregate) if out.aggregate is not None else [])
     plot = artefact_md(s.layout, "comparison", "comparison", comparison_png(panels),
                        "scores per strategy (mean, 95% bootstrap interval); last: DataComp's aggregate")
-    report = write_report(s.layout, f"run-{context.run_id}")
+    report = write_report(s.layout, with_fact(s.nodes, "plots"), f"run-{context.run_id}")
     return s.done("comparison", summary={"strategies": out.strategies, "report": str(report)}, metadata={
         "report": dg.MetadataValue.path(str(report)),
         "report_url": dg.MetadataValue.url(report.as_uri()),

@@ -32,11 +32,11 @@ metadata shards (``<stem>.parquet`` + ``<stem>.npz`` with synthesised b32/l14
 CLIP embeddings, no images), with the same ``ground_truth.parquet``.
 """
 
-from .captions import CAPTION_TEMPLATES, EVAL_TEMPLATES, make_caption
-from .concepts import COLORS, SHAPES, ZIPF_EXPONENT, Concept, concept_counts, make_concepts
-from .datacomp import DATACOMP_GENERATOR, DataCompPoolSummary, is_datacomp_pool, write_datacomp_pool
-from .render import RenderParams, encode_jpeg, render, sample_params
-from .writer import GENERATOR, GENERATOR_VERSION, PLANTED_STATUSES, PoolSummary, is_sample_pool, load_ground_truth, write_sample_pool
+from dbprune_assets.samplepool.captions import CAPTION_TEMPLATES, EVAL_TEMPLATES, make_caption
+from dbprune_assets.samplepool.concepts import COLORS, SHAPES, ZIPF_EXPONENT, Concept, concept_counts, make_concepts
+from dbprune_assets.samplepool.datacomp import DATACOMP_GENERATOR, DataCompPoolSummary, is_datacomp_pool, write_datacomp_pool
+from dbprune_assets.samplepool.render import RenderParams, encode_jpeg, render, sample_params
+from dbprune_assets.samplepool.writer import GENERATOR, GENERATOR_VERSION, PLANTED_STATUSES, PoolSummary, is_sample_pool, load_ground_truth, write_sample_pool
 
 __all__ = [
     "CAPTION_TEMPLATES", "COLORS", "DATACOMP_GENERATOR", "EVAL_TEMPLATES", "GENERATOR", "GENERATOR_VERSION",

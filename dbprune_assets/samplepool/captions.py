@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .render import RenderParams
+from dbprune_assets.samplepool.render import RenderParams
 
 CAPTION_TEMPLATES: tuple[str, ...] = (
     "a photo of {a_name}",

@@ -45,7 +45,7 @@ stores the very same image vector; a near one is ``normalise(x + ε·v)`` with
 SemDeDup's ``1 - 0.07/2``), while no two unrelated samples come near
 ``1 - 0.07``.  ``clip_*_similarity_score`` is the float32 cosine of the stored
 float16 pair, computed as the pipeline computes it
-(:func:`dbprune_assets.core.sources.clip_scores`), so the column and a
+(:func:`dbprune_assets.core.pool.sources.clip_scores`), so the column and a
 recomputation agree exactly.
 
 Memory is bounded by one shard: shards are planned one after another from
@@ -69,15 +69,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dbprune_assets.core.atomic import atomic_path
-from dbprune_assets.core.poolkind import DATACOMP_GENERATOR, is_datacomp_pool  # noqa: F401  (re-exported)
+from dbprune_assets.core.store.atomic import atomic_path
+from dbprune_assets.core.pool.poolkind import DATACOMP_GENERATOR, is_datacomp_pool  # noqa: F401  (re-exported)
 from dbprune_assets.core.settings import PoolSettings
-from dbprune_assets.core.sources import DATACOMP_MODELS, clip_scores
+from dbprune_assets.core.pool.sources import DATACOMP_MODELS, clip_scores
 
-from .captions import CAPTION_TEMPLATES
-from .concepts import COLORS, SHAPES, Concept, concept_counts, make_concepts
-from .plan import DUPLICATE_RATE, EXACT_SHARE, MISMATCH_RATE, NEAR_VARIANTS, _other_concept, _planted_count
-from .writer import _DOMAINS, _GROUND_TRUTH_SCHEMA, _SLUG_WORDS
+from dbprune_assets.samplepool.captions import CAPTION_TEMPLATES
+from dbprune_assets.samplepool.concepts import COLORS, SHAPES, Concept, concept_counts, make_concepts
+from dbprune_assets.samplepool.plan import DUPLICATE_RATE, EXACT_SHARE, MISMATCH_RATE, NEAR_VARIANTS, _other_concept, _planted_count
+from dbprune_assets.samplepool.writer import _DOMAINS, _GROUND_TRUTH_SCHEMA, _SLUG_WORDS
 
 
 #: bump when the same settings would produce different files

@@ -11,9 +11,9 @@ import numpy as np
 
 from dbprune_assets.core.settings import PoolSettings
 
-from .captions import make_caption
-from .concepts import Concept, concept_counts, rng_stream
-from .render import RenderParams, sample_params
+from dbprune_assets.samplepool.captions import make_caption
+from dbprune_assets.samplepool.concepts import Concept, concept_counts, rng_stream
+from dbprune_assets.samplepool.render import RenderParams, sample_params
 
 # planted rates (shares of all pool rows)
 # planted rates (shares of all pool rows)

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .concepts import COLORS, SHAPES, Concept
+from dbprune_assets.samplepool.concepts import COLORS, SHAPES, Concept
 
 
 NEAR_NOISE_SIGMA = 2.0  # extra pixel noise of a "noise" near duplicate

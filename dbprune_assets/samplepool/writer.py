@@ -18,17 +18,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from dbprune_assets.core.atomic import atomic_path
-from dbprune_assets.core.progress import progress
-from dbprune_assets.core.poolkind import GENERATOR, is_sample_pool  # noqa: F401  (re-exported)
+from dbprune_assets.core.store.atomic import atomic_path
+from dbprune_assets.core.running.progress import progress
+from dbprune_assets.core.pool.poolkind import GENERATOR, is_sample_pool  # noqa: F401  (re-exported)
 from dbprune_assets.core.settings import PoolSettings
-from dbprune_assets.core.shard_stats import shard_stats, stats_bytes, stats_name
-from dbprune_assets.core.wds import POOL_MTIME, write_tar
+from dbprune_assets.core.pool.shard_stats import shard_stats, stats_bytes, stats_name
+from dbprune_assets.core.pool.wds import POOL_MTIME, write_tar
 
-from .captions import BACKGROUND_COLORS, EVAL_TEMPLATES, describe_rendering, make_caption
-from .concepts import COLORS, Concept, make_concepts, rng_stream
-from .plan import Row, plan_pool
-from .render import NEAR_NOISE_SIGMA, RenderParams, corrupt, encode_jpeg, noise, render, sample_params
+from dbprune_assets.samplepool.captions import BACKGROUND_COLORS, EVAL_TEMPLATES, describe_rendering, make_caption
+from dbprune_assets.samplepool.concepts import COLORS, Concept, make_concepts, rng_stream
+from dbprune_assets.samplepool.plan import Row, plan_pool
+from dbprune_assets.samplepool.render import NEAR_NOISE_SIGMA, RenderParams, corrupt, encode_jpeg, noise, render, sample_params
 
 
 
@@ -267,7 +267,7 @@ def _download_record(row: Row, size: int) -> dict[str, Any]:
 
 def _write_pool_shards(folder: Path, rows: Sequence[Row], shard_names: Sequence[str], settings: PoolSettings) -> None:
     """Render the images and write ``NNNNN.tar`` + ``NNNNN.parquet`` + img2dataset's
-    ``NNNNN_stats.json`` (:mod:`dbprune_assets.core.shard_stats`: every parquet
+    ``NNNNN_stats.json`` (:mod:`dbprune_assets.core.pool.shard_stats`: every parquet
     row counted, failed downloads by error message) per shard."""
     size = settings.image_size
     _assign_layout(rows, settings, shard_names)

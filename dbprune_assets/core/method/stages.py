@@ -1,0 +1,353 @@
+"""The pool-wide steps of the graph as plain functions: SemDeDup over the pool,
+DBP's cluster table, and one strategy's decisions with their export.
+
+Each reads and writes the contract paths of a :class:`~.layout.Layout` and
+returns what the Dagster asset shows and checks; the asset only wires (see
+``docs/design.md``, "The method, exactly" and "Strategies").  The formulas
+themselves live in ``dbp.py``, ``semdedup.py`` and ``strategies.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+
+from dbprune_assets.core.store.atomic import atomic_path, scratch_dir, write_parquet
+from dbprune_assets.core.method.embstore import MissingInput, cluster_sizes, read_centroids, shard_embeddings, summed_partials
+from dbprune_assets.core.store.layout import Layout
+from dbprune_assets.core.settings import DbpSettings, PipelineSettings
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from dbprune_assets.core.store.export import ExportSummary
+    from dbprune_assets.core.strategies import DecisionSummary
+    from dbprune_assets.core.store.subset_inputs import SubsetInputs
+
+#: how many (duplicate, original) pairs the UI shows
+EXAMPLE_PAIRS = 6
+
+
+# ---------------------------------------------------------------------------
+# the pool manifest
+
+
+def write_pool_manifest(layout: Layout, versions: Mapping[str, str | None]
+                        ) -> tuple["pl.DataFrame", dict[str, int], "pl.DataFrame"]:
+    """``tables/pool_manifest/all.parquet``: per shard its data version, rows and
+    ok samples (from the ingest commit markers, with the uid rule applied across
+    shards: :func:`~.uids.mark_cross_shard`); returns it, the samples per
+    status and the cross-shard duplicate uids."""
+    import polars as pl
+
+    from dbprune_assets.core.store.state import read_state
+    from dbprune_assets.core.pool.uids import mark_cross_shard
+
+    cross = mark_cross_shard(layout, sorted(versions))
+    per_shard = dict(cross.group_by("shard").len().iter_rows())
+    rows = []
+    status: dict[str, int] = {}
+    for shard, version in versions.items():
+        st = read_state(layout, "raw_metadata", shard)
+        counts = dict((st.summary if st else {}).get("status", {}))
+        if per_shard.get(shard):
+            counts["ok"] = counts.get("ok", 0) - per_shard[shard]
+            counts["duplicate_uid"] = counts.get("duplicate_uid", 0) + per_shard[shard]
+        for name, n in counts.items():
+            status[name] = status.get(name, 0) + int(n)
+        rows.append({"shard": shard, "data_version": version, "rows": (st.summary if st else {}).get("rows", 0),
+                     "ok": counts.get("ok", 0)})
+    frame = pl.DataFrame(rows, schema={"shard": pl.Utf8, "data_version": pl.Utf8, "rows": pl.Int64, "ok": pl.Int64})
+    write_parquet(layout.table("pool_manifest"), frame, layout.tmp)
+    return frame, status, cross
+
+
+# ---------------------------------------------------------------------------
+# SemDeDup over the pool
+
+
+@dataclass
+class DedupOutcome:
+    k: int
+    ok: int  # ok samples (rows with an embedding)
+    duplicates: int = 0
+    per_cluster: dict[int, int] = field(default_factory=dict)  # duplicates per dedup cluster
+    examples: list[tuple[str, str, str, str]] = field(default_factory=list)  # uid, shard, duplicate_of, its shard
+    _similarities: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def similarities(self) -> np.ndarray:
+        """Each duplicate's similarity to the member it duplicates."""
+        return np.concatenate(self._similarities) if self._similarities else np.zeros(0, np.float32)
+
+    @property
+    def kept_fraction(self) -> float:
+        return round(1 - self.duplicates / self.ok, 4) if self.ok else 1.0
+
+    def add(self, frame: "pl.DataFrame") -> None:
+        self.duplicates += frame.height
+        for c, cnt in frame.group_by("cluster").len().iter_rows():
+            self.per_cluster[int(c)] = self.per_cluster.get(int(c), 0) + int(cnt)
+        if len(self.examples) < EXAMPLE_PAIRS:
+            self.examples += list(frame.select("uid", "shard", "duplicate_of", "duplicate_of_shard")
+                                  .head(EXAMPLE_PAIRS - len(self.examples)).iter_rows())
+        self._similarities.append(frame["similarity"].to_numpy())
+
+
+def run_semdedup(layout: Layout, shards: list[str], eps: float, tile: int, device: str) -> DedupOutcome:
+    """SemDeDup of every ok sample against its dedup cluster, streamed bucket by
+    bucket into ``tables/duplicates/all.parquet`` (torch ``device``)."""
+    import polars as pl
+    import pyarrow.parquet as pq
+
+    from dbprune_assets.core.method.semdedup import DedupShard, empty_duplicates, semdedup_pool
+
+    k = len(read_centroids(layout, "dedup_centroids"))
+
+    def load(name: str) -> DedupShard:
+        meta, emb = shard_embeddings(layout, name)
+        a = pl.read_parquet(layout.table("dedup_assignments", name))
+        if a.height != meta.height:
+            raise MissingInput(f"shard {name}: dedup_assignments out of date ({a.height} rows, embeddings "
+                               f"{meta.height}); re-materialise dedup_assignments for it")
+        keep = _usable_rows(layout, name, meta)
+        if keep is not None:  # a uid an earlier shard has: not a sample of its own (core/pool/uids.py)
+            meta, emb, a = meta.filter(keep), np.asarray(emb)[keep.to_numpy()], a.filter(keep)
+        return DedupShard(name, meta["uid"].to_numpy(), emb, a["cluster"].to_numpy(), a["distance"].to_numpy())
+
+    ok = sum(_usable(layout, sh, pl.read_parquet(layout.emb_metadata(sh), columns=["row"])).height for sh in shards)
+    out = DedupOutcome(k, ok)
+    # no extra pass over the embeddings; less the rows whose uid an earlier shard has
+    sizes = cluster_sizes(layout, shards, "dedup_assignments", k) - _superseded_per_cluster(layout, shards, k)
+    with atomic_path(layout.table("duplicates"), layout.tmp) as tmp:
+        writer = None
+        try:
+            for frame in semdedup_pool(shards, load, k, eps, tile, layout.tmp, device, cluster_sizes=sizes):
+                if frame.height == 0:
+                    continue
+                table = frame.to_arrow()
+                writer = writer or pq.ParquetWriter(tmp, table.schema, compression="zstd")
+                writer.write_table(table)
+                out.add(frame)
+            if writer is None:
+                empty_duplicates().write_parquet(tmp)
+        finally:
+            if writer is not None:
+                writer.close()
+    return out
+
+
+def _usable_rows(layout: Layout, shard: str, meta: "pl.DataFrame") -> "pl.Series | None":
+    """Mask of the embedded rows of ``shard`` that are samples of their own (not
+    a uid an earlier shard has, :mod:`~.uids`); None when all are."""
+    import polars as pl
+
+    from dbprune_assets.core.pool.uids import superseded_rows
+
+    rows = superseded_rows(layout.home / "tables", shard)
+    return ~meta["row"].is_in(rows.implode()) if rows.len() else None  # type: ignore[return-value]
+
+
+def _usable(layout: Layout, shard: str, meta: "pl.DataFrame") -> "pl.DataFrame":
+    from dbprune_assets.core.pool.uids import drop_superseded
+
+    return drop_superseded(layout.home / "tables", shard, meta)
+
+
+def _superseded_per_cluster(layout: Layout, shards: list[str], k: int) -> np.ndarray:
+    """Cross-shard duplicate uids (:mod:`~.uids`) per dedup cluster (k,)."""
+    import polars as pl
+
+    from dbprune_assets.core.pool.uids import table_file
+
+    out = np.zeros(k, np.int64)
+    path = table_file(layout.home / "tables")
+    if not path.exists():
+        return out
+    dup = pl.read_parquet(path, columns=["shard", "row"]).filter(pl.col("shard").is_in(shards))
+    for (shard,), rows in dup.group_by("shard"):
+        a = pl.read_parquet(layout.table("dedup_assignments", str(shard)), columns=["row", "cluster"])
+        out += np.bincount(a.filter(pl.col("row").is_in(rows["row"].implode()))["cluster"].to_numpy(), minlength=k)[:k]
+    return out
+
+
+def clip_scores(layout: Layout, shards: list[str]) -> np.ndarray:
+    """Every ok sample's clip_score (for the histogram beside the filter)."""
+    import polars as pl
+
+    if not shards:
+        return np.zeros(0, np.float32)
+    return np.concatenate([_usable(layout, sh, pl.read_parquet(layout.emb_metadata(sh), columns=["row", "clip_score"]))
+                           ["clip_score"].to_numpy() for sh in shards])
+
+
+def drop_left_shards(layout: Layout, table: str, shards: list[str]) -> None:
+    """Delete ``tables/<table>/<shard>.parquet`` of shards no longer in the pool."""
+    keep = set(shards)
+    for f in layout.table_dir(table).glob("*.parquet"):
+        if f.stem not in keep:
+            f.unlink()
+
+
+# ---------------------------------------------------------------------------
+# DBP's cluster table
+
+
+@dataclass
+class ComplexityOutcome:
+    frame: "pl.DataFrame"  # the clusters table as written
+    M: int
+    l: int  # nearest other centroids d_inter averaged over (l capped at k-1)
+
+    def column(self, name: str) -> np.ndarray:
+        return self.frame[name].to_numpy()
+
+    @property
+    def k(self) -> int:
+        return self.frame.height
+
+    @property
+    def candidates(self) -> int:
+        return int(self.column("size").sum())
+
+    def bound_violations(self) -> list[int]:
+        """Clusters whose quota leaves ``lb_j ≤ N_j ≤ |C_j|``."""
+        q, lb, size = self.column("quota"), self.column("lower_bound"), self.column("size")
+        return [int(c) for c in np.flatnonzero((q < lb) | (q > size))]
+
+    def counts(self) -> dict[str, int]:
+        q, lb, size = self.column("quota"), self.column("lower_bound"), self.column("size")
+        return {"empty_clusters": int((size == 0).sum()), "clusters_at_cap": int((q == size).sum()),
+                "clusters_at_lower_bound": int(((q == lb) & (lb < size)).sum())}
+
+    def extremes(self, n: int = 4) -> tuple[list[int], list[int]]:
+        """(the ``n`` most complex, the ``n`` least complex) non-empty clusters."""
+        order = np.argsort(-self.column("complexity"), kind="stable")
+        size = self.column("size")
+        return ([int(c) for c in order[:n] if size[c] > 0], [int(c) for c in order[::-1][:n] if size[c] > 0])
+
+
+def cluster_complexity(layout: Layout, shards: list[str], cfg: DbpSettings) -> ComplexityOutcome:
+    """d_intra, d_inter, complexity, P = softmax(C/tau) and the exact quotas of
+    every DBP cluster from the per-shard partial sums; writes
+    ``tables/clusters/all.parquet``."""
+    import polars as pl
+
+    from dbprune_assets.core.method import dbp
+
+    cent = read_centroids(layout, "centroids")
+    k = len(cent)
+    count, sums = summed_partials(layout, shards, "cluster_sums", k)
+    intra = dbp.d_intra(sums, count)
+    inter = dbp.d_inter(cent, cfg.l)
+    comp = dbp.complexity(inter, intra)
+    prob = dbp.softmax_probabilities(comp, cfg.tau)
+    M = dbp.target_size(int(count.sum()), keep_fraction=cfg.keep_fraction, target_size=cfg.target_size)
+    lb = dbp.lower_bounds(count, M, k, cfg.r)
+    quota = dbp.solve_quotas(prob, count, M, lb)
+    frame = pl.DataFrame({
+        "cluster": np.arange(k, dtype=np.int32), "size": count, "d_intra": intra, "d_inter": inter,
+        "complexity": comp, "probability": prob, "quota": quota.astype(np.int64), "lower_bound": lb.astype(np.int64),
+    })
+    write_parquet(layout.table("clusters"), frame, layout.tmp)
+    return ComplexityOutcome(frame, M, min(cfg.l, max(k - 1, 0)))
+
+
+# ---------------------------------------------------------------------------
+# one strategy's subset
+
+
+@dataclass
+class SubsetOutcome:
+    summary: "DecisionSummary"
+    export: "ExportSummary"
+    problems: dict[str, list[str]]  # check name -> problems found (empty = passed)
+
+
+def query_tables(layout: Layout, sql: str, params: Mapping[str, Any], views: Mapping[str, Sequence[Path]]
+                 ) -> list[tuple]:
+    """Rows of ``sql`` (with query ``params``) over typed views ``{table: files}``
+    on a bounded DuckDB connection (``core/store/duck.py``)."""
+    from dbprune_assets.core.store.duck import connect, create_view
+
+    with scratch_dir(layout.tmp, "query-") as work:
+        con = connect(Path(work))
+        try:
+            for name, files in views.items():
+                create_view(con, name, list(files))
+            return con.execute(sql, dict(params)).fetchall()
+        finally:
+            con.close()
+
+
+def export_bytes(layout: Layout, decisions: Path, tar_sizes: Mapping[str, int] | None = None) -> int:
+    """About the bytes an export of ``decisions`` writes: each shard's tar size
+    times its kept fraction (the spool and the shards hold one copy at a time).
+    ``tar_sizes`` (shard -> bytes, shards with a tar; :mod:`~.subset_inputs`
+    lists them once per step) saves a ``stat`` per shard."""
+    rows = query_tables(layout, "SELECT shard, count(*) FILTER (WHERE keep), count(*) FROM decisions GROUP BY shard",
+                        {}, {"decisions": [decisions]})
+    total = 0.0
+    for shard, kept, n in rows:
+        if not kept:
+            continue
+        if tar_sizes is not None:
+            size = tar_sizes.get(shard)
+        else:
+            tar = layout.shard_tar(shard)
+            size = tar.stat().st_size if tar.exists() else None
+        if size is not None:
+            total += size * kept / n
+    return int(total)
+
+
+def make_subset(layout: Layout, settings: PipelineSettings, strategy: str,
+                inputs: "SubsetInputs | None" = None) -> SubsetOutcome:
+    """Decide every sample under ``strategy`` (``tables/decisions/<strategy>``,
+    and ``tables/quotas/<strategy>`` for dbp/ssp), export the kept samples to
+    ``subsets/<strategy>/`` and check both.
+
+    ``inputs``: the step's input tables, read once for all its strategies
+    (:func:`~.subset_inputs.subset_inputs`); without it this call reads them itself."""
+    import polars as pl
+
+    from dbprune_assets.core.store.export import export_subset, verify_export
+    from dbprune_assets.core.running.oserrors import MIN_FREE_BYTES, require_free_space
+    from dbprune_assets.core.strategies import decide, strategy_quotas
+    from dbprune_assets.core.store.subset_inputs import subset_inputs
+
+    threads = settings.compute.threads or None
+    if inputs is None:
+        with subset_inputs(layout, threads=threads) as step_inputs:
+            return make_subset(layout, settings, strategy, step_inputs)
+    quotas, M = strategy_quotas(strategy, pl.read_parquet(layout.table("clusters")))
+    out = layout.table("decisions", strategy)
+    summary = decide(strategy, inputs.tables, M, quotas, settings.selection.seed, out, layout.tmp,
+                     threads=threads, origin=inputs.origin)
+    problems: dict[str, list[str]] = {"one_decision_per_sample": [], "kept_equals_quota": []}
+    if quotas is not None:
+        write_parquet(layout.table("quotas", strategy), summary.quota_table(), layout.tmp)
+        if not np.array_equal(summary.per_cluster_kept, quotas):
+            bad = np.flatnonzero(summary.per_cluster_kept != quotas)
+            problems["kept_equals_quota"].append(f"{strategy}: clusters {bad[:10].tolist()} kept != quota")
+    require_free_space(layout.subset_dir(strategy), export_bytes(layout, out, inputs.tar_sizes) + MIN_FREE_BYTES,
+                       f"exporting the {strategy} subset")
+    exp = export_subset(out, layout.pool, layout.subset_dir(strategy), settings.export.shard_size,
+                        settings.export.seed, layout.tmp, samples_dir=inputs.samples_dir, threads=threads,
+                        images=inputs.images)
+    problems["export_matches_decisions"] = [
+        f"{strategy}: {p}" for p in verify_export(layout.subset_dir(strategy), out, samples_dir=inputs.samples_dir,
+                                                  tmp_root=layout.tmp, images=inputs.images)]
+    # a uid repeated inside a shard is one decision per row (duplicate_uid rows are corrupt), so the
+    # decisions match the samples row for row and (shard, uid) for (shard, uid); the samples' counts
+    # were taken once for the step (``inputs``)
+    [(n_dec, n_distinct)] = query_tables(layout, "SELECT count(*), count(DISTINCT (shard, uid)) FROM decisions", {},
+                                         {"decisions": [out]})
+    if not (inputs.samples == n_dec and n_distinct == inputs.sample_ids):
+        problems["one_decision_per_sample"].append(
+            f"{strategy}: {inputs.samples} samples ({inputs.sample_ids} distinct), {n_dec} decisions "
+            f"({n_distinct} distinct)")
+    return SubsetOutcome(summary, exp, problems)

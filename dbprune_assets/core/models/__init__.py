@@ -1,0 +1,1 @@
+"""Models, training and evaluation: encoders, embeddings, open_clip_train, CLIP_benchmark, the comparison."""

@@ -1,0 +1,1 @@
+"""Pools and their shards: img2dataset tars and parquets, precomputed embedding sources, uids, shard groups."""

@@ -1,0 +1,1 @@
+"""Running: the home lock, OS errors a person can act on, fault injection, progress bars, device choice."""

@@ -1,0 +1,81 @@
+"""Commit markers and fingerprints: what makes runs resumable and skippable.
+
+Every materialised partition ends by writing ``state/<asset>/<partition>.json``
+*after* its outputs were renamed into place.  The marker holds the partition's
+``fingerprint`` (hash of the code version, the settings sections it reads and
+its upstream data versions) and its ``data_version``.  A partition is up to
+date when its marker exists and its fingerprint equals the one computed from
+the current settings and upstream markers; a crash before the marker is
+written leaves it out of date, so the next run simply redoes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from dbprune_assets.core.store.atomic import remove, write_json
+from dbprune_assets.core.store.layout import Layout
+
+
+def stable_hash(obj: Any, n: int = 16) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+@dataclass(frozen=True)
+class State:
+    fingerprint: str
+    data_version: str
+    summary: Mapping[str, Any] = field(default_factory=dict)
+
+
+def read_state(layout: Layout, asset: str, partition: str) -> State | None:
+    path = layout.state(asset, partition)
+    try:
+        data = json.loads(path.read_text())
+        return State(data["fingerprint"], data["data_version"], data.get("summary", {}))
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return None
+
+
+def write_state(layout: Layout, asset: str, partition: str, state: State) -> None:
+    write_json(
+        layout.state(asset, partition),
+        {"fingerprint": state.fingerprint, "data_version": state.data_version, "summary": dict(state.summary)},
+        tmp_root=layout.tmp,
+    )
+
+
+def clear_state(layout: Layout, asset: str, partition: str) -> None:
+    remove(layout.state(asset, partition))
+
+
+def combine_versions(versions: Mapping[str, str | None]) -> str:
+    """One version for a set of partitions (missing ones count as such)."""
+    return stable_hash(sorted((k, v or "missing") for k, v in versions.items()))
+
+
+def file_signature(path: Path) -> str:
+    """Cheap identity of an input file: size and modification time (ns)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return "absent"
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def ingested_ok(layout: Layout, shards: Sequence[str]) -> int | None:
+    """The ``ok`` rows of the ingested ``shards`` (from raw_metadata's commit
+    markers, before the cross-shard uid rule, so at most the pool's ``ok``
+    count); None while a shard is not ingested."""
+    total = 0
+    for shard in shards:
+        st = read_state(layout, "raw_metadata", shard)
+        if st is None:
+            return None
+        total += int(st.summary.get("status", {}).get("ok", 0))
+    return total
+
