@@ -62,3 +62,22 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 900)
     exe = shutil.which("dbprune") or str(Path(sys.executable).parent / "dbprune")
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([exe, *args], capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+@pytest.fixture()
+def small_catalog(tmp_path: Path) -> Any:
+    """A home whose catalog has two samples (the other views empty)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dbprune_assets.core.store import catalog
+    from dbprune_assets.core.store.duck import arrow_schema
+    from dbprune_assets.core.store.layout import Layout
+
+    layout = Layout.from_env(tmp_path / "home", tmp_path / "pool")
+    layout.table_dir("samples").mkdir(parents=True)
+    rows = {"uid": ["a", "b"], "shard": ["00000"] * 2, "key": ["000000000", "000000001"], "row": [0, 1],
+            "caption": ["x", "y"], "width": [8, 8], "height": [8, 8], "status": ["ok", "ok"]}
+    pq.write_table(pa.table(rows).cast(arrow_schema("samples")), layout.table("samples", "00000"))
+    catalog.refresh_catalog(layout)
+    return layout

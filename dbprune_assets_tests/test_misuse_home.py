@@ -128,17 +128,6 @@ def test_concurrent_runs_with_different_settings(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------
 # defect 5: a catalog that only reads
 # ---------------------------------------------------------------------------
-@pytest.fixture()
-def small_catalog(tmp_path: Path) -> Layout:
-    layout = Layout.from_env(tmp_path / "home", tmp_path / "pool")
-    layout.table_dir("samples").mkdir(parents=True)
-    rows = {"uid": ["a", "b"], "shard": ["00000"] * 2, "key": ["000000000", "000000001"], "row": [0, 1],
-            "caption": ["x", "y"], "width": [8, 8], "height": [8, 8], "status": ["ok", "ok"]}
-    pq.write_table(pa.table(rows).cast(arrow_schema("samples")), layout.table("samples", "00000"))
-    catalog.refresh_catalog(layout)
-    return layout
-
-
 def test_select_never_writes_the_catalog(small_catalog: Layout) -> None:
     layout = small_catalog
     assert catalog.stale_views(layout) == []

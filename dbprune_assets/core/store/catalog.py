@@ -24,6 +24,10 @@ from dbprune_assets.core.store.duck import TABLES, parquet_source, sql_literal, 
 from dbprune_assets.core.running.faults import crash_point
 from dbprune_assets.core.store.layout import Layout
 from dbprune_assets.core.pool.uids import EFFECTIVE_STATUS
+from dbprune_assets.core.store.sandbox import QueryRefused, QueryTimeout, check_read_only, fetch_arrow
+
+__all__ = ["CATALOG_TABLES", "CatalogBusy", "QueryRefused", "QueryTimeout", "ensure_catalog", "query",
+           "refresh_catalog", "stale_views", "with_retry"]
 
 T = TypeVar("T")
 
@@ -150,14 +154,6 @@ def refresh_catalog(layout: Layout, tables: Iterable[str] | None = None, timeout
     with_retry(_do, timeout_s=timeout_s, what=str(layout.catalog))
 
 
-class QueryRefused(ValueError):
-    """A catalog query that would write, or read outside the home's tables."""
-
-
-#: statement kinds a catalog query may run (``duckdb.StatementType`` names)
-READ_STATEMENTS = frozenset({"SELECT", "EXPLAIN"})
-
-
 def ensure_catalog(layout: Layout, timeout_s: float = 60.0) -> None:
     """Refresh the views that are out of date (:func:`stale_views`); the
     catalog file is not opened for writing when all are current.  A writer
@@ -172,10 +168,13 @@ def ensure_catalog(layout: Layout, timeout_s: float = 60.0) -> None:
                 raise
 
 
-def query(layout: Layout, sql: str, timeout_s: float = 60.0) -> Any:
-    """Run read-only SQL (SELECT, EXPLAIN) against the catalog; returns a
-    pyarrow Table.  Views are used as they are (a missing catalog is created);
-    ``dbprune sql`` first calls :func:`ensure_catalog`.
+def query(layout: Layout, sql: str, timeout_s: float = 60.0, query_timeout_s: float | None = None) -> Any:
+    """Run read-only SQL against the catalog (:mod:`.sandbox`: SELECT in its
+    forms, EXPLAIN of one); returns a pyarrow Table.  Views are used as they
+    are (a missing catalog is created); ``dbprune sql`` first calls
+    :func:`ensure_catalog`.  ``timeout_s`` bounds the wait for the catalog's
+    lock, ``query_timeout_s`` the query itself (:class:`.sandbox.QueryTimeout`;
+    Ctrl-C interrupts it too).
 
     The connection is read-only and sandboxed: DuckDB may read files only under
     ``$DBPRUNE_HOME/tables/`` (``allowed_directories`` with
@@ -195,14 +194,9 @@ def query(layout: Layout, sql: str, timeout_s: float = 60.0) -> Any:
             con.execute("SET allowed_directories = ?", [[tables]])
             con.execute("SET enable_external_access = false")
             con.execute("SET lock_configuration = true")
-            kinds = [st.type.name for st in con.extract_statements(sql)]
-            refused = [k for k in kinds if k not in READ_STATEMENTS]
-            if refused:
-                raise QueryRefused(f"the catalog is read-only: {refused[0]} statements are refused (allowed: "
-                                   f"{', '.join(sorted(READ_STATEMENTS))}); to save a result, use "
-                                   "`dbprune sql --format csv \"SELECT …\" > FILE`")
+            check_read_only(con, sql)
             try:
-                return con.sql(sql).to_arrow_table()
+                return fetch_arrow(con, sql, query_timeout_s)
             except duckdb.PermissionException as e:
                 raise QueryRefused(f"queries read only the catalog's tables (files under {tables}): {e}") from None
         finally:
