@@ -1,27 +1,22 @@
 """The Dagster code location: ``dagster dev -m dbprune_assets.definitions``
 (or ``dbprune ui``).  Importing it is cheap: torch, open_clip and faiss are
-imported inside the assets that use them."""
+imported inside the assets that use them.
+
+Every asset of the ``defs`` package is in it, found by Dagster's own loader:
+adding an asset is writing it in a ``defs`` module (``@stage(...)``, with its
+:class:`~dbprune_assets.defs.common.Facts`), and no list elsewhere names it."""
 
 from __future__ import annotations
 
-import dagster as dg
-
 from functools import cache
 
-from dbprune_assets.defs.common import DbpruneResource, Node, graph_nodes
-from dbprune_assets.defs.dbp import centroids, cluster_assignments, cluster_complexity
-from dbprune_assets.defs.dedup import candidates, dedup_assignments, dedup_centroids, semantic_dedup
-from dbprune_assets.defs.embedding import embeddings, encoder
-from dbprune_assets.defs.ingest import pool_manifest, pool_shards_sensor, raw_metadata
-from dbprune_assets.defs.subsets import pruned_subset
-from dbprune_assets.defs.training import comparison, eval_scores, trained_model
+import dagster as dg
 
-ASSETS = [
-    raw_metadata, pool_manifest, encoder, embeddings,
-    dedup_centroids, dedup_assignments, semantic_dedup, candidates,
-    centroids, cluster_assignments, cluster_complexity,
-    pruned_subset, trained_model, eval_scores, comparison,
-]
+from dbprune_assets import defs as defs_package
+from dbprune_assets.defs.common import DbpruneResource, Node, graph_nodes
+from dbprune_assets.defs.ingest import pool_shards_sensor
+
+ASSETS = dg.load_assets_from_package_module(defs_package)
 
 
 def build_defs(dbprune: DbpruneResource | None = None) -> dg.Definitions:

@@ -1,14 +1,13 @@
 """The run planner: groups by partitioning in dependency order; ranges."""
 
-from dbprune_assets.runner import contiguous_ranges, plan_groups
+from dbprune_assets.runner import contiguous_ranges, ingest_first, plan_groups
 
 
 def test_groups_follow_the_graph():
-    from dbprune_assets.defs.common import graph_nodes
-    from dbprune_assets.definitions import ASSETS, defs
+    from dbprune_assets.definitions import asset_nodes
 
-    nodes = graph_nodes(defs.resolve_asset_graph())
-    keys = [k.to_user_string() for a in ASSETS for k in a.keys]  # declared in topological order
+    nodes = asset_nodes()
+    keys = ingest_first(list(nodes), nodes)  # as dbprune run orders them
     groups = plan_groups(keys, {k: set(nodes[k].parents) for k in keys}, {k: nodes[k].partitioning for k in keys})
     assert groups == [
         ["raw_metadata"],

@@ -8,13 +8,12 @@ import dagster as dg
 
 from dbprune_assets.core.method import stages
 from dbprune_assets.defs.common import ALL_PARTITIONS, Facts, Session, shard_partitions, stage
-from dbprune_assets.defs.dedup import assign_asset, candidates, fit_asset
-from dbprune_assets.defs.ingest import pool_manifest
+from dbprune_assets.defs.clustering import assign_asset, fit_asset
 from dbprune_assets.defs.plots import artefact_md, cluster_examples_png, cluster_pngs, table
 
 
 @stage(
-    deps=[pool_manifest, candidates],
+    deps=["pool_manifest", "candidates"],
     group="dbp",
     kinds={"faiss", "parquet"},
     settings=["dbp.k", "dbp.niter", "dbp.sample_size", "dbp.seed"],
@@ -26,7 +25,7 @@ def centroids(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeRe
     return fit_asset(s, "centroids", "candidates", cfg, cfg.k, "candidate image embeddings")
 
 
-@stage(group="dbp", kinds={"faiss", "parquet"}, partitions=shard_partitions, deps=[centroids, candidates],
+@stage(group="dbp", kinds={"faiss", "parquet"}, partitions=shard_partitions, deps=["centroids", "candidates"],
        facts=Facts(shard_tables=("assignments", "cluster_sums")))
 def cluster_assignments(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
     """Nearest DBP centroid and cosine distance of each candidate, plus per-cluster partial sums (count, sum
@@ -36,7 +35,7 @@ def cluster_assignments(context: dg.AssetExecutionContext, s: Session) -> dg.Mat
 
 
 @stage(
-    deps=[pool_manifest, centroids, dg.AssetDep(cluster_assignments, partition_mapping=ALL_PARTITIONS)],
+    deps=["pool_manifest", "centroids", dg.AssetDep("cluster_assignments", partition_mapping=ALL_PARTITIONS)],
     group="dbp",
     kinds={"python", "parquet"},
     settings=["dbp"],

@@ -2,50 +2,21 @@
 ``semantic_dedup``, ``candidates`` (docs/design.md, method steps 1 and 2).
 The work is in ``core/method/embstore.py``, ``core/method/stages.py`` and
 ``core/method/candidates.py``; the centroid and assignment assets of both clusterings
-are made by :func:`fit_asset` and :func:`assign_asset`."""
+are made by ``defs/clustering.py``."""
 
 
 import dagster as dg
 
-from dbprune_assets.core.method import embstore, stages
+from dbprune_assets.core.method import stages
 from dbprune_assets.core.method.candidates import select_candidates
-from dbprune_assets.core.running.device import faiss_use_gpu, torch_device
-from dbprune_assets.core.settings import DbpSettings, SemDedupSettings
+from dbprune_assets.core.running.device import torch_device
+from dbprune_assets.defs.clustering import assign_asset, fit_asset
 from dbprune_assets.defs.common import ALL_PARTITIONS, Facts, Session, shard_partitions, stage
-from dbprune_assets.defs.embedding import embeddings
-from dbprune_assets.defs.ingest import pool_manifest
 from dbprune_assets.defs.plots import artefact_md, duplicate_pairs_png, histogram_png, table
 
 
-def fit_asset(s: Session, asset: str, selection: str | None, cfg: SemDedupSettings | DbpSettings, k: int | str,
-              what: str) -> dg.MaterializeResult:
-    """Fit and commit a centroid asset (:func:`~..core.method.embstore.fit_centroids`) with
-    the section's ``niter``, ``sample_size`` and ``seed``; ``k`` is the setting
-    (a number or ``auto``), resolved for the rows by ``cfg.clusters``.  The
-    resolved k is in the metadata and the commit summary, beside the setting."""
-    fit = embstore.fit_centroids(s.layout, s.shards, asset, selection, cfg.clusters, cfg.niter, cfg.sample_size,
-                                 cfg.seed, faiss_use_gpu(s.device), s.threads, what)
-    s.refresh_catalog(asset)  # DBP's centroids are a catalog view; SemDeDup's are not
-    return s.done(asset, summary={"k": fit.k, "k_setting": k, "sample": fit.sample, "rows": fit.seen},
-                  metadata={"k": fit.k, "k_setting": str(k), "sample_size": fit.sample, "rows_sampled_from": fit.seen})
-
-
-def assign_asset(context: dg.AssetExecutionContext, s: Session, asset: str, centroids: str, out_table: str,
-                 selection: str | None, sums_table: str | None = None) -> dg.MaterializeResult:
-    """Assign and commit each of the run's shards (:func:`~..core.method.embstore.assign_shards`)."""
-    total = 0
-    shards = s.partition_shards(context.partition_keys)
-    for shard, rows in embstore.assign_shards(s.layout, shards, centroids, out_table, selection,
-                                              faiss_use_gpu(s.device), s.threads, sums_table):
-        s.commit(asset, shard, {"rows": rows}, metadata={"rows": rows})
-        total += rows
-    s.refresh_catalog(out_table)
-    return dg.MaterializeResult(metadata={"step_rows": total, "step_shards": len(shards),
-                                          "step_seconds": s.elapsed()})
-
-
 @stage(
-    deps=[pool_manifest, dg.AssetDep(embeddings, partition_mapping=ALL_PARTITIONS)],
+    deps=["pool_manifest", dg.AssetDep("embeddings", partition_mapping=ALL_PARTITIONS)],
     group="semdedup",
     kinds={"faiss", "parquet"},
     settings=["semdedup.dedup_k", "semdedup.niter", "semdedup.sample_size", "semdedup.seed"],
@@ -57,7 +28,7 @@ def dedup_centroids(context: dg.AssetExecutionContext, s: Session) -> dg.Materia
     return fit_asset(s, "dedup_centroids", None, cfg, cfg.dedup_k, "ok image embeddings")
 
 
-@stage(group="semdedup", kinds={"faiss", "parquet"}, partitions=shard_partitions, deps=[embeddings, dedup_centroids],
+@stage(group="semdedup", kinds={"faiss", "parquet"}, partitions=shard_partitions, deps=["embeddings", "dedup_centroids"],
        facts=Facts(shard_tables=("dedup_assignments",)))
 def dedup_assignments(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
     """Each ok sample's SemDeDup cluster and cosine distance to its centroid. Writes
@@ -66,7 +37,7 @@ def dedup_assignments(context: dg.AssetExecutionContext, s: Session) -> dg.Mater
 
 
 @stage(
-    deps=[pool_manifest, dg.AssetDep(dedup_assignments, partition_mapping=ALL_PARTITIONS)],
+    deps=["pool_manifest", dg.AssetDep("dedup_assignments", partition_mapping=ALL_PARTITIONS)],
     group="semdedup",
     kinds={"pytorch", "parquet"},
     settings=["semdedup.eps"],
@@ -100,7 +71,7 @@ def semantic_dedup(context: dg.AssetExecutionContext, s: Session) -> dg.Material
 
 
 @stage(
-    deps=[pool_manifest, dg.AssetDep(embeddings, partition_mapping=ALL_PARTITIONS), semantic_dedup],
+    deps=["pool_manifest", dg.AssetDep("embeddings", partition_mapping=ALL_PARTITIONS), "semantic_dedup"],
     group="semdedup",
     kinds={"duckdb", "parquet"},
     settings=["clip_filter"],

@@ -9,9 +9,6 @@ from dbprune_assets.core.method import stages
 from dbprune_assets.core.running.progress import progress
 from dbprune_assets.core.store.subset_inputs import subset_inputs
 from dbprune_assets.defs.common import Facts, Session, stage, strategy_partitions
-from dbprune_assets.defs.dbp import cluster_complexity
-from dbprune_assets.defs.dedup import candidates, semantic_dedup
-from dbprune_assets.defs.ingest import pool_manifest
 from dbprune_assets.defs.plots import artefact_md, reasons_png, table
 
 CHECKS = {
@@ -27,7 +24,7 @@ SHOWN = {"strategy": "strategy", "kept": "kept", "eligible": "eligible", "M": "M
 
 @stage(
     partitions=strategy_partitions,
-    deps=[pool_manifest, cluster_complexity, candidates, semantic_dedup],
+    deps=["pool_manifest", "cluster_complexity", "candidates", "semantic_dedup"],
     group="subsets",
     kinds={"duckdb", "webdataset"},
     settings=["selection.seed", "export"],

@@ -14,14 +14,13 @@ from dbprune_assets.core.running.progress import progress
 from dbprune_assets.core.settings import PipelineSettings
 from dbprune_assets.defs.common import ALL_PARTITIONS, Facts, Session, stage, strategy_partitions, with_fact
 from dbprune_assets.defs.plots import artefact_md, comparison_png, loss_curve_png, table
-from dbprune_assets.defs.subsets import pruned_subset
 
 SEED_DIR = "seed{}"
 
 
 @stage(
     partitions=strategy_partitions,
-    deps=[pruned_subset],
+    deps=["pruned_subset"],
     group="train",
     kinds={"pytorch", "openclip"},
     settings=["train"],
@@ -96,7 +95,7 @@ def eval_splits(layout: Layout, settings: PipelineSettings) -> list[Any]:
 
 
 @stage(group="train", kinds={"pytorch", "parquet"}, settings=["eval"], partitions=strategy_partitions,
-       deps=[trained_model],
+       deps=["trained_model"],
        facts=Facts(gpu=True, needs_images=True))
 def eval_scores(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
     """Every seed's model on every evaluation dataset (CLIP_benchmark webdataset folders; the sample pool's
@@ -153,8 +152,8 @@ def eval_scores(context: dg.AssetExecutionContext, s: Session) -> dg.Materialize
 
 
 @stage(
-    deps=[dg.AssetDep(eval_scores, partition_mapping=ALL_PARTITIONS),
-          dg.AssetDep(pruned_subset, partition_mapping=ALL_PARTITIONS)],
+    deps=[dg.AssetDep("eval_scores", partition_mapping=ALL_PARTITIONS),
+          dg.AssetDep("pruned_subset", partition_mapping=ALL_PARTITIONS)],
     group="train",
     kinds={"python", "parquet"},
     settings=["eval.bootstrap_samples"],
