@@ -28,7 +28,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -154,7 +154,7 @@ def asset_runner(tmp: Path, tar: Path, rows, enc, compute):
     return run
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="dbprune-tiny", help="open_clip architecture, hf-hub:…, or local-dir:…")
     p.add_argument("--pretrained", default=None, help="tag or checkpoint path (default: random init)")
@@ -167,16 +167,75 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tar", type=Path, default=None, help="embed this tar instead of a generated one")
     p.add_argument("--repeat", type=int, default=3, help="timed runs of each path, interleaved; one warm-up first")
     p.add_argument("--asset", action="store_true", help="also materialise the embeddings asset for the shard")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def shard_to_embed(args: argparse.Namespace, tmp: Path) -> tuple[Path, list[tuple[str, str]]]:
+    """``--tar`` and its rows, or a generated shard of ``--samples`` samples."""
+    if args.tar is not None:
+        return args.tar, read_rows(args.tar)
+    tar = tmp / "00000.tar"
+    t0 = time.perf_counter()
+    rows = make_shard(tar, args.samples)
+    print(f"generated {len(rows)} samples in {time.perf_counter() - t0:.1f} s")
+    return tar, rows
+
+
+def bench_encoder(args: argparse.Namespace, tmp: Path, device: str):
+    """The encoder both paths use: ``--model`` loaded as the pipeline loads it;
+    an architecture without ``--pretrained`` is randomly initialised and saved
+    as a local-dir first, so embed_shard loads it the normal way."""
+    import torch
+
+    from dbprune_assets.core.models import encoders as E
+    from dbprune_assets.core.models.model_dir import save_local_dir
+    from dbprune_assets.core.settings import EncoderSpec
+
+    if args.pretrained or args.model.startswith(("hf-hub:", "local-dir:")):
+        return E.load_encoder(EncoderSpec(model=args.model, pretrained=args.pretrained), device)
+    import open_clip
+
+    E.register_model_configs()
+    torch.manual_seed(0)
+    model = open_clip.create_model(args.model)
+    folder = save_local_dir(tmp / "model", model, E.model_config(args.model), tmp_root=tmp / ".tmp")
+    return E.load_encoder(EncoderSpec(model=f"local-dir:{folder}"), device)
+
+
+def time_paths(paths: list[tuple[str, Callable[[], tuple[int, float]]]], repeat: int) -> dict[str, list[float]]:
+    """images/s of each path per timed run, after one warm-up run of each."""
+    runs: dict[str, list[float]] = {}
+    for name, fn in paths:
+        fn()  # warm-up (page cache, worker start-up code paths, allocator)
+    for _ in range(max(1, repeat)):  # interleaved, so drifting machine load hits both alike
+        for name, fn in paths:
+            n, secs = fn()
+            runs.setdefault(name, []).append(n / secs)
+    return runs
+
+
+def print_results(runs: dict[str, list[float]]) -> None:
+    for name, ips in runs.items():
+        each = ", ".join(f"{v:.0f}" for v in ips)
+        print(f"{name:>15}: best {max(ips):8.1f} images/s, median {float(np.median(ips)):8.1f} (runs: {each})")
+    ratio_best = max(runs["embed_shard"]) / max(runs["bare open_clip"])
+    ratio_med = float(np.median(runs["embed_shard"]) / np.median(runs["bare open_clip"]))
+    print(f"{'ratio':>15}: {ratio_best:.2f} best, {ratio_med:.2f} median (embed_shard / bare)")
+    if "embeddings asset" in runs:
+        a_best = max(runs["embeddings asset"]) / max(runs["bare open_clip"])
+        a_med = float(np.median(runs["embeddings asset"]) / np.median(runs["bare open_clip"]))
+        print(f"{'ratio':>15}: {a_best:.2f} best, {a_med:.2f} median (embeddings asset, whole run / bare)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
 
     import polars as pl
     import torch
 
-    from dbprune_assets.core.models import encoders as E
     from dbprune_assets.core.running.device import auto_threads, torch_device
     from dbprune_assets.core.models.embed import embed_shard, resolve_precision
-    from dbprune_assets.core.models.model_dir import save_local_dir
-    from dbprune_assets.core.settings import ComputeSettings, EncoderSpec
+    from dbprune_assets.core.settings import ComputeSettings
 
     # the same CPU thread count for both paths (embed_shard's auto choice when 0)
     threads = args.threads if args.threads > 0 else auto_threads(args.workers)
@@ -185,24 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     precision = resolve_precision(device, args.precision)
     with tempfile.TemporaryDirectory(prefix="bench_embed_") as tmp_s:
         tmp = Path(tmp_s)
-        if args.tar is not None:
-            tar = args.tar
-            rows = read_rows(tar)
-        else:
-            tar = tmp / "00000.tar"
-            t0 = time.perf_counter()
-            rows = make_shard(tar, args.samples)
-            print(f"generated {len(rows)} samples in {time.perf_counter() - t0:.1f} s")
-        if args.pretrained or args.model.startswith(("hf-hub:", "local-dir:")):
-            enc = E.load_encoder(EncoderSpec(model=args.model, pretrained=args.pretrained), device)
-        else:  # random init of an architecture, saved as a local-dir so embed_shard loads it the normal way
-            import open_clip
-
-            E.register_model_configs()
-            torch.manual_seed(0)
-            model = open_clip.create_model(args.model)
-            folder = save_local_dir(tmp / "model", model, E.model_config(args.model), tmp_root=tmp / ".tmp")
-            enc = E.load_encoder(EncoderSpec(model=f"local-dir:{folder}"), device)
+        tar, rows = shard_to_embed(args, tmp)
+        enc = bench_encoder(args, tmp, device)
         frame = pl.DataFrame({"uid": [k for k, _ in rows], "key": [k for k, _ in rows], "caption": [c for _, c in rows]})
         compute = ComputeSettings(
             device=device, batch_size=args.batch_size, workers=args.workers, threads=threads, precision=precision
@@ -223,25 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         paths = [("embed_shard", run_pipeline), ("bare open_clip", run_bare)]
         if args.asset:
             paths.append(("embeddings asset", asset_runner(tmp, tar, rows, enc, compute)))
-        runs: dict[str, list[float]] = {}
-        for name, fn in paths:
-            fn()  # warm-up (page cache, worker start-up code paths, allocator)
-        for _ in range(max(1, args.repeat)):  # interleaved, so drifting machine load hits both alike
-            for name, fn in paths:
-                n, secs = fn()
-                runs.setdefault(name, []).append(n / secs)
-        for name, ips in runs.items():
-            each = ", ".join(f"{v:.0f}" for v in ips)
-            print(f"{name:>15}: best {max(ips):8.1f} images/s, median {float(np.median(ips)):8.1f} (runs: {each})")
-        ratio_best = max(runs["embed_shard"]) / max(runs["bare open_clip"])
-        ratio_med = float(np.median(runs["embed_shard"]) / np.median(runs["bare open_clip"]))
-        print(f"{'ratio':>15}: {ratio_best:.2f} best, {ratio_med:.2f} median (embed_shard / bare)")
-        if args.asset:
-            a_best = max(runs["embeddings asset"]) / max(runs["bare open_clip"])
-            a_med = float(np.median(runs["embeddings asset"]) / np.median(runs["bare open_clip"]))
-            print(f"{'ratio':>15}: {a_best:.2f} best, {a_med:.2f} median (embeddings asset, whole run / bare)")
+        print_results(time_paths(paths, args.repeat))
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -27,15 +27,13 @@ import multiprocessing as mp
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import synth  # noqa: F401  (puts the repository on sys.path)
+from _common import Report, clock, cuda_sync
 
 FP32_MIN_COS = 0.999  # the design's cross-device promise, for fp32 on both sides
 # bf16 keeps 8 significand bits (rounding ~2e-3 per op); through 12 blocks the
@@ -70,63 +68,6 @@ QUICK = Sizes(jpegs=192, batch=32, batches=2, cpu_batch=8, cpu_batches=1, agree=
 def scaled(s: Sizes, scale: float) -> Sizes:
     grow = ("jpegs", "batches", "rows", "cpu_torch_rows")
     return dataclasses.replace(s, **{f: max(1, int(getattr(s, f) * scale)) for f in grow})
-
-
-class Report:
-    """Figures and checks, printed as they come and again in the summary."""
-
-    def __init__(self) -> None:
-        self.figures: list[tuple[str, str, str]] = []
-        self.checks: list[tuple[str, bool, str]] = []
-        self.broken: list[str] = []
-        self.current = ""
-
-    def fig(self, name: str, value: float | str, unit: str = "") -> None:
-        if isinstance(value, float):
-            text = f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
-        else:
-            text = f"{value:,}" if isinstance(value, int) else value
-        text = f"{text} {unit}".strip()
-        print(f"  {name:<44} {text}", flush=True)
-        self.figures.append((self.current, name, text))
-
-    def check(self, name: str, ok: bool, detail: str) -> None:
-        print(f"  {'PASS' if ok else 'FAIL'} {name}: {detail}", flush=True)
-        self.checks.append((name, ok, detail))
-
-    def section(self, title: str, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run one section: its figures, its time; a missing optional package
-        skips it, any other error is printed and marks the run broken."""
-        self.current = title.split()[0]
-        print(f"\n== {title} ==", flush=True)
-        t0 = time.perf_counter()
-        try:
-            return fn(self, *args)
-        except Exception as e:  # noqa: BLE001 - a benchmark reports and goes on
-            if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] in OPTIONAL:
-                print(f"  skipped: {e}")
-            else:
-                traceback.print_exc()
-                self.broken.append(title)
-        finally:
-            print(f"  [{title}: {time.perf_counter() - t0:.1f} s]", flush=True)
-        return None
-
-
-def cuda_sync() -> None:
-    """Wait for queued GPU work (a no-op without CUDA), so timings are honest."""
-    import torch
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def clock(fn: Callable[[], Any]) -> tuple[Any, float]:
-    """``(fn(), seconds)`` with GPU work finished on both ends."""
-    cuda_sync()
-    t0 = time.perf_counter()
-    out = fn()
-    cuda_sync()
-    return out, time.perf_counter() - t0
 
 
 @dataclasses.dataclass
@@ -474,18 +415,6 @@ def decisions_section(rep: Report, env: Env, s: Sizes, a: Assigned) -> None:
               f"{int((keep_h != keep_o).sum())} decisions change through distance rounding alone")
 
 
-def summary(rep: Report, total: float) -> int:
-    print("\n== 8 summary ==")
-    for sec, name, text in rep.figures:
-        print(f"  {sec:<3} {name:<48} {text}")
-    for name, ok, detail in rep.checks:
-        print(f"  {'PASS' if ok else 'FAIL'} {name}: {detail}")
-    for title in rep.broken:
-        print(f"  BROKEN section {title} (traceback above)")
-    print(f"  total {total:.0f} s")
-    return 1 if rep.broken or not all(ok for _, ok, _ in rep.checks) else 0
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="~1 minute smoke run (tiny sizes)")
@@ -493,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=20.0, help="time cap of each throughput loop")
     args = ap.parse_args(argv)
     s = scaled(QUICK if args.quick else Sizes(), args.scale)
-    rep, t0 = Report(), time.perf_counter()
+    rep, t0 = Report(OPTIONAL), time.perf_counter()
     env = rep.section("1 environment", env_section)
     dec = env and rep.section("2 JPEG-decode limit", decode_section, env, s)
     models = dec and rep.section("3 embedding throughput", embed_section, env, s, *dec, args.budget_s)
@@ -503,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     if assigned:
         rep.section("6 bf16 torch assignment", torch_section, env, s, assigned)
         rep.section("7 decisions from stored distances", decisions_section, env, s, assigned)
-    return summary(rep, time.perf_counter() - t0)
+    return rep.summary("8 summary", time.perf_counter() - t0)
 
 
 if __name__ == "__main__":

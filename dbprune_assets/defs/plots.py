@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 import dagster as dg
 import numpy as np
 
+from dbprune_assets.core.report.tables import md_table  # noqa: F401  (re-exported for the asset modules)
 from dbprune_assets.core.store.atomic import write_bytes
 from dbprune_assets.core.store.layout import Layout
 
@@ -27,25 +28,6 @@ if TYPE_CHECKING:
 
     from dbprune_assets.core.models.compare import Panel
     from dbprune_assets.core.method.stages import ComplexityOutcome
-
-
-def md_table(rows: Sequence[Mapping[str, Any]], max_rows: int = 60) -> str:
-    """A markdown table of dict rows (first ``max_rows``)."""
-    rows = list(rows)
-    if not rows:
-        return "_(empty)_"
-    cols = list(rows[0].keys())
-
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows[:max_rows]]
-    if len(rows) > max_rows:
-        lines.append(f"\n_… {len(rows) - max_rows} more rows_")
-    return "\n".join(lines)
 
 
 def _column_type(values: Sequence[Any]) -> str:

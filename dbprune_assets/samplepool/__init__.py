@@ -24,12 +24,14 @@ encoder); neither is part of the pool.  The pool is a pure function of its
 
 Modules, by job: :mod:`.concepts` (the concept table, random streams),
 :mod:`.render` (drawing and JPEG bytes), :mod:`.captions` (alt texts,
-prompt templates), :mod:`.plan` (rows, duplicates, planted defects) and
-:mod:`.writer` (layout, tar + parquet shards, ground truth, splits).
+prompt templates), :mod:`.plan` (rows, duplicates, planted defects),
+:mod:`.webmeta` (urls, original sizes, face boxes) and :mod:`.writer`
+(layout, tar + parquet shards, ground truth, splits).
 
 ``write_datacomp_pool`` (:mod:`.datacomp`) tells the same story as DataComp
-metadata shards (``<stem>.parquet`` + ``<stem>.npz`` with synthesised b32/l14
-CLIP embeddings, no images), with the same ``ground_truth.parquet``.
+metadata shards (``<stem>.parquet`` + ``<stem>.npz`` with b32/l14 CLIP
+embeddings synthesised by :mod:`.geometry`, no images), with the same
+``ground_truth.parquet``.
 """
 
 from dbprune_assets.samplepool.captions import CAPTION_TEMPLATES, EVAL_TEMPLATES, make_caption

@@ -48,10 +48,33 @@ BACKGROUND_COLORS: dict[str, tuple[int, int, int]] = {
 }
 _TEXTURE_WORDS = {"none": "plain", "gradient": "shaded", "noise": "blotchy", "stripes": "striped", "checker": "checkered"}
 _COUNT_WORDS = ("no", "one", "two", "three", "four", "five", "six")
+# alt-text words (CAPTION_TEMPLATES' {a_size}, {pos}, {bg})
+_SIZE_WORDS: tuple[str, ...] = ("small", "medium", "large")
+_POSITIONS: tuple[str, ...] = (
+    "in the center", "at the top", "at the bottom", "on the left", "on the right",
+    "in the top left", "in the top right", "in the bottom left", "in the bottom right",
+)
+_TONES: tuple[str, ...] = ("dark", "light")
+_BG_WORDS = {"none": "plain", "gradient": "gradient", "noise": "blotchy", "stripes": "striped", "checker": "checkered"}
+_TEXTURES: tuple[str, ...] = tuple(_BG_WORDS.values())
 
 
 def _article(word: str) -> str:
     return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def _luma(rgb: tuple[float, float, float] | tuple[int, int, int]) -> float:
+    return float(np.dot(rgb, (0.299, 0.587, 0.114)))
+
+
+def _fill(template: str, name: str, size: str, pos: str, bg: str) -> str:
+    """A caption template filled in for concept ``name`` and the size, position and background words."""
+    return template.format(name=name, a_name=f"{_article(name)} {name}", a_size=f"{_article(size)} {size}",
+                           pos=pos, bg=bg)
+
+
+def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
+    return options[int(rng.integers(len(options)))]
 
 
 def _describe(params: RenderParams, size: int) -> dict[str, str]:
@@ -68,10 +91,8 @@ def _describe(params: RenderParams, size: int) -> dict[str, str]:
         pos = f"at the {row}" if row else f"on the {col}"
     else:
         pos = "in the center"
-    lum = float(np.dot(params.bg_rgb, (0.299, 0.587, 0.114)))
-    tone = "dark" if lum < 110 else "light"
-    bg = {"none": "plain", "gradient": "gradient", "noise": "blotchy", "stripes": "striped", "checker": "checkered"}
-    return {"size": size_word, "pos": pos, "bg": f"{tone} {bg[params.texture]}"}
+    tone = "dark" if _luma(params.bg_rgb) < 110 else "light"
+    return {"size": size_word, "pos": pos, "bg": f"{tone} {_BG_WORDS[params.texture]}"}
 
 
 def make_caption(name: str, params: RenderParams, size: int, rng: np.random.Generator) -> str:
@@ -81,18 +102,18 @@ def make_caption(name: str, params: RenderParams, size: int, rng: np.random.Gene
     do; that gives a contrastive encoder a reason to tell renderings apart.
     """
     words = _describe(params, size)
-    template = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))]
-    return template.format(
-        name=name,
-        a_name=f"{_article(name)} {name}",
-        a_size=f"{_article(words['size'])} {words['size']}",
-        pos=words["pos"],
-        bg=words["bg"],
-    )
+    template = _pick(rng, CAPTION_TEMPLATES)
+    return _fill(template, name, words["size"], words["pos"], words["bg"])
 
 
-def _luma(rgb: tuple[float, float, float] | tuple[int, int, int]) -> float:
-    return float(np.dot(rgb, (0.299, 0.587, 0.114)))
+def drawn_caption(name: str, rng: np.random.Generator) -> str:
+    """An alt text for concept ``name`` from the caption templates, its size,
+    position and background words drawn at random (for a pool without
+    renderings to describe: the DataComp-format pool)."""
+    template = _pick(rng, CAPTION_TEMPLATES)
+    size = _pick(rng, _SIZE_WORDS)
+    bg = f"{_pick(rng, _TONES)} {_pick(rng, _TEXTURES)}"
+    return _fill(template, name, size, _pick(rng, _POSITIONS), bg)
 
 
 def describe_rendering(name: str, params: RenderParams, size: int, base_rgb: tuple[int, int, int]) -> tuple[str, str]:

@@ -42,11 +42,12 @@ class Concept:
         return f"{self.color} {self.shape}"
 
 
-def rng_stream(seed: int, stream: int) -> np.random.Generator:
+def rng_stream(seed: int, *stream: int) -> np.random.Generator:
     """An independent random stream per part of the pool (concepts, rows,
-    layout, images, eval, reference), so changing one part's size leaves the
-    others unchanged.  Any integer seed works, negative ones included."""
-    return np.random.default_rng([seed % 2**64, stream])
+    layout, images, eval, reference; the DataComp-format pool adds a shard and
+    a model index), so changing one part's size leaves the others unchanged.
+    Any integer seed works, negative ones included."""
+    return np.random.default_rng([seed % 2**64, *stream])
 
 
 def make_concepts(settings: PoolSettings) -> list[Concept]:

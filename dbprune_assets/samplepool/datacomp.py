@@ -26,25 +26,11 @@ duplicate and mismatch rates, exact and near duplicates in groups of 2-4
 from a concept that differs in shape and colour.  No failed downloads or
 empty captions: a DataComp metadata shard lists samples, not download attempts.
 
-Geometry, per model (b32 and l14 drawn independently, same story): orthonormal
-directions ``g_img``, ``g_txt`` (a modality gap, ``g_img·g_txt = GAP_COSINE``),
-one per shape, one per colour and one per concept; a concept's direction
-``u_c`` shares :data:`ATTRIBUTE_SHARE` of its squared length with its shape's
-and its colour's direction (so concepts that share an attribute are nearer
-neighbours, and d_inter differs between clusters).  A sample is
-
-    image = normalise(MODALITY_GAP·g_img + u_c + spread_c·z),  z ~ N(0, I/d)
-    text  = normalise(MODALITY_GAP·g_txt + u_t + TEXT_NOISE[model]·w)
-
-with ``t`` the caption's concept and ``spread_c`` linear in the concept's
-variability (:data:`SPREAD_RANGE`): the mean within-concept image cosine is
-about ``(1 + a²) / (1 + a² + spread_c²)``, from ~0.89 down to ~0.54.  A
-correct pair scores ~0.3-0.6, a mismatched one ~0-0.2.  An exact duplicate
-stores the very same image vector; a near one is ``normalise(x + ε·v)`` with
-ε from :data:`NEAR_EPS` (cosine 0.985-0.997 to its original, above
-SemDeDup's ``1 - 0.07/2``), while no two unrelated samples come near
-``1 - 0.07``.  ``clip_*_similarity_score`` is the float32 cosine of the stored
-float16 pair, computed as the pipeline computes it
+Embeddings (:mod:`.geometry`), per model: a modality gap, one direction per
+shape, colour and concept, and image vectors spread around their concept's
+direction by its variability; a near duplicate is its original nudged
+within SemDeDup's ``eps / 2``.  ``clip_*_similarity_score`` is the float32
+cosine of the stored float16 pair, computed as the pipeline computes it
 (:func:`dbprune_assets.core.pool.sources.clip_scores`), so the column and a
 recomputation agree exactly.
 
@@ -74,10 +60,15 @@ from dbprune_assets.core.pool.poolkind import DATACOMP_GENERATOR, is_datacomp_po
 from dbprune_assets.core.settings import PoolSettings
 from dbprune_assets.core.pool.sources import DATACOMP_MODELS, clip_scores
 
-from dbprune_assets.samplepool.captions import CAPTION_TEMPLATES
-from dbprune_assets.samplepool.concepts import COLORS, SHAPES, Concept, concept_counts, make_concepts
-from dbprune_assets.samplepool.plan import DUPLICATE_RATE, EXACT_SHARE, MISMATCH_RATE, NEAR_VARIANTS, _other_concept, _planted_count
-from dbprune_assets.samplepool.writer import _DOMAINS, _GROUND_TRUTH_SCHEMA, _SLUG_WORDS
+from dbprune_assets.samplepool.captions import drawn_caption
+from dbprune_assets.samplepool.concepts import Concept, concept_counts, make_concepts, rng_stream
+from dbprune_assets.samplepool.geometry import (  # noqa: F401  (expected_within_cosine re-exported)
+    ATTRIBUTE_SHARE, GAP_COSINE, MODALITY_GAP, NEAR_EPS, SPREAD_RANGE, TEXT_NOISE, Directions,
+    expected_within_cosine, near_copy, spread,
+)
+from dbprune_assets.samplepool.plan import DUPLICATE_RATE, MISMATCH_RATE, draw_copy_kind, other_concept, planted_count
+from dbprune_assets.samplepool.webmeta import random_faces, random_original_size, random_url
+from dbprune_assets.samplepool.writer import GROUND_TRUTH_SCHEMA, PARQUET_OPTIONS
 
 
 #: bump when the same settings would produce different files
@@ -85,15 +76,6 @@ DATACOMP_GENERATOR_VERSION = 1
 
 #: the DataComp models whose embeddings the generator can write, in npz key order
 MODELS: tuple[str, ...] = tuple(DATACOMP_MODELS)  # ("b32", "l14")
-
-# geometry (see the module docstring)
-MODALITY_GAP = 1.0
-GAP_COSINE = 0.3
-ATTRIBUTE_SHARE = 0.2  # of a concept direction's squared length, along its shape's and along its colour's
-SPREAD_RANGE: tuple[float, float] = (0.5, 1.3)  # spread at variability 0 and 1
-TEXT_NOISE: dict[str, float] = {"b32": 0.9, "l14": 0.8}  # l14 pairs align a little better, as in DataComp
-NEAR_EPS: dict[str, float] = {"requality": 0.08, "noise": 0.12, "rescale": 0.16}
-FACE_RATE = 0.03  # rows with one or two face boxes
 
 #: the parquet schema of a DataComp metadata shard
 DATACOMP_SCHEMA = pa.schema(
@@ -110,14 +92,9 @@ DATACOMP_SCHEMA = pa.schema(
     ]
 )
 
-# random streams (the image pool uses 1-6)
+# random streams (the image pool uses 1-7)
 _PLAN_STREAM, _EMBED_STREAM, _DIRECTION_STREAM, _LAYOUT_STREAM = 20, 21, 22, 23
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
-_POSITIONS: tuple[str, ...] = (
-    "in the center", "at the top", "at the bottom", "on the left", "on the right",
-    "in the top left", "in the top right", "in the bottom left", "in the bottom right",
-)
-_TEXTURES: tuple[str, ...] = ("plain", "gradient", "blotchy", "striped", "checkered")
 
 
 @dataclass(frozen=True)
@@ -143,19 +120,6 @@ class DataCompPoolSummary:
         )
 
 
-def spread(concept: Concept) -> float:
-    """The planted spread of a concept's image embeddings (noise scale, linear in variability)."""
-    lo, hi = SPREAD_RANGE
-    return lo + (hi - lo) * concept.variability
-
-
-def expected_within_cosine(concept: Concept) -> float:
-    """The mean image cosine of two distinct samples of ``concept`` the geometry plants
-    (``(1 + a²) / (1 + a² + spread²)``; duplicates excluded)."""
-    a2 = MODALITY_GAP**2
-    return (1 + a2) / (1 + a2 + spread(concept) ** 2)
-
-
 def write_datacomp_pool(out: Path, settings: PoolSettings, models: Sequence[str] = MODELS,
                         tmp_root: Path | None = None) -> DataCompPoolSummary:
     """Write the DataComp-format pool for ``settings`` at ``out``, atomically.
@@ -174,10 +138,10 @@ def write_datacomp_pool(out: Path, settings: PoolSettings, models: Sequence[str]
     gen = _Generator(settings, concepts)
     with atomic_path(out, tmp_root if tmp_root is not None else out.parent / ".tmp") as tmp:
         tmp.mkdir(parents=True)
-        gt_writer = pq.ParquetWriter(tmp / "ground_truth.parquet", _GROUND_TRUTH_SCHEMA, **_PARQUET_OPTIONS)
+        gt_writer = pq.ParquetWriter(tmp / "ground_truth.parquet", GROUND_TRUTH_SCHEMA, **PARQUET_OPTIONS)
         try:
             for shard in gen.shards():
-                pq.write_table(shard.table, tmp / f"{shard.stem}.parquet", **_PARQUET_OPTIONS)
+                pq.write_table(shard.table, tmp / f"{shard.stem}.parquet", **PARQUET_OPTIONS)
                 _write_npz(tmp / f"{shard.stem}.npz", {f"{m}_{part}": shard.emb[m][part] for m in models
                                                         for part in ("img", "txt")})
                 gt_writer.write_table(shard.truth)
@@ -202,9 +166,6 @@ def write_datacomp_pool(out: Path, settings: PoolSettings, models: Sequence[str]
 # internals
 # ---------------------------------------------------------------------------
 
-_PARQUET_OPTIONS: dict[str, Any] = {"compression": "zstd", "compression_level": 3, "use_dictionary": True,
-                                    "write_statistics": True}
-
 
 def _check_models(models: Iterable[str]) -> tuple[str, ...]:
     if isinstance(models, str):
@@ -217,13 +178,14 @@ def _check_models(models: Iterable[str]) -> tuple[str, ...]:
     return tuple(m for m in MODELS if m in chosen)  # npz key order as DataComp's
 
 
-def _rng(seed: int, *stream: int) -> np.random.Generator:
-    return np.random.default_rng([seed % 2**64, *stream])
-
-
 def _hex(seed: int, what: str, index: int) -> str:
     """32 lowercase hex digits, a pure function of (seed, what, index)."""
     return hashlib.blake2b(f"{seed}/{what}/{index}".encode(), digest_size=16, person=b"dbprune-datacomp").hexdigest()
+
+
+def _image_sha(seed: int, uid: str) -> str:
+    """The sha256 of the (never written) image of row ``uid``."""
+    return hashlib.sha256(f"image/{seed}/{uid}".encode()).hexdigest()
 
 
 def _split(total: int, parts: int) -> list[int]:
@@ -232,32 +194,8 @@ def _split(total: int, parts: int) -> list[int]:
     return [base + (i < extra) for i in range(parts)]
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
-
-def _noise(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    """Isotropic Gaussian noise of expected squared norm 1 per row, float32."""
-    return rng.standard_normal(shape, dtype=np.float32) / np.float32(np.sqrt(shape[-1]))
-
-
-class _Directions:
-    """One model's planted directions: modality gap, shape, colour and concept directions."""
-
-    def __init__(self, seed: int, model_idx: int, dim: int, concepts: Sequence[Concept]) -> None:
-        rng = _rng(seed, _DIRECTION_STREAM, model_idx)
-        shapes, colors = list(SHAPES), list(COLORS)
-        need = 2 + len(shapes) + len(colors) + len(concepts)
-        q, _ = np.linalg.qr(rng.standard_normal((dim, need)))
-        q = q.T.astype(np.float32)  # orthonormal rows
-        self.g_img = q[0]
-        self.g_txt = (GAP_COSINE * q[0] + np.sqrt(1 - GAP_COSINE**2) * q[1]).astype(np.float32)
-        shape_dir = {s: q[2 + i] for i, s in enumerate(shapes)}
-        color_dir = {c: q[2 + len(shapes) + i] for i, c in enumerate(colors)}
-        own = q[2 + len(shapes) + len(colors):]
-        w_attr, w_own = np.sqrt(ATTRIBUTE_SHARE), np.sqrt(1 - 2 * ATTRIBUTE_SHARE)
-        self.concept = np.stack([w_attr * shape_dir[c.shape] + w_attr * color_dir[c.color] + w_own * own[c.id]
-                                 for c in concepts]).astype(np.float32)  # unit rows
+#: a planned copy: (base row of its original, group, kind, variant)
+_CopyPlan = tuple[int, int, str, str]
 
 
 @dataclass
@@ -272,6 +210,66 @@ class _Copy:
     size: tuple[int, int]
     sha256: str
     faces: list[list[float]]
+
+
+@dataclass
+class _BaseRows:
+    """A shard's base rows (every row that is not a copy), in planning order;
+    the image metadata and vectors are filled once the rows have uids."""
+
+    concept: np.ndarray  # concept id
+    group: np.ndarray  # duplicate group of an original, -1 elsewhere
+    caption: np.ndarray  # the caption's concept (another concept where mismatched)
+    mismatched: np.ndarray  # indices of the rows with a mismatched caption
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    sha256: list[str] = field(default_factory=list)
+    faces: list[list[list[float]]] = field(default_factory=list)
+    img: dict[str, np.ndarray] = field(default_factory=dict)  # model -> float32 image vectors
+
+
+@dataclass
+class _ShardRows:
+    """A shard's rows.  Rows are "assembled" as base rows, this shard's own
+    copies, then the copies sent by the shard before; ``order[position]`` is
+    the assembled index of the row at a shard position.  The lists are in
+    assembled order, the arrays in shard order."""
+
+    order: np.ndarray
+    concept: np.ndarray
+    caption: np.ndarray
+    group: np.ndarray
+    mismatched: np.ndarray  # bool
+    img: dict[str, np.ndarray]  # model -> float16 image vectors
+    kinds: list[str | None]  # original | exact | near | None
+    variants: list[str | None]
+    sizes: list[tuple[int, int]]
+    sha256: list[str]  # "" for a row whose image is its own (hashed from its uid)
+    faces: list[list[list[float]]]
+
+    @classmethod
+    def assemble(cls, base: _BaseRows, copies: Sequence[_Copy], order: np.ndarray) -> _ShardRows:
+        def in_shard_order(base_column: np.ndarray, copy_column: list[int]) -> np.ndarray:
+            return np.concatenate([base_column, copy_column]).astype(np.int64)[order]
+
+        def images(m: str) -> np.ndarray:
+            copied = np.array([c.img[m] for c in copies], dtype=np.float32).reshape(-1, DATACOMP_MODELS[m])
+            return np.concatenate([base.img[m], copied])[order].astype(np.float16)
+
+        mismatched = np.zeros(len(order), dtype=bool)
+        mismatched[base.mismatched] = True
+        return cls(
+            order=order,
+            concept=in_shard_order(base.concept, [c.concept for c in copies]),
+            caption=in_shard_order(base.caption, [c.concept for c in copies]),
+            group=in_shard_order(base.group, [c.group for c in copies]),
+            mismatched=mismatched[order],
+            img={m: images(m) for m in MODELS},
+            kinds=[("original" if g >= 0 else None) for g in base.group.tolist()] + [c.kind for c in copies],
+            variants=[None] * len(base.concept) + [c.variant for c in copies],
+            sizes=base.sizes + [c.size for c in copies],
+            sha256=base.sha256 + [c.sha256 for c in copies],
+            faces=base.faces + [c.faces for c in copies],
+        )
 
 
 @dataclass
@@ -294,11 +292,11 @@ class _Generator:
         self.rows = total
         n_copies = min(round(total * DUPLICATE_RATE), total // 3)  # as the image pool plans them
         self.copies_per_shard = [min(c, n // 3) for c in _split(n_copies, shards)]
-        self.mismatch_per_shard = _split(_planted_count(total, MISMATCH_RATE), shards)
+        self.mismatch_per_shard = _split(planted_count(total, MISMATCH_RATE), shards)
         n_base = total - sum(self.copies_per_shard)
         self.left = concept_counts(concepts, n_base).astype(np.int64)  # base rows per concept still to deal
-        self.spread = np.array([spread(c) for c in concepts], dtype=np.float32)
-        self.dirs = {m: _Directions(settings.seed, i, DATACOMP_MODELS[m], concepts) for i, m in enumerate(MODELS)}
+        self.dirs = {m: Directions(rng_stream(settings.seed, _DIRECTION_STREAM, i), m, DATACOMP_MODELS[m], concepts)
+                     for i, m in enumerate(MODELS)}
         self.stems: list[str] = []
         self.rows_per_concept = np.zeros(len(concepts), dtype=np.int64)
         self.exact = self.near = self.groups = self.mismatched = 0
@@ -337,175 +335,137 @@ class _Generator:
 
     # -- one shard -------------------------------------------------------
     def _shard(self, s: int) -> _Shard:
+        """Plan and synthesise shard ``s``; each random stream is drawn in a fixed order."""
         n, seed = self.s.samples_per_shard, self.s.seed
-        rng = _rng(seed, _PLAN_STREAM, s)
-        lay = _rng(seed, _LAYOUT_STREAM, s)
+        plan = rng_stream(seed, _PLAN_STREAM, s)  # concepts, duplicate groups, mismatches, row order
+        lay = rng_stream(seed, _LAYOUT_STREAM, s)  # sizes and faces of base rows, then urls and captions
+        emb_rng = {m: rng_stream(seed, _EMBED_STREAM, i, s) for i, m in enumerate(MODELS)}
         stem = _hex(seed, "shard", s)
         self.stems.append(stem)
+        uids = [_hex(seed, "uid", s * n + i) for i in range(n)]
         carried_in, self._carried = self._carried, []
         c_s = self.copies_per_shard[s]
         carry_out = self.copies_per_shard[s + 1] // 2 if s + 1 < self.s.shards else 0
-        made = c_s - len(carried_in) + carry_out  # copies of this shard's originals
         n_base = n - c_s
-        uids = [_hex(seed, "uid", s * n + i) for i in range(n)]
+        base, copy_plan = self._plan_base_rows(s, plan, n_base, made=c_s - len(carried_in) + carry_out)
 
-        # base rows: concepts dealt from what is left of the exact Zipf counts
+        order = plan.permutation(n)  # order[position] = assembled index
+        pos = np.empty(n, dtype=np.int64)
+        pos[order] = np.arange(n)
+        self._describe_images(base, lay, [uids[p] for p in pos[:n_base]])
+        base.img = {m: self.dirs[m].images(base.concept, emb_rng[m]) for m in MODELS}
+        copies = self._make_copies(base, copy_plan, emb_rng)
+        local, self._carried = copies[: len(copies) - carry_out], copies[len(copies) - carry_out:]
+        rows = _ShardRows.assemble(base, local + carried_in, order)
+        assert len(rows.kinds) == n, (n_base, len(local + carried_in), n)
+
+        emb = {m: {"img": rows.img[m], "txt": self.dirs[m].texts(rows.caption, emb_rng[m]).astype(np.float16)}
+               for m in MODELS}
+        scores = {m: clip_scores(emb[m]["img"], emb[m]["txt"]) for m in MODELS}
+        table, truth = self._tables(stem, uids, rows, scores, lay)
+        self._count(rows)
+        return _Shard(stem, table, truth, emb)
+
+    def _plan_base_rows(self, s: int, rng: np.random.Generator, n_base: int,
+                        made: int) -> tuple[_BaseRows, list[_CopyPlan]]:
+        """The base rows' concepts, the duplicate groups among them (``made``
+        copies of this shard's originals, shuffled) and the mismatched captions."""
+        concept = self._deal_concepts(rng, n_base)
+        group, copy_plan = self._plan_groups(rng, n_base, made)
+        mismatched, caption = self._plan_mismatches(rng, s, concept, group)
+        return _BaseRows(concept, group, caption, mismatched), copy_plan
+
+    def _deal_concepts(self, rng: np.random.Generator, n_base: int) -> np.ndarray:
+        """Concepts of ``n_base`` rows, dealt from what is left of the exact Zipf counts."""
         counts = rng.multivariate_hypergeometric(self.left, n_base) if n_base else np.zeros_like(self.left)
         self.left -= counts
-        base_concept = np.repeat(np.arange(len(self.concepts)), counts)[rng.permutation(n_base)]
+        return np.repeat(np.arange(len(self.concepts)), counts)[rng.permutation(n_base)]
 
-        # duplicate groups: 1-3 copies each, originals among this shard's base rows
+    def _plan_groups(self, rng: np.random.Generator, n_base: int, made: int) -> tuple[np.ndarray, list[_CopyPlan]]:
+        """Duplicate groups of 1-3 copies each, originals among the base rows:
+        each base row's group (-1: none) and the copies, shuffled."""
         sizes: list[int] = []
         while sum(sizes) < made:
             sizes.append(min(int(rng.integers(1, 4)), made - sum(sizes)))
         originals = rng.choice(n_base, size=len(sizes), replace=False) if sizes else np.zeros(0, dtype=np.int64)
-        copy_plan: list[tuple[int, int, str, str]] = []  # (base index, group, kind, variant)
+        copy_plan: list[_CopyPlan] = []
         base_group = np.full(n_base, -1, dtype=np.int64)
         for orig, k in zip(originals.tolist(), sizes):
             group = self.groups
             self.groups += 1
             base_group[orig] = group
             for _ in range(k):
-                if rng.random() < EXACT_SHARE:
-                    copy_plan.append((orig, group, "exact", "exact"))
-                else:
-                    copy_plan.append((orig, group, "near", NEAR_VARIANTS[int(rng.integers(len(NEAR_VARIANTS)))]))
-        copy_plan = [copy_plan[i] for i in rng.permutation(len(copy_plan))]
+                copy_plan.append((orig, group, *draw_copy_kind(rng)))
+        return base_group, [copy_plan[i] for i in rng.permutation(len(copy_plan))]
 
-        # mismatched captions: on base rows outside duplicate groups
-        eligible = np.flatnonzero(base_group < 0)
+    def _plan_mismatches(self, rng: np.random.Generator, s: int, concept: np.ndarray,
+                         group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mismatched captions, on base rows outside duplicate groups: their
+        (sorted) indices and every base row's caption concept."""
+        eligible = np.flatnonzero(group < 0)
         n_mis = min(len(eligible), self.mismatch_per_shard[s])
         mis = np.sort(eligible[rng.choice(len(eligible), size=n_mis, replace=False)]) if n_mis else eligible[:0]
-        base_caption = base_concept.copy()
+        caption = concept.copy()
         for j in mis.tolist():
-            base_caption[j] = _other_concept(self.concepts, int(base_concept[j]), rng)
+            caption[j] = other_concept(self.concepts, int(concept[j]), rng)
+        return mis, caption
 
-        # row order: base rows, this shard's own copies, copies from the shard before; shuffled
-        order = rng.permutation(n)  # order[position] = assembled index
-        pos = np.empty(n, dtype=np.int64)
-        pos[order] = np.arange(n)
+    def _describe_images(self, base: _BaseRows, lay: np.random.Generator, uids: Sequence[str]) -> None:
+        """What a base row's image "is" (copies inherit it): original size, sha256, faces."""
+        base.sizes = [random_original_size(lay) for _ in uids]
+        base.sha256 = [_image_sha(self.s.seed, uid) for uid in uids]
+        base.faces = [random_faces(lay) for _ in uids]
 
-        # what an image "is": size, hash, faces (copies inherit their original's)
-        base_size = [self._size(lay) for _ in range(n_base)]
-        base_sha = [hashlib.sha256(f"image/{seed}/{uids[pos[j]]}".encode()).hexdigest() for j in range(n_base)]
-        base_faces = [self._faces(lay) for _ in range(n_base)]
-
-        # image embeddings of base rows, then of the copies
-        emb_rng = {m: _rng(seed, _EMBED_STREAM, i, s) for i, m in enumerate(MODELS)}
-        base_img = {}
-        for m in MODELS:
-            d = self.dirs[m]
-            z = _noise(emb_rng[m], (n_base, DATACOMP_MODELS[m]))
-            x = MODALITY_GAP * d.g_img + d.concept[base_concept] + self.spread[base_concept, None] * z
-            base_img[m] = _unit(x)
+    @staticmethod
+    def _make_copies(base: _BaseRows, copy_plan: Sequence[_CopyPlan],
+                     emb_rng: dict[str, np.random.Generator]) -> list[_Copy]:
+        """The planned copies: an exact one keeps its original's vector and hash,
+        a near one gets a nudged vector (and a rescaled one a smaller size)."""
         copies: list[_Copy] = []
         for j, group, kind, variant in copy_plan:
             img = {}
             for m in MODELS:
-                x = base_img[m][j]
-                if kind == "near":
-                    v = _noise(emb_rng[m], (DATACOMP_MODELS[m],))
-                    x = _unit(x + NEAR_EPS[variant] * v)
-                img[m] = x.copy()
-            w, h = base_size[j]
+                x = base.img[m][j]
+                img[m] = (near_copy(x, variant, emb_rng[m]) if kind == "near" else x).copy()
+            w, h = base.sizes[j]
             size = (w * 3 // 4, h * 3 // 4) if variant == "rescale" else (w, h)
-            copies.append(_Copy(int(base_concept[j]), group, kind, variant, img, size,
-                                base_sha[j] if kind == "exact" else "", base_faces[j]))
-        local, self._carried = copies[: len(copies) - carry_out], copies[len(copies) - carry_out:]
-        assembled = local + carried_in
-        assert n_base + len(assembled) == n, (n_base, len(assembled), n)
+            copies.append(_Copy(int(base.concept[j]), group, kind, variant, img, size,
+                                base.sha256[j] if kind == "exact" else "", base.faces[j]))
+        return copies
 
-        # rows in shard order
-        concept = np.concatenate([base_concept, [c.concept for c in assembled]]).astype(np.int64)[order]
-        caption = np.concatenate([base_caption, [c.concept for c in assembled]]).astype(np.int64)[order]
-        group = np.concatenate([base_group, [c.group for c in assembled]]).astype(np.int64)[order]
-        kinds = [("original" if g >= 0 else None) for g in base_group.tolist()] + [c.kind for c in assembled]
-        variants = [None] * n_base + [c.variant for c in assembled]
-        sizes_all = base_size + [c.size for c in assembled]
-        sha_all = base_sha + [c.sha256 for c in assembled]
-        faces_all = base_faces + [c.faces for c in assembled]
-        mismatched = np.zeros(n, dtype=bool)
-        mismatched[mis] = True
-        mismatched = mismatched[order]
-
-        emb: dict[str, dict[str, np.ndarray]] = {}
-        scores: dict[str, np.ndarray] = {}
-        for m in MODELS:
-            d = self.dirs[m]
-            copied = np.array([c.img[m] for c in assembled], dtype=np.float32).reshape(-1, DATACOMP_MODELS[m])
-            img = np.concatenate([base_img[m], copied])[order].astype(np.float16)
-            w = _noise(emb_rng[m], (n, DATACOMP_MODELS[m]))
-            txt = _unit(MODALITY_GAP * d.g_txt + d.concept[caption] + TEXT_NOISE[m] * w).astype(np.float16)
-            emb[m] = {"img": img, "txt": txt}
-            scores[m] = clip_scores(img, txt)
-
-        records = []
-        truth = []
-        for i in range(n):
-            a = int(order[i])
-            uid = uids[i]
-            sha = sha_all[a] or hashlib.sha256(f"image/{seed}/{uid}".encode()).hexdigest()
+    def _tables(self, stem: str, uids: Sequence[str], rows: _ShardRows, scores: dict[str, np.ndarray],
+                lay: np.random.Generator) -> tuple[pa.Table, pa.Table]:
+        """The shard's DataComp metadata table and its ground truth, in shard order."""
+        records, truth = [], []
+        for i, uid in enumerate(uids):
+            a = int(rows.order[i])
             records.append({
                 "uid": uid,
-                "url": self._url(lay),
-                "text": self._caption(int(caption[i]), lay),
-                "original_width": sizes_all[a][0],
-                "original_height": sizes_all[a][1],
+                "url": random_url(lay),
+                "text": drawn_caption(self.concepts[int(rows.caption[i])].name, lay),
+                "original_width": rows.sizes[a][0],
+                "original_height": rows.sizes[a][1],
                 "clip_b32_similarity_score": float(scores["b32"][i]),
                 "clip_l14_similarity_score": float(scores["l14"][i]),
-                "face_bboxes": faces_all[a],
-                "sha256": sha,
+                "face_bboxes": rows.faces[a],
+                "sha256": rows.sha256[a] or _image_sha(self.s.seed, uid),
             })
-            c = self.concepts[int(concept[i])]
+            c = self.concepts[int(rows.concept[i])]
             truth.append({
                 "uid": uid, "shard": stem, "key": None, "concept": c.id, "concept_name": c.name,
-                "variability": c.variability, "dup_group": int(group[i]), "dup_kind": kinds[a],
-                "dup_variant": variants[a], "mismatched": bool(mismatched[i]), "caption_concept": int(caption[i]),
-                "planted_status": "ok",
+                "variability": c.variability, "dup_group": int(rows.group[i]), "dup_kind": rows.kinds[a],
+                "dup_variant": rows.variants[a], "mismatched": bool(rows.mismatched[i]),
+                "caption_concept": int(rows.caption[i]), "planted_status": "ok",
             })
-        self.rows_per_concept += np.bincount(concept, minlength=len(self.concepts))
-        self.exact += sum(k == "exact" for k in kinds)
-        self.near += sum(k == "near" for k in kinds)
-        self.mismatched += int(mismatched.sum())
-        return _Shard(stem, pa.Table.from_pylist(records, schema=DATACOMP_SCHEMA),
-                      pa.Table.from_pylist(truth, schema=_GROUND_TRUTH_SCHEMA), emb)
+        return (pa.Table.from_pylist(records, schema=DATACOMP_SCHEMA),
+                pa.Table.from_pylist(truth, schema=GROUND_TRUTH_SCHEMA))
 
-    # -- per-row metadata --------------------------------------------------
-    @staticmethod
-    def _size(rng: np.random.Generator) -> tuple[int, int]:
-        side = int(rng.integers(180, 1200))
-        return side, int(side * rng.uniform(0.6, 1.6))
-
-    @staticmethod
-    def _faces(rng: np.random.Generator) -> list[list[float]]:
-        if rng.random() >= FACE_RATE:
-            return []
-        boxes = []
-        for _ in range(int(rng.integers(1, 3))):
-            x0, y0 = rng.uniform(0.0, 0.7, size=2)
-            w, h = rng.uniform(0.05, 0.3, size=2)
-            boxes.append([round(float(x0), 6), round(float(y0), 6), round(float(x0 + w), 6), round(float(y0 + h), 6)])
-        return boxes
-
-    @staticmethod
-    def _url(rng: np.random.Generator) -> str:
-        slug = _SLUG_WORDS[int(rng.integers(len(_SLUG_WORDS)))]
-        domain = _DOMAINS[int(rng.integers(len(_DOMAINS)))]
-        return f"https://{domain}/{int(rng.integers(10, 99))}/{slug}-{int(rng.integers(10**5, 10**6))}.jpg"
-
-    def _caption(self, concept: int, rng: np.random.Generator) -> str:
-        """An alt text for ``concept`` from the image pool's caption templates (size,
-        position and background words drawn, as there is no rendering to describe)."""
-        name = self.concepts[concept].name
-        template = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))]
-        size = ("small", "medium", "large")[int(rng.integers(3))]
-        bg = f"{('dark', 'light')[int(rng.integers(2))]} {_TEXTURES[int(rng.integers(len(_TEXTURES)))]}"
-        return template.format(name=name, a_name=f"{_article(name)} {name}", a_size=f"{_article(size)} {size}",
-                               pos=_POSITIONS[int(rng.integers(len(_POSITIONS)))], bg=bg)
-
-
-def _article(word: str) -> str:
-    return "an" if word[:1].lower() in "aeiou" else "a"
+    def _count(self, rows: _ShardRows) -> None:
+        """Add a shard's rows to the pool's totals (pool_info and the summary)."""
+        self.rows_per_concept += np.bincount(rows.concept, minlength=len(self.concepts))
+        self.exact += sum(k == "exact" for k in rows.kinds)
+        self.near += sum(k == "near" for k in rows.kinds)
+        self.mismatched += int(rows.mismatched.sum())
 
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:

@@ -16,7 +16,6 @@ from dbprune_assets.samplepool.concepts import Concept, concept_counts, rng_stre
 from dbprune_assets.samplepool.render import RenderParams, sample_params
 
 # planted rates (shares of all pool rows)
-# planted rates (shares of all pool rows)
 FAILED_RATE = 0.02
 UNDECODABLE_RATE = 0.005
 EMPTY_CAPTION_RATE = 0.005
@@ -50,7 +49,7 @@ class Row:
     image: bytes | None = None
 
 
-def _planted_count(total: int, rate: float) -> int:
+def planted_count(total: int, rate: float) -> int:
     """Rows for a planted rate: at least one, so small pools still exercise it."""
     return max(1, round(total * rate))
 
@@ -86,16 +85,21 @@ def plan_pool(settings: PoolSettings, concepts: Sequence[Concept]) -> list[Row]:
 
 def _make_copy(original: Row, group: int, rng: np.random.Generator) -> Row:
     """A duplicate of ``original``: exact bytes, or a near variant of its rendering."""
-    if rng.random() < EXACT_SHARE:
-        kind, variant = "exact", "exact"
-    else:
-        kind, variant = "near", NEAR_VARIANTS[int(rng.integers(len(NEAR_VARIANTS)))]
+    kind, variant = draw_copy_kind(rng)
     params = original.params
     if variant == "noise":  # the seed of the extra noise, added to the original's pixels
         params = _replace_params(params, noise_seed=int(rng.integers(2**31)))
     elif variant == "requality":
         params = _replace_params(params, quality=params.quality - 10)
     return Row(concept=original.concept, params=params, dup_group=group, dup_kind=kind, variant=variant, source=original)
+
+
+def draw_copy_kind(rng: np.random.Generator) -> tuple[str, str]:
+    """(kind, variant) of a planted copy: ("exact", "exact") for a share
+    :data:`EXACT_SHARE`, else ("near", one of :data:`NEAR_VARIANTS`)."""
+    if rng.random() < EXACT_SHARE:
+        return "exact", "exact"
+    return "near", NEAR_VARIANTS[int(rng.integers(len(NEAR_VARIANTS)))]
 
 
 def _replace_params(p: RenderParams, **changes: Any) -> RenderParams:
@@ -108,9 +112,9 @@ def _plant_defects(rows: list[Row], rng: np.random.Generator) -> None:
     total = len(rows)
     free = [i for i, r in enumerate(rows) if r.dup_group < 0]
     plan = [
-        ("failed_download", _planted_count(total, FAILED_RATE)),
-        ("undecodable", _planted_count(total, UNDECODABLE_RATE)),
-        ("empty_caption", _planted_count(total, EMPTY_CAPTION_RATE)),
+        ("failed_download", planted_count(total, FAILED_RATE)),
+        ("undecodable", planted_count(total, UNDECODABLE_RATE)),
+        ("empty_caption", planted_count(total, EMPTY_CAPTION_RATE)),
     ]
     chosen = rng.choice(len(free), size=min(len(free), sum(n for _, n in plan)), replace=False).tolist()
     for status, n in plan:
@@ -124,7 +128,7 @@ def _plant_captions(rows: list[Row], concepts: Sequence[Concept], size: int, rng
     caption of a concept that differs in shape and color (a mismatch)."""
     total = len(rows)
     eligible = [i for i, r in enumerate(rows) if r.planted == "ok" and r.dup_group < 0]
-    n_mis = min(len(eligible), _planted_count(total, MISMATCH_RATE))
+    n_mis = min(len(eligible), planted_count(total, MISMATCH_RATE))
     mismatched = set(np.asarray(eligible)[rng.choice(len(eligible), size=n_mis, replace=False)].tolist())
     for i, row in enumerate(rows):
         if row.planted == "empty_caption":
@@ -132,13 +136,15 @@ def _plant_captions(rows: list[Row], concepts: Sequence[Concept], size: int, rng
             continue
         cap = row.concept
         if i in mismatched:
-            cap = _other_concept(concepts, row.concept, rng)
+            cap = other_concept(concepts, row.concept, rng)
             row.mismatched = True
         row.caption_concept = cap
         row.caption = make_caption(concepts[cap].name, row.params, size, rng)
 
 
-def _other_concept(concepts: Sequence[Concept], cid: int, rng: np.random.Generator) -> int:
+def other_concept(concepts: Sequence[Concept], cid: int, rng: np.random.Generator) -> int:
+    """A concept for a mismatched caption of concept ``cid``: one that differs in
+    shape and colour (any other concept where there is none)."""
     me = concepts[cid]
     pool = [c.id for c in concepts if c.shape != me.shape and c.color != me.color]
     pool = pool or [c.id for c in concepts if c.id != cid]

@@ -29,6 +29,7 @@ from dbprune_assets.samplepool.captions import BACKGROUND_COLORS, EVAL_TEMPLATES
 from dbprune_assets.samplepool.concepts import COLORS, Concept, make_concepts, rng_stream
 from dbprune_assets.samplepool.plan import Row, plan_pool
 from dbprune_assets.samplepool.render import NEAR_NOISE_SIGMA, RenderParams, corrupt, encode_jpeg, noise, render, sample_params
+from dbprune_assets.samplepool.webmeta import random_original_size, random_url
 
 
 
@@ -41,16 +42,6 @@ PLANTED_STATUSES: tuple[str, ...] = ("ok", "failed_download", "undecodable", "em
 
 EVAL_SHARD_SIZE = 1000
 REFERENCE_SHARD_SIZE = 1000
-
-_DOMAINS: tuple[str, ...] = (
-    "cdn.shapestock.example",
-    "img.clipartzone.example",
-    "media.iconbazaar.example",
-    "static.geoshop.example",
-    "i.pixelboard.example",
-    "images.craftyprints.example",
-)
-
 
 _ERRORS: tuple[str, ...] = (
     "HTTP Error 404: Not Found",
@@ -199,16 +190,10 @@ def _assign_layout(rows: Sequence[Row], settings: PoolSettings, shard_names: Seq
             uid = rng.bytes(16).hex()
         seen.add(uid)
         row.uid = uid
-        slug = _SLUG_WORDS[int(rng.integers(len(_SLUG_WORDS)))]
-        domain = _DOMAINS[int(rng.integers(len(_DOMAINS)))]
-        row.url = f"https://{domain}/{int(rng.integers(10, 99))}/{slug}-{int(rng.integers(10**5, 10**6))}.jpg"
-        side = int(rng.integers(180, 1200))
-        row.original_size = (side, int(side * rng.uniform(0.6, 1.6)))
+        row.url = random_url(rng)
+        row.original_size = random_original_size(rng)
         if row.planted == "failed_download":
             row.error_message = _ERRORS[int(rng.integers(len(_ERRORS)))]
-
-
-_SLUG_WORDS: tuple[str, ...] = ("shape", "icon", "clipart", "vector", "sticker", "badge", "logo", "symbol", "pattern")
 
 
 def _render_images(rows: Sequence[Row], size: int, seed: int) -> None:
@@ -242,9 +227,14 @@ _SHARD_SCHEMA = pa.schema(
 )
 
 
+#: fixed parquet writer settings (deterministic bytes), for both generated pools
+PARQUET_OPTIONS: dict[str, Any] = {"compression": "zstd", "compression_level": 3, "use_dictionary": True,
+                                   "write_statistics": True}
+
+
 def _write_parquet(path: Path, table: pa.Table) -> None:
-    """Parquet with fixed writer settings (deterministic bytes)."""
-    pq.write_table(table, path, compression="zstd", compression_level=3, use_dictionary=True, write_statistics=True)
+    """Parquet with :data:`PARQUET_OPTIONS` (deterministic bytes)."""
+    pq.write_table(table, path, **PARQUET_OPTIONS)
 
 
 def _download_record(row: Row, size: int) -> dict[str, Any]:
@@ -289,7 +279,8 @@ def _write_pool_shards(folder: Path, rows: Sequence[Row], shard_names: Sequence[
         (folder / stats_name(shard)).write_bytes(stats_bytes(stats))
 
 
-_GROUND_TRUTH_SCHEMA = pa.schema(
+#: ``ground_truth.parquet``'s schema, for both generated pools (read by :func:`load_ground_truth`)
+GROUND_TRUTH_SCHEMA = pa.schema(
     [
         ("uid", pa.string()),
         ("shard", pa.string()),
@@ -325,7 +316,7 @@ def _write_ground_truth(path: Path, rows: Sequence[Row], concepts: Sequence[Conc
         }
         for r in rows
     ]
-    _write_parquet(path, pa.Table.from_pylist(records, schema=_GROUND_TRUTH_SCHEMA))
+    _write_parquet(path, pa.Table.from_pylist(records, schema=GROUND_TRUTH_SCHEMA))
 
 
 def _write_split(folder: Path, samples: Sequence[dict[str, bytes]], shard_size: int) -> None:

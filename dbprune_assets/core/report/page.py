@@ -14,8 +14,9 @@ import base64
 import html
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
+from dbprune_assets.core.report.tables import html_table
 from dbprune_assets.core.store.atomic import write_bytes
 from dbprune_assets.core.store.layout import UNPARTITIONED, Layout
 from dbprune_assets.core.settings import STRATEGIES
@@ -35,23 +36,6 @@ img { max-width: 100%; border: 1px solid #eee; }
 def report_path(layout: Layout, name: str | None = None) -> Path:
     """``$DBPRUNE_HOME/reports/<name>.html``; ``name`` defaults to the current time."""
     return layout.home / "reports" / f"{name or time.strftime('%Y%m%d-%H%M%S')}.html"
-
-
-def html_table(rows: Sequence[Mapping[str, Any]], max_rows: int | None = None) -> str:
-    """An HTML table of dict rows (floats to 4 significant digits)."""
-    rows = list(rows)
-    if not rows:
-        return "<p><em>(empty)</em></p>"
-    cols = list(rows[0].keys())
-
-    def cell(v: Any) -> str:
-        return html.escape(f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v)))
-
-    shown = rows if max_rows is None else rows[:max_rows]
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c))}</td>" for c in cols) + "</tr>" for r in shown)
-    more = f"<p><em>… {len(rows) - len(shown)} more rows</em></p>" if len(shown) < len(rows) else ""
-    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>{more}'
 
 
 def _figure(png: Path) -> str:
