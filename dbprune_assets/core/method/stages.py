@@ -4,7 +4,7 @@ DBP's cluster table, and one strategy's decisions with their export.
 Each reads and writes the contract paths of a :class:`~.layout.Layout` and
 returns what the Dagster asset shows and checks; the asset only wires (see
 ``docs/design.md``, "The method, exactly" and "Strategies").  The formulas
-themselves live in ``dbp.py``, ``semdedup.py`` and ``strategies.py``.
+themselves live in ``dbp.py``, ``semdedup.py`` and the ``strategies`` package.
 """
 
 from __future__ import annotations
@@ -232,26 +232,16 @@ class ComplexityOutcome:
 
 def cluster_complexity(layout: Layout, shards: list[str], cfg: DbpSettings) -> ComplexityOutcome:
     """d_intra, d_inter, complexity, P = softmax(C/tau) and the exact quotas of
-    every DBP cluster from the per-shard partial sums; writes
+    every DBP cluster from the per-shard partial sums
+    (:func:`~dbprune_assets.core.method.dbp.cluster_table`); writes
     ``tables/clusters/all.parquet``."""
-    import polars as pl
-
     from dbprune_assets.core.method import dbp
 
     cent = read_centroids(layout, "centroids")
     k = len(cent)
     count, sums = summed_partials(layout, shards, "cluster_sums", k)
-    intra = dbp.d_intra(sums, count)
-    inter = dbp.d_inter(cent, cfg.l)
-    comp = dbp.complexity(inter, intra)
-    prob = dbp.softmax_probabilities(comp, cfg.tau)
     M = dbp.target_size(int(count.sum()), keep_fraction=cfg.keep_fraction, target_size=cfg.target_size)
-    lb = dbp.lower_bounds(count, M, k, cfg.r)
-    quota = dbp.solve_quotas(prob, count, M, lb)
-    frame = pl.DataFrame({
-        "cluster": np.arange(k, dtype=np.int32), "size": count, "d_intra": intra, "d_inter": inter,
-        "complexity": comp, "probability": prob, "quota": quota.astype(np.int64), "lower_bound": lb.astype(np.int64),
-    })
+    frame = dbp.cluster_table(cent, count, sums, l=cfg.l, tau=cfg.tau, M=M, r=cfg.r)
     write_parquet(layout.table("clusters"), frame, layout.tmp)
     return ComplexityOutcome(frame, M, min(cfg.l, max(k - 1, 0)))
 
@@ -306,8 +296,9 @@ def export_bytes(layout: Layout, decisions: Path, tar_sizes: Mapping[str, int] |
 
 def make_subset(layout: Layout, settings: PipelineSettings, strategy: str,
                 inputs: "SubsetInputs | None" = None) -> SubsetOutcome:
-    """Decide every sample under ``strategy`` (``tables/decisions/<strategy>``,
-    and ``tables/quotas/<strategy>`` for dbp/ssp), export the kept samples to
+    """Decide every sample under ``strategy``, a name of the strategy registry
+    (``tables/decisions/<strategy>``, and ``tables/quotas/<strategy>`` for a
+    quota strategy: dbp, ssp), export the kept samples to
     ``subsets/<strategy>/`` and check both.
 
     ``inputs``: the step's input tables, read once for all its strategies
@@ -316,19 +307,20 @@ def make_subset(layout: Layout, settings: PipelineSettings, strategy: str,
 
     from dbprune_assets.core.store.export import export_subset, verify_export
     from dbprune_assets.core.running.oserrors import MIN_FREE_BYTES, require_free_space
-    from dbprune_assets.core.strategies import decide, strategy_quotas
+    from dbprune_assets.core.strategies import decide, registry, strategy_quotas
     from dbprune_assets.core.store.subset_inputs import subset_inputs
 
     threads = settings.compute.threads or None
     if inputs is None:
         with subset_inputs(layout, threads=threads) as step_inputs:
             return make_subset(layout, settings, strategy, step_inputs)
-    quotas, M = strategy_quotas(strategy, pl.read_parquet(layout.table("clusters")))
+    chosen = registry.get(strategy)
+    quotas, M = strategy_quotas(chosen.name, pl.read_parquet(layout.table("clusters")))
     out = layout.table("decisions", strategy)
-    summary = decide(strategy, inputs.tables, M, quotas, settings.selection.seed, out, layout.tmp,
+    summary = decide(chosen.name, inputs.tables, M, quotas, settings.selection.seed, out, layout.tmp,
                      threads=threads, origin=inputs.origin)
     problems: dict[str, list[str]] = {"one_decision_per_sample": [], "kept_equals_quota": []}
-    if quotas is not None:
+    if chosen.quota_based:
         write_parquet(layout.table("quotas", strategy), summary.quota_table(), layout.tmp)
         if not np.array_equal(summary.per_cluster_kept, quotas):
             bad = np.flatnonzero(summary.per_cluster_kept != quotas)
