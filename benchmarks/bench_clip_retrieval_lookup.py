@@ -94,7 +94,7 @@ def shard_queries(a: argparse.Namespace) -> list[list[str]]:
 
 
 def phase(name: str, work: Path, a: argparse.Namespace) -> dict:
-    from dbprune_assets.core.pool import source_index
+    from dbprune_assets.core.pool.sources import clip_retrieval_index as source_index
 
     tmp = work / "tmp"
     t0 = time.perf_counter()

@@ -17,9 +17,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dbprune_assets.core.pool import precomputed, source_index
 from dbprune_assets.core.pool.shards import PROBLEMS_SCHEMA, SAMPLES_SCHEMA, ShardIngest
-from dbprune_assets.core.pool.sources import SourceError, clip_scores
+from dbprune_assets.core.pool.sources import clip_retrieval
+from dbprune_assets.core.pool.sources import clip_retrieval_index as source_index
+from dbprune_assets.core.pool.sources.readers import SourceError, clip_scores
+from dbprune_assets.core.pool.sources.stored import EmbeddingFiles
 
 D = 8
 
@@ -94,7 +96,7 @@ def _source(folder: Path, by: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 def test_shards_link_across_parts_with_exact_accounting(tmp_path: Path, by: str) -> None:
     src, home, tmp = tmp_path / "cr", tmp_path / "home", tmp_path / "home" / ".tmp"
     stored = _source(src, by)
-    got = {s: precomputed.link_clip_retrieval_shard(_ingest(s), src, home, tmp) for s in SHARDS}
+    got = {s: clip_retrieval.link_clip_retrieval_shard(_ingest(s), src, home, tmp) for s in SHARDS}
     assert got["00000"].samples["status"].to_list() == ["ok"] * 4
     assert got["00001"].samples["status"].to_list() == ["ok", "bad_embedding", "ok", "failed_download"]
     assert got["00002"].samples["status"].to_list() == ["ok", "no_embedding", "ok", "ok"]
@@ -113,8 +115,8 @@ def test_shards_link_across_parts_with_exact_accounting(tmp_path: Path, by: str)
     for shard, g in got.items():
         ok = g.samples.filter(pl.col("status") == "ok").select("uid", "key", "row")
         out = tmp_path / "emb" / shard
-        dim = precomputed.write_clip_retrieval_embeddings(src, ok, home, out / "i.npy", out / "t.npy",
-                                                          out / "m.parquet", tmp, shard, expected_dim=dim)
+        files = EmbeddingFiles(out / "i.npy", out / "t.npy", out / "m.parquet", tmp)
+        dim = clip_retrieval.write_clip_retrieval_embeddings(src, ok, home, files, shard, expected_dim=dim)
         img, txt = np.load(out / "i.npy"), np.load(out / "t.npy")
         keys = ok["key"].to_list()
         assert img.dtype == np.float16 and img.shape == (len(keys), D)
@@ -130,8 +132,7 @@ def test_shards_link_across_parts_with_exact_accounting(tmp_path: Path, by: str)
     row = pl.read_parquet(tmp_path / "emb" / "00000" / "m.parquet").filter(pl.col("key") == k)
     assert row["clip_score"][0] == pytest.approx(float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)), abs=1e-6)
     with pytest.raises(SourceError, match=rf"{src.resolve()}: embeddings are 8-d but earlier shards were 16-d"):
-        precomputed.write_clip_retrieval_embeddings(src, ok, home, out / "i.npy", out / "t.npy", out / "m.parquet",
-                                                    tmp, "00002", expected_dim=16)
+        clip_retrieval.write_clip_retrieval_embeddings(src, ok, home, files, "00002", expected_dim=16)
 
 
 def test_the_index_is_sorted_and_names_the_stray_row(tmp_path: Path) -> None:
@@ -275,10 +276,10 @@ def test_no_folder_and_no_parts_say_what_to_set(tmp_path: Path) -> None:
 
 
 def test_a_broken_source_stops_ingest_rather_than_failing_each_shard(tmp_path: Path) -> None:
-    """``ingest_pool_shard`` raises the SourceError (not a ShardError, which
+    """The source's ingest raises the SourceError (not a ShardError, which
     would record the shard as failed and go on with the others)."""
     from dbprune_assets.core.settings import build_settings
-    from dbprune_assets.defs.ingest import ingest_pool_shard
+    from dbprune_assets.core.pool.sources import registry
     from dbprune_assets.samplepool import write_sample_pool
     from dbprune_assets.core.settings import PoolSettings
 
@@ -291,10 +292,11 @@ def test_a_broken_source_stops_ingest_rather_than_failing_each_shard(tmp_path: P
     rng = np.random.default_rng(1)
     write_part(tmp_path / "cr", "0", keys[:3], _unit(rng, 3), _unit(rng, 3))
     write_part(tmp_path / "cr", "1", keys[3:], _unit(rng, 3), _unit(rng, 2))
+    source = registry.get(settings.embeddings.source)
     with pytest.raises(SourceError, match=r"text_emb_1.npy: 2 rows but metadata_1.parquet has 3"):
-        ingest_pool_shard(pool, "00000", settings, home=tmp_path / "home")
+        source.ingest(pool, "00000", settings, home=tmp_path / "home")
     write_part(tmp_path / "cr", "1", keys[3:], _unit(rng, 3), _unit(rng, 3))
-    got = ingest_pool_shard(pool, "00000", settings, home=tmp_path / "home")
+    got = source.ingest(pool, "00000", settings, home=tmp_path / "home")
     truth = pl.read_parquet(pool / "ground_truth.parquet")["planted_status"].to_list()
     assert got.samples["status"].to_list() == truth  # every downloaded sample has its row
     assert (tmp_path / "home" / "embeddings" / "source_index" / "index.json").is_file()
@@ -405,7 +407,7 @@ def test_uid_arrays_are_rebuilt_with_the_index_and_only_then(tmp_path: Path) -> 
 @pytest.mark.parametrize("case", ["short", "not_hex", "mixed_case_rows", "mixed_case_batches", "mixed_in_a_uid"])
 def test_uids_that_are_not_32_hex_of_one_case_keep_the_duckdb_join(tmp_path: Path, case: str,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from dbprune_assets.core.pool import source_lookup
+    from dbprune_assets.core.pool.sources import clip_retrieval_lookup as source_lookup
 
     uids = {
         "short": ["a", "b", "0a" * 16],

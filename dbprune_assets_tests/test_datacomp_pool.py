@@ -1,6 +1,6 @@
 """The generated DataComp-format pool: DataComp's file layout and types, read
-back through ``core/pool/sources.py``, and the planted story (concept spread,
-duplicates, mismatched captions) checked against its ground truth."""
+back through ``core/pool/sources/readers.py``, and the planted story (concept
+spread, duplicates, mismatched captions) checked against its ground truth."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 from dbprune_assets.cli import main
 from dbprune_assets.core.method import dbp
 from dbprune_assets.core.settings import PoolSettings
-from dbprune_assets.core.pool.sources import clip_scores, read_datacomp
+from dbprune_assets.core.pool.sources.readers import clip_scores, read_datacomp
 from dbprune_assets.samplepool import (
     COLORS,
     concept_counts,
@@ -55,7 +55,7 @@ def truth(pool: Path) -> pl.DataFrame:
 
 @pytest.fixture(scope="module")
 def rows(pool: Path, info: dict, truth: pl.DataFrame) -> dict:
-    """Every shard read back through core/pool/sources.py, in shard order, with its ground truth aligned."""
+    """Every shard read back through core/pool/sources/readers.py, in shard order, with its ground truth aligned."""
     out: dict = {"uid": [], "score": {m: [] for m in DIMS}, "img": {m: [] for m in DIMS}, "txt": {m: [] for m in DIMS},
                  "sha256": [], "text": []}
     for stem in info["shards"]:

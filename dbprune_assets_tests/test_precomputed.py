@@ -13,10 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dbprune_assets.core.pool import precomputed
+from dbprune_assets.core.pool.sources import datacomp, registry
+from dbprune_assets.core.pool.sources.readers import SourceError, clip_scores
+from dbprune_assets.core.pool.sources.stored import EmbeddingFiles
 from dbprune_assets.core.settings import build_settings, choose_settings
 from dbprune_assets.core.pool.shards import ShardError, ShardIngest, SAMPLES_SCHEMA, PROBLEMS_SCHEMA
-from dbprune_assets.core.pool.sources import SourceError, clip_scores
 
 D = 512  # DataComp's b32 width
 
@@ -51,7 +52,7 @@ def test_metadata_shard_statuses_are_exact(tmp_path: Path) -> None:
     uids = [_uid(1), _uid(2), _uid(3), _uid(1), _uid(5), _uid(6)]
     texts = ["a cat", "a dog", "a car", "a cat again", "   ", "a tree"]
     write_shard(tmp_path, "aa", uids, texts, img, txt)
-    got = precomputed.ingest_datacomp_shard(tmp_path, "aa", "b32")
+    got = datacomp.ingest_datacomp_shard(tmp_path, "aa", "b32")
     assert got.samples["status"].to_list() == ["ok", "bad_embedding", "bad_embedding", "duplicate_uid",
                                                "empty_caption", "ok"]
     assert got.samples["key"].to_list() == uids and got.samples["row"].to_list() == list(range(6))
@@ -75,7 +76,7 @@ def test_image_shard_linked_by_uid(tmp_path: Path) -> None:
     img[1] = np.inf
     # the source lists uid 2 (bad), uid 0 and uid 3 (a failed download: not linked), not uid 1
     src = write_shard(tmp_path / "emb", "00000", [_uid(3), _uid(2), _uid(0)], ["x"] * 3, img, txt)
-    got = precomputed.link_image_shard(ingest, src, "b32")
+    got = datacomp.link_image_shard(ingest, src, "b32")
     assert got.samples["status"].to_list() == ["ok", "no_embedding", "bad_embedding", "failed_download"]
     assert got.problems["key"].to_list() == ["000000001", "000000002"]
     assert got.problems["cause"][0].startswith("no_embedding") and _uid(1) in got.problems["cause"][0]
@@ -87,8 +88,8 @@ def test_stored_pairs_are_copied_with_their_cosine(tmp_path: Path) -> None:
     src = write_shard(tmp_path, "s", [_uid(i) for i in range(5)], ["t"] * 5, img, txt)
     ok = pl.DataFrame({"uid": [_uid(4), _uid(1)], "key": [_uid(4), _uid(1)], "row": [4, 1]})
     out = tmp_path / "out"
-    dim = precomputed.write_datacomp_embeddings(src, ok, "b32", out / "i.npy", out / "t.npy", out / "m.parquet",
-                                                tmp_path / "tmp", "s")
+    files = EmbeddingFiles(out / "i.npy", out / "t.npy", out / "m.parquet", tmp_path / "tmp")
+    dim = datacomp.write_datacomp_embeddings(src, ok, "b32", files, "s")
     assert dim == D
     np.testing.assert_array_equal(np.load(out / "i.npy"), img[[4, 1]])
     np.testing.assert_array_equal(np.load(out / "t.npy"), txt[[4, 1]])
@@ -99,37 +100,36 @@ def test_stored_pairs_are_copied_with_their_cosine(tmp_path: Path) -> None:
                  / np.linalg.norm(img[4].astype(np.float32)) / np.linalg.norm(txt[4].astype(np.float32)))
     assert meta["clip_score"][0] == pytest.approx(hand, abs=1e-6)
     with pytest.raises(SourceError, match=r"s.parquet \+ s.npz: embeddings are 512-d but earlier shards were 768-d"):
-        precomputed.write_datacomp_embeddings(src, ok, "b32", out / "i.npy", out / "t.npy", out / "m.parquet",
-                                              tmp_path / "tmp", "s", expected_dim=768)
+        datacomp.write_datacomp_embeddings(src, ok, "b32", files, "s", expected_dim=768)
 
 
 def test_bad_files_are_errors_naming_them(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     write_shard(tmp_path, "s", [_uid(0)], ["t"], _unit(rng, 1), _unit(rng, 1))
     with pytest.raises(ShardError, match=r"shard s: .*s.npz has no \['l14_img', 'l14_txt'\].*set embeddings.model"):
-        precomputed.ingest_datacomp_shard(tmp_path, "s", "l14")
+        datacomp.ingest_datacomp_shard(tmp_path, "s", "l14")
     (tmp_path / "s.npz").unlink()
     (tmp_path / "s.tar").touch()  # an image shard whose npz is missing
     samples = pl.DataFrame({"uid": [_uid(0)], "shard": ["s"], "key": ["0"], "row": [0], "caption": ["t"],
                             "width": [1], "height": [1], "status": ["ok"]}, schema=SAMPLES_SCHEMA)
     with pytest.raises(ShardError, match=r"s.npz is missing"):
-        precomputed.link_image_shard(ShardIngest("s", samples, pl.DataFrame(schema=PROBLEMS_SCHEMA)),
+        datacomp.link_image_shard(ShardIngest("s", samples, pl.DataFrame(schema=PROBLEMS_SCHEMA)),
                                      tmp_path / "s.parquet", "b32")
     np.savez(tmp_path / "t.npz", b32_img=_unit(rng, 2), b32_txt=_unit(rng, 2))
     pq.write_table(pa.table({"uid": pa.array([1, 2], pa.int64()), "text": ["a", "b"]}), tmp_path / "t.parquet")
     with pytest.raises(ShardError, match=r"t.parquet: column 'uid' of shard t has type int64, expected string"):
-        precomputed.ingest_datacomp_shard(tmp_path, "t", "b32")
+        datacomp.ingest_datacomp_shard(tmp_path, "t", "b32")
 
 
 def test_a_datacomp_shard_under_compute_says_which_setting(tmp_path: Path) -> None:
-    from dbprune_assets.defs.ingest import ingest_pool_shard
+    def ingest(settings):  # as raw_metadata does: through the source the settings name
+        return registry.get(settings.embeddings.source).ingest(tmp_path, "s", settings)
 
     rng = np.random.default_rng(4)
     write_shard(tmp_path, "s", [_uid(0)], ["t"], _unit(rng, 1), _unit(rng, 1))
     with pytest.raises(ShardError, match="set embeddings.source: datacomp"):
-        ingest_pool_shard(tmp_path, "s", build_settings({}, profile="paper"))
-    got = ingest_pool_shard(tmp_path, "s", build_settings({"embeddings": {"source": "datacomp", "model": "b32"}},
-                                                          profile="paper"))
+        ingest(build_settings({}, profile="paper"))
+    got = ingest(build_settings({"embeddings": {"source": "datacomp", "model": "b32"}}, profile="paper"))
     assert got.samples["status"].to_list() == ["ok"]
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from dbprune_assets.core.pool.sources import (
+from dbprune_assets.core.pool.sources.readers import (
     SourceError,
     bad_rows,
     check_dim,

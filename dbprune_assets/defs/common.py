@@ -30,6 +30,8 @@ import dagster as dg
 
 from dbprune_assets.core.store.catalog import CATALOG_TABLES, refresh_catalog
 from dbprune_assets.core.pool import shardgroups
+from dbprune_assets.core.pool.sources import registry
+from dbprune_assets.core.pool.sources.base import EmbeddingSource
 from dbprune_assets.core.store.layout import UNPARTITIONED, Layout, list_pool_shards
 from dbprune_assets.core.settings import STRATEGIES, PipelineSettings, choose_settings
 from dbprune_assets.core.store.state import State, combine_versions, file_signature, read_state, stable_hash, write_state
@@ -195,6 +197,11 @@ class Versions:
     strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
     _cache: dict[tuple[str, str], Any] = field(default_factory=dict)
 
+    @cached_property
+    def source(self) -> EmbeddingSource:
+        """The embedding source ``embeddings.source`` names (``core/pool/sources/registry.py``)."""
+        return registry.get(self.settings.embeddings.source)
+
     def keys(self, partitioning: Partitioning) -> list[str]:
         if partitioning == "shard":
             return self.shards
@@ -296,6 +303,12 @@ class Session:
     @property
     def device(self) -> str:
         return self.settings.compute.device
+
+    @cached_property
+    def source(self) -> EmbeddingSource:
+        """The embedding source ``embeddings.source`` names: what ingest and the
+        encoder and embeddings stages ask instead of branching on its name."""
+        return registry.get(self.settings.embeddings.source)
 
     @property
     def threads(self) -> int:

@@ -10,7 +10,6 @@ from dbprune_assets.core.store.atomic import write_json, write_parquet
 from dbprune_assets.core.running.device import torch_device
 from dbprune_assets.core.store.layout import Layout, list_pool_shards
 from dbprune_assets.core.running.progress import progress
-from dbprune_assets.core.store.state import stable_hash
 from dbprune_assets.core.store.state import file_signature
 from dbprune_assets.defs.common import Facts, Session, Versions, shard_partitions, stage
 from dbprune_assets.defs.ingest import raw_metadata
@@ -66,12 +65,11 @@ def encoder(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResu
     local checkpoint, or the offline default `bootstrap` (a small CLIP trained with open_clip_train on the
     pool's clean reference split). Its data version is the weights hash, so embeddings turn stale when it
     changes."""
-    emb = s.settings.embeddings
-    if emb.precomputed:  # stored embeddings: no model is trained or loaded
-        version = stable_hash({"source": emb.source, "model": emb.model})
-        used = f"{emb.source}{f' {emb.model}' if emb.source == 'datacomp' else ''} (stored embeddings; no encoder)"
-        write_json(s.layout.encoder_dir / "encoder.json", {"precomputed": used}, s.layout.tmp)
-        return s.done("encoder", summary={"precomputed": used}, metadata={"source": used}, data_version=version)
+    record = s.source.encoder_record(s.settings)
+    if record is not None:  # stored embeddings: no model is trained or loaded
+        write_json(s.layout.encoder_dir / "encoder.json", {"precomputed": record.used}, s.layout.tmp)
+        return s.done("encoder", summary={"precomputed": record.used}, metadata={"source": record.used},
+                      data_version=record.version)
     cfg = s.settings.encoder
     metadata = _train_bootstrap(context, s) if cfg.cluster_encoder.is_bootstrap or cfg.score.is_bootstrap else {}
     resolved, hashes = _check_encoders(s, metadata)
@@ -139,7 +137,7 @@ def embeddings(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeR
     from dbprune_assets.core.models.encoders import load_encoder, resolve_encoder
 
     s.check_k()
-    if s.settings.embeddings.precomputed:
+    if s.source.precomputed:
         return _stored_embeddings(context, s)
     cfg = s.settings.encoder
     device = torch_device(s.device)
@@ -156,8 +154,7 @@ def embeddings(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeR
             s.layout.img_emb(shard), s.layout.text_emb(shard), s.layout.emb_metadata(shard),
             s.settings.compute, s.layout.tmp, shard=shard,
         )
-        meta = pl.read_parquet(s.layout.emb_metadata(shard), columns=["uid", "shard", "clip_score"])
-        write_parquet(s.layout.table("scores", shard), meta, s.layout.tmp)
+        meta = _write_scores(s, shard)
         row = {"shard": shard, "embedded": stats.n, "images_per_s": round(stats.images_per_s, 1),
                "embed_seconds": round(stats.seconds, 2), "device": stats.device}
         s.commit("embeddings", shard, {"rows": stats.n, "images_per_s": row["images_per_s"]}, metadata={
@@ -173,46 +170,38 @@ def embeddings(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeR
     })
 
 
-def _stored_embeddings(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
-    """``embeddings`` from a precomputed source: the ok rows' stored pairs,
-    copied into the same layout; its data version is the source files'."""
+def _write_scores(s: Session, shard: str) -> "pl.DataFrame":
+    """The shard's ``scores`` table (uid, shard, clip_score) from its embeddings' metadata; returned."""
     import polars as pl
 
-    from dbprune_assets.core.pool import precomputed
-    from dbprune_assets.core.pool.source_index import source_signature
-    from dbprune_assets.core.store.state import file_signature, read_state
+    meta = pl.read_parquet(s.layout.emb_metadata(shard), columns=["uid", "shard", "clip_score"])
+    write_parquet(s.layout.table("scores", shard), meta, s.layout.tmp)
+    return meta
 
-    emb = s.settings.embeddings
+
+def _stored_embeddings(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
+    """``embeddings`` from a precomputed source: the ok rows' stored pairs,
+    copied into the same layout by the source (``EmbeddingSource.write_embeddings``);
+    each shard's data version is the source files'."""
+    from dbprune_assets.core.store.state import read_state
+
     step = s.partition_shards(context.partition_keys)
     mine = set(step)
     # the width of the shards embedded before, which every shard must share
     dim = next((st.summary["dim"] for sh in s.shards if sh not in mine
                 and (st := read_state(s.layout, "embeddings", sh)) and "dim" in st.summary), None)
     rows = []
-    # clip-retrieval: one folder for every shard, whose files' signatures are each shard's data version
-    cr_version = (stable_hash(["clip_retrieval", source_signature(emb.folder(s.layout.pool))])
-                  if emb.source == "clip_retrieval" else None)
-    for shard in progress(step, desc="embeddings (stored)", unit="shard"):
-        samples = pl.read_parquet(s.layout.table("samples", shard))
-        ok = samples.filter(pl.col("status") == "ok").select("uid", "key", "row")
-        src = precomputed.source_parquet(s.layout.pool, shard, emb.folder(s.layout.pool))
-        out = (s.layout.img_emb(shard), s.layout.text_emb(shard), s.layout.emb_metadata(shard), s.layout.tmp, shard)
-        if cr_version is not None:  # linked through the folder's index
-            src = emb.folder(s.layout.pool)
-            dim = precomputed.write_clip_retrieval_embeddings(src, ok, s.layout.home, *out, expected_dim=dim)
-        else:
-            dim = precomputed.write_datacomp_embeddings(src, ok, emb.model, *out, expected_dim=dim)
-        meta = pl.read_parquet(s.layout.emb_metadata(shard), columns=["uid", "shard", "clip_score"])
-        write_parquet(s.layout.table("scores", shard), meta, s.layout.tmp)
-        version = cr_version or stable_hash([file_signature(src), file_signature(src.with_suffix(".npz")), emb.model])
-        row = {"shard": shard, "embedded": ok.height, "source": src.name,
+    shards = progress(step, desc="embeddings (stored)", unit="shard")
+    for done in s.source.write_embeddings(s.layout, s.settings, shards, dim):
+        meta = _write_scores(s, done.shard)
+        row = {"shard": done.shard, "embedded": done.rows, "source": done.source.name,
                "mean_clip_score": round(float(meta["clip_score"].mean() or 0.0), 4)}
-        s.commit("embeddings", shard, {"rows": ok.height, "source": str(src), "dim": dim}, data_version=version,
-                 metadata=row)
+        s.commit("embeddings", done.shard, {"rows": done.rows, "source": str(done.source), "dim": done.dim},
+                 data_version=done.data_version, metadata=row)
         rows.append(row)
+        dim = done.dim
     s.refresh_catalog("scores")
     return dg.MaterializeResult(metadata={
-        "step_embedded": sum(r["embedded"] for r in rows), "source": emb.source + (f" {emb.model}" if emb.source == "datacomp" else ""),
+        "step_embedded": sum(r["embedded"] for r in rows), "source": s.source.label(s.settings),
         "embed_dim": dim or 0, "step_shards": table(rows, s.table_rows), "step_seconds": s.elapsed(),
     })
-

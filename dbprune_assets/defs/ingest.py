@@ -4,7 +4,6 @@ and the sensor that registers shards as they appear in the pool folder."""
 
 from collections import Counter
 from typing import Any, Mapping, Sequence
-from pathlib import Path
 
 import dagster as dg
 
@@ -14,12 +13,12 @@ from dbprune_assets.core.pool import shardgroups
 from dbprune_assets.core.store.layout import UNPARTITIONED, Layout, list_pool_shards, typical_shard_rows
 from dbprune_assets.core.pool.shardgroups import GroupSize
 from dbprune_assets.core.running.progress import progress
-from dbprune_assets.core.settings import PipelineSettings
-from dbprune_assets.core.pool.shards import STATUSES, ShardError, ShardIngest, failed_ingest, ingest_shard
-from dbprune_assets.core.store.state import combine_versions, file_signature, read_state
+from dbprune_assets.core.pool.shards import STATUSES, ShardError, failed_ingest
+from dbprune_assets.core.store.state import combine_versions, read_state
 from dbprune_assets.defs.common import (ALL_PARTITIONS, PARTITION_METADATA_MAX, SHARDS, DbpruneResource, Facts, Node,
                                         Session, Versions, graph_nodes, shard_partitions, stage)
 from dbprune_assets.defs.plots import md_table
+
 
 def remove_shard_outputs(layout: Layout, shard: str, tables: Sequence[str]) -> None:
     """Delete every file and commit marker a shard left behind: its files of the
@@ -69,43 +68,10 @@ def shard_tables(nodes: Mapping[str, Node]) -> list[str]:
 
 
 def ingest_inputs(versions: Versions, shard: str) -> dict[str, Any]:
-    """What a shard's ingest reads besides settings: its parquet and tar, and with
-    stored embeddings the source's files (they decide no_/bad_embedding)."""
-    layout, emb = versions.layout, versions.settings.embeddings
-    files = [file_signature(layout.shard_parquet(shard)), file_signature(layout.shard_tar(shard))]
-    if emb.precomputed:
-        folder = emb.folder(layout.pool)
-        if emb.source == "clip_retrieval":  # any part may hold the shard's rows: stat the parts once
-            from dbprune_assets.core.pool.source_index import source_signature
-
-            files.append(versions.memo(f"clip_retrieval_files:{folder}", lambda: source_signature(folder)))
-        else:
-            files += [file_signature(folder / f"{shard}.parquet"), file_signature(folder / f"{shard}.npz")]
-    return {"files": files}
-
-
-def ingest_pool_shard(pool: Path, shard: str, settings: PipelineSettings, home: Path | None = None) -> ShardIngest:
-    """One shard's samples and problems: img2dataset output, or with
-    ``embeddings.source: datacomp`` a DataComp metadata shard (or an image shard
-    linked to the npz of its stem, :mod:`~..core.pool.precomputed`), or with
-    ``clip_retrieval`` an image shard linked to clip-retrieval's output through
-    the index under ``home`` (default ``$DBPRUNE_HOME``)."""
-    from dbprune_assets.core.pool import precomputed
-
-    emb = settings.embeddings
-    if not emb.precomputed or emb.source == "clip_retrieval":
-        if precomputed.is_datacomp_shard(pool, shard):
-            raise ShardError(f"{pool / shard}.parquet: shard {shard} is DataComp metadata (an npz beside it, no "
-                             "tar): set embeddings.source: datacomp to use its stored embeddings")
-        ingest = ingest_shard(pool, shard, settings.ingest.verify_images)
-        if not emb.precomputed:
-            return ingest
-        layout = Layout.from_env(home, pool)
-        return precomputed.link_clip_retrieval_shard(ingest, emb.folder(pool), layout.home, layout.tmp)
-    if precomputed.is_datacomp_shard(pool, shard):
-        return precomputed.ingest_datacomp_shard(pool, shard, emb.model)
-    return precomputed.link_image_shard(ingest_shard(pool, shard, settings.ingest.verify_images),
-                                        precomputed.source_parquet(pool, shard, emb.folder(pool)), emb.model)
+    """What a shard's ingest reads besides settings: the files its embedding
+    source names (its parquet and tar, and with stored embeddings the source's
+    files, which decide no_/bad_embedding; ``EmbeddingSource.signature``)."""
+    return {"files": versions.source.signature(versions.layout, versions.settings, shard, versions.memo)}
 
 
 @stage(
@@ -128,7 +94,7 @@ def raw_metadata(context: dg.AssetExecutionContext, s: Session) -> dg.Materializ
     shards = s.partition_shards(context.partition_keys)
     for shard in progress(shards, desc="ingest", unit="shard"):
         try:
-            result = ingest_pool_shard(s.layout.pool, shard, s.settings, s.layout.home)
+            result = s.source.ingest(s.layout.pool, shard, s.settings, s.layout.home)
         except ShardError as err:
             result = failed_ingest(shard, err)
             failed[shard] = str(err)

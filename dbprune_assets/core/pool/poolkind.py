@@ -1,9 +1,13 @@
 """What kind of pool a folder holds: the generated sample pool (images), the
-generated DataComp-format pool, a user's DataComp metadata pool, or other.
+generated DataComp-format pool, a user's DataComp metadata pool, or other;
+and which of its shards are DataComp metadata shards (no images).
 
 The generators (``samplepool/``) write ``pool_info.json`` with their
-``generator`` name; the automatic profile choice (``core/settings.py``) reads
-it here, so settings need not import the generators (which import settings).
+``generator`` name; the automatic profile choice (``core/settings/loading.py``)
+reads it here, so settings need not import the generators (which import
+settings).
+The embedding sources (``core/pool/sources/``) ask the same questions of a
+pool (``DataCompSource.detect`` is :func:`looks_like_datacomp`).
 """
 
 from __future__ import annotations
@@ -39,3 +43,21 @@ def is_datacomp_pool(pool_dir: Path) -> bool:
 def looks_like_datacomp(pool: Path) -> bool:
     """A pool of DataComp metadata shards: an npz beside a parquet and no tar."""
     return any(p.with_suffix(".parquet").is_file() for p in pool.glob("*.npz")) and not any(pool.glob("*.tar"))
+
+
+def is_datacomp_shard(pool: Path, shard: str) -> bool:
+    """A DataComp metadata shard: ``<shard>.npz`` beside its parquet, no ``<shard>.tar`` (no images)."""
+    return (pool / f"{shard}.npz").is_file() and not (pool / f"{shard}.tar").exists()
+
+
+def is_metadata_only(pool: Path, shards: list[str]) -> bool:
+    """Whether the pool has no images at all (every shard a metadata shard)."""
+    return bool(shards) and all(is_datacomp_shard(pool, s) for s in shards)
+
+
+#: what the training stages say on a pool without images
+NEEDS_IMAGES = (
+    "the pool is DataComp metadata without images, so there is nothing to train on: the subsets are "
+    "subsets/<strategy>/uids.npy. Download the images with img2dataset (DataComp's download_upstream.py does it "
+    "for the whole pool), then make each subset's shards with DataComp's resharder.py --subset-file "
+    "subsets/<strategy>/uids.npy, and train on those")

@@ -36,7 +36,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal, Mapping
 
 import polars as pl
 import pyarrow as pa
@@ -49,7 +49,7 @@ from dbprune_assets.core.pool.wds import TarDamaged, decode_text, image_member, 
 #: every status a sample can get at ingest, in the contract's order
 STATUSES: tuple[str, ...] = (
     "ok", "failed_download", "undecodable", "missing_in_tar", "empty_caption", "truncated_tar", "duplicate_uid",
-    "no_embedding", "bad_embedding",  # precomputed embeddings (core/pool/precomputed.py)
+    "no_embedding", "bad_embedding",  # stored embeddings (core/pool/sources/)
 )
 #: the ``problems`` cause prefix of a caption repaired from non-UTF-8 bytes
 CAPTION_NOT_UTF8 = "caption_not_utf8"
@@ -237,16 +237,24 @@ def _check_schema(parquet_path: Path, shard: str, schema: pa.Schema) -> None:
             f"{parquet_path}: shard {shard}'s parquet has no 'key' column (columns: {sorted(names)}); "
             "it is not img2dataset output: write the pool with img2dataset (output_format webdataset)"
         )
-    for col, (kind, expected) in _COLUMNS.items():
-        if col not in names:
+    check_column_types(parquet_path, shard, schema, _COLUMNS, _type_kind,
+                       lambda col, expected: f"rewrite the parquet with {col!r} as {expected.split(' (')[0]}s "
+                                             "(as img2dataset writes it) or remove the shard from the pool")
+
+
+def check_column_types(parquet_path: Path, shard: str, schema: pa.Schema, columns: Mapping[str, tuple[str, str]],
+                       kind_of: Callable[[pa.DataType], str], fix: Callable[[str, str], str]) -> None:
+    """Raise ``ShardError`` for the first of ``columns`` (``{name: (kind, how a
+    message names it)}``) that ``schema`` has with a type whose ``kind_of`` is
+    neither that kind nor ``null``; the message ends with ``fix(column,
+    expected)`` and says that the other shards are ingested."""
+    for col, (kind, expected) in columns.items():
+        if col not in schema.names:
             continue
         found = schema.field(col).type
-        if _type_kind(found) not in (kind, "null"):
-            raise ShardError(
-                f"{parquet_path}: column {col!r} of shard {shard} has type {found}, expected {expected}; "
-                f"rewrite the parquet with {col!r} as {expected.split(' (')[0]}s (as img2dataset writes it) "
-                "or remove the shard from the pool. The shard is not ingested, the other shards are"
-            )
+        if kind_of(found) not in (kind, "null"):
+            raise ShardError(f"{parquet_path}: column {col!r} of shard {shard} has type {found}, expected {expected}; "
+                             f"{fix(col, expected)}. The shard is not ingested, the other shards are")
 
 
 def _check_values(ledger: pl.DataFrame, parquet_path: Path, shard: str) -> None:

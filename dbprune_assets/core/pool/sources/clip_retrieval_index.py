@@ -2,19 +2,19 @@
 
 clip-retrieval's parts (``metadata/metadata_N.parquet`` with
 ``img_emb/img_emb_N.npy`` and ``text_emb/text_emb_N.npy``, rows aligned;
-:mod:`.sources`) follow its inference order, not the pool's shards, so a pool
+:mod:`.readers`) follow its inference order, not the pool's shards, so a pool
 shard's rows may be in any part.  Holding every id of the source in Python
 memory is not an option at LAION scale (2B ids), so the link goes through an
 on-disk index, built once by DuckDB out of core:
 
 * ``$DBPRUNE_HOME/embeddings/source_index/ids-<hash>.parquet``: ``(id, part,
   row)`` of every source row, sorted by ``id`` (the ``uid`` when the metadata
-  has that column, else the key; :func:`.sources.clip_retrieval_id`), so
+  has that column, else the key; :func:`.readers.clip_retrieval_id`), so
   DuckDB skips the row groups outside a shard's id range (img2dataset keys of
   one shard are one contiguous range);
 * ``ids-<hash>-uid16/`` beside it, when the source links by uid and every uid
   is 32 hex digits of one case (DataComp, img2dataset): the uids as 16 raw
-  bytes, sorted, with their part and row (:mod:`.source_lookup`), for point
+  bytes, sorted, with their part and row (:mod:`.clip_retrieval_lookup`), for point
   lookups of random uids, which no row-group range can narrow;
 * ``index.json`` beside them: the folder, the link column, the parts and their
   row counts, the width and dtype, and the size+mtime signature of every
@@ -25,7 +25,7 @@ on-disk index, built once by DuckDB out of core:
 Building checks every part (its three files present, as many array rows as
 metadata rows, one width for image and text and across parts, the same link
 column everywhere) and every id (present, listed once); a failure is a
-:class:`.sources.SourceError` naming the file and what to do.  Builders in
+:class:`.readers.SourceError` naming the file and what to do.  Builders in
 parallel processes take turns (a ``flock`` on ``.lock``) and every file is
 replaced atomically, so a reader sees an old or a new index, never half one.
 
@@ -49,8 +49,8 @@ from typing import Iterator, Literal, Sequence
 import numpy as np
 
 from dbprune_assets.core.store.atomic import atomic_path, remove, scratch_dir, write_json
-from dbprune_assets.core.pool.source_lookup import HexCase, UidArrays, build_uid_arrays, lookup_duckdb
-from dbprune_assets.core.pool.sources import (
+from dbprune_assets.core.pool.sources.clip_retrieval_lookup import HexCase, UidArrays, build_uid_arrays, lookup_duckdb
+from dbprune_assets.core.pool.sources.readers import (
     CLIP_RETRIEVAL_FILES,
     SourceError,
     clip_retrieval_files,
@@ -335,7 +335,7 @@ def lookup(index: SourceIndex, ids: Sequence[str] | np.ndarray, tmp_root: Path,
     """For each of ``ids`` (one shard's uids or keys) its ``(part, row)`` in the
     source, ``(-1, -1)`` when the source has no row for it: a binary search in
     the uid arrays when the index has them, else a join against the parquet
-    (:mod:`.source_lookup`; both compare the ids as strings)."""
+    (:mod:`.clip_retrieval_lookup`; both compare the ids as strings)."""
     values = [str(v) for v in np.asarray(ids, dtype=object)]
     if index.uids is not None and index.uid_case is not None:
         return UidArrays.open(index.uids, index.uid_case).lookup(values)

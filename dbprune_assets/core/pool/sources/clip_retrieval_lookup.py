@@ -1,6 +1,6 @@
-"""Point lookups into the clip-retrieval link index (:mod:`.source_index`).
+"""Point lookups into the clip-retrieval link index (:mod:`.clip_retrieval_index`).
 
-:func:`.source_index.lookup` runs once per pool shard.  The sorted ``(id,
+:func:`.clip_retrieval_index.lookup` runs once per pool shard.  The sorted ``(id,
 part, row)`` parquet serves keys well (one shard's img2dataset keys are one
 contiguous range, so DuckDB skips the other row groups), but uids are random
 128-bit hex: one shard's uids span the whole id range and every lookup would
@@ -40,6 +40,7 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
+from dbprune_assets.core.pool.sources.readers import SourceError
 from dbprune_assets.core.store.atomic import atomic_path, scratch_dir
 
 HexCase = Literal["lower", "upper"]
@@ -167,8 +168,6 @@ class UidArrays:
 
     @classmethod
     def open(cls, folder: Path, case: HexCase) -> "UidArrays":
-        from dbprune_assets.core.pool.sources import SourceError
-
         try:
             arrays = [np.load(folder / f, mmap_mode="r", allow_pickle=False) for f in (UID_FILE, PART_FILE, ROW_FILE)]
         except (ValueError, OSError, EOFError) as err:

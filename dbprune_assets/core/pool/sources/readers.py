@@ -1,4 +1,4 @@
-"""Precomputed embedding sources: DataComp's parquet + npz pairs and
+"""Reading precomputed embeddings: DataComp's parquet + npz pairs and
 clip-retrieval's ``img_emb`` / ``text_emb`` / ``metadata`` folders.
 
 Users rarely embed a pool themselves: DataComp ships every metadata shard as

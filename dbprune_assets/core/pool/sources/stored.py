@@ -1,0 +1,94 @@
+"""What the precomputed embedding sources share: marking a shard's ok rows
+by what the source holds for them, and writing stored pairs in the
+clip-retrieval layout every later stage reads.
+
+A stored source links each ok sample of a shard to a row of its files (by
+uid, key or position) and :func:`mark_embeddings` gives the samples it has no
+row for ``no_embedding`` and those whose row is damaged ``bad_embedding``
+(:func:`~.readers.bad_rows`), each with its ``problems`` row.  The
+embeddings stage then copies the ok rows' pairs with :func:`write_stored_pairs`
+(float16, as the computed path writes, ``clip_score`` = cos of the stored
+pair), so nothing downstream knows where they came from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+import polars as pl
+
+from dbprune_assets.core.pool.shards import PROBLEMS_SCHEMA, ShardIngest
+from dbprune_assets.core.pool.sources.readers import clip_scores
+from dbprune_assets.core.store.atomic import atomic_path
+from dbprune_assets.core.store.layout import Layout
+
+_STAGE = "ingest"
+#: the end of every ``bad_embedding`` cause
+DAMAGED = "has a NaN, inf or zero-norm image or text embedding"
+
+
+class EmbeddingFiles(NamedTuple):
+    """Where one shard's embeddings go: the clip-retrieval layout's three files
+    and the scratch folder their atomic writes use."""
+
+    img: Path
+    text: Path
+    meta: Path
+    tmp_root: Path
+
+    @classmethod
+    def of(cls, layout: Layout, shard: str) -> "EmbeddingFiles":
+        """``embeddings/{img_emb,text_emb,metadata}/<shard>`` of ``layout``."""
+        return cls(layout.img_emb(shard), layout.text_emb(shard), layout.emb_metadata(shard), layout.tmp)
+
+
+def ok_rows(layout: Layout, shard: str) -> pl.DataFrame:
+    """``uid, key, row`` of the shard's ``ok`` samples (its ingested ``samples`` table), in row order."""
+    samples = pl.read_parquet(layout.table("samples", shard))
+    return samples.filter(pl.col("status") == "ok").select("uid", "key", "row")
+
+
+def mark_embeddings(ingest: ShardIngest, ok: np.ndarray, found: np.ndarray, bad: np.ndarray,
+                    no_row: Callable[[int], str], damaged_row: Callable[[int], str]) -> ShardIngest:
+    """``ingest`` with its rows at positions ``ok`` (its ``ok`` samples)
+    marked: ``no_embedding`` where not ``found``, else ``bad_embedding`` where
+    ``bad`` (both indexed like ``ok``); each gets a problems row whose cause is
+    ``no_embedding: <no_row(j)>`` or ``bad_embedding: <damaged_row(j)> has a
+    NaN, …``, ``j`` the sample's index in ``ok``."""
+    shard, samples = ingest.shard, ingest.samples
+    status = samples["status"].to_list()
+    keys = samples["key"].to_list()
+    problems = []
+    for j, i in enumerate(np.asarray(ok).tolist()):
+        if not found[j]:
+            status[i] = "no_embedding"
+            problems.append((shard, keys[i], _STAGE, f"no_embedding: {no_row(j)}"))
+        elif bad[j]:
+            status[i] = "bad_embedding"
+            problems.append((shard, keys[i], _STAGE, f"bad_embedding: {damaged_row(j)} {DAMAGED}"))
+    new = pl.DataFrame(problems, schema=PROBLEMS_SCHEMA, orient="row")
+    return ShardIngest(shard, samples.with_columns(pl.Series("status", status, pl.String)),
+                       pl.concat([ingest.problems, new]))
+
+
+def ok_positions(ingest: ShardIngest) -> np.ndarray:
+    """The row positions of ``ingest``'s ``ok`` samples."""
+    return np.flatnonzero((ingest.samples["status"] == "ok").to_numpy())
+
+
+def write_stored_pairs(img: np.ndarray, txt: np.ndarray, ok: pl.DataFrame, shard: str, out: EmbeddingFiles) -> None:
+    """The embeddings layout of one shard from its ``ok`` rows' (``uid, key,
+    row``) stored pairs, rows aligned with ``ok``: float16 arrays, then the
+    metadata (uid, shard, key, row, clip_score = cos of the stored pair)."""
+    meta = pl.DataFrame({
+        "uid": ok["uid"].cast(pl.Utf8), "shard": [shard] * ok.height, "key": ok["key"].cast(pl.Utf8),
+        "row": ok["row"].cast(pl.Int64), "clip_score": clip_scores(img, txt),
+    }, schema={"uid": pl.Utf8, "shard": pl.Utf8, "key": pl.Utf8, "row": pl.Int64, "clip_score": pl.Float32})
+    for path, array in ((out.img, img), (out.text, txt)):
+        with atomic_path(path, out.tmp_root) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, np.asarray(array, dtype=np.float16), allow_pickle=False)
+    with atomic_path(out.meta, out.tmp_root) as tmp:  # last: metadata appears only with its arrays
+        meta.write_parquet(tmp, compression="zstd")
