@@ -99,9 +99,8 @@ def _truth(pool: Path) -> list[str]:
 
 
 def _settings(source: str) -> PipelineSettings:
-    """Settings whose ``embeddings.source`` is ``source`` (a toy name is set past validation)."""
-    settings = build_settings({}, profile="paper")
-    return settings.model_copy(update={"embeddings": settings.embeddings.model_copy(update={"source": source})})
+    """Settings whose ``embeddings.source`` is ``source`` (a registered toy name is accepted)."""
+    return build_settings({"embeddings": {"source": source}}, profile="paper")
 
 
 def test_the_built_in_sources_are_registered() -> None:
@@ -186,3 +185,11 @@ def test_compute_has_no_stored_pairs(tmp_path: Path) -> None:
     assert compute.encoder_record(_settings("compute")) is None
     with pytest.raises(TypeError, match="computes them with the encoder"):
         next(compute.write_embeddings(Layout(tmp_path, tmp_path), _settings("compute"), ["x"]))
+
+
+def test_settings_accept_a_registered_source_and_refuse_others(toy: NpySource) -> None:
+    from dbprune_assets.core.settings import SettingsError, build_settings
+
+    assert build_settings({"profile": "sample", "embeddings": {"source": TOY}}).embeddings.source == TOY
+    with pytest.raises(SettingsError, match=f"no embedding source; allowed: compute, datacomp, clip_retrieval, {TOY}"):
+        build_settings({"profile": "sample", "embeddings": {"source": "parquet_only"}})
