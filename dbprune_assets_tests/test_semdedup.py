@@ -11,14 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dbprune_assets.core.method.semdedup import (
-    DUPLICATE_COLUMNS,
-    DedupShard,
-    plan_buckets,
-    semdedup_bruteforce,
-    semdedup_cluster,
-    semdedup_pool,
-)
+from dbprune_assets.core.method.semdedup import DUPLICATE_COLUMNS, DedupShard, semdedup_pool
+from dbprune_assets.core.method.semdedup_buckets import plan_buckets
+from dbprune_assets.core.method.semdedup_kernel import semdedup_bruteforce, semdedup_cluster
 
 EPS = 0.07
 
@@ -265,6 +260,7 @@ def _via_semdedup_cluster(k, x, cluster, dist, uids, eps, tile):
 @pytest.mark.parametrize("eps", [EPS, 0.3])
 def test_memory_disk_packed_and_unpacked_paths_agree(tmp_path, monkeypatch, eps):
     import dbprune_assets.core.method.semdedup as sd
+    import dbprune_assets.core.method.semdedup_kernel as kernel
 
     shards, k, (x, cluster, dist, uids), copy_uids = _mixed_pool()
     names = sorted(shards)
@@ -275,7 +271,7 @@ def test_memory_disk_packed_and_unpacked_paths_agree(tmp_path, monkeypatch, eps)
     for memory_rows in (0, 150, 10**9):  # all on disk, the first bucket(s) in memory, all in memory
         for pack, max_tile, tile in ((1, 512, 4096), (10**6, 512, 4096), (10**6, 8, 4096), (10**6, 512, 16), (5, 3, 7)):
             monkeypatch.setattr(sd, "_PACK_ROWS", pack)
-            monkeypatch.setattr(sd, "_MAX_TILE", max_tile)
+            monkeypatch.setattr(kernel, "_MAX_TILE", max_tile)
             got = list(
                 semdedup_pool(names, shards.__getitem__, k, eps, tile, tmp_path, bucket_rows=120, memory_rows=memory_rows)
             )
@@ -318,13 +314,13 @@ def test_work_units():
     assert _work_units(ends - sizes, ends, 1) == [(1, 4, False), (4, 6, False), (6, 16, False), (17, 19, False), (19, 21, False)]
 
 
-def test_decode_uids():
-    from dbprune_assets.core.method.semdedup import _decode_uids
+def testdecode_uids():
+    from dbprune_assets.core.method.semdedup_buckets import decode_uids
 
     raw = "ab".encode() + "é".encode() + b"xyz"
-    assert _decode_uids(raw, np.array([2, 2, 3], np.int32)).tolist() == ["ab", "é", "xyz"]
-    assert _decode_uids("éab".encode(), np.array([2, 2], np.int32)).tolist() == ["é", "ab"]  # same byte length
-    assert _decode_uids(b"", np.zeros(0, np.int32)).tolist() == []
+    assert decode_uids(raw, np.array([2, 2, 3], np.int32)).tolist() == ["ab", "é", "xyz"]
+    assert decode_uids("éab".encode(), np.array([2, 2], np.int32)).tolist() == ["é", "ab"]  # same byte length
+    assert decode_uids(b"", np.zeros(0, np.int32)).tolist() == []
 
 
 def test_pool_nan_distance_names_the_cluster(tmp_path):
@@ -347,6 +343,7 @@ def test_pool_any_grouping_equals_bruteforce(data):
     shard cuts, the pool gives the full-matrix reference (ties everywhere:
     entries in {-1, -.5, 0, .5, 1}, three distance values)."""
     import dbprune_assets.core.method.semdedup as sd
+    import dbprune_assets.core.method.semdedup_kernel as kernel
 
     n = data.draw(st.integers(1, 40))
     d = data.draw(st.integers(2, 6))
@@ -365,7 +362,7 @@ def test_pool_any_grouping_equals_bruteforce(data):
     }
     with pytest.MonkeyPatch.context() as mp, tempfile.TemporaryDirectory() as tmp:
         mp.setattr(sd, "_PACK_ROWS", data.draw(st.integers(1, 64)))
-        mp.setattr(sd, "_MAX_TILE", data.draw(st.integers(1, 64)))
+        mp.setattr(kernel, "_MAX_TILE", data.draw(st.integers(1, 64)))
         got = list(
             semdedup_pool(
                 sorted(shards), shards.__getitem__, k, eps, data.draw(st.integers(1, 64)), tmp,

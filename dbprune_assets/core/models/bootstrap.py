@@ -27,6 +27,7 @@ from dbprune_assets.core.models.model_dir import LOCAL_DIR, weights_hash
 from dbprune_assets.core.models.oc_train import (
     LossPoint,
     OpenClipTrainError,
+    TrainRun,
     build_train_argv,
     parse_loss_curve,
     run_open_clip_train,
@@ -138,10 +139,7 @@ def train_bootstrap(
     bit-identical only for the same thread count (recorded in bootstrap.json).
     """
     start = time.perf_counter()
-    shards = [Path(s).resolve() for s in train_shards]
-    missing = [str(s) for s in shards if not s.is_file()]
-    if not shards or missing:
-        raise BootstrapError(f"bootstrap training shards missing: {missing or 'none given'}")
+    shards = _existing_shards(train_shards)
     dev = torch_device(device)
     precision = precision or ("amp_bf16" if dev.startswith("cuda") else "fp32")
     workers = plan_workers(shards, n_samples, settings.batch_size, settings.workers)
@@ -157,24 +155,14 @@ def train_bootstrap(
         except OpenClipTrainError as err:
             raise BootstrapError(f"training the bootstrap encoder ({settings.model}) failed: {err}") from err
         curve = parse_loss_curve(run.log_path, settings.batch_size)
-        steps_per_epoch = math.ceil(n_samples / settings.batch_size)
-        if workers > 1:
-            steps_per_epoch = math.ceil(steps_per_epoch / workers) * workers
         info = {
             "architecture": settings.model,
             "settings": settings.model_dump(mode="json"),
             "source": source,
             "shards": [str(s) for s in shards],
             "n_samples": n_samples,
-            "device": dev,
-            "precision": precision,
-            "threads": threads,
-            "workers": workers,
-            "steps": steps_per_epoch * settings.epochs,
-            "first_loss": curve[0].loss if curve else None,
-            "final_loss": curve[-1].loss if curve else None,
-            "train_seconds": round(run.seconds, 3),
-            "train_cpu_seconds": round(run.cpu_seconds, 3),
+            **_run_info(run, curve, dev, precision, threads, workers,
+                        _planned_steps(n_samples, settings.batch_size, workers, settings.epochs)),
         }
         out_dir = staged.export(run, out_dir, tmp_root, {"bootstrap.json": info})
         log_copy = run.keep_logs(logs_dir, curve, tmp_root)
@@ -195,3 +183,38 @@ def train_bootstrap(
         log_path=log_copy,
         info=info,
     )
+
+
+def _existing_shards(train_shards: Sequence[Path]) -> list[Path]:
+    """The training shards as absolute paths; BootstrapError when none is given or one is missing."""
+    shards = [Path(s).resolve() for s in train_shards]
+    missing = [str(s) for s in shards if not s.is_file()]
+    if not shards or missing:
+        raise BootstrapError(f"bootstrap training shards missing: {missing or 'none given'}")
+    return shards
+
+
+def _run_info(run: TrainRun, curve: list[LossPoint], dev: str, precision: str, threads: int, workers: int,
+              steps: int) -> dict[str, Any]:
+    """How the run went, for ``bootstrap.json``: device, precision, threads,
+    workers, steps, first and final loss, wall-clock and CPU seconds."""
+    return {
+        "device": dev,
+        "precision": precision,
+        "threads": threads,
+        "workers": workers,
+        "steps": steps,
+        "first_loss": curve[0].loss if curve else None,
+        "final_loss": curve[-1].loss if curve else None,
+        "train_seconds": round(run.seconds, 3),
+        "train_cpu_seconds": round(run.cpu_seconds, 3),
+    }
+
+
+def _planned_steps(n_samples: int, batch_size: int, workers: int, epochs: int) -> int:
+    """The steps open_clip_train runs: per epoch, the batches of ``n_samples``
+    rounded up to a multiple of the loader workers."""
+    steps_per_epoch = math.ceil(n_samples / batch_size)
+    if workers > 1:
+        steps_per_epoch = math.ceil(steps_per_epoch / workers) * workers
+    return steps_per_epoch * epochs

@@ -8,7 +8,8 @@ which seeks to its members' bytes.  Memory is bounded by batch size × workers
 × prefetch, never by the shard.  Every batch is written at its rows' positions
 into preallocated float16 ``.npy`` memmaps, so outputs are aligned with
 ``rows`` whatever order workers deliver in, and batch composition (hence every
-number) does not depend on the worker count.
+number) does not depend on the worker count.  The tar index and the workers'
+batches are :mod:`dbprune_assets.core.models.embed_batches`.
 
 Outputs, in clip-retrieval's layout (rows aligned, ``ok`` samples only):
 
@@ -30,19 +31,18 @@ torch is imported inside the functions (cheap module import).
 from __future__ import annotations
 
 import contextlib
-import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from dbprune_assets.core.store.atomic import atomic_path
+from dbprune_assets.core.models.embed_batches import EmbedError, ShardBatches, image_members, torch_dataset
 from dbprune_assets.core.running.device import auto_threads, torch_device, torch_threads
 from dbprune_assets.core.running.progress import progress
 from dbprune_assets.core.settings import ComputeSettings
-from dbprune_assets.core.pool.wds import MemberRef, TarDamaged, image_member, iter_sample_headers
+from dbprune_assets.core.store.atomic import atomic_path
 
 if TYPE_CHECKING:  # pragma: no cover
     import polars as pl
@@ -51,10 +51,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from dbprune_assets.core.models.encoders import LoadedEncoder
 
 METADATA_COLUMNS: tuple[str, ...] = ("uid", "shard", "key", "row", "clip_score")
-
-
-class EmbedError(RuntimeError):
-    """A shard cannot be embedded; the message names shard, key and cause."""
 
 
 @dataclass(frozen=True)
@@ -160,124 +156,6 @@ def encode_texts(
                    device, precision)
 
 
-# ---------------------------------------------------------------------------
-# tar index and the worker dataset
-
-
-def index_tar(tar_path: Path, shard: str) -> dict[str, dict[str, MemberRef]]:
-    """``{key: {ext: member}}`` of a webdataset tar, from its headers only (first wins).
-
-    A tar damaged part-way (truncated) is indexed up to the damage: ingest gave
-    the samples behind it status ``truncated_tar``, so they are never asked for.
-    """
-    index: dict[str, dict[str, MemberRef]] = {}
-    try:
-        for key, members in iter_sample_headers(tar_path):
-            entry = index.setdefault(key, {})
-            for ext, ref in members.items():
-                entry.setdefault(ext, ref)
-    except FileNotFoundError:
-        raise EmbedError(f"shard {shard}: tar {tar_path} does not exist") from None
-    except TarDamaged as err:
-        if not index:  # not a tar at all
-            raise EmbedError(f"shard {shard}: cannot read tar {tar_path}: {err.cause}") from err
-    return index
-
-
-class _ShardBatches:
-    """Iterable over batches of one shard; DataLoader workers split it by batch index.
-
-    Yields dicts ``{"start", "images": [tensor per preprocess], "tokens": [tensor per
-    tokenizer]}`` or ``{"error": message}`` for a member that fails to decode.
-    """
-
-    def __init__(
-        self,
-        tar_path: Path,
-        shard: str,
-        keys: Sequence[str],
-        members: Sequence[MemberRef],
-        captions: Sequence[str],
-        batch_size: int,
-        preprocesses: Sequence[Callable[[Any], Any]],
-        tokenizers: Sequence[Callable[..., Any]],
-    ) -> None:
-        self.tar_path, self.shard = str(tar_path), shard
-        self.keys, self.members, self.captions = list(keys), list(members), list(captions)
-        self.batch_size = batch_size
-        self.preprocesses, self.tokenizers = list(preprocesses), list(tokenizers)
-        self.n_batches = -(-len(self.keys) // batch_size)
-
-    def _batch(self, f: Any, b: int) -> dict[str, Any]:
-        import torch
-        from PIL import Image
-
-        start = b * self.batch_size
-        stop = min(len(self.keys), start + self.batch_size)
-        per_pp: list[list[Any]] = [[] for _ in self.preprocesses]
-        for i in range(start, stop):
-            m = self.members[i]
-            try:
-                f.seek(m.offset)
-                data = f.read(m.size)
-                if len(data) != m.size:
-                    raise EOFError(f"member {m.name} truncated ({len(data)} of {m.size} bytes)")
-                with Image.open(io.BytesIO(data)) as im:
-                    im.load()
-                    rgb = im.convert("RGB")
-                for out, pp in zip(per_pp, self.preprocesses):
-                    out.append(pp(rgb))
-            except Exception as e:  # noqa: BLE001 - any decode/preprocess failure is this sample's
-                return {"error": f"shard {self.shard}: key {self.keys[i]}: cannot decode image {m.name} ({type(e).__name__}: {e})"}
-        caps = self.captions[start:stop]
-        try:
-            tokens = [tok(caps) for tok in self.tokenizers]
-        except Exception as e:  # noqa: BLE001
-            return {"error": f"shard {self.shard}: keys {self.keys[start]}..{self.keys[stop - 1]}: cannot tokenise captions ({type(e).__name__}: {e})"}
-        return {"start": start, "images": [torch.stack(x) for x in per_pp], "tokens": tokens}
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        from torch.utils.data import get_worker_info
-
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        with open(self.tar_path, "rb") as f:
-            for b in range(wid, self.n_batches, nw):
-                item = self._batch(f, b)
-                yield item
-                if "error" in item:
-                    return
-
-
-def _torch_dataset_class() -> type:
-    """``TorchShardBatches``: a torch IterableDataset over a ``_ShardBatches``.
-
-    Built on first use so that importing this module does not import torch;
-    reachable as a module attribute (PEP 562), so it pickles by reference for
-    spawned DataLoader workers too.
-    """
-    from torch.utils.data import IterableDataset
-
-    class TorchShardBatches(IterableDataset):  # type: ignore[misc]
-        def __init__(self, inner: _ShardBatches) -> None:
-            self.inner = inner
-
-        def __iter__(self) -> Iterator[dict[str, Any]]:
-            return iter(self.inner)
-
-    TorchShardBatches.__module__ = __name__
-    TorchShardBatches.__qualname__ = "TorchShardBatches"
-    return TorchShardBatches
-
-
-def __getattr__(name: str) -> Any:
-    if name == "TorchShardBatches":
-        cls = globals().get(name) or _torch_dataset_class()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def _same_preprocess(a: "LoadedEncoder", b: "LoadedEncoder") -> bool:
     pa = getattr(getattr(a.model, "visual", None), "preprocess_cfg", None)
     pb = getattr(getattr(b.model, "visual", None), "preprocess_cfg", None)
@@ -302,6 +180,130 @@ def _same_tokenizer(a: "LoadedEncoder", b: "LoadedEncoder") -> bool:
 
 # ---------------------------------------------------------------------------
 # embed one shard
+
+
+@dataclass(frozen=True)
+class _ShardRows:
+    """The ``rows`` of one shard as embed_shard takes them: output row i is
+    sample i."""
+
+    keys: list[str]
+    parquet_rows: np.ndarray  # int64: the parquet row (or the array row without a ``row`` column)
+    uids: list[str]
+    captions: list[str]  # None as ""
+
+    @staticmethod
+    def check_columns(rows: "pl.DataFrame", shard: str) -> None:
+        """EmbedError when ``rows`` lacks uid, key or caption."""
+        missing_cols = [c for c in ("uid", "key", "caption") if c not in rows.columns]
+        if missing_cols:
+            raise EmbedError(f"shard {shard}: rows lack column(s) {missing_cols}; expected uid, key, caption")
+
+    @classmethod
+    def read(cls, rows: "pl.DataFrame") -> "_ShardRows":
+        """The columns of ``rows`` (checked by :meth:`check_columns`)."""
+        import polars as pl
+
+        return cls(
+            keys=[str(k) for k in rows.get_column("key").to_list()],
+            parquet_rows=(rows.get_column("row").cast(pl.Int64).to_numpy() if "row" in rows.columns
+                          else np.arange(rows.height, dtype=np.int64)),
+            uids=rows.get_column("uid").cast(pl.Utf8).to_list(),
+            captions=[c if c is not None else "" for c in rows.get_column("caption").cast(pl.Utf8).to_list()],
+        )
+
+    def metadata(self, shard: str, scores: np.ndarray) -> "pl.DataFrame":
+        """The ``metadata/<shard>.parquet`` frame (:data:`METADATA_COLUMNS`)."""
+        import polars as pl
+
+        return pl.DataFrame(
+            {
+                "uid": pl.Series(self.uids, dtype=pl.Utf8),
+                "shard": pl.Series([shard] * len(self.keys), dtype=pl.Utf8),
+                "key": pl.Series(self.keys, dtype=pl.Utf8),
+                "row": pl.Series(self.parquet_rows, dtype=pl.Int64),
+                "clip_score": pl.Series(scores, dtype=pl.Float32),
+            }
+        )
+
+
+class _ShardEncoders:
+    """The cluster encoder and, when it is another model, the score encoder,
+    on one device: which preprocesses and tokenizers the batches carry, and
+    the embeddings and CLIP scores of one batch."""
+
+    def __init__(self, cluster: "LoadedEncoder", score: "LoadedEncoder | None", device: str, precision: str) -> None:
+        self.cluster = cluster.to(device)
+        self.score = score.to(device) if score is not None and not self.cluster.same_model(score) else None
+        self.device, self.precision = device, precision
+        self.preprocesses: list[Callable[[Any], Any]] = [self.cluster.preprocess]
+        self.tokenizers: list[Callable[..., Any]] = [self.cluster.tokenizer]
+        # the batch's images / tokens the score encoder reads: the cluster encoder's when they match
+        self.score_image = self.score_tokens = 0
+        if self.score is not None:
+            if not _same_preprocess(self.cluster, self.score):
+                self.preprocesses.append(self.score.preprocess)
+                self.score_image = 1
+            if not _same_tokenizer(self.cluster, self.score):
+                self.tokenizers.append(self.score.tokenizer)
+                self.score_tokens = 1
+
+    def encode(self, images: Sequence["torch.Tensor"], tokens: Sequence["torch.Tensor"]
+               ) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+        """Image and text embeddings of the cluster encoder (L2-normalised
+        float32) and ``cos(image, text)`` of the score encoder."""
+        img = _features(self.cluster.model.encode_image, images[0], self.device, self.precision)
+        txt = _features(self.cluster.model.encode_text, tokens[0], self.device, self.precision)
+        if self.score is None:
+            return img, txt, (img * txt).sum(-1)
+        simg = _features(self.score.model.encode_image, images[self.score_image], self.device, self.precision)
+        stxt = _features(self.score.model.encode_text, tokens[self.score_tokens], self.device, self.precision)
+        return img, txt, (simg * stxt).sum(-1)
+
+
+def _write_embeddings(tmp_img: Path, tmp_text: Path, batches: ShardBatches, encoders: _ShardEncoders,
+                      workers: int, n: int) -> np.ndarray:
+    """Encode every batch (decoded by ``workers`` DataLoader processes) into
+    float16 ``.npy`` memmaps at ``tmp_img`` / ``tmp_text``, each batch at its
+    rows; returns the CLIP scores (float32, row order)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    dim = encoders.cluster.embed_dim
+    scores = np.zeros(n, dtype=np.float32)
+    if n == 0:
+        np.save(tmp_img, np.zeros((0, dim), np.float16), allow_pickle=False)
+        np.save(tmp_text, np.zeros((0, dim), np.float16), allow_pickle=False)
+        return scores
+    img_mm = np.lib.format.open_memmap(tmp_img, mode="w+", dtype=np.float16, shape=(n, dim))
+    txt_mm = np.lib.format.open_memmap(tmp_text, mode="w+", dtype=np.float16, shape=(n, dim))
+    loader = DataLoader(
+        torch_dataset(batches),
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=encoders.device.startswith("cuda"),
+        prefetch_factor=2 if workers > 0 else None,
+    )
+    done = 0
+    with torch.inference_mode():
+        for item in progress(loader, desc=f"embed {batches.shard}", unit="batch", total=batches.n_batches):
+            if "error" in item:
+                raise EmbedError(item["error"])
+            start = int(item["start"])
+            img, txt, s = encoders.encode(item["images"], item["tokens"])
+            k = img.shape[0]
+            if img.shape[1] != dim:
+                raise EmbedError(f"shard {batches.shard}: {encoders.cluster.name} produced {img.shape[1]}-dim embeddings, expected {dim}")
+            img_mm[start : start + k] = img.cpu().numpy().astype(np.float16)
+            txt_mm[start : start + k] = txt.cpu().numpy().astype(np.float16)
+            scores[start : start + k] = s.cpu().numpy()
+            done += k
+    if done != n:  # pragma: no cover - every batch index is visited once
+        raise EmbedError(f"shard {batches.shard}: embedded {done} of {n} samples")
+    for mm in (img_mm, txt_mm):
+        mm.flush()
+    del img_mm, txt_mm
+    return scores
 
 
 def embed_shard(
@@ -334,55 +336,19 @@ def embed_shard(
     the end).  Raises ``EmbedError`` naming shard, key and cause when a key is
     missing from the tar or its image does not decode.
     """
-    import polars as pl
-    import torch
-    from torch.utils.data import DataLoader
-
-
     t0 = time.perf_counter()
     tar_path = Path(tar_path)
     shard = shard or tar_path.stem
-    missing_cols = [c for c in ("uid", "key", "caption") if c not in rows.columns]
-    if missing_cols:
-        raise EmbedError(f"shard {shard}: rows lack column(s) {missing_cols}; expected uid, key, caption")
+    _ShardRows.check_columns(rows, shard)
     device = torch_device(compute.device)
     precision = resolve_precision(device, compute.precision)
-
-    keys = [str(k) for k in rows.get_column("key").to_list()]
-    parquet_rows = (rows.get_column("row").cast(pl.Int64).to_numpy() if "row" in rows.columns
-                    else np.arange(rows.height, dtype=np.int64))
-    uids = rows.get_column("uid").cast(pl.Utf8).to_list()
-    captions = [c if c is not None else "" for c in rows.get_column("caption").cast(pl.Utf8).to_list()]
-    n = len(keys)
-
-    members: list[MemberRef] = []
-    if n:
-        index = index_tar(tar_path, shard)
-        for key in keys:
-            entry = index.get(key)
-            image = image_member(entry) if entry else None
-            if image is None:
-                cause = "not in the tar" if not entry else f"no image member (found {', '.join(sorted(entry))})"
-                raise EmbedError(f"shard {shard}: key {key}: {cause} ({tar_path})")
-            members.append(image[1])
-        del index
-
-    cluster = cluster_encoder.to(device)
-    score = score_encoder.to(device) if score_encoder is not None and not cluster.same_model(score_encoder) else None
-    preprocesses: list[Callable[[Any], Any]] = [cluster.preprocess]
-    tokenizers: list[Callable[..., Any]] = [cluster.tokenizer]
-    s_img = s_tok = 0
-    if score is not None:
-        if not _same_preprocess(cluster, score):
-            preprocesses.append(score.preprocess)
-            s_img = 1
-        if not _same_tokenizer(cluster, score):
-            tokenizers.append(score.tokenizer)
-            s_tok = 1
-    dim = cluster.embed_dim
-    batches = _ShardBatches(tar_path, shard, keys, members, captions, compute.batch_size, preprocesses, tokenizers)
+    samples = _ShardRows.read(rows)
+    n = len(samples.keys)
+    members = image_members(tar_path, shard, samples.keys)
+    encoders = _ShardEncoders(cluster_encoder, score_encoder, device, precision)
+    batches = ShardBatches(tar_path, shard, samples.keys, members, samples.captions, compute.batch_size,
+                           encoders.preprocesses, encoders.tokenizers)
     workers = max(0, min(compute.workers, batches.n_batches))
-    scores = np.zeros(n, dtype=np.float32)
     # CPU threads: compute.threads, or (0) the cores left beside the decode workers
     threads = compute.threads if compute.threads > 0 else auto_threads(workers)
     with torch_threads(threads), contextlib.ExitStack() as stack:
@@ -390,56 +356,8 @@ def embed_shard(
         tmp_meta = stack.enter_context(atomic_path(out_meta, tmp_root))
         tmp_text = stack.enter_context(atomic_path(out_text, tmp_root))
         tmp_img = stack.enter_context(atomic_path(out_img, tmp_root))
-        if n == 0:
-            np.save(tmp_img, np.zeros((0, dim), np.float16), allow_pickle=False)
-            np.save(tmp_text, np.zeros((0, dim), np.float16), allow_pickle=False)
-        else:
-            img_mm = np.lib.format.open_memmap(tmp_img, mode="w+", dtype=np.float16, shape=(n, dim))
-            txt_mm = np.lib.format.open_memmap(tmp_text, mode="w+", dtype=np.float16, shape=(n, dim))
-            loader = DataLoader(
-                __getattr__("TorchShardBatches")(batches),
-                batch_size=None,
-                num_workers=workers,
-                pin_memory=device.startswith("cuda"),
-                prefetch_factor=2 if workers > 0 else None,
-            )
-            done = 0
-            with torch.inference_mode():
-                for item in progress(loader, desc=f"embed {shard}", unit="batch", total=batches.n_batches):
-                    if "error" in item:
-                        raise EmbedError(item["error"])
-                    start = int(item["start"])
-                    imgs, toks = item["images"], item["tokens"]
-                    img = _features(cluster.model.encode_image, imgs[0], device, precision)
-                    txt = _features(cluster.model.encode_text, toks[0], device, precision)
-                    if score is None:
-                        s = (img * txt).sum(-1)
-                    else:
-                        simg = _features(score.model.encode_image, imgs[s_img], device, precision)
-                        stxt = _features(score.model.encode_text, toks[s_tok], device, precision)
-                        s = (simg * stxt).sum(-1)
-                    k = img.shape[0]
-                    if img.shape[1] != dim:
-                        raise EmbedError(f"shard {shard}: {cluster.name} produced {img.shape[1]}-dim embeddings, expected {dim}")
-                    img_mm[start : start + k] = img.cpu().numpy().astype(np.float16)
-                    txt_mm[start : start + k] = txt.cpu().numpy().astype(np.float16)
-                    scores[start : start + k] = s.cpu().numpy()
-                    done += k
-            if done != n:  # pragma: no cover - every batch index is visited once
-                raise EmbedError(f"shard {shard}: embedded {done} of {n} samples")
-            for mm in (img_mm, txt_mm):
-                mm.flush()
-            del img_mm, txt_mm
-        meta = pl.DataFrame(
-            {
-                "uid": pl.Series(uids, dtype=pl.Utf8),
-                "shard": pl.Series([shard] * n, dtype=pl.Utf8),
-                "key": pl.Series(keys, dtype=pl.Utf8),
-                "row": pl.Series(parquet_rows, dtype=pl.Int64),
-                "clip_score": pl.Series(scores, dtype=pl.Float32),
-            }
-        )
-        meta.write_parquet(tmp_meta, compression="zstd")
+        scores = _write_embeddings(tmp_img, tmp_text, batches, encoders, workers, n)
+        samples.metadata(shard, scores).write_parquet(tmp_meta, compression="zstd")
 
     seconds = time.perf_counter() - t0
     return EmbedStats(
@@ -452,5 +370,5 @@ def embed_shard(
         batch_size=compute.batch_size,
         workers=workers,
         threads=threads,
-        embed_dim=dim,
+        embed_dim=encoders.cluster.embed_dim,
     )

@@ -11,12 +11,13 @@ An encoder setting (``EncoderSpec``) names one of
 * an open_clip folder (``model: local-dir:/path``: ``open_clip_config.json``
   holding ``{"model_cfg", "preprocess_cfg"}`` beside the weights
   ``open_clip_model.safetensors`` or ``open_clip_pytorch_model.bin``),
-* ``bootstrap``: the small CLIP that ``core.bootstrap`` trains, saved as such a
+* ``bootstrap``: the small CLIP that ``core.models.bootstrap`` trains, saved as such a
   folder at ``Layout.encoder_dir``.
 
 Without network access nothing can be downloaded: weights already in the
 Hugging Face / open_clip cache are used (a quick probe switches the Hub client
-offline when it cannot be reached), anything else raises ``EncoderError``
+offline when it cannot be reached: :mod:`dbprune_assets.core.models.hub`),
+anything else raises ``EncoderError``
 naming the setting to change.  Model folders themselves (writing, weight
 files, the weights hash that is the encoder asset's data version) are
 :mod:`dbprune_assets.core.models.model_dir`; the device is chosen by
@@ -30,14 +31,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
-from urllib.parse import urlparse
+from typing import Any, Callable, Literal
 
-from dbprune_assets.core.running.device import torch_device
+from dbprune_assets.core.models.hub import hf_weights_path, hub_offline_when_unreachable
 from dbprune_assets.core.models.model_dir import CONFIG_FILE, LOCAL_DIR, WEIGHT_FILE_ORDER, weights_hash, weights_in_dir
+from dbprune_assets.core.running.device import torch_device
 from dbprune_assets.core.settings import EncoderSpec
 
 #: the project's own open_clip architecture configs (``dbprune-tiny``)
@@ -284,50 +284,6 @@ class LoadedEncoder:
         return other is None or other is self or (other.resolved.identity() == self.resolved.identity())
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Quick check that the Hugging Face endpoint can be reached (a proxy counts as yes)."""
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    try:
-        from huggingface_hub import constants
-
-        endpoint = constants.ENDPOINT
-    except Exception:  # pragma: no cover - huggingface_hub is an open_clip dependency
-        endpoint = "https://huggingface.co"
-    url = urlparse(endpoint)
-    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def _hub_offline_when_unreachable() -> Iterator[bool]:
-    """Switch huggingface_hub to offline mode while the Hub cannot be reached.
-
-    Offline, ``hf_hub_download`` serves cached files at once (or fails at once)
-    instead of retrying for tens of seconds per file.  Yields whether offline.
-    """
-    try:
-        from huggingface_hub import constants
-    except Exception:  # pragma: no cover
-        yield False
-        return
-    if constants.HF_HUB_OFFLINE:
-        yield True
-        return
-    if _hub_reachable():
-        yield False
-        return
-    constants.HF_HUB_OFFLINE = True
-    try:
-        yield True
-    finally:
-        constants.HF_HUB_OFFLINE = False
-
-
 def _fetch_hint(r: ResolvedEncoder) -> str:
     return (
         f"set {r.setting}.model: bootstrap or a local checkpoint path "
@@ -357,50 +313,9 @@ def load_encoder(
         r = resolve_encoder(spec_or_resolved, Path(bootstrap_dir or "."), setting=setting)
 
     register_model_configs()
-    import open_clip
-
     dev = torch_device(device)
-    weights: Path | None = r.weights_path
-    if r.kind in ("bootstrap", "local-dir"):
-        folder = r.local_dir
-        assert folder is not None
-        if not (folder / CONFIG_FILE).is_file():
-            if r.kind == "bootstrap":
-                raise EncoderError(
-                    f"the bootstrap encoder has not been trained yet ({folder} has no {CONFIG_FILE}); "
-                    "materialise the encoder asset first"
-                )
-            raise EncoderError(f"{r.setting}.model: {folder} is not an open_clip folder (no {CONFIG_FILE})")
-        weights = weights_in_dir(folder)
-        if weights is None:
-            what = "the bootstrap encoder folder" if r.kind == "bootstrap" else f"{r.setting}.model"
-            raise EncoderError(
-                f"{what}: no weights in {folder} (expected one of {', '.join(WEIGHT_FILE_ORDER[:3])}); "
-                "a folder without weights would give a randomly initialised model"
-            )
-
-    hub = _hub_offline_when_unreachable() if r.kind in ("tag", "hf-hub") else contextlib.nullcontext(False)
-    with hub as offline:
-        try:
-            if r.kind == "tag":
-                # fetch (or find in the cache) first, to know the weight file
-                weights = Path(open_clip.pretrained.download_pretrained(open_clip.get_pretrained_cfg(r.model_name, r.pretrained)))
-            model, _, preprocess = open_clip.create_model_and_transforms(r.model_name, pretrained=r.pretrained, device=dev)
-            tokenizer = open_clip.get_tokenizer(r.model_name)
-            if r.kind == "hf-hub":
-                weights = _hf_weights_path(r.model_name[len(HF_HUB):])
-        except EncoderError:
-            raise
-        except Exception as e:  # noqa: BLE001 - open_clip raises RuntimeError/ValueError/OSError/hub errors
-            cause = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            if r.kind in ("tag", "hf-hub"):
-                state = "offline and not in the local cache" if offline else "download failed"
-                raise EncoderError(f"cannot fetch the weights of {r.name} ({state}; {cause}); {_fetch_hint(r)}") from e
-            raise EncoderError(
-                f"cannot load {r.name} ({cause}); check {r.setting}.model and {r.setting}.pretrained "
-                "(the checkpoint must match the architecture)"
-            ) from e
-
+    weights = _folder_weights(r) if r.kind in ("bootstrap", "local-dir") else r.weights_path
+    model, preprocess, tokenizer, weights = _create_model(r, dev, weights)
     model.eval()
     model.requires_grad_(False)
     dim = embed_dim_of(model)
@@ -416,14 +331,58 @@ def load_encoder(
     )
 
 
-def _hf_weights_path(model_id: str) -> Path | None:
-    """The cached weight file of an hf-hub model (after open_clip fetched it)."""
-    try:
-        import open_clip
+def _folder_weights(r: ResolvedEncoder) -> Path:
+    """The weight file of a ``bootstrap`` / ``local-dir`` encoder's folder;
+    EncoderError when the folder has no config (the bootstrap encoder not
+    trained yet) or no weights."""
+    folder = r.local_dir
+    assert folder is not None
+    if not (folder / CONFIG_FILE).is_file():
+        if r.kind == "bootstrap":
+            raise EncoderError(
+                f"the bootstrap encoder has not been trained yet ({folder} has no {CONFIG_FILE}); "
+                "materialise the encoder asset first"
+            )
+        raise EncoderError(f"{r.setting}.model: {folder} is not an open_clip folder (no {CONFIG_FILE})")
+    weights = weights_in_dir(folder)
+    if weights is None:
+        what = "the bootstrap encoder folder" if r.kind == "bootstrap" else f"{r.setting}.model"
+        raise EncoderError(
+            f"{what}: no weights in {folder} (expected one of {', '.join(WEIGHT_FILE_ORDER[:3])}); "
+            "a folder without weights would give a randomly initialised model"
+        )
+    return weights
 
-        return Path(open_clip.pretrained.download_pretrained_from_hf(model_id))
-    except Exception:  # noqa: BLE001
-        return None
+
+def _create_model(r: ResolvedEncoder, dev: str, weights: Path | None) -> tuple[Any, Any, Any, Path | None]:
+    """open_clip's model, preprocess and tokenizer of ``r`` on ``dev``, and the
+    weight file (``weights``, or the one a tag or hf-hub id was fetched to).
+    Fetches go through the Hub offline when it cannot be reached; any failure
+    is an EncoderError naming the setting to change."""
+    import open_clip
+
+    hub = hub_offline_when_unreachable() if r.kind in ("tag", "hf-hub") else contextlib.nullcontext(False)
+    with hub as offline:
+        try:
+            if r.kind == "tag":
+                # fetch (or find in the cache) first, to know the weight file
+                weights = Path(open_clip.pretrained.download_pretrained(open_clip.get_pretrained_cfg(r.model_name, r.pretrained)))
+            model, _, preprocess = open_clip.create_model_and_transforms(r.model_name, pretrained=r.pretrained, device=dev)
+            tokenizer = open_clip.get_tokenizer(r.model_name)
+            if r.kind == "hf-hub":
+                weights = hf_weights_path(r.model_name[len(HF_HUB):])
+        except EncoderError:
+            raise
+        except Exception as e:  # noqa: BLE001 - open_clip raises RuntimeError/ValueError/OSError/hub errors
+            cause = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            if r.kind in ("tag", "hf-hub"):
+                state = "offline and not in the local cache" if offline else "download failed"
+                raise EncoderError(f"cannot fetch the weights of {r.name} ({state}; {cause}); {_fetch_hint(r)}") from e
+            raise EncoderError(
+                f"cannot load {r.name} ({cause}); check {r.setting}.model and {r.setting}.pretrained "
+                "(the checkpoint must match the architecture)"
+            ) from e
+    return model, preprocess, tokenizer, weights
 
 
 def embed_dim_of(model: Any) -> int:

@@ -88,6 +88,8 @@ from dbprune_assets.core.models.model_dir import CONFIG_FILE, LOCAL_DIR, WEIGHTS
 from dbprune_assets.core.models.oc_train import (
     LossPoint,
     OpenClipTrainError,
+    ScratchModel,
+    TrainRun,
     build_train_argv,
     curve_json,
     parse_loss_curve,
@@ -320,26 +322,24 @@ def train_clip(
     )
 
 
-def _train(
-    train_data: str,
-    n_samples: int,
-    out_dir: Path,
-    settings: TrainSettings,
-    seed: int,
-    dev: str,
-    logs_dir: Path,
-    tmp_root: Path,
-    nproc: int,
-    *,
-    threads: int,
-    epochs: int,
-    log_every_n_steps: int,
-    timeout_s: float | None,
-    canonical: bool | None,
-    start: float,
-) -> TrainResult:
-    """``train_clip`` after the checks; ``nproc`` processes (torchrun when > 1;
-    open_clip_train's DDP wrapper needs CUDA devices then)."""
+@dataclass(frozen=True)
+class _RunSetup:
+    """How one training runs: the device, ``nproc`` processes, torch's CPU
+    threads, the precision, the plan, and notes on what differs from the
+    settings."""
+
+    dev: str
+    nproc: int
+    threads: int
+    precision: str
+    plan: TrainPlan
+    notes: list[str]
+
+
+def _run_setup(settings: TrainSettings, dev: str, nproc: int, threads: int, epochs: int, n_samples: int) -> _RunSetup:
+    """Threads (0: the cores the loader workers leave, on CPU), precision (fp32
+    off CUDA) and :func:`plan_training`'s plan, with a note for each value
+    that differs from the settings or makes the run unusual."""
     notes: list[str] = []
     if threads <= 0 and not dev.startswith("cuda"):
         threads = auto_threads(settings.workers, processes=nproc)
@@ -362,54 +362,96 @@ def _train(
     if settings.scale is not None and (changed := deviations(settings.model_dump())):
         notes.append(f"train.scale {settings.scale}, but {', '.join(changed)}: not comparable with DataComp's "
                      f"{settings.scale} leaderboard")
+    return _RunSetup(dev, nproc, threads, precision, plan, notes)
 
+
+def _run_training(train_data: str, settings: TrainSettings, seed: int, setup: _RunSetup, staged: ScratchModel,
+                  log_every_n_steps: int, timeout_s: float | None) -> tuple[TrainRun, list[str], list[LossPoint]]:
+    """Run open_clip_train in the scratch folder ``staged`` as ``setup``
+    plans; returns the run, its argv and its loss curve.  TrainError when it
+    fails or logs another number of steps than the plan."""
+    plan = setup.plan
+    argv = build_train_argv(
+        model=staged.model_arg, train_data=str(train_data), n_samples=plan.samples_per_epoch,
+        batch_size=plan.per_device_batch, epochs=plan.epochs, lr=settings.lr, warmup=settings.warmup,
+        beta2=settings.beta2, workers=settings.workers, precision=setup.precision, seed=seed, logs=staged.logs,
+        device=setup.dev, save_frequency=0, log_every_n_steps=log_every_n_steps, extra=["--dataset-resampled"],
+    )
+    try:
+        run = run_open_clip_train(argv, threads=setup.threads, stdout_path=staged.stdout_path, timeout_s=timeout_s,
+                                  nproc=setup.nproc)
+    except OpenClipTrainError as err:
+        raise TrainError(f"training {settings.model} (seed {seed}) on {train_data} failed: {err}") from err
+    curve = parse_loss_curve(run.log_path, plan.global_batch)
+    logged_steps = curve[-1].step if curve else 0
+    if logged_steps != plan.steps:
+        raise TrainError(
+            f"open_clip_train logged {logged_steps} steps, the plan was {plan.steps} "
+            f"({plan.epochs} epochs x {plan.steps_per_epoch}); last output:\n{run.tail()}"
+        )
+    return run, argv, curve
+
+
+def _new_result(out_dir: Path, settings: TrainSettings, seed: int, n_samples: int, setup: _RunSetup, run: TrainRun,
+                argv: list[str], curve: list[LossPoint]) -> TrainResult:
+    """The result of a finished run (weights hash, canonical folder and total
+    time filled in later)."""
+    plan = setup.plan
+    return TrainResult(
+        out_dir=out_dir,
+        model_name=LOCAL_DIR + str(out_dir.resolve()),
+        canonical_dir=None,
+        architecture=settings.model,
+        scale=settings.scale,
+        seed=int(seed),
+        n_samples=int(n_samples),
+        steps=plan.steps,
+        epochs=plan.epochs,
+        steps_per_epoch=plan.steps_per_epoch,
+        per_device_batch=plan.per_device_batch,
+        global_batch=plan.global_batch,
+        world_size=setup.nproc,
+        workers=settings.workers,
+        samples_seen=plan.samples_seen,
+        requested_samples_seen=settings.samples_seen,
+        seconds=run.seconds,
+        total_seconds=0.0,
+        samples_per_s=plan.samples_seen / run.seconds if run.seconds > 0 else float("nan"),
+        device=setup.dev,
+        precision=setup.precision,
+        threads=int(setup.threads),
+        weights_hash="",
+        loss_curve=curve,
+        argv=list(argv),
+        command=[str(c) for c in run.command],
+        notes=setup.notes,
+    )
+
+
+def _train(
+    train_data: str,
+    n_samples: int,
+    out_dir: Path,
+    settings: TrainSettings,
+    seed: int,
+    dev: str,
+    logs_dir: Path,
+    tmp_root: Path,
+    nproc: int,
+    *,
+    threads: int,
+    epochs: int,
+    log_every_n_steps: int,
+    timeout_s: float | None,
+    canonical: bool | None,
+    start: float,
+) -> TrainResult:
+    """``train_clip`` after the checks; ``nproc`` processes (torchrun when > 1;
+    open_clip_train's DDP wrapper needs CUDA devices then)."""
+    setup = _run_setup(settings, dev, nproc, threads, epochs, n_samples)
     with training_scratch(settings.model, tmp_root, "train-") as staged:
-        argv = build_train_argv(
-            model=staged.model_arg, train_data=str(train_data), n_samples=plan.samples_per_epoch,
-            batch_size=plan.per_device_batch, epochs=plan.epochs, lr=settings.lr, warmup=settings.warmup,
-            beta2=settings.beta2, workers=settings.workers, precision=precision, seed=seed, logs=staged.logs, device=dev,
-            save_frequency=0, log_every_n_steps=log_every_n_steps, extra=["--dataset-resampled"],
-        )
-        try:
-            run = run_open_clip_train(argv, threads=threads, stdout_path=staged.stdout_path, timeout_s=timeout_s, nproc=nproc)
-        except OpenClipTrainError as err:
-            raise TrainError(f"training {settings.model} (seed {seed}) on {train_data} failed: {err}") from err
-        curve = parse_loss_curve(run.log_path, plan.global_batch)
-        logged_steps = curve[-1].step if curve else 0
-        if logged_steps != plan.steps:
-            raise TrainError(
-                f"open_clip_train logged {logged_steps} steps, the plan was {plan.steps} "
-                f"({plan.epochs} epochs x {plan.steps_per_epoch}); last output:\n{run.tail()}"
-            )
-        result = TrainResult(
-            out_dir=out_dir,
-            model_name=LOCAL_DIR + str(out_dir.resolve()),
-            canonical_dir=None,
-            architecture=settings.model,
-            scale=settings.scale,
-            seed=int(seed),
-            n_samples=int(n_samples),
-            steps=plan.steps,
-            epochs=plan.epochs,
-            steps_per_epoch=plan.steps_per_epoch,
-            per_device_batch=plan.per_device_batch,
-            global_batch=plan.global_batch,
-            world_size=nproc,
-            workers=settings.workers,
-            samples_seen=plan.samples_seen,
-            requested_samples_seen=settings.samples_seen,
-            seconds=run.seconds,
-            total_seconds=0.0,
-            samples_per_s=plan.samples_seen / run.seconds if run.seconds > 0 else float("nan"),
-            device=dev,
-            precision=precision,
-            threads=int(threads),
-            weights_hash="",
-            loss_curve=curve,
-            argv=list(argv),
-            command=[str(c) for c in run.command],
-            notes=notes,
-        )
+        run, argv, curve = _run_training(train_data, settings, seed, setup, staged, log_every_n_steps, timeout_s)
+        result = _new_result(out_dir, settings, seed, n_samples, setup, run, argv, curve)
         # argv paths point into the scratch folder, which is removed: record them as they ran
         staged.export(run, out_dir, tmp_root, {RESULT_FILE: result.to_json()})
         log_copy = run.keep_logs(logs_dir, curve, tmp_root)
