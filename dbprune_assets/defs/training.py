@@ -33,7 +33,7 @@ def trained_model(context: dg.AssetExecutionContext, s: Session) -> dg.Materiali
     with open_clip.create_model_and_transforms('local-dir:<path>')."""
     from dbprune_assets.core.store.export import train_data_spec
     from dbprune_assets.core.models.encoders import require_training_space
-    from dbprune_assets.core.pool.precomputed import NEEDS_IMAGES, is_metadata_only
+    from dbprune_assets.core.pool.poolkind import NEEDS_IMAGES, is_metadata_only
     from dbprune_assets.core.models.train import train_clip
 
     if is_metadata_only(s.layout.pool, s.shards):

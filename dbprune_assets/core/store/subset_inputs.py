@@ -129,7 +129,7 @@ def subset_inputs(layout: Layout, *, memory_limit: str = "1GB", threads: int | N
     """The step's :class:`SubsetInputs` (``tables``: the tables root to read,
     default ``$DBPRUNE_HOME/tables``), in a scratch folder under ``layout.tmp``
     that is removed on exit."""
-    from dbprune_assets.core.pool.precomputed import is_metadata_only
+    from dbprune_assets.core.pool.poolkind import is_metadata_only
 
     origin = Path(tables) if tables is not None else layout.home / "tables"
     images = not is_metadata_only(layout.pool, list_pool_shards(layout.pool))
