@@ -224,7 +224,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from dbprune_assets.runner import dagster_instance
+    from dbprune_assets.cluster.instance import dagster_instance
 
     layout = Layout.from_env()
     dagster_instance(layout)  # creates the instance folder and its dagster.yaml
@@ -290,7 +290,8 @@ def _signal_group(pgid: int, signum: int) -> bool:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """A Celery worker executing dbprune runs (README "Many machines")."""
-    from dbprune_assets.cluster import ClusterError, run_worker
+    from dbprune_assets.cluster.instance import ClusterError
+    from dbprune_assets.cluster.worker import run_worker
 
     try:
         return run_worker(args.queue, concurrency=args.concurrency, name=args.name, loglevel=args.loglevel)
@@ -301,8 +302,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_daemon(args: argparse.Namespace) -> int:
     """``dagster-daemon run`` on this home's instance: sensors, schedules and
     backfills launched from the UI (``dbprune run`` itself needs no daemon)."""
-    from dbprune_assets.cluster import ClusterError
-    from dbprune_assets.runner import dagster_instance
+    from dbprune_assets.cluster.instance import ClusterError, dagster_instance
 
     layout = Layout.from_env()
     try:

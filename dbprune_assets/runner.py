@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from dbprune_assets import cluster
-from dbprune_assets.cluster import RANGE_END_TAG, RANGE_START_TAG, console_config, dagster_instance  # noqa: F401 (re-exported)
+from dbprune_assets.cluster.instance import console_config, dagster_instance
+from dbprune_assets.cluster.tags import RANGE_END_TAG, RANGE_START_TAG  # noqa: F401 (re-exported)
 from dbprune_assets.core.store.layout import UNPARTITIONED, Layout
 from dbprune_assets.core.running.progress import bars_enabled
 from dbprune_assets.core.settings import STRATEGIES, PipelineSettings
@@ -184,20 +185,65 @@ def run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None 
         return _run_pipeline(layout, settings, select, force, echo, log_level)
 
 
+@dataclass
+class _Pipeline:
+    """What every group of one ``dbprune run`` shares."""
+
+    layout: Layout
+    settings: PipelineSettings
+    force: bool
+    echo: Echo
+    log_level: str | None
+    instance: Any  # dg.DagsterInstance
+    nodes: Mapping[str, Any]  # asset -> defs.common.Node
+    job: Any  # the definitions' implicit asset job
+    strategies: list[str]  # the configured ones, in STRATEGIES order
+
+
+@dataclass
+class _GroupPlan:
+    """A group's partitions (all of them, the stale ones to redo, the rest
+    skipped) and the assets of the group that run."""
+
+    kind: str | None  # the group's partitioning
+    registered: list[str]  # the shard partitions' keys, in Dagster's order
+    shards: list[str]
+    all_parts: list[str]
+    stale: list[str]
+    stale_keys: list[str]  # the partition keys of the stale ones (shard groups: a group's key)
+    to_run: list[str]
+    skipped: list[str]
+    label: str
+
+
 def _run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None, force: bool,
                   echo: Echo, log_level: str | None) -> RunReport:
-    import dagster as dg
+    t0 = time.monotonic()
+    defs, graph, nodes, instance = _open(layout, settings, echo)
+    ordered = _choose_assets(graph, nodes, select, layout, echo)
+    groups = plan_groups(ordered, {k: set(nodes[k].parents) for k in ordered},
+                         {k: nodes[k].partitioning for k in ordered})
+    pipeline = _Pipeline(layout, settings, force, echo, log_level, instance, nodes,
+                         defs.resolve_implicit_global_asset_job_def(),
+                         [s for s in STRATEGIES if s in settings.selection.strategies])
+    results: list[GroupResult] = []
+    for group in groups:
+        result, failure = _run_group(pipeline, group)
+        results.append(result)
+        if failure is not None:
+            return RunReport(results, time.monotonic() - t0, ok=False, failure=failure)
+    return RunReport(results, time.monotonic() - t0)
 
+
+def _open(layout: Layout, settings: PipelineSettings, echo: Echo) -> tuple[Any, Any, dict[str, Any], Any]:
+    """The definitions, their asset graph and nodes, and the home's instance,
+    made ready: stale temporary files removed, runs of dead processes marked
+    failed, the shard partitions synchronised with the pool."""
     from dbprune_assets.core.store.atomic import clean_stale_tmp
-    from dbprune_assets.core.store.layout import list_pool_shards
-    from dbprune_assets.core.running.oserrors import MIN_FREE_BYTES, NotEnoughSpace, require_free_space
-    from dbprune_assets.core.pool.precomputed import NEEDS_IMAGES, is_metadata_only
-    from dbprune_assets.core.store.state import clear_state
-    from dbprune_assets.defs.common import DbpruneResource, Versions, graph_nodes, registered_shards
+    from dbprune_assets.defs.common import DbpruneResource, graph_nodes
     from dbprune_assets.defs.ingest import shard_tables, sync_shard_partitions
     from dbprune_assets.definitions import build_defs
 
-    t0 = time.monotonic()
     defs = build_defs(DbpruneResource(home=str(layout.home), pool=str(layout.pool)))
     graph = defs.resolve_asset_graph()
     nodes = graph_nodes(graph)
@@ -209,6 +255,16 @@ def _run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None
     added, removed = sync_shard_partitions(instance, layout, shard_tables(nodes), settings.partitions.shards_per_partition)
     if added or removed:
         echo(f"pool: {len(added)} shard(s) added, {len(removed)} removed")
+    return defs, graph, nodes, instance
+
+
+def _choose_assets(graph: Any, nodes: Mapping[str, Any], select: str | None, layout: Layout, echo: Echo) -> list[str]:
+    """The selected assets, ingest first, then topological; without a
+    selection, a metadata-only pool skips the assets that need images."""
+    import dagster as dg
+
+    from dbprune_assets.core.pool.precomputed import NEEDS_IMAGES, is_metadata_only
+    from dbprune_assets.core.store.layout import list_pool_shards
 
     selection = dg.AssetSelection.from_coercible(select.split(",")) if select else dg.AssetSelection.all()
     keys = {k.to_user_string() for k in selection.resolve(graph)}
@@ -217,71 +273,94 @@ def _run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None
         skipped_stages = [k for k in ordered if nodes[k].facts.needs_images]
         ordered = [k for k in ordered if not nodes[k].facts.needs_images]
         echo(f"– {', '.join(skipped_stages)}: skipped: {NEEDS_IMAGES}")
-    groups = plan_groups(ordered, {k: set(nodes[k].parents) for k in ordered},
-                         {k: nodes[k].partitioning for k in ordered})
+    return ordered
 
-    job = defs.resolve_implicit_global_asset_job_def()
-    strategies = [s for s in STRATEGIES if s in settings.selection.strategies]
-    results: list[GroupResult] = []
-    for group in groups:
-        g0 = time.monotonic()
-        registered = list(instance.get_dynamic_partitions("shards"))  # Dagster's order: ranges follow it
-        shards = registered_shards(sorted(registered), layout.pool)
-        versions = Versions(layout, settings, shards, nodes, strategies)
-        kind = nodes[group[0]].partitioning
-        all_parts = versions.keys(kind)  # strategies: the configured ones, in STRATEGIES order
-        stale_by = {a: [p for p in all_parts if force or not versions.is_fresh(a, p)] for a in group}
-        stale = [p for p in all_parts if any(p in stale_by[a] for a in group)]
-        # the stale assets and, after them, those of the group that read them (a
-        # group's assets share a partitioning; an up-to-date encoder beside a stale
-        # pool_manifest is not retrained)
-        to_run: list[str] = []
-        for a in group:  # topological order
-            if stale_by[a] or any(p in to_run for p in nodes[a].parents):
-                to_run.append(a)
-        stale_keys = stale
-        if kind == "shard" and stale and len(registered) != len(shards):  # shard groups: a group runs whole
-            of = {sh: key for key in registered for sh in registered_shards([key], layout.pool)}
-            stale_keys = list(dict.fromkeys(of[sh] for sh in stale if sh in of))
-            stale = registered_shards(sorted(stale_keys), layout.pool)
-        skipped = [p for p in all_parts if p not in stale]
-        label = ", ".join(to_run or group)
-        if not stale:
-            echo(f"✓ {label}: up to date ({len(all_parts)} partition(s))")
-            results.append(GroupResult(group, [], skipped, 0.0))
-            continue
-        scope = f"{len(stale)} of {len(all_parts)} partitions" if kind else "unpartitioned"
-        if not all(nodes[a].facts.ingest for a in group) and (refused := _k_refused(layout, settings, shards)):
-            echo(f"✗ {label} not started: {refused}")
-            results.append(GroupResult(group, [], skipped, time.monotonic() - g0))
-            return RunReport(results, time.monotonic() - t0, ok=False, failure=refused)
-        echo(f"▶ {label} [{scope}] …")
-        try:
-            require_free_space(layout.home, MIN_FREE_BYTES, label)
-        except NotEnoughSpace as e:
-            echo(f"✗ {label} not started: {e}")
-            results.append(GroupResult(group, [], skipped, time.monotonic() - g0))
-            return RunReport(results, time.monotonic() - t0, ok=False, failure=str(e))
-        # a partition is redone from scratch: drop its commit markers first, so a
-        # crash half-way through (even of a --force re-run) leaves it out of date
-        for a in to_run:
-            for p in stale:
-                clear_state(layout, a, p)
-        ranges = [(None, None)] if kind is None else batched_ranges(
-            registered if kind == "shard" else list(STRATEGIES), stale_keys, settings.partitions.per_run)
-        with GroupBar(layout, to_run, stale, label), \
-                cluster.planned_events(min(len(stale_keys), settings.partitions.per_run) if kind else 1):
-            run_ids, failed = (cluster.run_ranges(job, instance, to_run, ranges, log_level, layout=layout, echo=echo)
-                               if cluster.enabled() else _run_ranges(job, instance, to_run, ranges, log_level))
-        if failed is not None:
-            msg = _failure_message(failed, layout)
-            echo(f"✗ {label} failed (run {failed.run_id}): {msg}")
-            results.append(GroupResult(group, stale, skipped, time.monotonic() - g0, run_ids, to_run))
-            return RunReport(results, time.monotonic() - t0, ok=False, failure=msg)
-        dt = time.monotonic() - g0
-        echo(f"✓ {label}: {len(stale) if kind else 1} partition(s) in {dt:.1f}s")
-        results.append(GroupResult(group, stale, skipped, dt, run_ids, to_run))
-    return RunReport(results, time.monotonic() - t0)
+
+def _plan_group(pipeline: _Pipeline, group: list[str]) -> _GroupPlan:
+    """Which of the group's partitions are out of date, and which of its assets run."""
+    from dbprune_assets.defs.common import Versions, registered_shards
+
+    registered = list(pipeline.instance.get_dynamic_partitions("shards"))  # Dagster's order: ranges follow it
+    shards = registered_shards(sorted(registered), pipeline.layout.pool)
+    versions = Versions(pipeline.layout, pipeline.settings, shards, pipeline.nodes, pipeline.strategies)
+    kind = pipeline.nodes[group[0]].partitioning
+    all_parts = versions.keys(kind)  # strategies: the configured ones, in STRATEGIES order
+    stale_by = {a: [p for p in all_parts if pipeline.force or not versions.is_fresh(a, p)] for a in group}
+    stale = [p for p in all_parts if any(p in stale_by[a] for a in group)]
+    # the stale assets and, after them, those of the group that read them (a
+    # group's assets share a partitioning; an up-to-date encoder beside a stale
+    # pool_manifest is not retrained)
+    to_run: list[str] = []
+    for a in group:  # topological order
+        if stale_by[a] or any(p in to_run for p in pipeline.nodes[a].parents):
+            to_run.append(a)
+    stale_keys = stale
+    if kind == "shard" and stale and len(registered) != len(shards):  # shard groups: a group runs whole
+        of = {sh: key for key in registered for sh in registered_shards([key], pipeline.layout.pool)}
+        stale_keys = list(dict.fromkeys(of[sh] for sh in stale if sh in of))
+        stale = registered_shards(sorted(stale_keys), pipeline.layout.pool)
+    skipped = [p for p in all_parts if p not in stale]
+    return _GroupPlan(kind, registered, shards, all_parts, stale, stale_keys, to_run, skipped,
+                      label=", ".join(to_run or group))
+
+
+def _run_group(pipeline: _Pipeline, group: list[str]) -> tuple[GroupResult, str | None]:
+    """One group: up to date, refused before it starts (cluster counts the
+    pool cannot hold, too little free space), or run; (its result, why the
+    pipeline stops or None)."""
+    from dbprune_assets.core.running.oserrors import MIN_FREE_BYTES, NotEnoughSpace, require_free_space
+
+    g0 = time.monotonic()
+    plan = _plan_group(pipeline, group)
+    if not plan.stale:
+        pipeline.echo(f"✓ {plan.label}: up to date ({len(plan.all_parts)} partition(s))")
+        return GroupResult(group, [], plan.skipped, 0.0), None
+    scope = f"{len(plan.stale)} of {len(plan.all_parts)} partitions" if plan.kind else "unpartitioned"
+    if not all(pipeline.nodes[a].facts.ingest for a in group) and (
+            refused := _k_refused(pipeline.layout, pipeline.settings, plan.shards)):
+        return _not_started(pipeline, group, plan, refused, g0)
+    pipeline.echo(f"▶ {plan.label} [{scope}] …")
+    try:
+        require_free_space(pipeline.layout.home, MIN_FREE_BYTES, plan.label)
+    except NotEnoughSpace as e:
+        return _not_started(pipeline, group, plan, str(e), g0)
+    return _execute_group(pipeline, group, plan, g0)
+
+
+def _not_started(pipeline: _Pipeline, group: list[str], plan: _GroupPlan, why: str,
+                 g0: float) -> tuple[GroupResult, str]:
+    pipeline.echo(f"✗ {plan.label} not started: {why}")
+    return GroupResult(group, [], plan.skipped, time.monotonic() - g0), why
+
+
+def _execute_group(pipeline: _Pipeline, group: list[str], plan: _GroupPlan,
+                   g0: float) -> tuple[GroupResult, str | None]:
+    """Run the group's stale partitions, one run per range of at most
+    ``partitions.per_run`` (in process, or on the cluster's workers)."""
+    from dbprune_assets.core.store.state import clear_state
+
+    # a partition is redone from scratch: drop its commit markers first, so a
+    # crash half-way through (even of a --force re-run) leaves it out of date
+    for a in plan.to_run:
+        for p in plan.stale:
+            clear_state(pipeline.layout, a, p)
+    per_run = pipeline.settings.partitions.per_run
+    ranges = [(None, None)] if plan.kind is None else batched_ranges(
+        plan.registered if plan.kind == "shard" else list(STRATEGIES), plan.stale_keys, per_run)
+    with GroupBar(pipeline.layout, plan.to_run, plan.stale, plan.label), \
+            cluster.planned_events(min(len(plan.stale_keys), per_run) if plan.kind else 1):
+        if cluster.enabled():
+            run_ids, failed = cluster.run_ranges(pipeline.job, pipeline.instance, plan.to_run, ranges,
+                                                 pipeline.log_level, layout=pipeline.layout, echo=pipeline.echo)
+        else:
+            run_ids, failed = _run_ranges(pipeline.job, pipeline.instance, plan.to_run, ranges, pipeline.log_level)
+    if failed is not None:
+        msg = _failure_message(failed, pipeline.layout)
+        pipeline.echo(f"✗ {plan.label} failed (run {failed.run_id}): {msg}")
+        return GroupResult(group, plan.stale, plan.skipped, time.monotonic() - g0, run_ids, plan.to_run), msg
+    dt = time.monotonic() - g0
+    pipeline.echo(f"✓ {plan.label}: {len(plan.stale) if plan.kind else 1} partition(s) in {dt:.1f}s")
+    return GroupResult(group, plan.stale, plan.skipped, dt, run_ids, plan.to_run), None
 
 
 PROCESS_TAG = "dbprune/process"  # <host>-<pid> of the `dbprune run` that executes the run

@@ -34,6 +34,7 @@ import pytest
 import yaml
 
 from dbprune_assets import cluster
+from dbprune_assets.cluster import failures, launcher, submit
 from dbprune_assets.core.store.layout import Layout
 
 from . import faultkit as fk
@@ -75,15 +76,28 @@ def test_deploy_dagster_yaml_is_what_dbprune_writes() -> None:
     assert yaml.safe_load(shipped.read_text()) == yaml.safe_load(cluster.instance_yaml(env))
 
 
-def test_the_launcher_named_in_dagster_yaml_loads_from_its_config(tmp_path: Path) -> None:
+@pytest.mark.parametrize("module", ["dbprune_assets.cluster", "dbprune_assets.cluster.launcher"])
+def test_the_launcher_named_in_dagster_yaml_loads_from_its_config(tmp_path: Path, module: str) -> None:
     from dagster._serdes import ConfigurableClassData
 
-    data = ConfigurableClassData("dbprune_assets.cluster", "DbpruneRunLauncher",
-                                 yaml.safe_dump({"broker": "redis://127.0.0.1:1/0"}))
-    launcher = data.rehydrate(as_type=cluster.launcher_class())
-    assert isinstance(launcher, cluster.DbpruneRunLauncher)
-    assert (launcher.broker, launcher.backend, launcher.default_queue) == (
+    data = ConfigurableClassData(module, "DbpruneRunLauncher", yaml.safe_dump({"broker": "redis://127.0.0.1:1/0"}))
+    run_launcher = data.rehydrate(as_type=cluster.launcher_class())
+    assert isinstance(run_launcher, cluster.DbpruneRunLauncher)
+    assert (run_launcher.broker, run_launcher.backend, run_launcher.default_queue) == (
         "redis://127.0.0.1:1/0", "redis://127.0.0.1:1/0", "cpu")
+
+
+def test_a_workers_code_pointer_starts_at_the_repository_root() -> None:
+    """The job a worker rebuilds is found from the repository root, by a
+    module path that resolves (the old one, ``dbprune_assets.cluster``, too)."""
+    import importlib
+
+    job = SimpleNamespace(name="__ASSET_JOB")
+    pointer = launcher.reconstructable_job(job, "/h", "/p").repository.pointer
+    assert Path(pointer.reconstructor_pointer.working_directory) == Path(__file__).resolve().parents[1]
+    module = importlib.import_module(pointer.reconstructor_pointer.module)
+    assert getattr(module, pointer.reconstructor_pointer.fn_name) is launcher.reconstruct_defs
+    assert cluster.reconstruct_defs is launcher.reconstruct_defs
 
 
 @pytest.mark.parametrize(("url", "masked"), [
@@ -157,7 +171,7 @@ def test_unreachable_database_is_one_error_naming_the_masked_url() -> None:
 def test_unreachable_broker_is_one_error_naming_the_masked_url() -> None:
     env = {cluster.ENV_POSTGRES: "postgresql://u@h/db", cluster.ENV_BROKER: f"redis://:{SECRET}@127.0.0.1:{_closed_port()}/0"}
     with pytest.raises(cluster.ClusterError) as e:
-        cluster._check_broker(env[cluster.ENV_BROKER], 2)
+        cluster.check_broker(env[cluster.ENV_BROKER], 2)
     msg = str(e.value)
     assert "redis://:***@127.0.0.1:" in msg and SECRET not in msg
     assert "DBPRUNE_BROKER" in msg and "Check that Redis" in msg
@@ -198,7 +212,7 @@ def _execute_task(instance: dg.DagsterInstance, run_id: str) -> int:
     args = ExecuteRunArgs(job_origin=dg.reconstructable(tiny_job).get_python_origin(), run_id=run_id,
                           instance_ref=instance.get_ref(), set_exit_code_on_failure=True)
     task = SimpleNamespace(request=SimpleNamespace(hostname="w9@node-z"))
-    return cluster._execute_run_task(task, pack_value(args))
+    return launcher.execute_run_task(task, pack_value(args))
 
 
 def test_worker_task_tags_its_worker_and_leaves_an_ended_run_alone(tmp_path: Path) -> None:
@@ -239,8 +253,8 @@ def test_a_failed_run_is_named_by_range_and_worker_with_its_innermost_error(tmp_
             error = serializable_error_info_from_exc_info(sys.exc_info())
         instance.report_engine_event("run worker failed", run, EngineEventData.engine_error(error))
         instance.report_run_failed(run)
-        att = cluster._Attempt("00002", "00003", 1, run.run_id, run.run_id)
-        failure = cluster._failure_of(instance, instance.get_run_by_id(run.run_id), att)
+        att = failures.Attempt("00002", "00003", 1, run.run_id, run.run_id)
+        failure = failures.failure_of(instance, instance.get_run_by_id(run.run_id), att)
         line = _failure_message(failure, Layout(tmp_path, tmp_path / "pool"))
         assert line.startswith("[embeddings: shards 00002…00003, worker w2@node-b (host node-b, pid 4242)] "
                                "ConnectionError: server closed the connection unexpectedly")
@@ -266,10 +280,10 @@ def test_a_run_failed_by_its_database_connection_is_a_casualty_a_step_failure_is
 
     with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
         db = failed_run(instance, OperationalError("server closed the connection unexpectedly"))
-        why = cluster._db_casualty(instance, db)
+        why = failures.db_casualty(instance, db)
         assert why.startswith("it failed on the database connection (") and why.endswith(
             "OperationalError: server closed the connection unexpectedly)")
-        assert cluster._db_casualty(instance, failed_run(instance, ValueError("bad shard"))) is None
+        assert failures.db_casualty(instance, failed_run(instance, ValueError("bad shard"))) is None
 
 
 # ---------------------------------------------------------------------------
@@ -355,7 +369,7 @@ class Redis:
         deadline = time.monotonic() + 30
         while True:
             try:
-                cluster._check_broker(self.url, 1)
+                cluster.check_broker(self.url, 1)
                 break
             except cluster.ClusterError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
@@ -424,7 +438,7 @@ class Workers:
         app = cluster.make_app(self.env[cluster.ENV_BROKER], cluster.backend_url(self.env))
         deadline = time.monotonic() + timeout_s
         while True:
-            alive = cluster._alive_workers(app, set(self.procs))
+            alive = submit.alive_workers(app, set(self.procs))
             if alive == set(self.procs):
                 return
             dead = [n for n, p in self.procs.items() if p.poll() is not None]
