@@ -81,7 +81,7 @@ class Env:
         from dbprune_assets.defs.ingest import pool_shards_sensor
 
         instance = self.instance()
-        ctx = dg.build_sensor_context(instance=instance, resources={"dbprune": DbpruneResource()})
+        ctx = dg.build_sensor_context(instance=instance, resources={"dbprune": DbpruneResource()}, definitions=defs)
         result = pool_shards_sensor(ctx)
         for req in result.dynamic_partitions_requests or []:
             if isinstance(req, dg.AddDynamicPartitionsRequest):
