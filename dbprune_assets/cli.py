@@ -43,8 +43,11 @@ def resolve_settings(layout: Layout, config: Path | None, profile: str | None) -
 
 
 def preflight(layout: Layout, settings: PipelineSettings) -> None:
-    """Checks that need the file system, before any run starts."""
+    """Checks that need the file system or the registries, before any run starts."""
+    from dbprune_assets.core.pool.sources import registry as sources
     from dbprune_assets.core.settings import SettingsError
+
+    sources.check_setting(settings)
 
     for name, spec in (("cluster_encoder", settings.encoder.cluster_encoder), ("score_encoder", settings.encoder.score_encoder)):
         if spec is None or spec.is_bootstrap:

@@ -33,7 +33,8 @@ from dbprune_assets.cluster.instance import console_config, dagster_instance
 from dbprune_assets.cluster.tags import RANGE_END_TAG, RANGE_START_TAG  # noqa: F401 (re-exported)
 from dbprune_assets.core.store.layout import UNPARTITIONED, Layout
 from dbprune_assets.core.running.progress import bars_enabled
-from dbprune_assets.core.settings import STRATEGIES, PipelineSettings
+from dbprune_assets.core.settings import PipelineSettings
+from dbprune_assets.core.strategies import registry
 
 Echo = Callable[[str], None]
 
@@ -197,7 +198,7 @@ class _Pipeline:
     instance: Any  # dg.DagsterInstance
     nodes: Mapping[str, Any]  # asset -> defs.common.Node
     job: Any  # the definitions' implicit asset job
-    strategies: list[str]  # the configured ones, in STRATEGIES order
+    strategies: list[str]  # the configured ones, in the registry's order
 
 
 @dataclass
@@ -225,7 +226,7 @@ def _run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None
                          {k: nodes[k].partitioning for k in ordered})
     pipeline = _Pipeline(layout, settings, force, echo, log_level, instance, nodes,
                          defs.resolve_implicit_global_asset_job_def(),
-                         [s for s in STRATEGIES if s in settings.selection.strategies])
+                         [s for s in registry.names() if s in settings.selection.strategies])
     results: list[GroupResult] = []
     for group in groups:
         result, failure = _run_group(pipeline, group)
@@ -263,7 +264,7 @@ def _choose_assets(graph: Any, nodes: Mapping[str, Any], select: str | None, lay
     selection, a metadata-only pool skips the assets that need images."""
     import dagster as dg
 
-    from dbprune_assets.core.pool.precomputed import NEEDS_IMAGES, is_metadata_only
+    from dbprune_assets.core.pool.poolkind import NEEDS_IMAGES, is_metadata_only
     from dbprune_assets.core.store.layout import list_pool_shards
 
     selection = dg.AssetSelection.from_coercible(select.split(",")) if select else dg.AssetSelection.all()
@@ -284,7 +285,7 @@ def _plan_group(pipeline: _Pipeline, group: list[str]) -> _GroupPlan:
     shards = registered_shards(sorted(registered), pipeline.layout.pool)
     versions = Versions(pipeline.layout, pipeline.settings, shards, pipeline.nodes, pipeline.strategies)
     kind = pipeline.nodes[group[0]].partitioning
-    all_parts = versions.keys(kind)  # strategies: the configured ones, in STRATEGIES order
+    all_parts = versions.keys(kind)  # strategies: the configured ones, in the registry's order
     stale_by = {a: [p for p in all_parts if pipeline.force or not versions.is_fresh(a, p)] for a in group}
     stale = [p for p in all_parts if any(p in stale_by[a] for a in group)]
     # the stale assets and, after them, those of the group that read them (a
@@ -346,7 +347,7 @@ def _execute_group(pipeline: _Pipeline, group: list[str], plan: _GroupPlan,
             clear_state(pipeline.layout, a, p)
     per_run = pipeline.settings.partitions.per_run
     ranges = [(None, None)] if plan.kind is None else batched_ranges(
-        plan.registered if plan.kind == "shard" else list(STRATEGIES), plan.stale_keys, per_run)
+        plan.registered if plan.kind == "shard" else list(registry.names()), plan.stale_keys, per_run)
     with GroupBar(pipeline.layout, plan.to_run, plan.stale, plan.label), \
             cluster.planned_events(min(len(plan.stale_keys), per_run) if plan.kind else 1):
         if cluster.enabled():

@@ -306,3 +306,14 @@ def test_eval_folders_are_checked_before_any_run(tmp_path: Path):
         with pytest.raises(SettingsError, match="eval.datasets: ") as info:
             preflight(layout, s)
         assert fragment in str(info.value) and str(folder) in str(info.value)
+
+
+def test_an_unknown_embedding_source_is_refused_before_any_run(tmp_path: Path):
+    """``dbprune run --config`` with a source nobody registered stops up front, naming the setting."""
+    config = tmp_path / "s.yaml"
+    config.write_text("profile: sample\nembeddings: {source: parquet_only}\n")
+    out = run_cli("run", "--config", str(config), env={"DBPRUNE_HOME": str(tmp_path / "home")})
+    assert out.returncode == 2, out.stderr
+    assert "embeddings.source: 'parquet_only' is no embedding source; allowed: compute, datacomp, clip_retrieval" \
+        in out.stderr
+    assert not (tmp_path / "home" / "dagster").exists()  # no run was started

@@ -190,6 +190,7 @@ def test_compute_has_no_stored_pairs(tmp_path: Path) -> None:
 def test_settings_accept_a_registered_source_and_refuse_others(toy: NpySource) -> None:
     from dbprune_assets.core.settings import SettingsError, build_settings
 
-    assert build_settings({"profile": "sample", "embeddings": {"source": TOY}}).embeddings.source == TOY
-    with pytest.raises(SettingsError, match=f"no embedding source; allowed: compute, datacomp, clip_retrieval, {TOY}"):
-        build_settings({"profile": "sample", "embeddings": {"source": "parquet_only"}})
+    registry.check_setting(build_settings({"embeddings": {"source": TOY}}, profile="sample"))
+    with pytest.raises(SettingsError, match=f"embeddings.source: 'parquet_only' is no embedding source; allowed: "
+                                            f"compute, datacomp, clip_retrieval, {TOY}"):
+        registry.check_setting(build_settings({"embeddings": {"source": "parquet_only"}}, profile="sample"))

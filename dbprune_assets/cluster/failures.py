@@ -39,11 +39,11 @@ class ClusterFailure:
 
 def where(start: str | None, end: str | None) -> str:
     """The partition range in words (``shards 00002…00003``, ``strategy dbp``, ``unpartitioned``)."""
-    from dbprune_assets.core.settings import STRATEGIES
+    from dbprune_assets.core.strategies.registry import names
 
     if start is None:
         return "unpartitioned"
-    kind = "strategy" if start in STRATEGIES else "shard"
+    kind = "strategy" if start in names() else "shard"
     return f"{kind} {start}" if start == end else f"{kind}s {start}…{end}"
 
 

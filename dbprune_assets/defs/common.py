@@ -33,12 +33,14 @@ from dbprune_assets.core.pool import shardgroups
 from dbprune_assets.core.pool.sources import registry
 from dbprune_assets.core.pool.sources.base import EmbeddingSource
 from dbprune_assets.core.store.layout import UNPARTITIONED, Layout, list_pool_shards
-from dbprune_assets.core.settings import STRATEGIES, PipelineSettings, choose_settings
+from dbprune_assets.core.settings import PipelineSettings, choose_settings
+from dbprune_assets.core.strategies import registry as strategy_registry
 from dbprune_assets.core.store.state import State, combine_versions, file_signature, read_state, stable_hash, write_state
 
 SHARDS = "shards"
 shard_partitions = dg.DynamicPartitionsDefinition(name=SHARDS)
-strategy_partitions = dg.StaticPartitionsDefinition(list(STRATEGIES))
+#: the registered strategies when the definitions are loaded (``core/strategies/registry.py``)
+strategy_partitions = dg.StaticPartitionsDefinition(list(strategy_registry.names()))
 ALL_PARTITIONS = dg.AllPartitionMapping()
 
 Partitioning = Literal["shard", "strategy", None]
@@ -194,7 +196,7 @@ class Versions:
     settings: PipelineSettings
     shards: list[str]
     nodes: Mapping[str, Node]
-    strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
+    strategies: list[str] = field(default_factory=lambda: list(strategy_registry.names()))
     _cache: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     @cached_property

@@ -19,7 +19,7 @@ from typing import Sequence
 from dbprune_assets.core.report.tables import html_table
 from dbprune_assets.core.store.atomic import write_bytes
 from dbprune_assets.core.store.layout import UNPARTITIONED, Layout
-from dbprune_assets.core.settings import STRATEGIES
+from dbprune_assets.core.strategies import registry
 from dbprune_assets.core.store.state import read_state
 
 STYLE = """
@@ -46,7 +46,7 @@ def _figure(png: Path) -> str:
 
 def _decisions(layout: Layout) -> str:
     rows = []
-    for strategy in STRATEGIES:
+    for strategy in registry.names():
         st = read_state(layout, "pruned_subset", strategy)
         if st is not None:
             summary = st.summary

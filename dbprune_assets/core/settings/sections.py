@@ -19,7 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field, PlainValidator, field_validat
 from pydantic_core import PydanticCustomError
 
 from dbprune_assets.core.models.scales import ScaleName, resolve_train
-from dbprune_assets.core.pool.sources import registry as sources
 from dbprune_assets.core.strategies import registry
 
 #: the built-in strategies, in table order (``selection.strategies`` is
@@ -160,7 +159,8 @@ class EmbeddingsSettings(_Section):
     """Where the embeddings come from (docs/design.md, "Pools, embedding sources and scale")."""
 
     source: str = Field(
-        "compute", description="a registered embedding source (core/pool/sources/registry.py); built in: compute: the encoder embeds the pool's images; datacomp: the pool is DataComp "
+        "compute", description="a registered embedding source (core/pool/sources/registry.py, which checks the name before any run "
+                           "starts: the sources read these settings, so the settings do not import them); built in: compute: the encoder embeds the pool's images; datacomp: the pool is DataComp "
                                "metadata (<stem>.parquet + <stem>.npz per shard), its stored embeddings are used "
                                "and no encoder is trained or loaded; clip_retrieval: the pool is img2dataset "
                                "output embedded by clip-retrieval's inference, whose stored embeddings are used "
@@ -169,14 +169,6 @@ class EmbeddingsSettings(_Section):
                                                "pool shard; clip_retrieval: clip-retrieval's output folder, the one "
                                                "holding img_emb/, text_emb/ and metadata/ (default: the pool itself)")
     model: Literal["l14", "b32"] = Field("l14", description="datacomp: which stored embeddings (npz key prefix)")
-
-    @field_validator("source")
-    @classmethod
-    def _registered_source(cls, value: str) -> str:
-        allowed = sources.names()  # at validation time: sources registered after import count
-        if value not in allowed:
-            raise ValueError(f"{value!r} is no embedding source; allowed: {', '.join(allowed)}")
-        return value
 
     def folder(self, pool: Path) -> Path:
         """Where the precomputed files are (DataComp's per shard, or clip-retrieval's output folder)."""

@@ -13,6 +13,7 @@ from dbprune_assets.core.pool.sources.base import EmbeddingSource
 from dbprune_assets.core.pool.sources.clip_retrieval import ClipRetrievalSource
 from dbprune_assets.core.pool.sources.compute import ComputeSource
 from dbprune_assets.core.pool.sources.datacomp import DataCompSource
+from dbprune_assets.core.settings import PipelineSettings, SettingsError
 
 _SOURCES: dict[str, EmbeddingSource] = {}
 
@@ -46,6 +47,16 @@ def get(name: str) -> EmbeddingSource:
     except KeyError:
         raise ValueError(f"embeddings.source is {name!r}, which is no embedding source; the registered ones are "
                          f"{', '.join(names())}") from None
+
+
+def check_setting(settings: PipelineSettings) -> None:
+    """The ``embeddings.source`` check every run makes before it starts (the
+    settings cannot make it themselves: the sources read the settings), as a
+    :class:`~dbprune_assets.core.settings.SettingsError` naming the setting."""
+    if settings.embeddings.source not in _SOURCES:
+        raise SettingsError(f"embeddings.source: {settings.embeddings.source!r} is no embedding source; allowed: "
+                            f"{', '.join(names())} (a new source is a module under core/pool/sources/ and a line in "
+                            "its registry.py)")
 
 
 def detect(pool: Path) -> str | None:
