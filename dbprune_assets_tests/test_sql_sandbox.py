@@ -73,3 +73,26 @@ def test_sql_command_refuses_explain_analyze_copy_and_writes_nothing(small_catal
                    env={"DBPRUNE_HOME": str(small_catalog.home)}, timeout=120)
     assert proc.returncode == 2 and "SQL refused" in proc.stderr, proc.stderr
     assert not target.exists()
+
+
+def test_sql_command_stops_at_its_timeout_and_on_ctrl_c(small_catalog: Layout) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = {"DBPRUNE_HOME": str(small_catalog.home)}
+    proc = run_cli("sql", "--timeout", "1", RUNAWAY, env=env, timeout=120)
+    assert proc.returncode == 124 and "time limit of 1 s" in proc.stderr and "--timeout" in proc.stderr, proc.stderr
+    # Ctrl-C (SIGINT) interrupts the running query at once
+    # (a terminal's Ctrl-C; the child starts with SIGINT's default disposition even where
+    # the test runner was started in the background, which makes a shell ignore SIGINT)
+    child = subprocess.Popen([sys.executable, "-m", "dbprune_assets.cli", "sql", RUNAWAY],
+                             env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(4.0)  # past start-up, into the query
+    start = time.monotonic()
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 130 and "interrupted" in err, err
+    assert time.monotonic() - start < 15

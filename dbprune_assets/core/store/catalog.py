@@ -24,7 +24,7 @@ from dbprune_assets.core.store.duck import TABLES, parquet_source, sql_literal, 
 from dbprune_assets.core.running.faults import crash_point
 from dbprune_assets.core.store.layout import Layout
 from dbprune_assets.core.pool.uids import EFFECTIVE_STATUS
-from dbprune_assets.core.store.sandbox import QueryRefused, QueryTimeout, check_read_only, fetch_arrow
+from dbprune_assets.core.store.sandbox import QueryRefused, QueryTimeout, check_read_only, close_quietly, fetch_arrow
 
 __all__ = ["CATALOG_TABLES", "CatalogBusy", "QueryRefused", "QueryTimeout", "ensure_catalog", "query",
            "refresh_catalog", "stale_views", "with_retry"]
@@ -200,6 +200,6 @@ def query(layout: Layout, sql: str, timeout_s: float = 60.0, query_timeout_s: fl
             except duckdb.PermissionException as e:
                 raise QueryRefused(f"queries read only the catalog's tables (files under {tables}): {e}") from None
         finally:
-            con.close()
+            close_quietly(con)
 
     return with_retry(_do, timeout_s=timeout_s, what=str(layout.catalog))

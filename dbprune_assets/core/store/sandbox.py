@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from typing import Any
 
 #: statement kinds a catalog query may run (``duckdb.StatementType`` names);
@@ -71,6 +72,19 @@ def check_read_only(con: Any, sql: str) -> None:
             raise _refuse(f"non-SELECT ({serialised.get('error_message', 'unknown')})")
 
 
+def _stop(con: Any, thread: threading.Thread, patience_s: float = 60.0) -> None:
+    """Interrupt the query ``thread`` runs on ``con`` until it has ended: an
+    interrupt that comes before DuckDB starts executing is not seen (or is
+    refused as the connection being busy), so it is repeated every 0.1 s."""
+    deadline = time.monotonic() + patience_s
+    while thread.is_alive() and time.monotonic() < deadline:
+        try:
+            con.interrupt()
+        except Exception:  # noqa: BLE001 - DuckDB refuses while it is still binding the query: try again
+            pass
+        thread.join(0.1)
+
+
 def fetch_arrow(con: Any, sql: str, timeout_s: float | None) -> Any:
     """``con.sql(sql)`` as a pyarrow Table, interrupted after ``timeout_s``
     seconds (:class:`QueryTimeout`) or at Ctrl-C (``KeyboardInterrupt``): the
@@ -81,21 +95,29 @@ def fetch_arrow(con: Any, sql: str, timeout_s: float | None) -> Any:
         try:
             result["table"] = con.sql(sql).to_arrow_table()
         except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
-            result["error"] = e
+            result["error"] = e.with_traceback(None)
 
     thread = threading.Thread(target=work, name="dbprune-sql", daemon=True)
     thread.start()
     try:
         thread.join(timeout_s)
     except KeyboardInterrupt:
-        con.interrupt()
-        thread.join(5.0)
+        _stop(con, thread)
         raise
     if thread.is_alive():
-        con.interrupt()
-        thread.join(5.0)
+        _stop(con, thread)
         raise QueryTimeout(f"the query ran past its time limit of {timeout_s:g} s and was stopped; narrow it "
                            "(a WHERE on shard or strategy, a LIMIT) or give it longer with --timeout SECONDS")
     if "error" in result:
         raise result["error"]
     return result["table"]
+
+
+def close_quietly(con: Any) -> None:
+    """Close a query's connection; one whose query was just interrupted may
+    still call itself busy, and then goes with its process (a read-only
+    connection holds nothing to write back)."""
+    try:
+        con.close()
+    except Exception:  # noqa: BLE001 - duckdb.ResourceInUseException after an interrupt
+        pass
