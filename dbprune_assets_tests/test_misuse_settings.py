@@ -317,3 +317,28 @@ def test_an_unknown_embedding_source_is_refused_before_any_run(tmp_path: Path):
     assert "embeddings.source: 'parquet_only' is no embedding source; allowed: compute, datacomp, clip_retrieval" \
         in out.stderr
     assert not (tmp_path / "home" / "dagster").exists()  # no run was started
+
+
+def test_a_huge_bad_value_makes_a_one_line_error(tmp_path: Path):
+    config = tmp_path / "big.yaml"
+    config.write_text("dbp:\n  k: " + "x" * 5_000_000 + "\n")
+    with pytest.raises(SettingsError) as info:
+        load_settings(config)
+    text = str(info.value)
+    assert len(text) < 1000 and "dbp.k" in text and "(5,000,002 characters)" in text, text[:2000]
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path: Path):
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    for i, name in enumerate("bcdefghij"):
+        prev = "abcdefghij"[i]
+        lines.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 10) + "]")
+    config = tmp_path / "bomb.yaml"
+    config.write_text("\n".join(lines[:-1]) + "\ndbp: {k: *i}\n")
+    assert len(config.read_bytes()) < 1000  # about the size of the file that ran to 3 GB
+    with pytest.raises(SettingsError, match="more than 64 aliases"):
+        load_settings(config)
+    few = tmp_path / "few.yaml"  # a few aliases are fine
+    few.write_text("profile: sample\ndefaults: &d {niter: 10}\n")
+    with pytest.raises(SettingsError, match="defaults: unknown setting"):
+        load_settings(few)

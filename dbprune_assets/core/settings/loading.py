@@ -41,15 +41,28 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             msg = "unknown setting (check the spelling; see the README's settings table)"
         elif e["type"] in _RANGE_ERRORS and (allowed := _allowed_range(e["loc"])):
-            msg = f"{msg} (got {got!r}; allowed: {allowed})"
+            msg = f"{msg} (got {shown(got)}; allowed: {allowed})"
         elif e["type"] in ("clusters_type", "clusters_range"):
-            msg = f"{msg} (got {got!r}; allowed: {loc} > 0, or auto)"
+            msg = f"{msg} (got {shown(got)}; allowed: {loc} > 0, or auto)"
         elif e["type"] in _TYPE_ERRORS:
             allowed = _allowed_range(e["loc"])
-            msg = (f"expected {_TYPE_ERRORS[e['type']]}, got {got!r} ({type(got).__name__})"
+            msg = (f"expected {_TYPE_ERRORS[e['type']]}, got {shown(got)} ({type(got).__name__})"
                    + (f"; allowed: {allowed}" if allowed else ""))
         lines.append(f"  {loc}: {msg}")
     return "\n".join(lines)
+
+
+#: how much of a bad value an error echoes
+SHOWN_CHARS = 80
+
+
+def shown(value: Any) -> str:
+    """``repr(value)``, cut to :data:`SHOWN_CHARS` with its full length said:
+    a 50 MB string in a settings file makes a one-line error, not a 50 MB one."""
+    text = repr(value) if not isinstance(value, (dict, list)) or len(value) < 100 else f"<{type(value).__name__}>"
+    if len(text) <= SHOWN_CHARS:
+        return text
+    return f"{text[:SHOWN_CHARS - 20]}… ({len(text):,} characters)"
 
 
 _RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
@@ -111,13 +124,35 @@ def build_settings(overrides: dict[str, Any] | None = None, profile: str | None 
         raise SettingsError(_format_validation_error(err, source)) from None
 
 
+#: YAML aliases (``*name``) a settings file may use: a few are handy, thousands are a
+#: "billion laughs" file that expands to gigabytes once its values are validated
+MAX_ALIASES = 64
+
+
+class SettingsLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses more than :data:`MAX_ALIASES` aliases."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self.aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_ALIASES:
+                mark = self.peek_event().start_mark
+                raise yaml.YAMLError(f"more than {MAX_ALIASES} aliases (*name), the last at line {mark.line + 1}: "
+                                     "refused, since aliases of aliases expand exponentially; write the values out")
+        return super().compose_node(parent, index)
+
+
 def read_settings_file(path: Path) -> dict[str, Any]:
     """The mapping of a settings YAML; SettingsError when missing or malformed."""
     path = Path(path)
     if not path.is_file():
         raise SettingsError(f"--config {path}: no such file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=SettingsLoader) or {}
     except yaml.YAMLError as err:
         raise SettingsError(f"--config {path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
