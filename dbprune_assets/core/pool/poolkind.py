@@ -51,8 +51,11 @@ def is_datacomp_shard(pool: Path, shard: str) -> bool:
 
 
 def is_metadata_only(pool: Path, shards: list[str]) -> bool:
-    """Whether the pool has no images at all (every shard a metadata shard)."""
-    return bool(shards) and all(is_datacomp_shard(pool, s) for s in shards)
+    """Whether the pool has no images at all: DataComp metadata shards (an npz
+    beside the parquet) and no tar (a metadata shard whose npz is missing is
+    still one of them)."""
+    return (bool(shards) and not any((pool / f"{s}.tar").exists() for s in shards)
+            and any((pool / f"{s}.npz").is_file() for s in shards))
 
 
 #: what the training stages say on a pool without images

@@ -114,23 +114,23 @@ class Layout:
         return self.pool / f"{shard}.tar"
 
 
+#: parquet files at a pool's top level that are not shards: the generated pools' ground truth
+NOT_SHARDS = frozenset({"ground_truth"})
+
+
 def list_pool_shards(pool: Path) -> list[str]:
-    """Shard names of a pool folder: each ``NAME.parquet`` at its top level that
-    has a ``NAME.tar`` beside it or is named like img2dataset's shards (digits).
+    """Shard names of a pool folder: every ``NAME.parquet`` at its top level
+    but the generated pools' ``ground_truth.parquet`` (:data:`NOT_SHARDS`).
 
     The parquet is the shard's ledger (one row per attempted sample), so a
-    numbered shard whose tar is missing is still a shard (its rows get
-    ``missing_in_tar``), while other parquet files beside the shards (such as
-    the sample pool's ``ground_truth.parquet``) are not.  A DataComp metadata
-    shard is a parquet with its ``NAME.npz`` beside it.
+    shard whose data is missing is still a shard and no row vanishes: an
+    img2dataset shard without its tar gets ``missing_in_tar`` rows, a DataComp
+    metadata shard without its npz ``no_embedding`` rows.
     """
     if not pool.is_dir():
         return []
-    return sorted(
-        p.stem for p in pool.glob("*.parquet")
-        if p.is_file() and not p.name.startswith(".")
-        and (p.stem.isdigit() or p.with_suffix(".tar").exists() or p.with_suffix(".npz").exists())
-    )
+    return sorted(p.stem for p in pool.glob("*.parquet")
+                  if p.is_file() and not p.name.startswith(".") and p.stem not in NOT_SHARDS)
 
 
 def typical_shard_rows(pool: Path, shards: list[str], sample: int = 16) -> float | None:

@@ -67,6 +67,51 @@ def file_signature(path: Path) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
+def ingested_statuses(layout: Layout, shards: Sequence[str]) -> dict[str, int] | None:
+    """Rows per status of the ingested ``shards`` (raw_metadata's commit
+    markers; a shard that failed counts its cause as ``failed``); None while a
+    shard is not ingested."""
+    total: dict[str, int] = {}
+    for shard in shards:
+        st = read_state(layout, "raw_metadata", shard)
+        if st is None:
+            return None
+        for status, n in st.summary.get("status", {}).items():
+            total[status] = total.get(status, 0) + int(n)
+        if "failed" in st.summary:
+            total["failed"] = total.get("failed", 0) + 1
+    return total
+
+
+#: what to check when a whole pool has no ok sample, by its commonest status
+NOTHING_USABLE = {
+    "missing_in_tar": "the shards' tars are missing: point DBPRUNE_POOL at img2dataset output (NNNNN.tar beside "
+                      "NNNNN.parquet), or for DataComp metadata put each <stem>.npz beside its parquet",
+    "no_embedding": "the embedding source has no row for any sample (DataComp: each <stem>.npz beside its "
+                    "parquet; clip-retrieval: embeddings.path); the problems table says what is missing",
+    "failed_download": "img2dataset downloaded nothing: check its output (its NNNNN_stats.json files)",
+    "failed": "no shard could be read: see the causes in the problems table (dbprune sql \"SELECT * FROM problems\")",
+}
+
+
+def nothing_usable(layout: Layout, shards: Sequence[str]) -> str | None:
+    """Why a pool has no ``ok`` sample to prune, with what to check; None when
+    it has some (or is not ingested yet)."""
+    statuses = ingested_statuses(layout, shards)
+    if statuses is None or statuses.get("ok", 0) > 0:
+        return None
+    if not shards:
+        return f"{layout.pool} holds no shard (no *.parquet at its top level)"
+    commonest = max(statuses, key=lambda k: statuses[k]) if statuses else "failed"
+    hint = NOTHING_USABLE.get(commonest, "see the problems table (dbprune sql \"SELECT * FROM problems\")")
+    failed = next(((s, st.summary["failed"]) for s in shards
+                   if (st := read_state(layout, "raw_metadata", s)) and "failed" in st.summary), None)
+    if commonest == "failed" and failed is not None:
+        hint = f"no shard could be read, e.g. {failed[0]}: {failed[1]}"
+    return (f"the pool {layout.pool} has no usable sample: {len(shards)} shard(s), rows by status "
+            f"{dict(sorted(statuses.items()))}; {hint}")
+
+
 def ingested_ok(layout: Layout, shards: Sequence[str]) -> int | None:
     """The ``ok`` rows of the ingested ``shards`` (from raw_metadata's commit
     markers, before the cross-shard uid rule, so at most the pool's ``ok``

@@ -37,7 +37,7 @@ from dbprune_assets.core.pool.poolkind import is_datacomp_shard, looks_like_data
 from dbprune_assets.core.pool.shards import PROBLEMS_SCHEMA, SAMPLES_SCHEMA, ShardError, ShardIngest, check_column_types
 from dbprune_assets.core.pool.sources.base import (EmbeddingSource, Memo, StoredShard, ingest_image_shard,
                                                    pool_files)
-from dbprune_assets.core.pool.sources.readers import (DataCompModel, SourceError, SourceRows, bad_rows, link,
+from dbprune_assets.core.pool.sources.readers import (DATACOMP_MODELS, DataCompModel, SourceError, SourceRows, bad_rows, link,
                                                       read_datacomp)
 from dbprune_assets.core.pool.sources.stored import (DAMAGED, EmbeddingFiles, mark_embeddings, ok_positions, ok_rows,
                                                      write_stored_pairs)
@@ -152,6 +152,25 @@ def ingest_datacomp_shard(pool: Path, shard: str, model: DataCompModel) -> Shard
     return ShardIngest(shard, samples, pl.DataFrame(problems, schema=PROBLEMS_SCHEMA, orient="row"))
 
 
+def ingest_without_npz(pool: Path, shard: str) -> ShardIngest:
+    """A DataComp metadata shard whose npz is missing: every row is
+    ``no_embedding``, each with a problems row naming the npz, so the shard's
+    rows are all accounted for (and the rest of the pool goes on)."""
+    parquet = pool / f"{shard}.parquet"
+    meta = _read_datacomp_parquet(parquet, shard)
+    uids = meta["uid"].to_list()
+    cause = (f"no_embedding: {parquet.with_suffix('.npz')} is missing; put the shard's npz beside its parquet "
+             "(DataComp ships them together) or remove the parquet")
+    samples = pl.DataFrame(
+        {"uid": uids, "shard": [shard] * meta.height, "key": uids,
+         "row": pl.int_range(0, meta.height, dtype=pl.Int32, eager=True), "caption": meta["text"].to_list(),
+         "width": meta["original_width"], "height": meta["original_height"], "status": ["no_embedding"] * meta.height},
+        schema=SAMPLES_SCHEMA,
+    )
+    problems = pl.DataFrame([(shard, uid, _STAGE, cause) for uid in uids], schema=PROBLEMS_SCHEMA, orient="row")
+    return ShardIngest(shard, samples, problems)
+
+
 def link_image_shard(ingest: ShardIngest, npz_parquet: Path, model: DataCompModel) -> ShardIngest:
     """An img2dataset shard's ingest with its ``ok`` rows linked by uid to the
     DataComp npz of the same stem: no row there → ``no_embedding``, a damaged
@@ -180,7 +199,14 @@ def write_datacomp_embeddings(parquet: Path, ok: pl.DataFrame, model: DataCompMo
                               shard: str, expected_dim: int | None = None) -> int:
     """Write the stored pairs of the ``ok`` rows (``uid, key, row``) of one
     shard to ``out`` (float16, rows aligned with ``ok``) with their metadata
-    (uid, shard, key, row, clip_score); returns the width."""
+    (uid, shard, key, row, clip_score); returns the width.  A shard without
+    ok rows (its npz missing or damaged: no_embedding, or not ingested) writes
+    empty files of the model's width without reading its npz."""
+    if ok.height == 0:
+        dim = expected_dim or DATACOMP_MODELS[model]
+        empty = np.zeros((0, dim), dtype=np.float16)
+        write_stored_pairs(empty, empty, ok, shard, out)
+        return dim
     rows = _source(parquet, model, shard)
     if expected_dim is not None and rows.dim != expected_dim:
         raise SourceError(f"{rows.origin}: embeddings are {rows.dim}-d but earlier shards were {expected_dim}-d; "
@@ -211,6 +237,8 @@ class DataCompSource(EmbeddingSource):
         emb = settings.embeddings
         if is_datacomp_shard(pool, shard):
             return ingest_datacomp_shard(pool, shard, emb.model)
+        if not (pool / f"{shard}.tar").exists() and emb.folder(pool) == pool:
+            return ingest_without_npz(pool, shard)
         return link_image_shard(ingest_image_shard(self, pool, shard, settings),
                                 source_parquet(pool, shard, emb.folder(pool)), emb.model)
 

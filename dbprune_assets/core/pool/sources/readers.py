@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import zipfile
+
 import numpy as np
 
 #: DataComp's npz key prefix -> embedding width
@@ -91,12 +93,16 @@ def read_datacomp(parquet: Path, model: DataCompModel = "l14", npz: Path | None 
     table = pq.read_table(parquet, columns=["uid"])
     ids = np.asarray(table.column("uid").to_pylist(), dtype=object)
     keys = (f"{model}_img", f"{model}_txt")
-    with np.load(npz) as data:
-        missing = [k for k in keys if k not in data.files]
-        if missing:
-            raise SourceError(f"{npz} has no {missing} (found {sorted(data.files)}); set embeddings.model to one "
-                              "the file holds")
-        img, txt = data[keys[0]], data[keys[1]]
+    try:
+        with np.load(npz) as data:
+            missing = [k for k in keys if k not in data.files]
+            if missing:
+                raise SourceError(f"{npz} has no {missing} (found {sorted(data.files)}); set embeddings.model to "
+                                  "one the file holds")
+            img, txt = data[keys[0]], data[keys[1]]
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as err:  # truncated or not an npz at all
+        raise SourceError(f"{npz} cannot be read ({type(err).__name__}: {err}): the file is damaged or "
+                          "truncated; download it again (DataComp's download_upstream.py) or remove the shard") from None
     rows = SourceRows(ids, img, txt, f"{parquet.name} + {npz.name}")
     if rows.dim != DATACOMP_MODELS[model]:
         raise SourceError(f"{npz}: {keys[0]} is {rows.dim}-d, DataComp's {model} is {DATACOMP_MODELS[model]}-d")
