@@ -75,7 +75,20 @@ def preflight(layout: Layout, settings: PipelineSettings) -> None:
 
 
 def ensure_pool(layout: Layout, settings: PipelineSettings, echo=print) -> None:
+    """The pool folder as it must be before any run: generated when absent
+    (the sample pool), else a folder holding shards."""
+    from dbprune_assets.core.store.layout import list_pool_shards
+
     if layout.pool.exists():
+        if not layout.pool.is_dir():
+            raise SettingsError(f"the pool {layout.pool} is a file, not a folder: point DBPRUNE_POOL at the folder "
+                                "of the shards (img2dataset's NNNNN.tar + NNNNN.parquet, or DataComp's "
+                                "<stem>.parquet + <stem>.npz)")
+        if not list_pool_shards(layout.pool):
+            raise SettingsError(f"the pool {layout.pool} holds no shard (no *.parquet at its top level): point "
+                                "DBPRUNE_POOL at the folder of the shards (img2dataset's NNNNN.tar + "
+                                "NNNNN.parquet, or DataComp's <stem>.parquet + <stem>.npz), or remove the folder "
+                                "to have the sample pool generated there")
         return
     if os.environ.get("DBPRUNE_POOL"):
         raise SettingsError(
@@ -137,7 +150,8 @@ def failed_shard_lines(layout: Layout, limit: int = 10) -> list[str]:
     failed = list(manifest.summary.get("failed_shards", [])) if manifest else []
     if not failed:
         return []
-    lines = [f"\n{len(failed)} shard(s) are not in the results (their rows are in the problems table):"]
+    lines = [f"\n{len(failed)} shard(s) are not in the results (each has one problems row, stage ingest, with "
+             "its cause):"]
     for shard in failed[:limit]:
         st = read_state(layout, "raw_metadata", shard)
         lines.append(f"  {shard}: {st.summary.get('failed', '?') if st else 'not ingested'}")
@@ -152,17 +166,31 @@ def print_summary(layout: Layout, report) -> None:
           f"{len(report.groups) - ran} up to date")
     for line in failed_shard_lines(layout):
         print(line)
-    if report.ok:
-        comparison = layout.artefact_dir("comparison") / "comparison.md"
-        if comparison.exists():
-            print("\n" + comparison.read_text())
-    print(
-        "\nwhere to look:\n"
-        f"  tables   {layout.home / 'tables'}  (SQL: dbprune sql \"SELECT status, count(*) FROM samples GROUP BY 1\")\n"
-        f"  subsets  {layout.home / 'subsets'}\n"
-        f"  models   {layout.home / 'models'}\n"
-        f"  UI       dbprune ui   (Dagster instance {layout.dagster_home})"
-    )
+    comparison = layout.artefact_dir("comparison") / "comparison.md"
+    if report.ok and comparison.exists():
+        if report.stale_models:
+            print(f"\n! the comparison below is NOT current: the subsets of {', '.join(report.stale_models)} changed "
+                  "since their models were trained (`dbprune run` retrains those, and only those)")
+        print("\n" + comparison.read_text())
+    print("\n".join(where_to_look(layout, report)))
+
+
+def where_to_look(layout: Layout, report) -> list[str]:
+    """The summary's closing lines: where the run's results are."""
+    from dbprune_assets.core.store.layout import UNPARTITIONED
+    from dbprune_assets.core.store.state import read_state
+
+    lines = ["\nwhere to look:",
+             f"  tables   {layout.home / 'tables'}  (SQL: dbprune sql \"SELECT status, count(*) FROM samples GROUP BY 1\")",
+             f"  subsets  {layout.home / 'subsets'}"]
+    if not report.metadata_only:
+        lines.append(f"  models   {layout.home / 'models'}")
+    compared = read_state(layout, "comparison", UNPARTITIONED)
+    page = Path(compared.summary["report"]) if compared and compared.summary.get("report") else None
+    if page is not None and page.exists():
+        lines.append(f"  report   {page}  (one HTML page; `dbprune report` writes a new one)")
+    lines.append(f"  UI       dbprune ui   (Dagster instance {layout.dagster_home})")
+    return lines
 
 
 def cmd_sample_pool(args: argparse.Namespace) -> int:
@@ -199,10 +227,20 @@ def cmd_sample_pool(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stopped(msg: str, status: int) -> None:
+    """Say why a query was stopped and exit at once: DuckDB's own threads may
+    still be winding the interrupted query down, and must not meet the
+    interpreter's shutdown."""
+    _err(msg, status)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def cmd_sql(args: argparse.Namespace) -> int:
     import polars as pl
 
-    from dbprune_assets.core.store.catalog import QueryRefused, ensure_catalog, query
+    from dbprune_assets.core.store.catalog import QueryRefused, QueryTimeout, ensure_catalog, query
 
     layout = Layout.from_env()
     if not layout.home.is_dir():
@@ -210,9 +248,13 @@ def cmd_sql(args: argparse.Namespace) -> int:
                     "or set DBPRUNE_HOME")
     try:
         ensure_catalog(layout, timeout_s=5)  # writes the catalog only when a view is out of date
-        table = query(layout, args.query)  # read-only, sandboxed; never waits on the home's lock
+        table = query(layout, args.query, query_timeout_s=args.timeout)  # read-only, sandboxed; never waits on the lock
     except QueryRefused as e:
         return _err(f"SQL refused: {e}")
+    except QueryTimeout as e:
+        _stopped(f"SQL stopped: {e}", 124)
+    except KeyboardInterrupt:
+        _stopped("SQL stopped: interrupted (Ctrl-C)", 130)
     except OSError:
         raise  # explained by main()
     except Exception as e:
@@ -358,8 +400,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=cmd_sample_pool)
 
-    q = sub.add_parser("sql", help="query the DuckDB catalog")
+    from dbprune_assets.core.store.sandbox import ALLOWED_WORDS, DEFAULT_TIMEOUT_S
+
+    q = sub.add_parser("sql", help="query the DuckDB catalog (read-only)",
+                       description=f"Read-only SQL over the catalog's views: {ALLOWED_WORDS}.")
     q.add_argument("query")
+    q.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                   help=f"stop the query after this many seconds (default {DEFAULT_TIMEOUT_S:g}); Ctrl-C stops it too")
     q.add_argument("--format", choices=["table", "csv"], default="table")
     q.add_argument("--max-rows", type=int, default=50)
     q.set_defaults(fn=cmd_sql)

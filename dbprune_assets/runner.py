@@ -55,6 +55,11 @@ class RunReport:
     seconds: float
     ok: bool = True
     failure: str | None = None
+    #: strategies whose trained models predate their current subset (e.g. after
+    #: ``--select '*pruned_subset'``): a comparison of them is not current
+    stale_models: list[str] = field(default_factory=list)
+    #: the pool holds no images: no models are trained
+    metadata_only: bool = False
 
 
 def plan_groups(keys: list[str], parents: dict[str, set[str]], partitioning: dict[str, str | None]) -> list[list[str]]:
@@ -92,15 +97,18 @@ def ingest_first(ordered: list[str], nodes: Mapping[str, Any]) -> list[str]:
 
 
 def _k_refused(layout: Layout, settings: PipelineSettings, shards: list[str]) -> str | None:
-    """Why the settings' explicit cluster counts cannot work on this pool (see
+    """Why the pool cannot be pruned with these settings: no usable sample at
+    all, or explicit cluster counts above it (see
     :func:`~.core.settings.check_k`), checked once the pool is ingested and
-    before the encoder, embeddings or k-means run; None when they can."""
+    before the encoder, embeddings or k-means run; None when it can."""
     from dbprune_assets.core.settings import SettingsError, check_k
-    from dbprune_assets.core.store.state import ingested_ok
+    from dbprune_assets.core.store.state import ingested_ok, nothing_usable
 
     n_ok = ingested_ok(layout, shards)
     if n_ok is None:
         return None
+    if n_ok == 0:
+        return nothing_usable(layout, shards)
     try:
         check_k(settings, n_ok)
     except SettingsError as e:
@@ -154,7 +162,7 @@ class GroupBar:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=len(self.pending), desc=label, unit="partition", file=sys.stderr,
-                            dynamic_ncols=True, leave=False)
+                            dynamic_ncols=True, leave=False, disable=False)
             self.thread = threading.Thread(target=self._poll, daemon=True)
 
     def _poll(self) -> None:
@@ -180,9 +188,10 @@ def run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None 
     """Materialise the selected assets group by group (see the module docstring);
     ``log_level``: show Dagster's log lines from that level on the console.
     Raises ``homelock.HomeBusy`` when another process writes the home."""
+    from dbprune_assets.core.running.console import quiet_libraries
     from dbprune_assets.core.running.homelock import home_lock
 
-    with home_lock(layout.lock_file):
+    with home_lock(layout.lock_file), quiet_libraries(layout.home, verbose=log_level is not None):
         return _run_pipeline(layout, settings, select, force, echo, log_level)
 
 
@@ -212,6 +221,7 @@ class _GroupPlan:
     all_parts: list[str]
     stale: list[str]
     stale_keys: list[str]  # the partition keys of the stale ones (shard groups: a group's key)
+    stale_by: dict[str, list[str]]  # each asset's own out-of-date partitions
     to_run: list[str]
     skipped: list[str]
     label: str
@@ -228,12 +238,31 @@ def _run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None
                          defs.resolve_implicit_global_asset_job_def(),
                          [s for s in registry.names() if s in settings.selection.strategies])
     results: list[GroupResult] = []
+    metadata_only = _metadata_only(layout)
     for group in groups:
         result, failure = _run_group(pipeline, group)
         results.append(result)
         if failure is not None:
-            return RunReport(results, time.monotonic() - t0, ok=False, failure=failure)
-    return RunReport(results, time.monotonic() - t0)
+            return RunReport(results, time.monotonic() - t0, ok=False, failure=failure, metadata_only=metadata_only)
+    return RunReport(results, time.monotonic() - t0, stale_models=_stale_models(pipeline), metadata_only=metadata_only)
+
+
+def _metadata_only(layout: Layout) -> bool:
+    """No shard of the pool has images (a tar): no model can be trained."""
+    from dbprune_assets.core.store.layout import list_pool_shards
+
+    return not any(layout.shard_tar(s).exists() for s in list_pool_shards(layout.pool))
+
+
+def _stale_models(pipeline: _Pipeline) -> list[str]:
+    """The configured strategies that have trained models whose subset has
+    changed since they were trained (their marker no longer matches)."""
+    from dbprune_assets.core.store.state import read_state
+    from dbprune_assets.defs.common import Versions
+
+    versions = Versions(pipeline.layout, pipeline.settings, [], pipeline.nodes, pipeline.strategies)
+    return [s for s in pipeline.strategies
+            if read_state(pipeline.layout, "trained_model", s) is not None and not versions.is_fresh("trained_model", s)]
 
 
 def _open(layout: Layout, settings: PipelineSettings, echo: Echo) -> tuple[Any, Any, dict[str, Any], Any]:
@@ -260,8 +289,8 @@ def _open(layout: Layout, settings: PipelineSettings, echo: Echo) -> tuple[Any, 
 
 
 def _choose_assets(graph: Any, nodes: Mapping[str, Any], select: str | None, layout: Layout, echo: Echo) -> list[str]:
-    """The selected assets, ingest first, then topological; without a
-    selection, a metadata-only pool skips the assets that need images."""
+    """The selected assets, ingest first, then topological; a metadata-only
+    pool leaves out the assets that need images (selected or not), saying so."""
     import dagster as dg
 
     from dbprune_assets.core.pool.poolkind import NEEDS_IMAGES, is_metadata_only
@@ -270,8 +299,8 @@ def _choose_assets(graph: Any, nodes: Mapping[str, Any], select: str | None, lay
     selection = dg.AssetSelection.from_coercible(select.split(",")) if select else dg.AssetSelection.all()
     keys = {k.to_user_string() for k in selection.resolve(graph)}
     ordered = ingest_first([k for k in nodes if k in keys], nodes)
-    if select is None and is_metadata_only(layout.pool, list_pool_shards(layout.pool)):
-        skipped_stages = [k for k in ordered if nodes[k].facts.needs_images]
+    skipped_stages = [k for k in ordered if nodes[k].facts.needs_images]
+    if skipped_stages and is_metadata_only(layout.pool, list_pool_shards(layout.pool)):
         ordered = [k for k in ordered if not nodes[k].facts.needs_images]
         echo(f"– {', '.join(skipped_stages)}: skipped: {NEEDS_IMAGES}")
     return ordered
@@ -301,7 +330,7 @@ def _plan_group(pipeline: _Pipeline, group: list[str]) -> _GroupPlan:
         stale_keys = list(dict.fromkeys(of[sh] for sh in stale if sh in of))
         stale = registered_shards(sorted(stale_keys), pipeline.layout.pool)
     skipped = [p for p in all_parts if p not in stale]
-    return _GroupPlan(kind, registered, shards, all_parts, stale, stale_keys, to_run, skipped,
+    return _GroupPlan(kind, registered, shards, all_parts, stale, stale_keys, stale_by, to_run, skipped,
                       label=", ".join(to_run or group))
 
 
@@ -340,10 +369,13 @@ def _execute_group(pipeline: _Pipeline, group: list[str], plan: _GroupPlan,
     ``partitions.per_run`` (in process, or on the cluster's workers)."""
     from dbprune_assets.core.store.state import clear_state
 
-    # a partition is redone from scratch: drop its commit markers first, so a
-    # crash half-way through (even of a --force re-run) leaves it out of date
+    # an out-of-date partition is redone from scratch: drop its commit markers
+    # first, so a crash half-way through (even of a --force re-run) leaves it out
+    # of date.  A partition that runs only because a parent in this run is redone
+    # keeps its marker: if the parent comes out the same, the step finds it
+    # current and keeps its output (Session.unchanged); if not, it is stale anyway
     for a in plan.to_run:
-        for p in plan.stale:
+        for p in plan.stale_by[a]:
             clear_state(pipeline.layout, a, p)
     per_run = pipeline.settings.partitions.per_run
     ranges = [(None, None)] if plan.kind is None else batched_ranges(

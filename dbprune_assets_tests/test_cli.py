@@ -44,6 +44,11 @@ def test_run_end_to_end(full_run):
     assert "generating the sample pool" in out
     assert "## comparison" in out  # the comparison table closes the run
     assert "where to look" in out
+    assert f"  report   {home / 'reports'}" in out  # the summary names the HTML page the run wrote
+    # the console holds dbprune's own lines: library warnings and bars are in the home's library log
+    assert "No pretrained weights" not in out + proc.stderr and "WARNING:root" not in proc.stderr, proc.stderr[-3000:]
+    assert "No pretrained weights loaded" in (home / "logs" / "libraries.log").read_text()
+    assert "%|" not in proc.stderr, proc.stderr[-3000:]  # no tqdm bar
     assert (home / "config.yaml").exists() and (home / "dbprune.duckdb").exists()
     for strategy in STRATEGIES:
         sub = home / "subsets" / strategy
@@ -147,3 +152,38 @@ def test_ui_serves_the_same_instance(full_run):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _model_files(home: Path) -> dict[str, list[tuple[str, int]]]:
+    """Each strategy's model files with their modification times (ns)."""
+    return {st: sorted((str(p.relative_to(home)), p.stat().st_mtime_ns) for p in (home / "models" / st).rglob("*")
+                       if p.is_file()) for st in STRATEGIES}
+
+
+def _kept_sets(home: Path) -> dict[str, frozenset]:
+    return {st: frozenset(pl.read_parquet(home / "tables" / "decisions" / f"{st}.parquet").filter(pl.col("keep"))
+                          .select("shard", "uid").iter_rows()) for st in STRATEGIES}
+
+
+def test_another_tau_retrains_only_the_strategies_whose_subset_changed(full_run, tmp_path: Path):
+    """dbp.tau changes dbp's quotas alone (M and the SSP quotas do not depend on
+    it): after `--select '*pruned_subset'` the summary says which models are
+    out of date, and the next run retrains those and keeps the others."""
+    from .conftest import write_config
+
+    home, env, _, _ = full_run
+    models, kept = _model_files(home), _kept_sets(home)
+    cfg = write_config(tmp_path / "tau.yaml", dbp={"k": 4, "l": 2, "niter": 10, "sample_size": 10000, "tau": 5.0})
+    subsets = run_cli("run", "--config", str(cfg), "--select", "*pruned_subset", env=env)
+    assert subsets.returncode == 0, subsets.stderr[-2000:]
+    changed = {st for st, new in _kept_sets(home).items() if new != kept[st]}
+    assert changed <= {"dbp"}, changed
+    if changed:
+        assert f"the comparison below is NOT current: the subsets of {', '.join(sorted(changed))} changed" \
+            in subsets.stdout, subsets.stdout[-3000:]
+    again = run_cli("run", env=env)  # the saved settings are now tau.yaml's
+    assert again.returncode == 0, again.stderr[-2000:]
+    retrained = {st for st, files in _model_files(home).items() if files != models[st]}
+    assert retrained == changed, (retrained, changed)
+    assert "NOT current" not in again.stdout
+    print(f"tau 0.05 -> 5.0 changed the kept set of {sorted(changed) or 'no strategy'}; retrained {sorted(retrained)}")

@@ -373,6 +373,16 @@ class Session:
                            for name, (ok, meta) in (checks or {}).items()],
         )
 
+    def unchanged(self, asset: str, partition: str) -> State | None:
+        """The partition's commit marker when its inputs have not changed since
+        it was made (its fingerprint still matches), else None.  ``dbprune run``
+        keeps the markers of partitions it runs only because a parent in the same
+        run is redone: a parent that comes out the same (a subset that keeps the
+        same samples) leaves them current, and the step can keep its output
+        (``--force`` drops every marker first)."""
+        st = read_state(self.layout, asset, partition)
+        return st if st is not None and st.fingerprint == self.versions.fingerprint(asset, partition) else None
+
     def check_k(self) -> None:
         """Fail the step before its expensive work when an explicit cluster count
         exceeds the ingested pool (:func:`~..core.settings.check_k`); the

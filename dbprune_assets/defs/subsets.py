@@ -7,6 +7,8 @@ import dagster as dg
 
 from dbprune_assets.core.method import stages
 from dbprune_assets.core.running.progress import progress
+from dbprune_assets.core.store.layout import UNPARTITIONED
+from dbprune_assets.core.store.state import stable_hash
 from dbprune_assets.core.store.subset_inputs import subset_inputs
 from dbprune_assets.defs.common import Facts, Session, stage, strategy_partitions
 from dbprune_assets.defs.plots import artefact_md, reasons_png, table
@@ -20,6 +22,15 @@ CHECKS = {
 SHOWN = {"strategy": "strategy", "kept": "kept", "eligible": "eligible", "M": "M", "reason_pruned": "pruned",
          "reason_low_clip_score": "low clip", "reason_duplicate": "dup", "reason_corrupt": "corrupt",
          "export_shards": "tars"}
+
+
+def subset_version(s: Session, kept_digest: str) -> str:
+    """A subset's data version: what its trainings read, the kept set (as a
+    digest), the export's settings and the pool's version (the images); not the
+    decisions' inputs, so a strategy that keeps the same samples after, say,
+    another ``dbp.tau`` keeps its trained models and scores."""
+    return stable_hash({"kept": kept_digest, "export": s.settings.export.model_dump(mode="json"),
+                        "pool": s.versions.data_version("pool_manifest", UNPARTITIONED)})
 
 
 @stage(
@@ -45,6 +56,7 @@ def pruned_subset(context: dg.AssetExecutionContext, s: Session) -> dg.Materiali
                 problems[name] += found
             meta = {**out.summary.metadata(), "export_shards": out.export.n_shards}
             s.commit("pruned_subset", strategy, {**meta, "exported": out.export.n_samples},
+                     data_version=subset_version(s, out.kept_digest),
                      metadata={**meta, "exported": out.export.n_samples,
                                "kept_fraction": round(out.summary.kept / max(out.summary.rows, 1), 4),
                                "subset": dg.MetadataValue.path(str(s.layout.subset_dir(strategy)))})

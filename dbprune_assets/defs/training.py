@@ -3,6 +3,7 @@ equal samples seen), ``eval_scores`` (zero-shot and retrieval) and
 ``comparison`` (mean ± std over seeds with bootstrap intervals)."""
 
 
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -47,6 +48,9 @@ def trained_model(context: dg.AssetExecutionContext, s: Session) -> dg.Materiali
         n_gpus = torch.cuda.device_count()
     rows, curves = [], {}
     for strategy in progress(context.partition_keys, desc="trained_model", unit="strategy"):
+        if (kept := _keep_unchanged(context, s, "trained_model", strategy, s.layout.model_dir(strategy))) is not None:
+            rows += [{"strategy": strategy, "subset_size": kept.get("subset_size"), **r} for r in kept.get("seeds", [])]
+            continue
         pattern, n = train_data_spec(s.layout.subset_dir(strategy))
         require_training_space(s.layout.model_dir(strategy), cfg.model, f"training on the {strategy} subset",
                                runs=len(cfg.train_seeds))
@@ -66,15 +70,30 @@ def trained_model(context: dg.AssetExecutionContext, s: Session) -> dg.Materiali
             "final_loss": per_seed[0]["final_loss"] if per_seed else None, "runs": table(per_seed),
             "model": dg.MetadataValue.path(str(s.layout.model_dir(strategy)))})
         rows += [{"strategy": strategy, "subset_size": n, **r} for r in per_seed]
-    png = loss_curve_png(curves, title="open_clip_train loss per strategy and seed")
+    png = loss_curve_png(curves, title="open_clip_train loss per strategy and seed") if curves else None
     return dg.MaterializeResult(metadata={
         "step_runs": table(rows),
         "samples_seen": rows[0]["samples_seen"] if rows else 0,
-        "step_loss_curves": artefact_md(s.layout, "trained_model", f"loss-{'-'.join(context.partition_keys)}", png,
-                                        "training loss"),
+        **({"step_loss_curves": artefact_md(s.layout, "trained_model", f"loss-{'-'.join(context.partition_keys)}",
+                                            png, "training loss")} if png else {}),
         "models": dg.MetadataValue.path(str(s.layout.home / "models")),
         "step_seconds": s.elapsed(),
     })
+
+
+def _keep_unchanged(context: dg.AssetExecutionContext, s: Session, asset: str, strategy: str,
+                    output: Path) -> dict[str, Any] | None:
+    """When the partition's inputs are what its output was made from (a subset
+    that keeps the same samples as before, the same settings: ``Session.unchanged``)
+    and the output is there: commit it again as it is and return its summary;
+    else None (make it)."""
+    st = s.unchanged(asset, strategy)
+    if st is None or not output.exists():
+        return None
+    context.log.info(f"{strategy}: its subset and settings are those its {asset} was made from: kept as it is")
+    s.commit(asset, strategy, st.summary, data_version=st.data_version,
+             metadata={"kept_unchanged": True, "output": dg.MetadataValue.path(str(output))})
+    return dict(st.summary)
 
 
 def eval_splits(layout: Layout, settings: PipelineSettings) -> list[Any]:
@@ -120,6 +139,8 @@ def eval_scores(context: dg.AssetExecutionContext, s: Session) -> dg.Materialize
     context.log.info("evaluation datasets: " + "; ".join(f"{d.name} ({d.task}, {d.root})" for d in datasets))
     shown = []
     for strategy in progress(context.partition_keys, desc="eval_scores", unit="strategy"):
+        if _keep_unchanged(context, s, "eval_scores", strategy, s.layout.table("eval", strategy)) is not None:
+            continue
         rows, aggregates = [], []
         for seed in s.settings.train.train_seeds:
             model = s.layout.model_dir(strategy) / SEED_DIR.format(seed)

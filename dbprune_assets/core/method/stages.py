@@ -19,6 +19,7 @@ from dbprune_assets.core.store.atomic import atomic_path, scratch_dir, write_par
 from dbprune_assets.core.method.embstore import MissingInput, cluster_sizes, read_centroids, shard_embeddings, summed_partials
 from dbprune_assets.core.store.layout import Layout
 from dbprune_assets.core.settings import DbpSettings, PipelineSettings
+from dbprune_assets.core.store.state import stable_hash
 
 if TYPE_CHECKING:
     import polars as pl
@@ -255,6 +256,24 @@ class SubsetOutcome:
     summary: "DecisionSummary"
     export: "ExportSummary"
     problems: dict[str, list[str]]  # check name -> problems found (empty = passed)
+    kept_digest: str = ""  # of the kept (shard, uid) set: equal sets, equal digests (:func:`kept_digest`)
+
+
+#: an order-free digest of a decisions file's kept (shard, uid) set: its size and two
+#: independent 64-bit combinations of the members' hashes
+KEPT_DIGEST_SQL = """
+    SELECT count(*), coalesce(bit_xor(hash(shard, uid)), 0), coalesce(sum(hash(uid, shard)::HUGEINT), 0)
+    FROM decisions WHERE keep
+"""
+
+
+def kept_digest(layout: Layout, decisions: Path) -> str:
+    """A digest of the samples ``decisions`` keeps, independent of their order:
+    two decisions files that keep the same (shard, uid) set have the same one.
+    A subset's data version is built on it, so a strategy whose kept set did
+    not change (another ``dbp.tau``, say, changes only dbp's) keeps its models."""
+    [row] = query_tables(layout, KEPT_DIGEST_SQL, {}, {"decisions": [decisions]})
+    return stable_hash([str(v) for v in row])
 
 
 def query_tables(layout: Layout, sql: str, params: Mapping[str, Any], views: Mapping[str, Sequence[Path]]
@@ -342,4 +361,4 @@ def make_subset(layout: Layout, settings: PipelineSettings, strategy: str,
         problems["one_decision_per_sample"].append(
             f"{strategy}: {inputs.samples} samples ({inputs.sample_ids} distinct), {n_dec} decisions "
             f"({n_distinct} distinct)")
-    return SubsetOutcome(summary, exp, problems)
+    return SubsetOutcome(summary, exp, problems, kept_digest(layout, out))

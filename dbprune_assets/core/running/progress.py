@@ -37,4 +37,4 @@ def progress(iterable: Iterable[T], *, desc: str, unit: str = "it", total: int |
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)  # type: ignore[arg-type]
     yield from tqdm(iterable, desc=desc, unit=unit, total=total, delay=delay, file=sys.stderr,
-                    dynamic_ncols=True, leave=False)
+                    dynamic_ncols=True, leave=False, disable=False)  # explicit: TQDM_DISABLE is for libraries
