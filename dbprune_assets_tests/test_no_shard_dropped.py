@@ -78,3 +78,22 @@ def test_a_pool_of_parquet_files_only_says_what_is_missing(tmp_path: Path) -> No
             proc.stdout[-3000:]
         assert hint in proc.stdout and "uniform sample" not in proc.stdout + proc.stderr
         assert "  models " not in proc.stdout  # no images, no models
+
+
+def test_a_made_up_partition_fails_naming_the_shard(tmp_path: Path) -> None:
+    import dagster as dg
+
+    from dbprune_assets.definitions import ASSETS
+    from dbprune_assets.defs.common import DbpruneResource
+
+    pool = tmp_path / "pool"
+    _pool(pool, shards=1)
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("shards", ["99999"])
+    result = dg.materialize(ASSETS, selection=["raw_metadata"], partition_key="99999", instance=instance,
+                            resources={"dbprune": DbpruneResource(home=str(tmp_path / "home"), pool=str(pool))},
+                            raise_on_error=False)
+    assert not result.success
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert f"no such shard in the pool {pool}: 99999" in str(failure.event_specific_data.error)
+    assert not (tmp_path / "home" / "tables" / "samples" / "99999.parquet").exists()

@@ -56,7 +56,8 @@ def range_tags(keys: list[str]) -> dict[str, str]:
 PARTITION_METADATA = """{ assetOrError(assetKey: {path: ["%s"]}) { ... on Asset {
   assetMaterializations(partitions: %s) { partition metadataEntries { label __typename
     ... on IntMetadataEntry { intValue } ... on FloatMetadataEntry { floatValue }
-    ... on TextMetadataEntry { text } ... on TableMetadataEntry { table { records } } } } } } }"""
+    ... on TextMetadataEntry { text } ... on MarkdownMetadataEntry { mdStr }
+    ... on TableMetadataEntry { table { records } } } } } } }"""
 
 
 def partition_metadata(run: Any, asset: str, partitions: list[str]) -> dict[str, dict[str, Any]]:
@@ -70,7 +71,7 @@ def partition_metadata(run: Any, asset: str, partitions: list[str]) -> dict[str,
             continue
         values = {}
         for e in mat["metadataEntries"]:
-            v = e.get("intValue", e.get("floatValue", e.get("text")))
+            v = e.get("intValue", e.get("floatValue", e.get("text", e.get("mdStr"))))
             values[e["label"]] = v if "table" not in e else [json.loads(r) for r in e["table"]["records"]]
             values[e["label"] + ":type"] = e["__typename"]
         out[mat["partition"]] = values
@@ -250,12 +251,20 @@ def test_real_partitions_carry_their_own_numbers(tmp_path: Path):
         layout, "SELECT shard, count(*) n FROM samples WHERE status = 'ok' GROUP BY 1").to_pylist()}
     kept = {r["strategy"]: r["n"] for r in query(
         layout, "SELECT strategy, count(*) n FROM decisions WHERE keep GROUP BY 1").to_pylist()}
+    problems_of = {r["shard"]: r["n"] for r in query(
+        layout, "SELECT shard, count(*) n FROM problems GROUP BY 1").to_pylist()}
     with graphql(instance, "dbprune_assets.definitions", "defs") as run:
+        raw = partition_metadata(run, "raw_metadata", shards)
         emb = partition_metadata(run, "embeddings", shards)
         subsets = partition_metadata(run, "pruned_subset", list(STRATEGIES))
         data = run("""{ assetOrError(assetKey: {path: ["cluster_complexity"]}) { ... on Asset {
             assetMaterializations(limit: 1) { metadataEntries { label __typename } } } } }""")
     assert {s: m["embedded"] for s, m in emb.items()} == ok  # each shard its own count, not the total
+    for shard, m in raw.items():  # each shard's own problems, the step's beside them
+        assert m["problem_rows"] == problems_of.get(shard, 0)
+        assert not any(f"| {other} |" in m["problems"] for other in shards if other != shard), m["problems"]
+        assert m["problems"] == "no problems" or f"| {shard} |" in m["problems"]
+        assert "step_problems" in m and "step_shards" in m
     assert all(m["step_embedded"] == sum(ok.values()) for m in emb.values())
     assert {s: m["kept"] for s, m in subsets.items()} == kept
     assert kept["full"] != kept["dbp"]

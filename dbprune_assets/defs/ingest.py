@@ -92,6 +92,11 @@ def raw_metadata(context: dg.AssetExecutionContext, s: Session) -> dg.Materializ
     problems_preview = []
     failed: dict[str, str] = {}
     shards = s.partition_shards(context.partition_keys)
+    unknown = [sh for sh in shards if not s.layout.shard_parquet(sh).is_file()]
+    if unknown:  # a partition added by hand (the UI) for a shard the pool does not hold
+        raise dg.Failure(f"no such shard in the pool {s.layout.pool}: {', '.join(unknown[:5])} (no "
+                         f"{unknown[0]}.parquet there); the partitions are the pool's parquet files: delete these "
+                         "partitions, or put the shards in the pool (the sensor and dbprune run register them)")
     for shard in progress(shards, desc="ingest", unit="shard"):
         try:
             result = s.source.ingest(s.layout.pool, shard, s.settings, s.layout.home)
@@ -113,6 +118,8 @@ def raw_metadata(context: dg.AssetExecutionContext, s: Session) -> dg.Materializ
                  metadata={"rows": result.samples.height, "ok": counts.get("ok", 0),
                            "by_status": dg.MetadataValue.json(dict(counts)),
                            "problem_rows": result.problems.height,
+                           "problems": dg.MetadataValue.md(md_table(result.problems.head(20).to_dicts(), 20)
+                                                           if result.problems.height else "no problems"),
                            **({"failed": failed[shard]} if shard in failed else {})})
         if result.problems.height or len(shards) <= PARTITION_METADATA_MAX:
             # a line per shard only where it tells something: each is an event Dagster stores
@@ -124,9 +131,10 @@ def raw_metadata(context: dg.AssetExecutionContext, s: Session) -> dg.Materializ
             "ok": totals.get("ok", 0),
             "by_status": dg.MetadataValue.json(dict(totals)),
             "failed_shards": dg.MetadataValue.json(failed),
-            "shards": dg.MetadataValue.md(md_table(per_shard, s.table_rows)),
-            "problems": dg.MetadataValue.md(md_table(problems_preview, s.table_rows) if problems_preview
-                                            else "no problems"),
+            # step_*: the step's own, beside each partition's numbers (docs: the UI)
+            "step_shards": dg.MetadataValue.md(md_table(per_shard, s.table_rows)),
+            "step_problems": dg.MetadataValue.md(md_table(problems_preview, s.table_rows) if problems_preview
+                                                 else "no problems"),
             "seconds": s.elapsed(),
         }
     )
