@@ -97,3 +97,36 @@ def test_a_made_up_partition_fails_naming_the_shard(tmp_path: Path) -> None:
     [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     assert f"no such shard in the pool {pool}: 99999" in str(failure.event_specific_data.error)
     assert not (tmp_path / "home" / "tables" / "samples" / "99999.parquet").exists()
+
+
+def test_malformed_uids_are_bad_uid_and_uids_compare_case_insensitively(tmp_path: Path) -> None:
+    """31 hex digits or a non-hex uid: bad_uid at ingest, naming file, row and value; a uid
+    that differs only in case, in the same shard or a later one, is duplicate_uid, so
+    uids.npy holds every uid once."""
+    import numpy as np
+
+    pool = tmp_path / "pool"
+    first, second = _pool(pool, shards=2)
+    a = pl.read_parquet(pool / f"{first}.parquet")
+    b = pl.read_parquet(pool / f"{second}.parquet")
+    ua, ub = a["uid"].to_list(), b["uid"].to_list()
+    short, nonhex = ua[1][:31], "zz" + ua[2][2:]
+    ua[1], ua[2], ua[3] = short, nonhex, ua[0].upper()  # two malformed, one case twin in the shard
+    ub[0] = ua[4].upper()  # a case twin of the first shard's row 4
+    a.with_columns(pl.Series("uid", ua)).write_parquet(pool / f"{first}.parquet")
+    b.with_columns(pl.Series("uid", ub)).write_parquet(pool / f"{second}.parquet")
+    home = tmp_path / "home"
+    proc = run_cli("run", "--select", "*pruned_subset", env={"DBPRUNE_HOME": str(home), "DBPRUNE_POOL": str(pool)},
+                   timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    status = {(r["shard"], r["row"]): r["status"] for r in run_cli(
+        "sql", "SELECT shard, row, status FROM samples ORDER BY ALL", "--format", "csv",
+        env={"DBPRUNE_HOME": str(home)}).stdout.splitlines()[1:] for r in [dict(zip(("shard", "row", "status"),
+                                                                                     r.split(",")))]}
+    assert [status[(first, str(i))] for i in range(5)] == ["ok", "bad_uid", "bad_uid", "duplicate_uid", "ok"]
+    assert status[(second, "0")] == "duplicate_uid"
+    problems = pl.read_parquet(home / "tables" / "problems" / "*.parquet")
+    assert problems.filter(pl.col("cause").str.contains(f"row 1 of {pool / first}.parquet has uid '{short}', "
+                                                        "not 32 hex digits")).height == 1
+    full = np.load(home / "subsets" / "full" / "uids.npy")
+    assert len(np.unique(full)) == len(full) == sum(v == "ok" for v in status.values())

@@ -117,7 +117,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_statuses_vocabulary() -> None:
     assert STATUSES == ("ok", "failed_download", "undecodable", "missing_in_tar", "empty_caption", "truncated_tar",
-                        "duplicate_uid", "no_embedding", "bad_embedding")
+                        "duplicate_uid", "bad_uid", "no_embedding", "bad_embedding")
 
 
 def test_generated_pool_statuses_equal_planted_ground_truth(pool: Path) -> None:

@@ -34,6 +34,7 @@ damaged tar is read up to the damage.  The statuses, tables and paths are in
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Literal, Mapping
@@ -49,6 +50,7 @@ from dbprune_assets.core.pool.wds import TarDamaged, decode_text, image_member, 
 #: every status a sample can get at ingest, in the contract's order
 STATUSES: tuple[str, ...] = (
     "ok", "failed_download", "undecodable", "missing_in_tar", "empty_caption", "truncated_tar", "duplicate_uid",
+    "bad_uid",  # a uid that is not 32 hex digits where the pool needs one (DataComp metadata)
     "no_embedding", "bad_embedding",  # stored embeddings (core/pool/sources/)
 )
 #: the ``problems`` cause prefix of a caption repaired from non-UTF-8 bytes
@@ -257,6 +259,17 @@ def check_column_types(parquet_path: Path, shard: str, schema: pa.Schema, column
                              f"{fix(col, expected)}. The shard is not ingested, the other shards are")
 
 
+#: DataComp's uid: 32 hex digits
+HEX32 = re.compile(r"[0-9a-fA-F]{32}")
+
+
+def uid_identity(uid: str) -> str:
+    """What two uids are compared by: a 32-hex uid case-insensitively (``A0…``
+    and ``a0…`` are one uid, as DataComp's ``uids.npy`` sees them); any other
+    id (a key standing in for a uid) as it is."""
+    return uid.lower() if HEX32.fullmatch(uid) else uid
+
+
 def _check_values(ledger: pl.DataFrame, parquet_path: Path, shard: str) -> None:
     """Raise ``ShardError`` for null keys, keys that are not zero-padded and uids that are not 32-hex."""
     def fail(what: str, fix: str) -> ShardError:
@@ -456,8 +469,8 @@ def ingest_shard(pool_dir: Path, shard: str, verify_images: VerifyMode = "decode
     v = _Verdicts(shard)
     firsts: dict[str, tuple[int, str]] = {}
     for i, (row, uid) in enumerate(zip(ledger.iter_rows(named=True), uids)):
-        _judge_row(v, row, seen, damage, tar_path.name, not has_caption, firsts.get(uid))
-        firsts.setdefault(uid, (i, str(row["key"])))
+        _judge_row(v, row, seen, damage, tar_path.name, not has_caption, firsts.get(uid_identity(uid)))
+        firsts.setdefault(uid_identity(uid), (i, str(row["key"])))
     _shard_level_problems(v, tar_path, seen, damage, ledger)
     samples = pl.DataFrame(
         {

@@ -9,7 +9,8 @@ every global step depends on) applies it with :func:`mark_cross_shard`:
 
 * a row of shard B is a *cross-shard duplicate* when its ingest status is
   ``ok`` and a row of an earlier shard A (sorted shard names, the order
-  ``dbprune run`` lists them) has its uid, whatever that row's status;
+  ``dbprune run`` lists them) has its uid, whatever that row's status (32-hex
+  uids compare case-insensitively);
 * those rows go to ``tables/duplicate_uids/all.parquet`` (shard, key, row,
   uid, first_shard, first_key) and, as problems naming both locations (stage
   ``pool_manifest``), to ``tables/problems/all.parquet``.
@@ -61,12 +62,15 @@ def find_cross_shard(samples_files: Sequence[Path], work: Path) -> "pl.DataFrame
         create_view(con, "samples", list(samples_files), columns=("uid", "shard", "key", "row", "status"))
         frame = con.sql(
             """
-            WITH firsts AS (
-              SELECT uid, shard, key FROM samples
-              QUALIFY row_number() OVER (PARTITION BY uid ORDER BY shard, row) = 1
+            WITH ids AS (  -- a 32-hex uid compares case-insensitively (shards.uid_identity)
+              SELECT *, CASE WHEN regexp_full_match(uid, '[0-9a-fA-F]{32}') THEN lower(uid) ELSE uid END AS id
+              FROM samples
+            ), firsts AS (
+              SELECT id, shard, key FROM ids
+              QUALIFY row_number() OVER (PARTITION BY id ORDER BY shard, row) = 1
             )
             SELECT s.shard, s.key, s.row, s.uid, f.shard AS first_shard, f.key AS first_key
-            FROM samples s JOIN firsts f ON f.uid = s.uid
+            FROM ids s JOIN firsts f ON f.id = s.id
             WHERE s.status = 'ok' AND s.shard > f.shard
             ORDER BY s.shard, s.row
             """

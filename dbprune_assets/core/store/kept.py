@@ -94,7 +94,8 @@ def count_kept(con: Any) -> int:
 
 
 def all_hex(con: Any) -> bool:
-    """Whether every decision's uid is 32-hex (DataComp's): then the subset's
-    id file is ``uids.npy``."""
-    bad = con.execute("SELECT count(*) FROM dec WHERE uid IS NULL OR NOT regexp_full_match(uid, ?)", [_HEX32]).fetchall()[0][0]
+    """Whether every kept sample's uid is 32-hex (DataComp's): then the
+    subset's id file is ``uids.npy`` (a ``bad_uid`` row is never kept)."""
+    bad = con.execute("SELECT count(*) FROM dec WHERE keep AND (uid IS NULL OR NOT regexp_full_match(uid, ?))",
+                      [_HEX32]).fetchall()[0][0]
     return bad == 0

@@ -34,7 +34,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dbprune_assets.core.pool.poolkind import is_datacomp_shard, looks_like_datacomp
-from dbprune_assets.core.pool.shards import PROBLEMS_SCHEMA, SAMPLES_SCHEMA, ShardError, ShardIngest, check_column_types
+from dbprune_assets.core.pool.shards import (HEX32, PROBLEMS_SCHEMA, SAMPLES_SCHEMA, ShardError, ShardIngest,
+                                             check_column_types)
 from dbprune_assets.core.pool.sources.base import (EmbeddingSource, Memo, StoredShard, ingest_image_shard,
                                                    pool_files)
 from dbprune_assets.core.pool.sources.readers import (DATACOMP_MODELS, DataCompModel, SourceError, SourceRows, bad_rows, link,
@@ -113,12 +114,18 @@ def _statuses(uids: list, texts: list, bad: np.ndarray, parquet: Path, shard: st
         if uid is None or not uid.strip():
             raise ShardError(f"{parquet}: row {i} of shard {shard} has no uid; every DataComp row has one "
                              "(re-download the shard)")
-        if uid in first:
-            status.append("duplicate_uid")
-            problems.append((shard, uid, _STAGE, f"duplicate_uid: uid {uid} of row {i} is row {first[uid]}'s "
-                                                 f"(shard {shard}); the first occurrence keeps it"))
+        if not HEX32.fullmatch(uid):
+            status.append("bad_uid")
+            problems.append((shard, uid, _STAGE, f"bad_uid: row {i} of {parquet} has uid {uid[:64]!r}, not 32 hex "
+                                                 "digits (DataComp's uid); fix the row or drop it"))
             continue
-        first[uid] = i
+        if uid.lower() in first:  # uids compare case-insensitively
+            status.append("duplicate_uid")
+            problems.append((shard, uid, _STAGE, f"duplicate_uid: uid {uid} of row {i} is row "
+                                                 f"{first[uid.lower()]}'s (shard {shard}); the first occurrence "
+                                                 "keeps it"))
+            continue
+        first[uid.lower()] = i
         if bad[i]:
             status.append("bad_embedding")
             problems.append((shard, uid, _STAGE, f"bad_embedding: row {i} of {origin} {DAMAGED}"))
