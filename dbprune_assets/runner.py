@@ -232,6 +232,10 @@ def _run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None
     t0 = time.monotonic()
     defs, graph, nodes, instance = _open(layout, settings, echo)
     ordered = _choose_assets(graph, nodes, select, layout, echo)
+    if select is not None and not ordered and _selects_any(graph, select):  # only stages this pool cannot run
+        from dbprune_assets.core.pool.poolkind import NEEDS_IMAGES
+
+        return RunReport([], time.monotonic() - t0, ok=False, failure=NEEDS_IMAGES, metadata_only=True)
     groups = plan_groups(ordered, {k: set(nodes[k].parents) for k in ordered},
                          {k: nodes[k].partitioning for k in ordered})
     pipeline = _Pipeline(layout, settings, force, echo, log_level, instance, nodes,
@@ -286,6 +290,12 @@ def _open(layout: Layout, settings: PipelineSettings, echo: Echo) -> tuple[Any, 
     if added or removed:
         echo(f"pool: {len(added)} shard(s) added, {len(removed)} removed")
     return defs, graph, nodes, instance
+
+
+def _selects_any(graph: Any, select: str) -> bool:
+    import dagster as dg
+
+    return bool(dg.AssetSelection.from_coercible(select.split(",")).resolve(graph))
 
 
 def _choose_assets(graph: Any, nodes: Mapping[str, Any], select: str | None, layout: Layout, echo: Echo) -> list[str]:
