@@ -158,7 +158,7 @@ def _ui_shard_table(home: Path) -> dict[str, dict[str, str]]:
     instance = dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home / "dagster")))
     try:
         records = instance.fetch_materializations(dg.AssetKey("raw_metadata"), limit=50).records
-        md = records[0].asset_materialization.metadata["shards"].value  # type: ignore[union-attr]
+        md = records[0].asset_materialization.metadata["step_shards"].value  # type: ignore[union-attr]
     finally:
         instance.dispose()
     lines = [line for line in md.splitlines() if line.startswith("|")]
