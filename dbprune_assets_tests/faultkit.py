@@ -58,13 +58,25 @@ def shared_encoder(tmp_path_factory) -> Path:
     return out
 
 
-def config_with_encoder(path: Path, encoder_dir: Path, **overrides: Any) -> Path:
-    """A TINY settings file whose cluster encoder is the local folder ``encoder_dir``."""
+def config_with_encoder(path: Path, encoder_dir: Path, *, default_processes: bool = False, **overrides: Any) -> Path:
+    """A TINY settings file whose cluster encoder is the local folder
+    ``encoder_dir``; with ``default_processes``, the decode workers and
+    threads are left at what a user gets (TINY runs everything in one process)."""
     import yaml
 
     over = deep_merge({"encoder": {"cluster_encoder": {"model": f"local-dir:{encoder_dir}"}}}, overrides)
-    path.write_text(yaml.safe_dump(deep_merge(TINY, over)))
+    settings = deep_merge(TINY, over)
+    if default_processes:
+        settings = without_process_counts(settings)
+    path.write_text(yaml.safe_dump(settings))
     return path
+
+
+def without_process_counts(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` without any ``workers`` or ``threads`` key, at any depth:
+    the process and thread counts a user who sets none of them gets."""
+    return {k: without_process_counts(v) if isinstance(v, dict) else v
+            for k, v in settings.items() if k not in ("workers", "threads")}
 
 
 # ---------------------------------------------------------------------------

@@ -409,8 +409,10 @@ def work(tmp_path_factory) -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def config(work: Path, tmp_path_factory) -> Path:
-    # one run per partition: 4 shards make 4 runs per shard group, spread over the workers
-    return fk.config_with_encoder(work / "tiny.yaml", fk.shared_encoder(tmp_path_factory), partitions={"per_run": 1})
+    # one run per partition: 4 shards make 4 runs per shard group, spread over the workers; decode
+    # workers and threads as a user gets them (the DataLoader's workers are processes of the run's own)
+    return fk.config_with_encoder(work / "tiny.yaml", fk.shared_encoder(tmp_path_factory), default_processes=True,
+                                  partitions={"per_run": 1})
 
 
 @pytest.fixture(scope="module")
@@ -524,9 +526,9 @@ def _wait_for_started(home: Path, servers, group: str, proc: subprocess.Popen, t
     raise AssertionError(f"no {group} run started within {timeout_s:.0f}s")
 
 
-def _cluster_run(home: Path, pool: Path, config: Path, servers, *args: str) -> subprocess.Popen:
+def _cluster_run(home: Path, pool: Path, config: Path, servers, *args: str, lost_after: str = "5") -> subprocess.Popen:
     exe = shutil.which("dbprune") or str(Path(sys.executable).parent / "dbprune")
-    env = {**os.environ, **fk.env_for(home, pool), **servers.env, cluster.ENV_LOST_AFTER: "5"}
+    env = {**os.environ, **fk.env_for(home, pool), **servers.env, cluster.ENV_LOST_AFTER: lost_after}
     env.pop("DAGSTER_HOME", None)
     return subprocess.Popen([exe, "run", "--config", str(config), *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -551,7 +553,7 @@ def test_cluster_run_with_a_worker_killed_mid_embeddings_gives_the_embedded_deci
     assert SECRET not in out + err
     instance = _instance(home, servers)
     killed = instance.get_run_by_id(victim_run.run_id)
-    assert killed.status == dg.DagsterRunStatus.FAILURE and "stopped answering" in killed.tags[cluster.LOST_TAG]
+    assert killed.status == dg.DagsterRunStatus.FAILURE and "stopped renewing" in killed.tags[cluster.LOST_TAG]
     retry = [r for r in _home_runs(instance, home) if r.tags.get("dagster/parent_run_id") == victim_run.run_id]
     assert len(retry) == 1 and retry[0].status == dg.DagsterRunStatus.SUCCESS
     assert retry[0].tags["dagster/asset_partition_range_start"] == start and retry[0].tags[cluster.WORKER_TAG] != victim
@@ -592,3 +594,32 @@ def test_postgres_restarted_mid_group_resumes_or_fails_cleanly_then_the_decision
     assert fk.tmp_leftovers(home) == []
     instance = _instance(home, servers)
     assert not [r for r in _home_runs(instance, home) if not r.is_finished]
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_a_busy_worker_is_not_taken_for_dead_and_no_range_runs_twice(
+        servers, workers: Workers, work: Path, config: Path) -> None:
+    """The workers' main processes (those that answer Celery's ping) are
+    stopped for 12 s, four times ``DBPRUNE_WORKER_LOST_S``, while their runs
+    (shards of 500 samples) go on, as when a run keeps every core busy: no
+    run is given up, none is submitted again, each range runs once."""
+    home, pool = work / "busy", fk.write_pool(work / "busy-pool", shards=2, samples_per_shard=500)
+    proc = _cluster_run(home, pool, config, servers, "--select", "raw_metadata,embeddings", lost_after="3")
+    _wait_for_started(home, servers, "raw_metadata,embeddings", proc)  # one group: they run together
+    mains = [p.pid for p in workers.procs.values() if p.poll() is None]
+    for pid in mains:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(12)
+    finally:
+        for pid in mains:
+            os.kill(pid, signal.SIGCONT)
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-4000:] + err[-4000:]
+    assert "submitted again" not in out, out[-4000:]
+    runs = _home_runs(_instance(home, servers), home)
+    assert not [r.tags[cluster.LOST_TAG] for r in runs if cluster.LOST_TAG in r.tags]
+    ranges = [(r.tags[cluster.GROUP_TAG], r.tags.get("dagster/asset_partition_range_start")) for r in runs]
+    assert len(ranges) == len(set(ranges)) == 2 and {g for g, _ in ranges} == {"raw_metadata,embeddings"}
+    assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)

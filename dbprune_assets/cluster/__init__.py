@@ -23,23 +23,31 @@ executor, every run would still need a coordinating process that stays alive
 for the whole run and sends its one or two steps to the broker: more moving
 parts, no more parallelism.  :class:`DbpruneRunLauncher` (a
 ``CeleryRunLauncher``) sends each run to queue ``gpu`` (assets declaring ``Facts(gpu=True)``) or
-``cpu`` by its assets; the worker task (``launcher.execute_run_task``) records the
-worker's name, host and pid in the run's tags, then executes the run in the
-worker's pool process with the in-process executor (the definitions, torch
-and the model stay loaded between runs).  Neither Celery model honours Dagster
-pools: GPU exclusivity comes from the queue and each worker's concurrency
-(one run at a time by default).
+``cpu`` by its assets; the worker task (``launcher.execute_run_task``) takes the
+run's lease, records the worker's name, host and pid in the run's tags, and
+executes the run in a process of its own (``execution.py``), which may start
+processes in turn (the DataLoader's decode workers, the trainer's: Celery's
+pool processes are daemonic and could not).  Neither Celery model honours
+Dagster pools: GPU exclusivity comes from the queue and each worker's
+concurrency (one run at a time by default).
 
 **Faults.** Celery acknowledges a run's task only when it ends
 (``task_acks_late``), so a busy worker never holds a second run it has not
-started.  ``dbprune run`` watches its runs: when the worker of a started run
-stops answering Celery's ping for ``DBPRUNE_WORKER_LOST_S`` seconds (killed,
-out of memory, machine down) or its task ended without the run recording its
-end, the run is marked failed and a new run for the same partition range is
-submitted (at most ``DBPRUNE_RUN_RETRIES`` times).  A task the broker
-redelivers later finds its run ended and does nothing.  Partitions are
-written atomically with commit markers (``defs/common.py``), so a retry or
-the next ``dbprune run`` redoes exactly what is missing.
+started.  A started run's liveness is its lease (``lease.py``), renewed by
+the task's process, which does nothing else while the run executes, so a
+run that keeps every core busy does not starve it (Celery's ping, answered
+by the worker's main process, could be).  ``dbprune run`` watches its runs:
+when a run's lease has not been renewed for ``DBPRUNE_WORKER_LOST_S``
+seconds (killed, out of memory, machine down or cut off), its process was
+killed, or its task ended without the run recording its end, the lease is
+revoked, the run marked failed and a new run for the same partition range
+submitted (at most ``DBPRUNE_RUN_RETRIES`` times).  A run never executes
+twice at once: a supervisor that cannot renew stops its run before the
+lease can expire, one whose renewal is refused stops it at once, and a
+partition's commit marker is written only while its run holds the lease.
+A task the broker redelivers later finds the lease taken and does nothing.
+Partitions are written atomically with commit markers (``defs/common.py``),
+so a retry or the next ``dbprune run`` redoes exactly what is missing.
 
 **The package**, one job a module (imports point down this list):
 
@@ -50,6 +58,8 @@ the next ``dbprune run`` redoes exactly what is missing.
 * ``launcher.py``: the Celery app, :class:`DbpruneRunLauncher`, the worker's task and
   the code pointer a worker rebuilds a run's job from; the only module that imports
   Dagster's private modules;
+* ``lease.py``: a run's lease (liveness and fence), in the instance's database;
+* ``execution.py``: the supervisor that executes a run in a process of its own and keeps its lease;
 * ``failures.py``: why a run did not succeed (worker lost, database gone, a step failed);
 * ``submit.py``: ``dbprune run`` against a cluster: submit, watch, retry (``run_ranges``);
 * ``worker.py``: ``dbprune worker``; ``webserver.py``: ``python -m dbprune_assets.cluster webserver``.

@@ -10,7 +10,8 @@ from types import SimpleNamespace
 from typing import Any
 
 from dbprune_assets.cluster.instance import first_line
-from dbprune_assets.cluster.tags import GROUP_TAG, LOST_TAG, TASK_ID_TAG, WORKER_HOST_TAG, WORKER_PID_TAG, WORKER_TAG
+from dbprune_assets.cluster.tags import (DIED_TAG, GROUP_TAG, LOST_TAG, TASK_ID_TAG, WORKER_HOST_TAG, WORKER_PID_TAG,
+                                         WORKER_TAG)
 
 
 @dataclass
@@ -54,19 +55,19 @@ def worker_words(run: Any) -> str:
     return f"worker {node} (host {run.tags.get(WORKER_HOST_TAG, '?')}, pid {run.tags.get(WORKER_PID_TAG, '?')})"
 
 
-def lost_reason(launcher: Any, run: Any, att: Attempt, alive: set[str] | None, now: float,
-                lost_after: float, check: bool) -> str | None:
-    """Why an unfinished run will not finish (its worker is gone, or its task
-    ended without the run recording its end), else None."""
-    node = run.tags.get(WORKER_TAG)
-    if node and alive is not None and check:
-        if node in alive:
-            att.lost_since = None
-        else:
-            att.lost_since = att.lost_since if att.lost_since is not None else now
-    if node and att.lost_since is not None and now - att.lost_since >= lost_after:
-        return (f"{worker_words(run)} stopped answering for {now - att.lost_since:.0f}s while running it "
-                "(killed, out of memory, or its machine is down)")
+def lost_reason(launcher: Any, run: Any, att: Attempt, lease: Any, now: float, check: bool) -> str | None:
+    """Why an unfinished run will not finish (its lease expired: its worker is
+    gone or cut off; or its task ended without the run recording its end),
+    else None.  ``lease``: the run's :class:`~dbprune_assets.core.running.lease.LeaseState`
+    (None: not taken yet, the run waits in its queue)."""
+    if lease is not None and not lease.live and not lease.revoked:
+        if not lease.ended:
+            return (f"{worker_words(run)} stopped renewing the run's lease {-lease.seconds_left:.0f}s ago "
+                    "(killed, out of memory, its machine is down or cut off)")
+        att.ended_since = att.ended_since if att.ended_since is not None else now
+        if now - att.ended_since >= 10.0:  # the run's own end event would have arrived by now
+            return (f"its process on {worker_words(run)} ended but the run did not record its end "
+                    "(the database was unreachable)")
     if not check or TASK_ID_TAG not in run.tags:
         return None
     try:
@@ -136,6 +137,15 @@ def run_error(events: list[Any]) -> Any:
 #: errors of the database connection: a run that failed with one of them (and no step
 #: failure) is a casualty of the instance, not of its work, and is submitted again
 DB_ERRORS = ("OperationalError", "InterfaceError", "DagsterPostgresException")
+
+
+def casualty(instance: Any, run: Any) -> str | None:
+    """Why ``run`` failed for no fault of its work, so that its range is
+    submitted again: its process was killed (its worker says so) or its
+    database connection broke (no step failed); else None."""
+    if run.status.value != "FAILURE" or run.tags.get(LOST_TAG):
+        return None
+    return run.tags.get(DIED_TAG) or db_casualty(instance, run)
 
 
 def db_casualty(instance: Any, run: Any) -> str | None:

@@ -14,8 +14,11 @@ module stays cheap.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -51,15 +54,19 @@ def make_app(broker: str, backend: str | None):
 
 
 def execute_run_task(task: Any, execute_run_args_packed: Any) -> int:
-    """A worker's pool process: execute one run (``ExecuteRunArgs``) in this
-    process, first recording in its tags which worker, host and pid run it.
-    A run that already ended or started elsewhere (a task the broker
-    delivered again) is left alone."""
+    """A worker's pool process: supervise one run (``ExecuteRunArgs``), executed
+    in a process of its own (:mod:`~dbprune_assets.cluster.execution`) while
+    this one holds the run's lease.  The run's tags first record which
+    worker, host and pid supervise it.  A run that already ended or started
+    elsewhere (a task the broker delivered again) is left alone: its lease
+    can be taken once."""
     import dagster as dg
-    from dagster._cli.api import _execute_run_command_body
     from dagster._core.events import EngineEventData
     from dagster._grpc.types import ExecuteRunArgs
     from dagster._serdes import unpack_value
+
+    from dbprune_assets.cluster.execution import Supervisor
+    from dbprune_assets.core.running.lease import Leases, lease_env
 
     args = unpack_value(execute_run_args_packed, as_type=ExecuteRunArgs)
     with dg.DagsterInstance.from_ref(args.instance_ref) as instance:
@@ -70,12 +77,82 @@ def execute_run_task(task: Any, execute_run_args_packed: Any) -> int:
         if run.status not in (dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING):
             return 0  # delivered again after it ran, failed or was given up: nothing to do
         node, host, pid = str(task.request.hostname), socket.gethostname(), os.getpid()
-        instance.add_run_tags(run.run_id, {WORKER_TAG: node, WORKER_HOST_TAG: host, WORKER_PID_TAG: str(pid)})
-        instance.report_engine_event(
-            f"dbprune worker {node} (host {host}, pid {pid}) executes the run",
-            run, EngineEventData({"worker": node, "host": host, "pid": str(pid)}),
-        )
-        return _execute_run_command_body(run_id=run.run_id, instance=instance, write_stream_fn=lambda _e: None,
+        holder = f"{node}/{host}/{pid}/{uuid.uuid4().hex[:8]}"
+        url, ttl = lease_url(instance), lease_seconds(run.tags)
+        leases = Leases(url)
+        try:
+            if not leases.take(run.run_id, holder, ttl):
+                return 0  # another delivery of the task holds (or held) it
+            instance.add_run_tags(run.run_id, {WORKER_TAG: node, WORKER_HOST_TAG: host, WORKER_PID_TAG: str(pid)})
+            instance.report_engine_event(
+                f"dbprune worker {node} (host {host}, pid {pid}) executes the run in a process of its own, "
+                f"holding its lease ({ttl:.0f}s)", run, EngineEventData({"worker": node, "host": host, "pid": str(pid)}))
+            outcome = Supervisor(leases, run.run_id, holder, ttl).run(
+                run_process_argv(), json.dumps(execute_run_args_packed), {**os.environ, **lease_env(run.run_id, holder, url)})
+        finally:
+            leases.close()
+        return _after_run(instance, run.run_id, node, outcome)
+
+
+def _after_run(instance: Any, run_id: str, node: str, outcome: Any) -> int:
+    """The run's process ended: when the run did not record its end (the
+    process was killed), record it failed, tagged so that ``dbprune run``
+    submits the range again."""
+    from dbprune_assets.cluster.tags import DIED_TAG
+
+    run = instance.get_run_by_id(run_id)
+    if outcome.stopped is None and run is not None and not run.is_finished:
+        why = f"its process on worker {node} {outcome.words()} before the run recorded its end"
+        instance.add_run_tags(run_id, {DIED_TAG: why})
+        instance.report_run_failed(run, message=why)
+    return outcome.returncode
+
+
+def lease_url(instance: Any) -> str:
+    """Where the instance's run leases live: its PostgreSQL database, else a
+    SQLite file in its folder (one machine)."""
+    from dbprune_assets.cluster.instance import with_psycopg2
+
+    url = os.environ.get(ENV_POSTGRES, "").strip()
+    if url:
+        return with_psycopg2(url)
+    return f"sqlite:///{Path(instance.root_directory) / 'leases.db'}"
+
+
+def lease_seconds(tags: Any) -> float:
+    """The lease of a run: its ``dbprune/lease_s`` tag (``dbprune run``'s
+    ``DBPRUNE_WORKER_LOST_S``), else this worker's, else 30 s."""
+    from dbprune_assets.cluster.instance import ENV_LOST_AFTER
+    from dbprune_assets.cluster.tags import LEASE_TAG
+
+    for value in (tags.get(LEASE_TAG), os.environ.get(ENV_LOST_AFTER)):
+        try:
+            return max(1.0, float(value))
+        except (TypeError, ValueError):
+            continue
+    return 30.0
+
+
+def run_process_argv() -> list[str]:
+    """The command of a run's process, with the worker's Python: it reads the
+    packed ``ExecuteRunArgs`` on stdin and executes the run
+    (:func:`execute_packed_run`)."""
+    return [sys.executable, "-c", "import sys; from dbprune_assets.cluster.launcher import execute_packed_run; "
+                                  "sys.exit(execute_packed_run(sys.stdin.read()))"]
+
+
+def execute_packed_run(execute_run_args_json: str) -> int:
+    """A run's process (:func:`run_process_argv`): execute
+    the run whose packed ``ExecuteRunArgs`` are ``execute_run_args_json`` in
+    this process, with its job's executor; the exit status."""
+    import dagster as dg
+    from dagster._cli.api import _execute_run_command_body
+    from dagster._grpc.types import ExecuteRunArgs
+    from dagster._serdes import unpack_value
+
+    args = unpack_value(json.loads(execute_run_args_json), as_type=ExecuteRunArgs)
+    with dg.DagsterInstance.from_ref(args.instance_ref) as instance:
+        return _execute_run_command_body(run_id=args.run_id, instance=instance, write_stream_fn=lambda _e: None,
                                          set_exit_code_on_failure=True)
 
 

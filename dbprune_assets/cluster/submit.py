@@ -16,13 +16,14 @@ import os
 import time
 from typing import Any, Callable
 
-from dbprune_assets.cluster.failures import (Attempt, ClusterFailure, db_casualty, failure_of, lost_failure,
-                                             lost_reason, where)
+from dbprune_assets.cluster.failures import (Attempt, ClusterFailure, casualty, failure_of, lost_failure, lost_reason,
+                                             where)
 from dbprune_assets.cluster.instance import (ENV_BROKER, ENV_LOST_AFTER, ENV_POSTGRES, ENV_RETRIES, ClusterError,
                                              console_config, first_line, mask_url, secret_free)
-from dbprune_assets.cluster.launcher import launcher_class, reconstructable_job
-from dbprune_assets.cluster.tags import (ATTEMPT_TAG, GPU, GROUP_TAG, HOME_TAG, K8S_GPU_CONFIG, K8S_TAG, LOST_TAG,
-                                         QUEUE_TAG, RANGE_END_TAG, RANGE_START_TAG, SUBMITTER_TAG, WORKER_TAG,
+from dbprune_assets.cluster.launcher import launcher_class, lease_url, reconstructable_job
+from dbprune_assets.core.running.lease import Leases
+from dbprune_assets.cluster.tags import (ATTEMPT_TAG, GPU, GROUP_TAG, HOME_TAG, K8S_GPU_CONFIG, K8S_TAG, LEASE_TAG,
+                                         LOST_TAG, QUEUE_TAG, RANGE_END_TAG, RANGE_START_TAG, SUBMITTER_TAG,
                                          queue_for)
 
 Echo = Callable[[str], None]
@@ -64,9 +65,10 @@ class GroupRuns:
         self.launcher = _celery_launcher(instance, layout)
         self.retries = _int_env(ENV_RETRIES, 2)
         self.lost_after = _float_env(ENV_LOST_AFTER, 30.0)
+        self.leases = _db(lambda: Leases(lease_url(instance)), echo)
         self.queue = queue_for(group)
         self.home = str(layout.home)
-        _first_sight(instance, self.launcher, self.home, self.queue, echo)
+        _first_sight(instance, self.launcher, self.leases, self.home, self.queue, echo)
         self.origin = reconstructable_job(job, self.home, str(layout.pool)).get_python_origin()
         self.run_config = {**console_config(log_level), "execution": {"config": {"in_process": {}}}}
         self.submitter = process_tmp_name()
@@ -90,7 +92,7 @@ class GroupRuns:
 
     def _tags(self, start: str | None, end: str | None, number: int, parent: Attempt | None) -> dict[str, str]:
         tags = {"dbprune/cli": "run", HOME_TAG: self.home, SUBMITTER_TAG: self.submitter, QUEUE_TAG: self.queue,
-                GROUP_TAG: ",".join(self.group), ATTEMPT_TAG: str(number)}
+                GROUP_TAG: ",".join(self.group), ATTEMPT_TAG: str(number), LEASE_TAG: f"{self.lost_after:g}"}
         if self.queue == GPU:
             import json
 
@@ -133,31 +135,26 @@ class GroupRuns:
         is kept), those that will not end are submitted again or given up."""
         import dagster as dg
 
-        runs = {r.run_id: r for r in _db(lambda: self.instance.get_runs(dg.RunsFilter(run_ids=list(self.active))),
-                                         self.echo)}
+        ids = list(self.active)
+        runs = {r.run_id: r for r in _db(lambda: self.instance.get_runs(dg.RunsFilter(run_ids=ids)), self.echo)}
+        leases = _db(lambda: self.leases.states(ids), self.echo)
         now = time.monotonic()
-        check, alive = self._ping(runs, now)
+        check = now - self.last_check >= 2.0  # the Celery backend is asked every 2 s
+        if check:
+            self.last_check = now
         for run_id, att in list(self.active.items()):
             run = runs.get(run_id)
             if run is None:
                 continue
-            lost = self._why_lost(run, att, alive, now, check)
+            lost = self._why_lost(run, att, leases.get(run_id), now, check)
             if lost is not None:
                 self._retry_or_give_up(run, att, lost)
 
-    def _ping(self, runs: dict[str, Any], now: float) -> tuple[bool, set[str] | None]:
-        """Whether this round checks workers and tasks (every 2 s), and which
-        workers of the unfinished runs answer Celery's ping (None: not asked)."""
-        if now - self.last_check < 2.0:
-            return False, None
-        self.last_check = now
-        nodes = {r.tags[WORKER_TAG] for r in runs.values() if not r.is_finished and r.tags.get(WORKER_TAG)}
-        return True, (alive_workers(self.launcher.celery, nodes) if nodes else None)
-
-    def _why_lost(self, run: Any, att: Attempt, alive: set[str] | None, now: float, check: bool) -> str | None:
-        """Why an active run is to be submitted again (it is then tagged, marked
-        failed if need be, and no longer active); None when it succeeded, failed
-        for good (kept as a failure) or still runs."""
+    def _why_lost(self, run: Any, att: Attempt, lease: Any, now: float, check: bool) -> str | None:
+        """Why an active run is to be submitted again (its lease is then
+        revoked, so that whatever still executes it commits nothing, and it is
+        tagged, marked failed if need be, and no longer active); None when it
+        succeeded, failed for good (kept as a failure) or still runs."""
         import dagster as dg
 
         run_id = run.run_id
@@ -166,19 +163,31 @@ class GroupRuns:
             return None
         if run.is_finished:  # failed or canceled by its worker, the UI, or us
             del self.active[run_id]
-            casualty = db_casualty(self.instance, run) if att.number <= self.retries else None
-            if casualty is None:
+            why = casualty(self.instance, run) if att.number <= self.retries else None
+            if why is None:
                 self.failures.append(failure_of(self.instance, run, att))
                 return None
-            _db(lambda: self.instance.add_run_tags(run_id, {LOST_TAG: casualty}), self.echo)
-            return casualty
-        lost = lost_reason(self.launcher, run, att, alive, now, self.lost_after, check)
+            _db(lambda: self.instance.add_run_tags(run_id, {LOST_TAG: why}), self.echo)
+            return why
+        lost = lost_reason(self.launcher, run, att, lease, now, check)
         if lost is None:
             return None
-        _db(lambda: self.instance.add_run_tags(run_id, {LOST_TAG: lost}), self.echo)
-        _db(lambda: self.instance.report_run_failed(run, message=f"given up by dbprune run: {lost}"), self.echo)
+        self._give_up(run, lost)
         del self.active[run_id]
         return lost
+
+    def _give_up(self, run: Any, lost: str) -> None:
+        """Make sure the execution of ``run`` is over before its range is
+        submitted again: revoke its lease (its supervisor kills it at the next
+        renewal, and it can commit nothing), revoke its Celery task, then
+        record it failed."""
+        _db(lambda: self.leases.revoke(run.run_id), self.echo)
+        try:
+            self.launcher.terminate(run.run_id)
+        except Exception:  # noqa: BLE001 - its worker or the broker may be gone: the lease fences it
+            pass
+        _db(lambda: self.instance.add_run_tags(run.run_id, {LOST_TAG: lost}), self.echo)
+        _db(lambda: self.instance.report_run_failed(run, message=f"given up by dbprune run: {lost}"), self.echo)
 
     def _retry_or_give_up(self, run: Any, att: Attempt, lost: str) -> None:
         if att.number <= self.retries:
@@ -196,7 +205,8 @@ class GroupRuns:
             run = self.instance.get_run_by_id(run_id)
             if run is not None and not run.is_finished:
                 try:
-                    self.launcher.terminate(run_id)  # revokes its task; a started one's pool process is stopped
+                    self.leases.revoke(run_id)  # its supervisor stops it at the next renewal
+                    self.launcher.terminate(run_id)  # revokes its task; a started one's supervisor stops it
                 except Exception:  # noqa: BLE001 - the broker may be gone too; the run is marked canceled anyway
                     pass
                 self.instance.report_run_canceled(run, message="dbprune run was interrupted")
@@ -213,12 +223,12 @@ def _celery_launcher(instance: Any, layout: Any) -> Any:
     return launcher
 
 
-def _first_sight(instance: Any, launcher: Any, home: str, queue: str, echo: Echo) -> None:
+def _first_sight(instance: Any, launcher: Any, leases: Leases, home: str, queue: str, echo: Echo) -> None:
     """Once per process: cancel the runs an earlier ``dbprune run`` of this
     home left, and say when no live worker serves ``queue``."""
     if home not in _reaped_homes:
         _reaped_homes.add(home)
-        _cancel_orphans(instance, launcher, home, echo)
+        _cancel_orphans(instance, launcher, leases, home, echo)
     if queue not in _queues_seen:
         _queues_seen.add(queue)
         if not _queue_served(launcher.celery, queue):
@@ -283,7 +293,7 @@ def _queue_served(app: Any, queue: str, timeout_s: float = 1.0) -> bool:
     return any(q.get("name") == queue for queues in active.values() for q in queues)
 
 
-def _cancel_orphans(instance: Any, launcher: Any, home: str, echo: Echo) -> None:
+def _cancel_orphans(instance: Any, launcher: Any, leases: Leases, home: str, echo: Echo) -> None:
     """Cancel the unfinished runs an earlier ``dbprune run`` of this home left
     (it was killed): this process holds the home's lock, so no submitter
     waits on them, and their partitions are redone with the current settings."""
@@ -292,6 +302,7 @@ def _cancel_orphans(instance: Any, launcher: Any, home: str, echo: Echo) -> None
     unfinished = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
                   dg.DagsterRunStatus.STARTED]
     for run in instance.get_runs(filters=dg.RunsFilter(statuses=unfinished, tags={HOME_TAG: home})):
+        leases.revoke(run.run_id)
         try:
             launcher.terminate(run.run_id)
         except Exception:  # noqa: BLE001 - a worker that is gone needs no revoke

@@ -19,6 +19,8 @@ SUBMITTER_TAG = "dbprune/submitter"  # <host>-<pid> of the dbprune run that subm
 GROUP_TAG = "dbprune/group"
 ATTEMPT_TAG = "dbprune/attempt"
 LOST_TAG = "dbprune/lost"  # why dbprune run gave the run up (its worker was lost)
+DIED_TAG = "dbprune/died"  # why its worker recorded the run failed (its process was killed): submitted again
+LEASE_TAG = "dbprune/lease_s"  # the seconds a run's lease lasts without renewal (cluster.lease)
 K8S_TAG = "dagster-k8s/config"  # read by dagster-k8s (deploy/k8s), ignored by Celery
 
 #: Dagster's documented run tags for a partition-range run (the single-run

@@ -28,6 +28,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 
 import dagster as dg
 
+from dbprune_assets.core.running import lease
 from dbprune_assets.core.store.catalog import CATALOG_TABLES, refresh_catalog
 from dbprune_assets.core.pool import shardgroups
 from dbprune_assets.core.pool.sources import registry
@@ -326,6 +327,7 @@ class Session:
         its own numbers, over the step's shared metadata of the same name."""
         fp = self.versions.fingerprint(asset, partition)
         state = State(fp, data_version or fp, dict(summary or {}))
+        lease.check_held(f"{asset} {partition}")  # on a cluster worker: this run still holds its lease
         write_state(self.layout, asset, partition, state)
         self.versions.forget(asset, partition)
         now = time.monotonic()

@@ -1,1 +1,2 @@
-"""Running: the home lock, OS errors a person can act on, fault injection, progress bars, device choice."""
+"""Running: the home lock, OS errors a person can act on, fault injection, progress bars, device choice,
+and the lease that fences a cluster run."""
