@@ -1,9 +1,10 @@
-"""The ``dbprune`` command: run, sample-pool, sql, ui.
+"""The ``dbprune`` command: run, sample-pool, sql, report, ui, daemon, worker.
 
 A failure prints one line (``dbprune: error: …``; OS errors with the file, the
 cause and what to do) and exits non-zero; ``-v`` also prints the traceback.
 Exit codes: 1 a run failed, 2 bad settings or usage, 75 the home is busy
-(another ``dbprune run`` holds its lock; ``--wait``).
+(another ``dbprune run`` holds its lock, ``--wait``; or, for ``dbprune
+daemon``, a daemon already serves its instance).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from dbprune_assets.codelocation import workspace_args
 from dbprune_assets.core.store.layout import Layout
 from dbprune_assets.core.settings import PipelineSettings, SettingsError, build_settings
 
@@ -268,69 +270,53 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_env(layout: Layout) -> None:
+    """The environment the Dagster processes of ``dbprune ui`` and ``dbprune daemon`` serve this home in."""
+    os.environ["DAGSTER_HOME"] = str(layout.dagster_home)
+    os.environ["DBPRUNE_HOME"] = str(layout.home)
+    os.environ["DBPRUNE_POOL"] = str(layout.pool)
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
+    """``dagster dev`` (webserver and daemon) on this home's instance; the
+    webserver alone when a daemon already serves the instance (Dagster
+    supports one daemon per instance)."""
+    from dbprune_assets import servers
     from dbprune_assets.cluster.instance import dagster_instance
 
     layout = Layout.from_env()
-    dagster_instance(layout)  # creates the instance folder and its dagster.yaml
-    os.environ["DAGSTER_HOME"] = str(layout.dagster_home)  # dagster dev serves this instance
-    os.environ["DBPRUNE_HOME"] = str(layout.home)
-    os.environ["DBPRUNE_POOL"] = str(layout.pool)
-    argv = [sys.executable, "-m", "dagster", "dev", "-m", "dbprune_assets.definitions",
-            "-h", args.host, "-p", str(args.port)]
-    print(f"dbprune: Dagster UI on http://{args.host}:{args.port} (instance {layout.dagster_home})", flush=True)
-    return supervise(argv)
-
-
-#: seconds `dbprune ui` gives `dagster dev` to stop after a forwarded signal, before SIGKILL
-UI_STOP_GRACE_S = 15.0
-
-
-def supervise(argv: list[str], grace_s: float = UI_STOP_GRACE_S) -> int:
-    """Run ``argv`` in its own process group and forward SIGTERM, SIGINT and
-    SIGHUP to that whole group (``dagster dev``, its webserver, daemon and code
-    servers); return when it has exited, after killing whatever of the group
-    is left (SIGKILL after ``grace_s``).  0 when stopped by a signal."""
-    import signal
-    import subprocess
-    import time
-
-    proc = subprocess.Popen(argv, start_new_session=True)
-    stop_at: list[float] = []
-
-    def forward(signum: int, _frame: object) -> None:
-        stop_at.append(time.monotonic() + grace_s)
-        _signal_group(proc.pid, signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    instance = dagster_instance(layout)  # creates the instance folder and its dagster.yaml
     try:
-        while True:
-            try:
-                rc = proc.wait(timeout=0.2)
-                break
-            except subprocess.TimeoutExpired:
-                if stop_at and time.monotonic() > stop_at[0]:
-                    _signal_group(proc.pid, signal.SIGKILL)
-        _signal_group(proc.pid, signal.SIGTERM)  # what the group leader left behind
-        deadline = time.monotonic() + grace_s
-        while _signal_group(proc.pid, 0) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        _signal_group(proc.pid, signal.SIGKILL)
+        seen = servers.running_daemon(instance)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return 0 if stop_at else (rc if rc >= 0 else 128 - rc)
+        instance.dispose()
+    _serve_env(layout)  # dagster dev serves this instance
+    if seen is not None:
+        print(servers.ui_alone_line(seen, layout.dagster_home), flush=True)
+    print(f"dbprune: Dagster UI on http://{args.host}:{args.port} (instance {layout.dagster_home})", flush=True)
+    rc = servers.supervise(servers.ui_argv(args.host, args.port, with_daemon=seen is None,
+                                           location=workspace_args(layout)))  # the location the runs name
+    if seen is None:
+        _forget_daemon(layout)  # its daemon stopped with it
+    return rc
 
 
-def _signal_group(pgid: int, signum: int) -> bool:
-    """Send ``signum`` to process group ``pgid``; False when it has no process left."""
+def _forget_daemon(layout: Layout) -> None:
+    """Wipe the heartbeats of the daemon that just stopped (a warning line when
+    the instance cannot be opened now), so the next one is not refused."""
+    import dagster as dg
+
+    from dbprune_assets import servers
+
     try:
-        os.killpg(pgid, signum)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+        instance = dg.DagsterInstance.from_config(str(layout.dagster_home))
+        try:
+            servers.forget_daemon(instance)
+        finally:
+            instance.dispose()
+    except Exception as e:  # the database may be gone by now: the heartbeats then age out
+        print(f"dbprune: warning: the stopped daemon's heartbeats were not cleared ({type(e).__name__}: {e}); "
+              f"a new daemon is refused until they are {servers.DAEMON_ALIVE_S:.0f}s old", file=sys.stderr)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -346,19 +332,28 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_daemon(args: argparse.Namespace) -> int:
     """``dagster-daemon run`` on this home's instance: sensors, schedules and
-    backfills launched from the UI (``dbprune run`` itself needs no daemon)."""
+    backfills launched from the UI (``dbprune run`` itself needs no daemon).
+    Refused (exit status 75) while a daemon already serves the instance:
+    ``dbprune ui`` runs one, and Dagster supports one per instance."""
+    from dbprune_assets import servers
     from dbprune_assets.cluster.instance import ClusterError, dagster_instance
 
     layout = Layout.from_env()
     try:
-        dagster_instance(layout)  # writes the instance's dagster.yaml; a database or broker that is down stops here
+        instance = dagster_instance(layout)  # writes the instance's dagster.yaml; a database or broker that is down stops here
     except ClusterError as e:
         return _err(str(e))
-    os.environ["DAGSTER_HOME"] = str(layout.dagster_home)
-    os.environ["DBPRUNE_HOME"] = str(layout.home)
-    os.environ["DBPRUNE_POOL"] = str(layout.pool)
+    try:
+        seen = servers.running_daemon(instance)
+    finally:
+        instance.dispose()
+    if seen is not None:
+        return _err(servers.daemon_refusal(seen, layout.dagster_home), EXIT_BUSY)
+    _serve_env(layout)
     print(f"dbprune: Dagster daemon on instance {layout.dagster_home}", flush=True)
-    return supervise([str(Path(sys.executable).with_name("dagster-daemon")), "run", "-m", "dbprune_assets.definitions"])
+    rc = servers.supervise(servers.daemon_argv(location=workspace_args(layout)))
+    _forget_daemon(layout)
+    return rc
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -366,7 +361,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     from dbprune_assets.defs.common import with_fact
     from dbprune_assets.definitions import asset_nodes
 
-    print(write_report(Layout.from_env(), with_fact(asset_nodes(), "plots"), args.name))
+    page = write_report(Layout.from_env(), with_fact(asset_nodes(), "plots"), args.name)
+    print(page)
+    if args.open:
+        import webbrowser
+
+        # a browser started from here opens file:// URLs; from the web UI's pages it refuses them
+        if not webbrowser.open(page.as_uri()):
+            print(f"dbprune: no browser found on this machine: open {page} in one (it is one self-contained "
+                  "file; copy it where a browser runs)", file=sys.stderr)
     return 0
 
 
@@ -429,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="write one static HTML page of the run: plots, clusters, examples, comparison")
     rep.add_argument("--name", help="file name under $DBPRUNE_HOME/reports/ (default: the current time)")
+    rep.add_argument("--open", action="store_true", help="then open it in this machine's web browser ($BROWSER)")
     rep.set_defaults(fn=cmd_report)
     return p
 

@@ -18,6 +18,9 @@ OS error explained (file, cause, what to do; ``core/running/oserrors.py``); the 
 trace stays in the run's log.  The whole run holds the home's one-writer lock
 (``core/running/homelock.py``), and each group first checks that the home's volume has
 at least ``oserrors.MIN_FREE_BYTES`` free.
+
+Every run it launches carries the origin of the code location the UI serves
+(``codelocation.py``), so the UI can re-execute it like a run of its own.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any, Callable, Mapping
 from dbprune_assets import cluster
 from dbprune_assets.cluster.instance import console_config, dagster_instance
 from dbprune_assets.cluster.tags import RANGE_END_TAG, RANGE_START_TAG  # noqa: F401 (re-exported)
+from dbprune_assets.codelocation import give_ui_origin
 from dbprune_assets.core.store.layout import UNPARTITIONED, Layout
 from dbprune_assets.core.running.progress import bars_enabled
 from dbprune_assets.core.settings import PipelineSettings
@@ -208,6 +212,7 @@ class _Pipeline:
     nodes: Mapping[str, Any]  # asset -> defs.common.Node
     job: Any  # the definitions' implicit asset job
     strategies: list[str]  # the configured ones, in the registry's order
+    repository: str  # the definitions' repository name (the runs' origin, as the UI serves them)
 
 
 @dataclass
@@ -240,7 +245,8 @@ def _run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None
                          {k: nodes[k].partitioning for k in ordered})
     pipeline = _Pipeline(layout, settings, force, echo, log_level, instance, nodes,
                          defs.resolve_implicit_global_asset_job_def(),
-                         [s for s in registry.names() if s in settings.selection.strategies])
+                         [s for s in registry.names() if s in settings.selection.strategies],
+                         defs.get_repository_def().name)
     results: list[GroupResult] = []
     metadata_only = _metadata_only(layout)
     for group in groups:
@@ -284,7 +290,7 @@ def _open(layout: Layout, settings: PipelineSettings, echo: Echo) -> tuple[Any, 
     instance = dagster_instance(layout)
     for tmp_base in layout.tmp_bases():
         clean_stale_tmp(tmp_base)  # half-written files of killed processes
-    for run_id in fail_orphaned_runs(instance):
+    for run_id in fail_orphaned_runs(instance, defs.get_repository_def().name):
         echo(f"run {run_id} was left unfinished by a process that no longer runs; marked it failed")
     added, removed = sync_shard_partitions(instance, layout, shard_tables(nodes), settings.partitions.shards_per_partition)
     if added or removed:
@@ -395,8 +401,10 @@ def _execute_group(pipeline: _Pipeline, group: list[str], plan: _GroupPlan,
         if cluster.enabled():
             run_ids, failed = cluster.run_ranges(pipeline.job, pipeline.instance, plan.to_run, ranges,
                                                  pipeline.log_level, layout=pipeline.layout, echo=pipeline.echo)
+            give_ui_origin(pipeline.instance, run_ids, pipeline.repository)  # they have ended
         else:
-            run_ids, failed = _run_ranges(pipeline.job, pipeline.instance, plan.to_run, ranges, pipeline.log_level)
+            run_ids, failed = _run_ranges(pipeline.job, pipeline.instance, plan.to_run, ranges, pipeline.log_level,
+                                          pipeline.repository)
     if failed is not None:
         msg = _failure_message(failed, pipeline.layout)
         pipeline.echo(f"✗ {plan.label} failed (run {failed.run_id}): {msg}")
@@ -409,11 +417,12 @@ def _execute_group(pipeline: _Pipeline, group: list[str], plan: _GroupPlan,
 PROCESS_TAG = "dbprune/process"  # <host>-<pid> of the `dbprune run` that executes the run
 
 
-def fail_orphaned_runs(instance) -> list[str]:
+def fail_orphaned_runs(instance, repository: str | None = None) -> list[str]:
     """Mark failed the runs of `dbprune run` processes of this host that died
     (SIGKILL, OOM, power cut) while the run was in progress, so the UI does not
-    show them running forever.  Nothing waits on such a run: `dbprune run`
-    executes in process, without a queue or concurrency slots."""
+    show them running forever (and, given ``repository``, can re-execute them).
+    Nothing waits on such a run: `dbprune run` executes in process, without a
+    queue or concurrency slots."""
     import dagster as dg
 
     from dbprune_assets.core.store.atomic import pid_alive, process_tmp_name
@@ -427,13 +436,18 @@ def fail_orphaned_runs(instance) -> list[str]:
             instance.report_run_failed(run, message=f"the dbprune run process {run.tags[PROCESS_TAG]} died "
                                                     "(killed) before the run finished; `dbprune run` redoes its unfinished partitions")
             failed.append(run.run_id)
+    if repository is not None:
+        give_ui_origin(instance, failed, repository)
     return failed
 
 
 def _run_ranges(job: Any, instance: Any, group: list[str], ranges: list[tuple[str | None, str | None]],
-                log_level: str | None) -> tuple[list[str], Any]:
+                log_level: str | None, repository: str) -> tuple[list[str], Any]:
     """One run per partition range (``(None, None)``: unpartitioned) of the
-    group's assets, in process; (run ids, the failed run's result or None)."""
+    group's assets, in process, each given the UI's origin however it ends
+    (:func:`give_ui_origin`); (run ids, the failed run's result or None)."""
+    import uuid
+
     import dagster as dg
 
     from dbprune_assets.core.store.atomic import process_tmp_name
@@ -443,9 +457,13 @@ def _run_ranges(job: Any, instance: Any, group: list[str], ranges: list[tuple[st
         tags = {"dbprune/cli": "run", PROCESS_TAG: process_tmp_name()}
         if start is not None:
             tags.update({RANGE_START_TAG: start, RANGE_END_TAG: str(end)})
-        result = job.execute_in_process(run_config=console_config(log_level), instance=instance,
-                                        asset_selection=[dg.AssetKey(a) for a in group], tags=tags,
-                                        raise_on_error=False)
+        run_id = str(uuid.uuid4())  # as Dagster makes them; known before the run, for its origin
+        try:
+            result = job.execute_in_process(run_config=console_config(log_level), instance=instance,
+                                            asset_selection=[dg.AssetKey(a) for a in group], tags=tags,
+                                            raise_on_error=False, run_id=run_id)
+        finally:  # an interrupted run too: the UI re-executes it
+            give_ui_origin(instance, [run_id], repository)
         run_ids.append(result.run_id)
         if not result.success:
             return run_ids, result

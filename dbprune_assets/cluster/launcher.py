@@ -257,3 +257,36 @@ def reconstructable_job(job: Any, home: str, pool: str):
     here = ModuleCodePointer(__name__, "reconstruct_defs", working_directory=str(Path(__file__).resolve().parents[2]))
     pointer = CustomPointer(here, [], [["home", home], ["pool", pool]])
     return ReconstructableJob(repository=ReconstructableRepository(pointer), job_name=job.name)
+
+
+def give_ui_origin(instance: Any, run_id: str, module_name: str, location_name: str, repository_name: str) -> bool:
+    """Give run ``run_id`` (created by ``dbprune run`` with no code location:
+    ``execute_in_process`` or a Celery submission) the origin of the code
+    location the UI serves (``module_name`` as location ``location_name``), as
+    ``dagster run migrate-repository`` does: Dagster's re-execution looks the
+    parent run's job up there.  Also tags it with the repository label the UI
+    filters runs by.  False when the run is not in the instance."""
+    from dagster._core.remote_origin import (ManagedGrpcPythonEnvCodeLocationOrigin, RemoteJobOrigin,
+                                             RemoteRepositoryOrigin)
+    from dagster._core.storage.tags import REPOSITORY_LABEL_TAG
+    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+
+    run = instance.get_run_by_id(run_id)
+    if run is None:
+        return False
+    location = ManagedGrpcPythonEnvCodeLocationOrigin(LoadableTargetOrigin(module_name=module_name), location_name)
+    origin = RemoteJobOrigin(repository_origin=RemoteRepositoryOrigin(location, repository_name), job_name=run.job_name)
+    # the tag first: its row in the tags table (which the UI's run filters read) is only
+    # inserted for a tag the run body does not hold yet, and the origin's update writes it there
+    instance.add_run_tags(run_id, {REPOSITORY_LABEL_TAG: origin.repository_origin.get_label()})
+    instance.run_storage.replace_job_origin(instance.get_run_by_id(run_id), origin)
+    return True
+
+
+def with_data_version(tags: dict[str, str], version: str) -> dict[str, str]:
+    """``tags`` of an asset materialization (its provenance: code version,
+    inputs' data versions and events) with its data version set to
+    ``version``, given by the asset rather than derived by Dagster."""
+    from dagster._core.definitions.data_version import DATA_VERSION_IS_USER_PROVIDED_TAG, DATA_VERSION_TAG
+
+    return {**tags, DATA_VERSION_TAG: version, DATA_VERSION_IS_USER_PROVIDED_TAG: "true"}

@@ -13,8 +13,10 @@ from dbprune_assets.cluster.instance import ClusterError, dagster_instance
 def main(argv: list[str] | None = None) -> int:
     """``python -m dbprune_assets.cluster webserver [ARGS]`` (deploy/docker-compose.yml):
     write this home's ``dagster.yaml`` (checking the database and broker),
-    then become ``dagster-webserver -m dbprune_assets.definitions ARGS`` on
-    that instance, the production webserver beside ``dbprune daemon``."""
+    then become ``dagster-webserver -w <home>/dagster/workspace.yaml ARGS`` on
+    that instance (code location ``dbprune``, the one the runs of ``dbprune
+    run`` name), the production webserver beside ``dbprune daemon``."""
+    from dbprune_assets.codelocation import workspace_args
     from dbprune_assets.core.store.layout import Layout
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -30,5 +32,5 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update({"DAGSTER_HOME": str(layout.dagster_home), "DBPRUNE_HOME": str(layout.home),
                        "DBPRUNE_POOL": str(layout.pool)})
     exe = str(Path(sys.executable).with_name("dagster-webserver"))
-    os.execv(exe, [exe, "-m", "dbprune_assets.definitions", *args[1:]])
+    os.execv(exe, [exe, *workspace_args(layout), *args[1:]])
     return 0  # pragma: no cover - execv does not return

@@ -8,7 +8,8 @@ Beside each asset sits only what Dagster cannot know: which settings it reads
 kept in the asset's metadata) and, as Dagster's own ``code_version``, a number
 to bump when its output for the same inputs changes.  A partition's fingerprint hashes those with its parents' data
 versions (see ``docs/design.md``); assets stamp it into their commit markers,
-``dbprune run`` compares it to decide what is stale.
+``dbprune run`` compares it to decide what is stale, and the markers' data
+versions are the ones Dagster records (``dataversions.py``), so the UI agrees.
 
 A partitioned stage runs one step over a range of partitions; each partition
 still shows its own numbers in the UI (``Session.commit(..., metadata=...)``),
@@ -24,7 +25,7 @@ from pathlib import Path
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import dagster as dg
 
@@ -37,6 +38,7 @@ from dbprune_assets.core.store.layout import UNPARTITIONED, Layout, list_pool_sh
 from dbprune_assets.core.settings import PipelineSettings, choose_settings
 from dbprune_assets.core.strategies import registry as strategy_registry
 from dbprune_assets.core.store.state import State, combine_versions, file_signature, read_state, stable_hash, write_state
+from dbprune_assets.defs.dataversions import reported
 
 SHARDS = "shards"
 shard_partitions = dg.DynamicPartitionsDefinition(name=SHARDS)
@@ -295,6 +297,17 @@ class Session:
         return {sh: key for key in self._step_keys for sh in shardgroups.shards_of([key], listing)}
 
     @cached_property
+    def _shards_by_key(self) -> dict[str, list[str]]:
+        shards: dict[str, list[str]] = {}
+        for sh, key in self._partition_of.items():
+            shards.setdefault(key, []).append(sh)
+        return shards
+
+    def shards_of(self, key: str) -> list[str]:
+        """The shards of the step's partition ``key``: a shard group's, else ``[key]``."""
+        return self._shards_by_key.get(key, [key])
+
+    @cached_property
     def _group_left(self) -> Counter[str]:
         """Shards of each of the step's shard-group partitions not yet committed."""
         return Counter(key for sh, key in self._partition_of.items() if key != sh)
@@ -445,11 +458,14 @@ def stage(*, group: str, kinds: set[str], settings: Sequence[str] = (),
         if inputs is not None:
             _EXTRA_INPUTS[fn.__name__] = inputs
 
-        def compute(context: dg.AssetExecutionContext, dbprune: DbpruneResource) -> dg.MaterializeResult:
-            return fn(context, dbprune.session(context))
+        def compute(context: dg.AssetExecutionContext, dbprune: DbpruneResource) -> Iterator[Any]:
+            # the markers' data versions, as Dagster records them (``dataversions.py``)
+            s = dbprune.session(context)
+            yield from reported(context, s, fn.__name__, fn(context, s), partitioned=partitions is not None)
 
         # the types themselves, not the strings `from __future__ import annotations`
-        # leaves: Dagster reads them to tell the context and the resource apart
+        # leaves: Dagster reads them to tell the context and the resource apart (and
+        # from the MaterializeResult a generator yields too, that no IO manager stores)
         compute.__annotations__ = {"context": dg.AssetExecutionContext, "dbprune": DbpruneResource,
                                    "return": dg.MaterializeResult}
         return dg.asset(

@@ -61,8 +61,20 @@ def table(rows: Sequence[Mapping[str, Any]], max_rows: int = 60) -> dg.MetadataV
     )
 
 
-def png_bytes(draw: Callable[[Any], None], figsize: tuple[float, float] = (6.0, 4.0)) -> bytes:
-    """Render a matplotlib drawing function ``draw(fig)`` to PNG bytes."""
+#: Dagster's metadata dialog is at most 80% of the window wide, less 40 px of
+#: padding: a plot this wide is shown whole from a window of about 1,100 px
+DIALOG_WIDTH_PX = 840
+
+
+def png_width(png: bytes) -> int:
+    """The width in pixels of PNG bytes (from the IHDR chunk)."""
+    return int.from_bytes(png[16:20], "big")
+
+
+def png_bytes(draw: Callable[[Any], None], figsize: tuple[float, float] = (6.0, 4.0),
+              max_width_px: int | None = None) -> bytes:
+    """Render a matplotlib drawing function ``draw(fig)`` to PNG bytes, at most
+    ``max_width_px`` wide (drawn again at a lower resolution when wider)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,11 +84,18 @@ def png_bytes(draw: Callable[[Any], None], figsize: tuple[float, float] = (6.0, 
     try:
         draw(fig)
         fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", bbox_inches="tight")
-        return buf.getvalue()
+        png = _save_png(fig, 100)
+        if max_width_px and png_width(png) > max_width_px:
+            png = _save_png(fig, int(100 * max_width_px / png_width(png)))
+        return png
     finally:
         plt.close(fig)
+
+
+def _save_png(fig: Any, dpi: int) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight", dpi=dpi)
+    return buf.getvalue()
 
 
 def _font(size: int) -> Any:
@@ -139,6 +158,19 @@ def artefact_md(layout: Layout, asset: str, name: str, png: bytes, title: str) -
     return dg.MetadataValue.md(f"**{title}**\n\n![{title}](data:image/png;base64,{b64})\n\n`{path}`")
 
 
+#: the command that opens the run's report where a browser runs (see :func:`report_metadata`)
+REPORT_COMMAND = "dbprune report --open"
+
+
+def report_metadata(report: Path) -> dict[str, dg.MetadataValue]:
+    """Where the HTML report is, as the UI can show it: the path (the UI's copy
+    button) and the command that opens a fresh one in this machine's browser.
+    Not a ``file://`` link: a browser does not follow one from a web page
+    (the UI), and the webserver has no route that serves the home's files."""
+    return {"report": dg.MetadataValue.path(str(report)),
+            "report_open": dg.MetadataValue.text(f"{REPORT_COMMAND}   (or open {report} in a browser on this machine)")}
+
+
 def histogram_png(values: np.ndarray, xlabel: str, line: float | None = None, line_label: str = "",
                   bins: int = 40) -> bytes:
     """A histogram with an optional dashed vertical line (a threshold)."""
@@ -154,22 +186,70 @@ def histogram_png(values: np.ndarray, xlabel: str, line: float | None = None, li
     return png_bytes(draw, (6, 3))
 
 
+#: line styles told apart in a legend: one per seed (or per line beyond ten colours)
+LINESTYLES: tuple[Any, ...] = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)), (0, (8, 2)))
+
+
+def split_curve_label(label: str) -> tuple[str, str]:
+    """``"<group> seed <n>"`` (the training step's labels) -> (group, ``"seed <n>"``);
+    any other label is a group of its own."""
+    group, sep, seed = str(label).rpartition(" seed ")
+    return (group, f"seed {seed}") if sep and group else (str(label), "")
+
+
+def curve_styles(labels: Sequence[str]) -> dict[str, tuple[Any, Any]]:
+    """A distinct (colour, linestyle) per label: a colour per group (strategy) and
+    a linestyle per seed; labels without seeds cycle ten colours, then linestyles."""
+    import matplotlib.pyplot as plt
+
+    colors = plt.get_cmap("tab10")
+    split = {label: split_curve_label(label) for label in labels}
+    groups = list(dict.fromkeys(g for g, _ in split.values()))
+    members = list(dict.fromkeys(m for _, m in split.values()))
+    return {label: (colors(groups.index(g) % 10), LINESTYLES[(members.index(m) + groups.index(g) // 10) % len(LINESTYLES)])
+            for label, (g, m) in split.items()}
+
+
+def legend_handles(styles: Mapping[str, tuple[Any, Any]]) -> list[Any]:
+    """The legend of :func:`curve_styles`' lines: one entry per group in its
+    colour, then one per seed in its linestyle (grey): 9 entries for 6 × 3 lines."""
+    from matplotlib.lines import Line2D
+
+    handles, seen, seeds = [], set(), {}
+    for label, (color, ls) in styles.items():
+        group, seed = split_curve_label(label)
+        if seed:
+            seeds.setdefault(seed, ls)
+        if group not in seen:
+            seen.add(group)
+            handles.append(Line2D([], [], color=color, linestyle="-" if seed else ls, label=group))
+    if len(seeds) > 1:
+        handles += [Line2D([], [], color="0.3", linestyle=ls, label=seed) for seed, ls in seeds.items()]
+    return handles
+
+
+def draw_loss_curves(fig: Any, curves: Mapping[str, Sequence[Sequence[float]]], title: str) -> None:
+    """The loss curves on ``fig``, styled by :func:`curve_styles`, with the legend
+    beside the axes, never over the curves."""
+    ax = fig.add_subplot(111)
+    styles = curve_styles([str(k) for k in curves])
+    for label, pts in curves.items():
+        if pts:
+            color, ls = styles[str(label)]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, linestyle=ls, linewidth=1.2, label=str(label))
+    ax.set_xlabel("step")
+    ax.set_ylabel("contrastive loss")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if len(curves) > 1:
+        ax.legend(handles=legend_handles(styles), loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8,
+                  frameon=False)
+
+
 def loss_curve_png(curves: Mapping[str, Sequence[Sequence[float]]], title: str = "training loss") -> bytes:
-    """One or more loss curves, ``{label: [(step, loss), ...]}``."""
-
-    def draw(fig: Any) -> None:
-        ax = fig.add_subplot(111)
-        for label, pts in curves.items():
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=str(label), linewidth=1.2)
-        ax.set_xlabel("step")
-        ax.set_ylabel("contrastive loss")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        if len(curves) > 1:
-            ax.legend(fontsize=8)
-
-    return png_bytes(draw, (6.4, 3.6))
+    """One or more loss curves, ``{label: [(step, loss), ...]}``; labels
+    ``"<strategy> seed <n>"`` share a colour per strategy and a linestyle per seed."""
+    return png_bytes(lambda fig: draw_loss_curves(fig, curves, title), (6.4, 3.6), max_width_px=DIALOG_WIDTH_PX)
 
 
 def cluster_pngs(clusters: "pl.DataFrame") -> dict[str, bytes]:
@@ -241,10 +321,15 @@ def reasons_png(rows: Sequence[Mapping[str, Any]]) -> bytes:
     return png_bytes(draw, (8, 0.5 + 0.5 * len(rows) + 1))
 
 
+#: the comparison plot's panels per row: three fit Dagster's dialog (:data:`DIALOG_WIDTH_PX`)
+COMPARISON_COLUMNS = 3
+
+
 def comparison_png(panels: Sequence["Panel"]) -> bytes:
-    """One panel per metric: a bar per strategy at its mean with the 95%
+    """One panel per metric, :data:`COMPARISON_COLUMNS` to a row, at most
+    :data:`DIALOG_WIDTH_PX` wide: a bar per strategy at its mean with the 95%
     bootstrap interval as error bar and the seed scores as dots."""
-    ncols = min(4, max(1, len(panels)))
+    ncols = min(COMPARISON_COLUMNS, max(1, len(panels)))
     nrows = -(-max(1, len(panels)) // ncols)
 
     def draw(fig: Any) -> None:
@@ -262,12 +347,13 @@ def comparison_png(panels: Sequence["Panel"]) -> bytes:
             ax.set_xticklabels(p.strategies, rotation=45, ha="right", fontsize=8)
             ax.set_title(p.title, fontsize=9)
             ax.set_ylim(0, p.y_max)
+            ax.tick_params(axis="y", labelsize=8)
             ax.grid(axis="y", alpha=0.3)
         for k in range(len(panels), nrows * ncols):
             axes[k // ncols][k % ncols].axis("off")
         fig.suptitle("mean over seeds, 95% bootstrap interval; dots: seeds", fontsize=9)
 
-    return png_bytes(draw, (3.2 * ncols, 2.9 * nrows))
+    return png_bytes(draw, (2.8 * ncols, 2.7 * nrows), max_width_px=DIALOG_WIDTH_PX)
 
 
 def duplicate_pairs_png(layout: Layout, pairs: Sequence[tuple[str, str, str, str]]) -> bytes | None:

@@ -14,7 +14,7 @@ from dbprune_assets.core.store.layout import Layout
 from dbprune_assets.core.running.progress import progress
 from dbprune_assets.core.settings import PipelineSettings
 from dbprune_assets.defs.common import ALL_PARTITIONS, Facts, Session, stage, strategy_partitions, with_fact
-from dbprune_assets.defs.plots import artefact_md, comparison_png, loss_curve_png, table
+from dbprune_assets.defs.plots import artefact_md, comparison_png, loss_curve_png, report_metadata, table
 
 SEED_DIR = "seed{}"
 
@@ -196,8 +196,7 @@ def comparison(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeR
                        "scores per strategy (mean, 95% bootstrap interval); last: DataComp's aggregate")
     report = write_report(s.layout, with_fact(s.nodes, "plots"), f"run-{context.run_id}")
     return s.done("comparison", summary={"strategies": out.strategies, "report": str(report)}, metadata={
-        "report": dg.MetadataValue.path(str(report)),
-        "report_url": dg.MetadataValue.url(report.as_uri()),
+        **report_metadata(report),
         "mean_over_seeds": table(table_rows(out.summary, intervals=False)),
         "table": dg.MetadataValue.md(out.samples_seen_text + "\n\n" + out.table),
         "datacomp_aggregate": dg.MetadataValue.md(out.aggregate_table or "(no eval_results.jsonl)"),

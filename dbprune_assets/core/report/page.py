@@ -16,20 +16,24 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from dbprune_assets.core.report.tables import html_table
+from dbprune_assets.core.report.tables import cell_text, html_table
 from dbprune_assets.core.store.atomic import write_bytes
 from dbprune_assets.core.store.layout import UNPARTITIONED, Layout
 from dbprune_assets.core.strategies import registry
 from dbprune_assets.core.store.state import read_state
 
+#: a table never makes the page wider than the window: its box (``.scroll``) is
+#: at most the page's width and scrolls what does not fit; cells wrap at spaces
+#: and headers at ``_``, ``/`` and ``@`` (``breakable``), so the 14-column
+#: comparison fits a 1,400 px window without scrolling
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
-th { background: #f2f2f2; } td:first-child, th:first-child { text-align: left; }
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1320px; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 0 0 0.5em; font-size: 0.85em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; vertical-align: top; }
+th { background: #f2f2f2; position: sticky; top: 0; } td:first-child, th:first-child { text-align: left; }
 figure { margin: 1em 0 2em; } figcaption { color: #555; font-size: 0.9em; }
 img { max-width: 100%; border: 1px solid #eee; }
-.scroll { max-height: 32em; overflow: auto; display: inline-block; }
+.scroll { display: block; max-width: 100%; max-height: 32em; overflow: auto; margin: 0.5em 0 1.5em; }
 """
 
 
@@ -95,16 +99,35 @@ def _plots(layout: Layout, plot_assets: Sequence[str]) -> str:
     return "".join(parts) or "<p><em>no plots yet</em></p>"
 
 
+def _pool(layout: Layout) -> str:
+    """The pool as ingested: its shards, and its samples by status as a table
+    (usable ``ok`` first, then the most frequent), the shards left out named."""
+    manifest = read_state(layout, "pool_manifest", UNPARTITIONED)
+    if manifest is None:
+        return "<p><em>not ingested yet (pool_manifest not materialised)</em></p>"
+    status = manifest.summary.get("status") or {}
+    if not isinstance(status, dict):  # an older marker: shown as it is
+        return f"<p>{html.escape(cell_text(manifest.summary.get('shards')))} shards, status {html.escape(str(status))}</p>"
+    total = sum(int(v) for v in status.values())
+    rows = [{"status": k, "samples": int(v), "share": f"{int(v) / max(total, 1):.1%}"}
+            for k, v in sorted(status.items(), key=lambda kv: (kv[0] != "ok", -int(kv[1]), kv[0]))]
+    failed = list(manifest.summary.get("failed_shards") or [])
+    left_out = (f"<p>{len(failed)} shard(s) left out of the pool (causes: table <code>problems</code>, stage "
+                f"<code>ingest</code>): "
+                f"{html.escape(', '.join(map(str, failed)))}</p>") if failed else ""
+    return (f"<p>{html.escape(cell_text(manifest.summary.get('shards')))} shards, {total:,} samples; by status:</p>"
+            + html_table(rows) + left_out)
+
+
 def render_report(layout: Layout, plot_assets: Sequence[str], title: str = "") -> str:
     """The report page's HTML; ``plot_assets`` are the assets whose artefact
     folders hold plots, in pipeline order (the definitions declare them)."""
-    manifest = read_state(layout, "pool_manifest", UNPARTITIONED)
-    pool = f"{manifest.summary.get('shards')} shards, status {manifest.summary.get('status')}" if manifest else "not ingested"
     heading = html.escape(title or f"dbprune report, {time.strftime('%Y-%m-%d %H:%M:%S')}")
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{heading}</title><style>{STYLE}</style></head><body>"
         f"<h1>{heading}</h1><p>home <code>{html.escape(str(layout.home))}</code>, pool "
-        f"<code>{html.escape(str(layout.pool))}</code> ({html.escape(pool)})</p>"
+        f"<code>{html.escape(str(layout.pool))}</code></p>"
+        f"<h2>Pool</h2>{_pool(layout)}"
         f"<h2>Comparison</h2>{_comparison(layout)}"
         f"<h2>Decisions per strategy</h2>{_decisions(layout)}"
         f"<h2>DBP clusters</h2>{_clusters(layout)}"

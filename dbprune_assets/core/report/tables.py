@@ -56,12 +56,24 @@ def md_table(rows: Sequence[Mapping[str, Any]], max_rows: int = 60) -> str:
     return "\n".join(lines)
 
 
+def breakable(text: str) -> str:
+    """``text`` as HTML with a line-break opportunity (``<wbr>``) after each
+    ``_``, ``/`` and ``@``, so a column headed ``text_retrieval_recall@10`` can
+    be as narrow as its values instead of its name."""
+    out = html.escape(text)
+    for ch in "_/@":
+        out = out.replace(ch, ch + "<wbr>")
+    return out
+
+
 def html_table(rows: Sequence[Mapping[str, Any]], max_rows: int | None = None) -> str:
-    """An HTML table of dict rows (first ``max_rows``, all when ``None``), in a scrolling box."""
+    """An HTML table of dict rows (first ``max_rows``, all when ``None``), in a
+    box as wide as the page at most, scrolling what is wider (``.scroll`` in
+    the report's style); headers may wrap at ``_``, ``/`` and ``@``."""
     t = text_table(rows, max_rows)
     if t is None:
         return "<p><em>(empty)</em></p>"
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in t.columns)
+    head = "".join(f"<th>{breakable(c)}</th>" for c in t.columns)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in t.cells)
     more = f"<p><em>… {t.hidden} more rows</em></p>" if t.hidden else ""
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>{more}'
