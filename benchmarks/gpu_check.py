@@ -7,8 +7,12 @@ images/s this machine can feed an encoder); 3 ViT-B-32 embedding throughput
 (random init, nothing downloaded) on pre-decoded tensors, GPU fp32/bf16/fp16
 vs CPU, against that limit; 4 CPU/GPU embedding agreement; 5 faiss spherical
 k-means and nearest-centroid assignment, GPU vs CPU, ``core.kmeans`` vs bare
-faiss; 6 ``x @ cᵀ`` argmax in bf16 vs fp32; 7 DBP decisions (``core.dbp``) on
-the CPU from the stored distances of two devices; 8 a summary.
+faiss; 6 the project's torch path (torch on CUDA where faiss sees no GPU; on a
+CPU-only machine torch's CPU stands in): its k-means fit against faiss' on the
+CPU (objective, centroids, DBP decisions) and its assignment against faiss'
+on the same centroids (labels, distances); 7 ``x @ cᵀ`` argmax in bf16 vs
+fp32; 8 DBP decisions (``core.dbp``) on the CPU from the stored distances of
+two devices; 9 a summary.
 
 It prints figures and asserts nothing; the agreement checks print PASS/FAIL
 and the exit status is 1 when one fails or a section breaks.  A section whose
@@ -328,6 +332,42 @@ def faiss_section(rep: Report, env: Env, s: Sizes) -> Assigned:
     return Assigned(x, out["cent"], out["assign project cpu"], gpu)
 
 
+def torch_kmeans_section(rep: Report, env: Env, s: Sizes, a: Assigned) -> None:
+    """The project's torch path (``kmeans_torch``: faiss' algorithm in torch)
+    against faiss on the CPU: the fit (same sample, init, iterations) and the
+    assignment on the same centroids, which must agree label for label."""
+    from dbprune_assets.core.method.kmeans import nearest_centroid, spherical_kmeans
+    from dbprune_assets.core.running.device import torch_backend
+
+    dev = "cuda" if env.torch_gpu else "cpu"
+    n = s.rows if env.torch_gpu else min(s.rows, s.cpu_torch_rows)
+    x, tb = a.x[:n], torch_backend(dev)
+    print(f"  torch on {dev}, {n:,} rows" + ("" if env.torch_gpu else " (CPU stand-in for CUDA)"))
+    if n == s.rows:
+        ref, (lab_ref, dist_ref) = a.cent, a.cpu
+    else:
+        ref = spherical_kmeans(x, s.k, s.niter, 1, use_gpu=False, threads=env.cores)
+        lab_ref, dist_ref = nearest_centroid(x, ref, s.chunk, use_gpu=False, threads=env.cores)
+    cent, dt = clock(lambda: spherical_kmeans(x, s.k, s.niter, 1, use_gpu=tb, threads=env.cores))
+    rep.fig(f"kmeans project torch {dev}", f"{dt:.2f} s")
+    (lab_t, dist_t), dt = clock(lambda: nearest_centroid(x, cent, s.chunk, use_gpu=tb, threads=env.cores))
+    rep.fig(f"assign project torch {dev}", f"{dt:.2f} s, {n / dt:,.0f} rows/s")
+    obj_ref, obj_t = float(np.sum(1.0 - dist_ref, dtype=np.float64)), float(np.sum(1.0 - dist_t, dtype=np.float64))
+    rel = obj_t / obj_ref - 1.0
+    rep.fig("objective Σ max x·c: faiss CPU fit / torch fit", f"{obj_ref:,.2f} / {obj_t:,.2f} ({rel:+.2e})")
+    rep.check("torch fit objective within 0.5% of faiss CPU's", abs(rel) <= 0.005, f"relative difference {rel:+.2e}")
+    rep.fig("centroids max |torch fit - faiss CPU fit|", float(np.abs(cent - ref).max()))
+    rep.fig("rows in the same cluster, torch fit vs faiss CPU fit", float(np.mean(lab_t == lab_ref)), "fraction")
+    uids = np.char.mod("%012x", np.arange(n))
+    keep_ref, _ = decisions(lab_ref, dist_ref, ref, uids)
+    keep_t, _ = decisions(lab_t, dist_t, cent, uids)
+    rep.fig("DBP decisions differing, torch fit vs faiss CPU fit", int((keep_ref != keep_t).sum()))
+    lab_s, dist_s = nearest_centroid(x, ref, s.chunk, use_gpu=tb, threads=env.cores)
+    same = np.array_equal(lab_s, lab_ref) and np.array_equal(dist_s, dist_ref)
+    rep.check(f"assignment torch {dev} == faiss CPU (same centroids)", same,
+              f"{int((lab_s != lab_ref).sum())} labels, {int((dist_s != dist_ref).sum())} distances differ of {n:,}")
+
+
 def torch_assign(x: Any, cent: Any, dtype: Any, chunk: int) -> tuple[Any, Any]:
     """(cluster, cosine distance) by ``x @ cᵀ`` argmax (first maximum) in ``dtype``."""
     import torch
@@ -368,19 +408,19 @@ def decisions(cluster: np.ndarray, dist: np.ndarray, cent: np.ndarray, uids: np.
 
 def other_device(env: Env, a: Assigned, s: Sizes) -> tuple[str, tuple[np.ndarray, np.ndarray], np.ndarray | None]:
     """The second table: faiss on the GPU (project nearest_centroid), else the
-    clusters torch fp32 picks on CUDA (or the CPU) with the stored distance
-    recomputed on the CPU as nearest_centroid does (kmeans.exact_distances);
-    also the device's own raw distances, to show what that recomputation buys."""
+    project's torch path on CUDA (or the CPU): torch searches, the CPU decides
+    the label and stores the exact distance (kmeans_exact); also torch's own
+    raw fp32 distances, to show what that recomputation buys."""
     if a.gpu is not None:
         return "faiss GPU (project nearest_centroid)", a.gpu, None
     import torch
 
-    from dbprune_assets.core.method.kmeans import exact_distances, l2_normalize_checked
+    from dbprune_assets.core.method.kmeans import nearest_centroid
+    from dbprune_assets.core.running.device import torch_backend
     dev = "cuda" if env.torch_gpu else "cpu"
-    c, d = torch_assign(torch.from_numpy(a.x).to(dev), torch.from_numpy(a.cent).to(dev), torch.float32, s.chunk)
-    cl = c.cpu().numpy().astype(np.int32)
-    exact = exact_distances(l2_normalize_checked(a.x, "rows"), a.cent, cl)
-    return f"torch fp32 on {dev} picks, CPU stores exact distances (no faiss GPU)", (cl, exact), d.cpu().numpy()
+    _, d = torch_assign(torch.from_numpy(a.x).to(dev), torch.from_numpy(a.cent).to(dev), torch.float32, s.chunk)
+    table = nearest_centroid(a.x, a.cent, s.chunk, use_gpu=torch_backend(dev), threads=env.cores)
+    return f"project nearest_centroid through torch on {dev} (no faiss GPU)", table, d.cpu().numpy()
 
 
 def stored(tmp: Path, name: str, table: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -430,9 +470,10 @@ def main(argv: list[str] | None = None) -> int:
         rep.section("4 CPU/GPU embedding agreement", agree_section, models)
     assigned = env and rep.section("5 faiss k-means and assignment", faiss_section, env, s)
     if assigned:
-        rep.section("6 bf16 torch assignment", torch_section, env, s, assigned)
-        rep.section("7 decisions from stored distances", decisions_section, env, s, assigned)
-    return rep.summary("8 summary", time.perf_counter() - t0)
+        rep.section("6 torch k-means and assignment vs faiss CPU", torch_kmeans_section, env, s, assigned)
+        rep.section("7 bf16 torch assignment", torch_section, env, s, assigned)
+        rep.section("8 decisions from stored distances", decisions_section, env, s, assigned)
+    return rep.summary("9 summary", time.perf_counter() - t0)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ nearest centroid.  The work is in ``core/method/embstore.py``."""
 import dagster as dg
 
 from dbprune_assets.core.method import embstore
-from dbprune_assets.core.running.device import faiss_use_gpu
+from dbprune_assets.core.running.device import kmeans_backend
 from dbprune_assets.core.settings import DbpSettings, SemDedupSettings
 from dbprune_assets.defs.common import Session
 
@@ -18,7 +18,7 @@ def fit_asset(s: Session, asset: str, selection: str | None, cfg: SemDedupSettin
     (a number or ``auto``), resolved for the rows by ``cfg.clusters``.  The
     resolved k is in the metadata and the commit summary, beside the setting."""
     fit = embstore.fit_centroids(s.layout, s.shards, asset, selection, cfg.clusters, cfg.niter, cfg.sample_size,
-                                 cfg.seed, faiss_use_gpu(s.device), s.threads, what)
+                                 cfg.seed, kmeans_backend(s.device), s.threads, what)
     s.refresh_catalog(asset)  # DBP's centroids are a catalog view; SemDeDup's are not
     return s.done(asset, summary={"k": fit.k, "k_setting": k, "sample": fit.sample, "rows": fit.seen},
                   metadata={"k": fit.k, "k_setting": str(k), "sample_size": fit.sample, "rows_sampled_from": fit.seen})
@@ -30,7 +30,7 @@ def assign_asset(context: dg.AssetExecutionContext, s: Session, asset: str, cent
     total = 0
     shards = s.partition_shards(context.partition_keys)
     for shard, rows in embstore.assign_shards(s.layout, shards, centroids, out_table, selection,
-                                              faiss_use_gpu(s.device), s.threads, sums_table):
+                                              kmeans_backend(s.device), s.threads, sums_table):
         s.commit(asset, shard, {"rows": rows}, metadata={"rows": rows})
         total += rows
     s.refresh_catalog(out_table)

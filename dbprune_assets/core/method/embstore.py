@@ -27,6 +27,8 @@ from dbprune_assets.core.running.progress import progress
 if TYPE_CHECKING:
     import polars as pl
 
+    from dbprune_assets.core.running.device import KmeansBackend
+
 
 class MissingInput(RuntimeError):
     """An upstream table or file is missing or out of date; the message names it
@@ -110,7 +112,8 @@ class CentroidFit:
 
 
 def fit_centroids(layout: Layout, shards: list[str], out_table: str, selection: str | None,
-                  clusters: Callable[[int], int], niter: int, sample_size: int, seed: int, use_gpu: bool | None,
+                  clusters: Callable[[int], int], niter: int, sample_size: int, seed: int,
+                  use_gpu: "bool | str | KmeansBackend | None",
                   threads: int, what: str) -> CentroidFit:
     """Spherical k-means on a bounded uniform sample of the selected rows (every
     ok sample when ``selection`` is None), written to ``tables/<out_table>/all.parquet``.
@@ -131,7 +134,7 @@ def fit_centroids(layout: Layout, shards: list[str], out_table: str, selection: 
 
 
 def assign_shard(layout: Layout, shard: str, centroids: np.ndarray, selection: str | None,
-                 use_gpu: bool | None, threads: int) -> "pl.DataFrame":
+                 use_gpu: "bool | str | KmeansBackend | None", threads: int) -> "pl.DataFrame":
     """Nearest centroid of the shard's selected rows: uid, shard, row (Int32),
     cluster (Int32), distance (Float32, ``1 - x·c``)."""
     import polars as pl
@@ -165,7 +168,8 @@ def partial_sums_frame(frame: "pl.DataFrame", k: int) -> "pl.DataFrame":
 
 
 def assign_shards(layout: Layout, shards: list[str], centroid_table: str, out_table: str, selection: str | None,
-                  use_gpu: bool | None, threads: int, sums_table: str | None = None) -> Iterator[tuple[str, int]]:
+                  use_gpu: "bool | str | KmeansBackend | None", threads: int,
+                  sums_table: str | None = None) -> Iterator[tuple[str, int]]:
     """Assign each shard (``tables/<out_table>/<shard>.parquet``, plus per-cluster
     partial sums in ``sums_table`` when given); yields (shard, rows) after each
     shard's files are in place."""

@@ -10,8 +10,12 @@ Streaming model (``docs/design.md``: no stage holds every embedding at once):
 1. :class:`UniformSample` walks the shards once and keeps the ``size`` samples with the smallest ``uid_hash(seed, uid)``:
    a uniform sample whose memory is ``O(size * d + one chunk)`` and which does
    not depend on the order in which the shards are visited.
-2. :func:`spherical_kmeans` trains faiss k-means on that sample.
-3. :func:`nearest_centroid` assigns every shard, chunk by chunk.
+2. :func:`spherical_kmeans` trains faiss' spherical k-means on that sample
+   (faiss on the CPU or its GPU, or the same algorithm in torch on CUDA:
+   :mod:`~dbprune_assets.core.method.kmeans_torch`).
+3. :func:`nearest_centroid` assigns every shard, chunk by chunk; labels and
+   distances are decided exactly on the CPU
+   (:mod:`~dbprune_assets.core.method.kmeans_exact`), whichever device searched.
 
 Cosine distance is ``1 - x . c`` throughout; rows are L2-normalised in float32
 before use and rows that are NaN/inf or have (near) zero norm are an error that
@@ -24,7 +28,9 @@ from typing import Callable, Sequence, Union
 
 import numpy as np
 
-from dbprune_assets.core.running.device import faiss_threads, faiss_use_gpu
+# exact_distances is also imported from here (its home moved to kmeans_exact)
+from dbprune_assets.core.method.kmeans_exact import centroid_scale, exact_distances, exact_labels  # noqa: F401
+from dbprune_assets.core.running.device import KmeansBackend, faiss_threads, kmeans_backend, torch_threads
 
 #: rows whose L2 norm is below this are "zero-norm" (an embedding of a real
 #: sample has norm ~1; float16 storage moves it by ~1e-3 at most)
@@ -310,6 +316,11 @@ class UniformSample:
 
 _GPU_RES: list = []
 
+#: candidates each search returns per row (the exact re-scoring picks among them)
+SEARCH_CANDIDATES = 4
+
+Device = Union[bool, str, KmeansBackend, None]
+
 
 def _gpu_resources():  # one per process: creating them costs ~100 ms and GPU memory
     import faiss
@@ -319,39 +330,13 @@ def _gpu_resources():  # one per process: creating them costs ~100 ms and GPU me
     return _GPU_RES[0]
 
 
-def spherical_kmeans(
-    x: np.ndarray,
-    k: int,
-    niter: int,
-    seed: int,
-    use_gpu: bool | None = None,
-    *,
-    threads: int = 0,
-    max_points_per_centroid: int | None = 256,
-    what: str = "k-means sample",
-    verbose: bool = False,
-) -> np.ndarray:
-    """Unit-norm float32 centroids (k, d) of spherical faiss k-means on ``x``.
-
-    ``faiss.Kmeans(d, k, niter=niter, seed=seed, spherical=True, gpu=...)`` on
-    the L2-normalised rows of ``x`` (float16 or float32).  Deterministic for the
-    same data, seed, device and thread count.
-
-    ``max_points_per_centroid`` mirrors faiss' own cap (default 256): when
-    ``n > max_points_per_centroid * k`` a seeded uniform subset of that many
-    rows is drawn *before* the float32 copy is made (faiss would subsample the
-    same way, after copying everything); ``None`` trains on every row.
-
-    Errors: ``k <= 0``, ``k > n`` (names the setting to lower), NaN/inf or
-    zero-norm rows (names ``what`` and the rows).
-    """
-    import faiss
-
+def _training_rows(x: np.ndarray, k: int, niter: int, seed: int, max_points_per_centroid: int | None,
+                   what: str) -> np.ndarray:
+    """The checked, subsampled, L2-normalised float32 rows k-means trains on."""
     x = np.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"{what}: expected a 2-D (n, d) array, got shape {x.shape}")
-    n, d = x.shape
-    k = int(k)
+    n = len(x)
     if k <= 0:
         raise ValueError(f"k={k}: the number of clusters must be positive; set dbp.k / semdedup.dedup_k >= 1")
     if k > n:
@@ -365,13 +350,17 @@ def spherical_kmeans(
         rng = np.random.default_rng(seed)
         idx = np.sort(rng.choice(n, size=max_points_per_centroid * k, replace=False))
         x = x[idx]
-    xn = l2_normalize_checked(x, what)
-    gpu = faiss_use_gpu(use_gpu)
+    return l2_normalize_checked(x, what)
+
+
+def _faiss_kmeans(xn: np.ndarray, k: int, niter: int, seed: int, gpu: bool, threads: int, verbose: bool) -> np.ndarray:
+    import faiss
+
     km = faiss.Kmeans(
-        d,
+        xn.shape[1],
         k,
         niter=int(niter),
-        seed=int(seed) & 0x7FFFFFFF,
+        seed=seed,
         spherical=True,
         gpu=gpu,
         verbose=verbose,
@@ -380,7 +369,51 @@ def spherical_kmeans(
     )
     with faiss_threads(threads):
         km.train(xn)
-    c = np.array(km.centroids, dtype=np.float32).reshape(k, d)
+    return np.array(km.centroids, dtype=np.float32).reshape(k, xn.shape[1])
+
+
+def spherical_kmeans(
+    x: np.ndarray,
+    k: int,
+    niter: int,
+    seed: int,
+    use_gpu: Device = None,
+    *,
+    threads: int = 0,
+    max_points_per_centroid: int | None = 256,
+    what: str = "k-means sample",
+    verbose: bool = False,
+) -> np.ndarray:
+    """Unit-norm float32 centroids (k, d) of spherical k-means on ``x``.
+
+    faiss' ``Kmeans(d, k, niter=niter, seed=seed, spherical=True)`` on the
+    L2-normalised rows of ``x`` (float16 or float32), run where
+    :func:`~dbprune_assets.core.running.device.kmeans_backend` says for
+    ``use_gpu`` (a ``compute.device`` value, a bool, or a backend): faiss on
+    the CPU or its GPU, or the same algorithm in torch on CUDA
+    (:mod:`~dbprune_assets.core.method.kmeans_torch`: same sample, same init
+    from the same seed, same iterations).  Deterministic for the same data,
+    seed, backend and thread count.
+
+    ``max_points_per_centroid`` mirrors faiss' own cap (default 256): when
+    ``n > max_points_per_centroid * k`` a seeded uniform subset of that many
+    rows is drawn *before* the float32 copy is made (faiss would subsample the
+    same way, after copying everything); ``None`` trains on every row.
+
+    Errors: ``k <= 0``, ``k > n`` (names the setting to lower), NaN/inf or
+    zero-norm rows (names ``what`` and the rows).
+    """
+    k = int(k)
+    xn = _training_rows(x, k, niter, seed, max_points_per_centroid, what)
+    backend = kmeans_backend(use_gpu)
+    faiss_seed = int(seed) & 0x7FFFFFFF
+    if backend.library == "torch":
+        from dbprune_assets.core.method.kmeans_torch import torch_spherical_kmeans
+
+        with torch_threads(threads):
+            c = torch_spherical_kmeans(xn, k, int(niter), faiss_seed, backend.device)
+    else:
+        c = _faiss_kmeans(xn, k, niter, faiss_seed, backend.gpu, threads, verbose)
     if not np.isfinite(c).all():
         raise ValueError(f"k-means on {what} produced non-finite centroids")
     norms = np.linalg.norm(c, axis=1, keepdims=True)
@@ -388,12 +421,37 @@ def spherical_kmeans(
     return np.ascontiguousarray(c / norms, dtype=np.float32)
 
 
+def _searcher(c: np.ndarray, backend: KmeansBackend) -> Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]:
+    """``search(x, m) -> (scores (n, m), ids (n, m))``, best first, on the backend."""
+    if backend.library == "torch":
+        from dbprune_assets.core.method.kmeans_torch import torch_centroids, torch_search
+
+        ct = torch_centroids(c, backend.device)
+        return lambda xc, m: torch_search(xc, ct, m)
+    import faiss
+
+    index = faiss.IndexFlatIP(c.shape[1])
+    index.add(c)
+    if backend.gpu:
+        index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, index)
+    return index.search
+
+
+def _check_centroids(x: np.ndarray, c: np.ndarray, what: str) -> None:
+    if x.ndim != 2 or c.ndim != 2 or x.shape[1] != c.shape[1]:
+        raise ValueError(f"{what}: shapes {x.shape} and centroids {c.shape} do not match")
+    if len(c) == 0:
+        raise ValueError("nearest_centroid: no centroids")
+    if not np.isfinite(c).all():
+        raise ValueError("nearest_centroid: centroids hold NaN/inf")
+
+
 def nearest_centroid(
     x: np.ndarray,
     centroids: np.ndarray,
     chunk: int = 65536,
     *,
-    use_gpu: bool | None = None,
+    use_gpu: Device = None,
     threads: int = 0,
     what: str = "embeddings",
     uids: Sequence[str] | np.ndarray | None = None,
@@ -401,67 +459,35 @@ def nearest_centroid(
     """Nearest centroid of each row: ``(cluster int32 (n,), distance float32 (n,))``.
 
     ``distance = 1 - x . c`` (cosine distance; rows are L2-normalised in
-    float32 first).  Chunked exact ``faiss.IndexFlatIP`` search (GPU when
-    available and ``use_gpu`` is not False), so memory is
-    ``O(chunk * (d + k))`` besides ``x``.  Ties are broken by the lowest cluster
-    id: the search returns the two best; rows whose two best scores are equal
-    are re-scored against all centroids and take the first maximum.  The
-    distance of the chosen cluster is recomputed exactly on the CPU
-    (:func:`exact_distances`), so it is the same whichever device searched.
+    float32 first).  Chunked exact flat inner-product search for the
+    :data:`SEARCH_CANDIDATES` best centroids, on the backend
+    :func:`~dbprune_assets.core.running.device.kmeans_backend` picks for
+    ``use_gpu`` (faiss ``IndexFlatIP`` on the CPU or its GPU, or torch), so
+    memory is ``O(chunk * (d + k))`` besides ``x``.  The label and the
+    distance are then decided exactly on the CPU
+    (:func:`~dbprune_assets.core.method.kmeans_exact.exact_labels`,
+    :func:`exact_distances`): the exact argmax, ties by the lowest cluster id,
+    and ``1 - x·c`` in float64, so both are the same whichever device searched.
 
     Raises ValueError naming ``what`` for NaN/inf or zero-norm rows.
     """
-    import faiss
-
     x = np.asarray(x)
     c = np.ascontiguousarray(centroids, dtype=np.float32)
-    if x.ndim != 2 or c.ndim != 2 or x.shape[1] != c.shape[1]:
-        raise ValueError(f"{what}: shapes {x.shape} and centroids {c.shape} do not match")
-    if len(c) == 0:
-        raise ValueError("nearest_centroid: no centroids")
-    if not np.isfinite(c).all():
-        raise ValueError("nearest_centroid: centroids hold NaN/inf")
-    n, d = x.shape
-    kc = len(c)
+    _check_centroids(x, c, what)
+    n = len(x)
     cluster = np.empty(n, dtype=np.int32)
     dist = np.empty(n, dtype=np.float32)
     if n == 0:
         return cluster, dist
-    index = faiss.IndexFlatIP(d)
-    index.add(c)
-    if faiss_use_gpu(use_gpu):
-        index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, index)
-    kk = min(2, kc)
-    with faiss_threads(threads):
+    backend = kmeans_backend(use_gpu)
+    search = _searcher(c, backend)
+    m, scale = min(SEARCH_CANDIDATES, len(c)), centroid_scale(c)
+    with (torch_threads if backend.library == "torch" else faiss_threads)(threads):
         for a in range(0, n, chunk):
             b = min(a + chunk, n)
             xc = l2_normalize_checked(x[a:b], what, None if uids is None else uids[a:b], offset=a)
-            D, I = index.search(xc, kk)
-            best = I[:, 0].astype(np.int32)
-            if kk == 2:
-                tie = D[:, 0] == D[:, 1]
-                if tie.any():
-                    rows = np.flatnonzero(tie)
-                    best[rows] = np.argmax(xc[rows] @ c.T, axis=1)  # first maximum = lowest cluster id
+            scores, ids = search(xc, m)
+            best = exact_labels(xc, c, scores, ids, scale)
             cluster[a:b] = best
             dist[a:b] = exact_distances(xc, c, best)
     return cluster, dist
-
-
-def exact_distances(x: np.ndarray, centroids: np.ndarray, cluster: np.ndarray, block: int = 8192) -> np.ndarray:
-    """``1 - x_i · c_{cluster_i}`` summed in float64 on the CPU, rounded to float32.
-
-    The search picks the cluster; the stored distance is recomputed here so
-    that it does not depend on the device or kernel that searched (faiss' GPU
-    and CPU kernels, or bf16, round differently: measured up to 1.1e-6 apart,
-    which moved 4 of 2M DBP decisions at the quota boundaries).  Rows of ``x``
-    must already be L2-normalised (float32).  O(block · d) memory, O(n · d)
-    work: about 1/k of the search's.
-    """
-    c = np.asarray(centroids)
-    out = np.empty(len(x), dtype=np.float32)
-    for a in range(0, len(x), block):
-        b = min(a + block, len(x))
-        sim = np.einsum("ij,ij->i", x[a:b], c[cluster[a:b]], dtype=np.float64)
-        out[a:b] = 1.0 - sim
-    return out

@@ -3,7 +3,10 @@
 ``compute.device`` is ``auto`` (CUDA when torch or faiss sees a GPU, else the
 CPU), ``cpu`` or ``cuda``/``cuda:N``.  torch and faiss make the choice
 independently (faiss-gpu can see a GPU that a CPU-only torch cannot), so there
-is one function for each, both reading the same setting.  Threads: an explicit
+is one function for each, both reading the same setting, and
+:func:`kmeans_backend` for k-means and nearest-centroid search: faiss on its
+GPU when it sees one, else torch on CUDA when torch sees it (faiss-gpu's wheel
+is built for CUDA 12), else faiss on the CPU.  Threads: an explicit
 ``compute.threads``, else the cores this process may use minus the busy decode
 workers beside it (more OpenMP threads than free cores spin against the
 decoders; measured 3-4x slower on 2 cores).
@@ -15,6 +18,7 @@ imports this module.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from typing import Callable, ContextManager, Iterator
 
@@ -70,13 +74,78 @@ def faiss_gpu_count() -> int:
 def faiss_use_gpu(device: str | bool | None = "auto") -> bool:
     """Whether faiss runs on the GPU for a ``compute.device`` value (or an
     explicit bool; None means auto).  ``cuda`` without a GPU faiss can use is a
-    :class:`DeviceError`."""
+    :class:`DeviceError`.  k-means and nearest-centroid search take
+    :func:`kmeans_backend` instead, which falls back to torch on CUDA."""
     if device is None or device == "auto":
         return faiss_gpu_count() > 0
     want = device if isinstance(device, bool) else str(device).lower().startswith("cuda")
     if want and faiss_gpu_count() == 0:
         raise DeviceError("compute.device asks for the GPU but faiss sees none; set compute.device: auto or cpu")
     return bool(want)
+
+
+@dataclasses.dataclass(frozen=True)
+class KmeansBackend:
+    """Where k-means and nearest-centroid search run: ``library`` ``faiss``
+    (``gpu``: on faiss' GPU) or ``torch`` on the torch ``device``."""
+
+    library: str = "faiss"
+    gpu: bool = False
+    device: str = "cpu"
+
+    @property
+    def name(self) -> str:
+        if self.library == "faiss":
+            return "faiss-gpu" if self.gpu else "faiss-cpu"
+        return f"torch-{self.device}"
+
+
+FAISS_CPU = KmeansBackend("faiss", False, "cpu")
+FAISS_GPU = KmeansBackend("faiss", True, "cuda")
+
+
+def torch_backend(device: str = "cuda") -> KmeansBackend:
+    """torch on ``device`` (``cpu`` stands in for CUDA in tests and benchmarks)."""
+    return KmeansBackend("torch", str(device).startswith("cuda"), str(device))
+
+
+def _torch_cuda() -> bool:
+    import glob
+    import sys
+
+    if sys.platform.startswith("linux") and not glob.glob("/dev/nvidia[0-9]*") and not os.path.exists(
+            "/proc/driver/nvidia"):
+        return False  # no NVIDIA device on this machine: spare the import of torch (seconds)
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return False
+    return torch.cuda.is_available()
+
+
+def kmeans_backend(device: "str | bool | KmeansBackend | None" = "auto") -> KmeansBackend:
+    """The k-means backend for a ``compute.device`` value (or an explicit bool:
+    False = the CPU, True = a GPU; None = auto; a :class:`KmeansBackend` is
+    returned as is).
+
+    * ``cpu`` / False: faiss on the CPU;
+    * ``auto`` / None: faiss' GPU when faiss sees one, else torch on ``cuda``
+      when torch sees CUDA, else faiss on the CPU;
+    * ``cuda``, ``cuda:N`` / True: the same GPU order; no GPU is a :class:`DeviceError`.
+    """
+    if isinstance(device, KmeansBackend):
+        return device
+    if device is False or str(device).lower() == "cpu":
+        return FAISS_CPU
+    auto = device is None or str(device).lower() == "auto"
+    if faiss_gpu_count() > 0:
+        return FAISS_GPU
+    if _torch_cuda():
+        return torch_backend("cuda" if auto or device is True else str(device).lower())
+    if auto:
+        return FAISS_CPU
+    raise DeviceError("compute.device asks for the GPU but neither faiss nor torch sees one; "
+                      "set compute.device: auto or cpu")
 
 
 @contextlib.contextmanager
