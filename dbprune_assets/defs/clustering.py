@@ -29,8 +29,10 @@ def assign_asset(context: dg.AssetExecutionContext, s: Session, asset: str, cent
     """Assign and commit each of the run's shards (:func:`~..core.method.embstore.assign_shards`)."""
     total = 0
     shards = s.partition_shards(context.partition_keys)
-    for shard, rows in embstore.assign_shards(s.layout, shards, centroids, out_table, selection,
-                                              kmeans_backend(s.device), s.threads, sums_table):
+    backend = kmeans_backend(s.device)
+    parallel = 1 if backend.gpu else s.parallel_shards(len(shards))  # the GPU takes the shards one at a time
+    for shard, rows in embstore.assign_shards(s.layout, shards, centroids, out_table, selection, backend,
+                                              s.shard_threads(parallel), sums_table, parallel):
         s.commit(asset, shard, {"rows": rows}, metadata={"rows": rows})
         total += rows
     s.refresh_catalog(out_table)

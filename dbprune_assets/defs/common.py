@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import dagster as dg
 
-from dbprune_assets.core.running import lease
+from dbprune_assets.core.running import lease, parallel
 from dbprune_assets.core.store.catalog import CATALOG_TABLES, refresh_catalog
 from dbprune_assets.core.pool import shardgroups
 from dbprune_assets.core.pool.sources import registry
@@ -329,6 +329,14 @@ class Session:
     @property
     def threads(self) -> int:
         return self.settings.compute.threads
+
+    def parallel_shards(self, shards: int) -> int:
+        """Shards a per-shard step of ``shards`` shards works on at once (``compute.parallel_shards``)."""
+        return parallel.resolve_parallel(self.settings.compute.parallel_shards, shards)
+
+    def shard_threads(self, parallel_shards: int) -> int:
+        """Compute threads for each of ``parallel_shards`` shards in work (``compute.threads`` shared)."""
+        return parallel.shard_threads(self.threads, parallel_shards)
 
     def commit(self, asset: str, partition: str = UNPARTITIONED, summary: Mapping[str, Any] | None = None,
                data_version: str | None = None, metadata: Mapping[str, Any] | None = None) -> State:

@@ -9,6 +9,8 @@ import dagster as dg
 from dbprune_assets.core.store.atomic import write_json, write_parquet
 from dbprune_assets.core.running.device import torch_device
 from dbprune_assets.core.store.layout import Layout, list_pool_shards
+from dbprune_assets.core.pool.sources.readers import SourceError
+from dbprune_assets.core.running.parallel import ordered_map
 from dbprune_assets.core.running.progress import progress
 from dbprune_assets.core.store.state import file_signature
 from dbprune_assets.defs.common import Facts, Session, Versions, shard_partitions, stage
@@ -191,17 +193,32 @@ def _stored_embeddings(context: dg.AssetExecutionContext, s: Session) -> dg.Mate
     dim = next((st.summary["dim"] for sh in s.shards if sh not in mine
                 and (st := read_state(s.layout, "embeddings", sh)) and "dim" in st.summary), None)
     rows = []
-    shards = progress(step, desc="embeddings (stored)", unit="shard")
-    for done in s.source.write_embeddings(s.layout, s.settings, shards, dim):
-        meta = _write_scores(s, done.shard)
-        row = {"shard": done.shard, "embedded": done.rows, "source": done.source.name,
-               "mean_clip_score": round(float(meta["clip_score"].mean() or 0.0), 4)}
-        s.commit("embeddings", done.shard, {"rows": done.rows, "source": str(done.source), "dim": done.dim},
-                 data_version=done.data_version, metadata=row)
-        rows.append(row)
+    before = dim
+
+    def one(shard: str) -> tuple[Any, "pl.DataFrame"]:  # in a thread: no Dagster calls here
+        done = next(iter(s.source.write_embeddings(s.layout, s.settings, [shard], before)))
+        return done, _write_scores(s, shard)
+
+    parallel = s.parallel_shards(len(step))
+    for _, (done, meta) in progress(ordered_map(one, step, parallel), desc="embeddings (stored)", unit="shard",
+                                    total=len(step)):
+        if dim is not None and done.dim != dim:  # shards of this step written side by side
+            raise SourceError(f"shard {done.shard}: {done.source} holds {done.dim}-d embeddings but the pool's "
+                              f"other shards are {dim}-d; every shard must come from the same model "
+                              "(embeddings.model)")
+        rows.append(_commit_stored(s, done, meta))
         dim = done.dim
     s.refresh_catalog("scores")
     return dg.MaterializeResult(metadata={
         "step_embedded": sum(r["embedded"] for r in rows), "source": s.source.label(s.settings),
         "embed_dim": dim or 0, "step_shards": table(rows, s.table_rows), "step_seconds": s.elapsed(),
     })
+
+
+def _commit_stored(s: Session, done: Any, meta: "pl.DataFrame") -> dict[str, Any]:
+    """Commit a shard of stored embeddings; its row of the step's table."""
+    row = {"shard": done.shard, "embedded": done.rows, "source": done.source.name,
+           "mean_clip_score": round(float(meta["clip_score"].mean() or 0.0), 4)}
+    s.commit("embeddings", done.shard, {"rows": done.rows, "source": str(done.source), "dim": done.dim},
+             data_version=done.data_version, metadata=row)
+    return row

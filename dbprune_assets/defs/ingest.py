@@ -12,6 +12,7 @@ from dbprune_assets.core.store.atomic import remove, write_parquet
 from dbprune_assets.core.pool import shardgroups
 from dbprune_assets.core.store.layout import UNPARTITIONED, Layout, list_pool_shards, typical_shard_rows
 from dbprune_assets.core.pool.shardgroups import GroupSize
+from dbprune_assets.core.running.parallel import ordered_map
 from dbprune_assets.core.running.progress import progress
 from dbprune_assets.core.pool.shards import STATUSES, ShardError, failed_ingest
 from dbprune_assets.core.store.state import combine_versions, read_state
@@ -97,15 +98,20 @@ def raw_metadata(context: dg.AssetExecutionContext, s: Session) -> dg.Materializ
         raise dg.Failure(f"no such shard in the pool {s.layout.pool}: {', '.join(unknown[:5])} (no "
                          f"{unknown[0]}.parquet there); the partitions are the pool's parquet files: delete these "
                          "partitions, or put the shards in the pool (the sensor and dbprune run register them)")
-    for shard in progress(shards, desc="ingest", unit="shard"):
+    def ingest_one(shard: str) -> tuple[Any, ShardError | None]:  # in a thread: no Dagster calls here
         try:
-            result = s.source.ingest(s.layout.pool, shard, s.settings, s.layout.home)
-        except ShardError as err:
-            result = failed_ingest(shard, err)
-            failed[shard] = str(err)
-            context.log.error(f"shard {shard} not ingested: {err}")
+            result, err = s.source.ingest(s.layout.pool, shard, s.settings, s.layout.home), None
+        except ShardError as e:
+            result, err = failed_ingest(shard, e), e
         write_parquet(s.layout.table("samples", shard), result.samples, s.layout.tmp)
         write_parquet(s.layout.table("problems", shard), result.problems, s.layout.tmp)
+        return result, err
+
+    done = ordered_map(ingest_one, shards, s.parallel_shards(len(shards)))
+    for shard, (result, err) in progress(done, desc="ingest", unit="shard", total=len(shards)):
+        if err is not None:
+            failed[shard] = str(err)
+            context.log.error(f"shard {shard} not ingested: {err}")
         counts = Counter(result.samples["status"].to_list())
         totals.update(counts)
         per_shard.append({"shard": shard, "rows": result.samples.height, **{k: counts.get(k, 0) for k in STATUSES},

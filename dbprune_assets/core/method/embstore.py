@@ -22,6 +22,7 @@ import numpy as np
 
 from dbprune_assets.core.store.atomic import write_parquet
 from dbprune_assets.core.store.layout import Layout
+from dbprune_assets.core.running.parallel import ordered_map
 from dbprune_assets.core.running.progress import progress
 
 if TYPE_CHECKING:
@@ -168,18 +169,22 @@ def partial_sums_frame(frame: "pl.DataFrame", k: int) -> "pl.DataFrame":
 
 
 def assign_shards(layout: Layout, shards: list[str], centroid_table: str, out_table: str, selection: str | None,
-                  use_gpu: "bool | str | KmeansBackend | None", threads: int,
-                  sums_table: str | None = None) -> Iterator[tuple[str, int]]:
+                  use_gpu: "bool | str | KmeansBackend | None", threads: int, sums_table: str | None = None,
+                  parallel: int = 1) -> Iterator[tuple[str, int]]:
     """Assign each shard (``tables/<out_table>/<shard>.parquet``, plus per-cluster
-    partial sums in ``sums_table`` when given); yields (shard, rows) after each
+    partial sums in ``sums_table`` when given), ``parallel`` shards at a time
+    with ``threads`` each; yields (shard, rows) in shard order, after each
     shard's files are in place."""
     cent = read_centroids(layout, centroid_table)
-    for shard in progress(shards, desc=out_table, unit="shard"):
+
+    def one(shard: str) -> int:
         frame = assign_shard(layout, shard, cent, selection, use_gpu, threads)
         write_parquet(layout.table(out_table, shard), frame, layout.tmp)
         if sums_table is not None:
             write_parquet(layout.table(sums_table, shard), partial_sums_frame(frame, len(cent)), layout.tmp)
-        yield shard, frame.height
+        return frame.height
+
+    yield from progress(ordered_map(one, shards, parallel), desc=out_table, unit="shard", total=len(shards))
 
 
 def cluster_sizes(layout: Layout, shards: list[str], table: str, k: int) -> np.ndarray:

@@ -199,6 +199,9 @@ class ComputeSettings(_Section):
     threads: int = Field(0, ge=0, description="torch/faiss CPU threads (0 = the cores left after the decode workers)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 autocast on cuda, fp32 on cpu")
     tile: int = Field(4096, gt=0, description="SemDeDup column tile size")
+    parallel_shards: Clusters = Field(
+        AUTO, description="shards a per-shard step (ingest, stored embeddings, assignments) works on at once, in "
+                          "threads; auto: the cores this process may use (threads are shared among them)")
 
 
 class IngestSettings(_Section):
