@@ -58,3 +58,14 @@ def test_no_other_module_of_the_package_imports_dagster_private_modules() -> Non
     offenders = {path: [f"{m}.{n}" if n else m for m, n in found] for path, found in others.items() if found}
     assert not offenders, ("Dagster's private modules are imported only in dbprune_assets/cluster/launcher.py "
                            f"(wrap what you need in a function there): {offenders}")
+
+
+def test_the_data_version_tags_are_dagsters() -> None:
+    """``defs/dataversions.py`` names Dagster's data-version tags as strings
+    (importing them would be a private import); they must be Dagster's."""
+    from dagster._core.definitions.data_version import DATA_VERSION_IS_USER_PROVIDED_TAG, DATA_VERSION_TAG
+
+    from dbprune_assets.defs import dataversions
+
+    assert (dataversions.DATA_VERSION_TAG, dataversions.DATA_VERSION_IS_USER_PROVIDED_TAG) == (
+        DATA_VERSION_TAG, DATA_VERSION_IS_USER_PROVIDED_TAG)

@@ -281,12 +281,3 @@ def give_ui_origin(instance: Any, run_id: str, module_name: str, location_name: 
     instance.add_run_tags(run_id, {REPOSITORY_LABEL_TAG: origin.repository_origin.get_label()})
     instance.run_storage.replace_job_origin(instance.get_run_by_id(run_id), origin)
     return True
-
-
-def with_data_version(tags: dict[str, str], version: str) -> dict[str, str]:
-    """``tags`` of an asset materialization (its provenance: code version,
-    inputs' data versions and events) with its data version set to
-    ``version``, given by the asset rather than derived by Dagster."""
-    from dagster._core.definitions.data_version import DATA_VERSION_IS_USER_PROVIDED_TAG, DATA_VERSION_TAG
-
-    return {**tags, DATA_VERSION_TAG: version, DATA_VERSION_IS_USER_PROVIDED_TAG: "true"}

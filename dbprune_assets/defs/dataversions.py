@@ -16,15 +16,32 @@ with the same output keeps its version, and its dependents stay up to date.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator, Mapping
+from typing import Iterator, Mapping, Protocol
 
 import dagster as dg
 
-from dbprune_assets.core.store.layout import UNPARTITIONED
+from dbprune_assets.core.store.layout import UNPARTITIONED, Layout
 from dbprune_assets.core.store.state import combine_versions, read_state
 
-if TYPE_CHECKING:  # pragma: no cover
-    from dbprune_assets.defs.common import Session
+#: the tags of an asset materialisation that carry its data version (Dagster's own
+#: names; ``test_dagster_private`` checks them against Dagster's constants)
+DATA_VERSION_TAG = "dagster/data_version"
+DATA_VERSION_IS_USER_PROVIDED_TAG = "dagster/data_version_is_user_provided"
+
+
+class Session(Protocol):
+    """What this module reads of a step's ``defs.common.Session``."""
+
+    layout: Layout
+
+    def shards_of(self, key: str) -> list[str]: ...
+
+
+def with_data_version(tags: dict[str, str], version: str) -> dict[str, str]:
+    """``tags`` of an asset materialisation (its provenance: code version,
+    inputs' data versions and events) with its data version set to
+    ``version``, given by the asset rather than derived by Dagster."""
+    return {**tags, DATA_VERSION_TAG: version, DATA_VERSION_IS_USER_PROVIDED_TAG: "true"}
 
 #: partitions per query when reading back the step's materialisations
 _QUERY_CHUNK = 500
@@ -68,8 +85,6 @@ def per_partition(context: dg.AssetExecutionContext,
     """For each partition of ``versions`` (key -> the marker's data version),
     the materialisation this step's run just recorded for it, again, with that
     version: its latest, so the one Dagster's staleness reads."""
-    from dbprune_assets.cluster.launcher import with_data_version
-
     keys = [k for k, v in versions.items() if v is not None]
     for i in range(0, len(keys), _QUERY_CHUNK):
         chunk = keys[i:i + _QUERY_CHUNK]

@@ -206,7 +206,7 @@ def torch_spherical_kmeans(x: np.ndarray, k: int, niter: int, seed: int, device:
     n, d = x.shape
     if n == k:
         return np.array(x, dtype=np.float32, copy=True)
-    from dbprune_assets.core.method.semdedup_kernel import highest_matmul_precision
+    from dbprune_assets.core.running.device import highest_matmul_precision
 
     with highest_matmul_precision(), torch.no_grad():
         xt = _resident(x, device)
@@ -238,7 +238,7 @@ def torch_search(x: np.ndarray, c: "torch.Tensor", m: int) -> tuple[np.ndarray, 
     output: scores float32 (n, m) and ids int64 (n, m), best first."""
     import torch
 
-    from dbprune_assets.core.method.semdedup_kernel import highest_matmul_precision
+    from dbprune_assets.core.running.device import highest_matmul_precision
 
     n = len(x)
     scores = np.empty((n, m), dtype=np.float32)

@@ -37,10 +37,10 @@ from dbprune_assets.core.method.semdedup_kernel import (
     check_eps_and_tile,
     device_rows,
     filter_margin,
-    highest_matmul_precision,
     ordered_dedup,
     tile_width,
 )
+from dbprune_assets.core.running.device import highest_matmul_precision
 from dbprune_assets.core.running.progress import progress
 from dbprune_assets.core.store.duck import TABLES, empty_frame, polars_schema
 

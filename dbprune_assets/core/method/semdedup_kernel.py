@@ -24,33 +24,18 @@ calls it on whole clusters or on packs of small ones.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from typing import Iterator
 
 import numpy as np
 
 from dbprune_assets.core.method.kmeans import check_rows
+from dbprune_assets.core.running.device import highest_matmul_precision
 
 #: rows of one exact re-scoring batch (bounds the float64 gather memory)
 _EXACT_BATCH = 1 << 15
 #: widest column tile computed at once: tile ``[a, b)`` multiplies rows ``[0, b)``
 #: only, so narrower tiles skip more of the (unused) lower triangle
 _MAX_TILE = 512
-
-
-@contextlib.contextmanager
-def highest_matmul_precision() -> Iterator[None]:
-    """No TF32 / bf16 shortcuts for float32 matmuls inside the block (the
-    float32 error bound of the filter assumes IEEE float32 products)."""
-    import torch
-
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
 
 
 def farthest_first_order(distance: np.ndarray, ids: np.ndarray) -> np.ndarray:

@@ -174,3 +174,18 @@ def faiss_threads(threads: int) -> ContextManager[None]:
     import faiss
 
     return _scoped_threads(faiss.omp_get_max_threads, faiss.omp_set_num_threads, threads)
+
+
+@contextlib.contextmanager
+def highest_matmul_precision() -> Iterator[None]:
+    """No TF32 / bf16 shortcuts for float32 matmuls inside the block (the
+    float32 error bounds of SemDeDup's filter and of k-means' label rule
+    assume IEEE float32 products)."""
+    import torch
+
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
