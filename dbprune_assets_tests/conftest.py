@@ -43,8 +43,10 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh $DBPRUNE_HOME (pool inside it, generated on first run)."""
     h = tmp_path / "home"
     monkeypatch.setenv("DBPRUNE_HOME", str(h))
-    monkeypatch.delenv("DBPRUNE_POOL", raising=False)
-    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    for name in ("DBPRUNE_POOL", "DAGSTER_HOME"):
+        # set, then removed: restored to what it was however the test's code sets it (cmd_ui does)
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     return h
 
 
