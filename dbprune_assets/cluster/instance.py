@@ -20,7 +20,7 @@ ENV_BROKER = "DBPRUNE_BROKER"
 ENV_BACKEND = "DBPRUNE_CELERY_BACKEND"
 #: how often a run whose worker was lost is submitted again (default 2)
 ENV_RETRIES = "DBPRUNE_RUN_RETRIES"
-#: seconds a worker may miss Celery's pings before its runs count as lost (default 30)
+#: seconds a run's lease lasts without renewal before its run counts as lost (default 30; ``core/running/lease.py``)
 ENV_LOST_AFTER = "DBPRUNE_WORKER_LOST_S"
 
 #: where ``dagster.yaml`` finds ``DbpruneRunLauncher``: the package, which builds

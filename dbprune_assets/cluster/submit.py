@@ -3,9 +3,10 @@
 :func:`run_ranges` is the cluster's ``runner._run_ranges``: one run per
 partition range, all submitted at once through the instance's Celery run
 launcher (:class:`GroupRuns`), then watched every ``poll_s`` until each ends.
-A run whose worker stops answering Celery's ping for ``DBPRUNE_WORKER_LOST_S``
-seconds, whose task ended without the run recording its end, or that failed
-on its database connection is marked failed and submitted again (at most
+A run whose lease was not renewed for ``DBPRUNE_WORKER_LOST_S`` seconds
+(``core/running/lease.py``), whose process was killed, whose task ended
+without the run recording its end, or that failed on its database
+connection has its lease revoked, is marked failed and submitted again (at most
 ``DBPRUNE_RUN_RETRIES`` times); a database restart is waited out
 (:func:`_db`); Ctrl-C cancels the runs on the workers.
 """
