@@ -26,7 +26,8 @@ def remove_shard_outputs(layout: Layout, shard: str, tables: Sequence[str]) -> N
     per-shard ``tables`` (:func:`shard_tables`), its embeddings and markers."""
     for table in tables:
         remove(layout.table(table, shard))
-    for path in (layout.img_emb(shard), layout.text_emb(shard), layout.emb_metadata(shard)):
+    for path in (layout.img_emb(shard), layout.text_emb(shard), layout.emb_metadata(shard),
+                 layout.staged_pairs(shard)):
         remove(path)
     for marker in layout.home.glob(str(layout.state("*", shard).relative_to(layout.home))):  # of every asset
         remove(marker)

@@ -83,6 +83,12 @@ class Layout:
     def emb_metadata(self, shard: str) -> Path:
         return self.home / "embeddings" / "metadata" / f"{shard}.parquet"
 
+    def staged_pairs(self, shard: str) -> Path:
+        """A precomputed source's pairs of ``shard``, written by its ingest (which
+        reads them anyway) for the ``embeddings`` step to move into place
+        (``core/pool/sources/stored.py``)."""
+        return self.home / "embeddings" / "staged" / shard
+
     # -- models, subsets, artefacts ---------------------------------------
     @property
     def encoder_dir(self) -> Path:

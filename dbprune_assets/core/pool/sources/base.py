@@ -106,6 +106,12 @@ class EmbeddingSource(ABC):
         files are in place; ``dim``, the width of shards written before, which
         every shard must share (``SourceError`` naming the file otherwise)."""
 
+    def pairs_version(self, layout: Layout, settings: PipelineSettings, shard: str) -> str:
+        """A precomputed source's data version of ``shard``'s stored pairs (of
+        the source files they come from): the embeddings' data version, and
+        the stamp of the pairs its ingest stages (``stored.py``)."""
+        raise TypeError(f"embeddings.source: {self.name} stores no pairs (not precomputed)")
+
     def label(self, settings: PipelineSettings) -> str:
         """The source as the metadata names it (``datacomp b32``)."""
         return self.name

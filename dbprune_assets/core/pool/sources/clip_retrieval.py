@@ -27,7 +27,7 @@ from dbprune_assets.core.pool.sources.clip_retrieval_index import (ensure_index,
                                                                    source_signature)
 from dbprune_assets.core.pool.sources.readers import SourceError, bad_rows, check_dim
 from dbprune_assets.core.pool.sources.stored import (EmbeddingFiles, mark_embeddings, ok_positions, ok_rows,
-                                                     write_stored_pairs)
+                                                     stage_pairs, take_staged, write_stored_pairs)
 from dbprune_assets.core.store.layout import Layout
 from dbprune_assets.core.store.state import stable_hash
 
@@ -42,6 +42,12 @@ def link_clip_retrieval_shard(ingest: ShardIngest, folder: Path, home: Path, tmp
     ``bad_embedding`` (each with a problems row).  A source that cannot be read
     as it is raises :class:`SourceError` naming the file: it is every shard's
     source, so the step stops rather than failing each shard alone."""
+    return _link(ingest, folder, home, tmp_root)[0]
+
+
+def _link(ingest: ShardIngest, folder: Path, home: Path,
+          tmp_root: Path) -> tuple[ShardIngest, np.ndarray, np.ndarray]:
+    """:func:`link_clip_retrieval_shard`, and the pairs of the linked shard's ok rows (aligned with them)."""
     index = ensure_index(folder, index_dir(home), tmp_root)
     ok = ok_positions(ingest)
     column = "uid" if index.by == "uid" else "key"
@@ -49,12 +55,15 @@ def link_clip_retrieval_shard(ingest: ShardIngest, folder: Path, home: Path, tmp
     part, row = lookup(index, ids, tmp_root)
     found = part >= 0
     bad = np.zeros(len(ok), dtype=bool)
+    img = txt = np.zeros((0, index.dim), dtype=np.float16)
     if found.any():
         img, txt = gather(index, part[found], row[found])
         bad[found] = bad_rows(img, txt)
-    return mark_embeddings(ingest, ok, found, bad,
-                           lambda j: f"the clip-retrieval output {index.folder} has no row for {column} {ids[j]}",
-                           lambda j: index.where(int(part[j]), int(row[j])))
+    linked = mark_embeddings(ingest, ok, found, bad,
+                             lambda j: f"the clip-retrieval output {index.folder} has no row for {column} {ids[j]}",
+                             lambda j: index.where(int(part[j]), int(row[j])))
+    good = ~bad[found]  # the found rows that stay ok
+    return linked, img[good], txt[good]
 
 
 def write_clip_retrieval_embeddings(folder: Path, ok: pl.DataFrame, home: Path, out: EmbeddingFiles, shard: str,
@@ -86,7 +95,13 @@ class ClipRetrievalSource(EmbeddingSource):
         """The img2dataset shard linked through the index under ``home`` (default ``$DBPRUNE_HOME``)."""
         ingest = ingest_image_shard(self, pool, shard, settings)
         layout = Layout.from_env(home, pool)
-        return link_clip_retrieval_shard(ingest, settings.embeddings.folder(pool), layout.home, layout.tmp)
+        linked, img, txt = _link(ingest, settings.embeddings.folder(pool), layout.home, layout.tmp)
+        stage_pairs(layout, linked, img, txt, self.pairs_version(layout, settings, shard))  # stored.py
+        return linked
+
+    def pairs_version(self, layout: Layout, settings: PipelineSettings, shard: str) -> str:
+        """One signature of every part's files: any part may hold the shard's rows."""
+        return stable_hash(["clip_retrieval", source_signature(settings.embeddings.folder(layout.pool))])
 
     def signature(self, layout: Layout, settings: PipelineSettings, shard: str, memo: Memo) -> list:
         """The pool shard's files, then one signature of every part's files
@@ -99,9 +114,9 @@ class ClipRetrievalSource(EmbeddingSource):
         """Each shard's pairs gathered from the parts; every shard's data version
         is the folder's files' signature."""
         folder = settings.embeddings.folder(layout.pool)
-        version = stable_hash(["clip_retrieval", source_signature(folder)])
+        version = self.pairs_version(layout, settings, "")
         for shard in shards:
             ok = ok_rows(layout, shard)
-            dim = write_clip_retrieval_embeddings(folder, ok, layout.home, EmbeddingFiles.of(layout, shard), shard,
-                                                  expected_dim=dim)
+            dim = take_staged(layout, shard, ok, version, dim) or write_clip_retrieval_embeddings(
+                folder, ok, layout.home, EmbeddingFiles.of(layout, shard), shard, expected_dim=dim)
             yield StoredShard(shard, ok.height, dim, folder, version)

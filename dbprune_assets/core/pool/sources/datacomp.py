@@ -41,7 +41,7 @@ from dbprune_assets.core.pool.sources.base import (EmbeddingSource, Memo, Stored
 from dbprune_assets.core.pool.sources.readers import (DATACOMP_MODELS, DataCompModel, SourceError, SourceRows, bad_rows, link,
                                                       read_datacomp)
 from dbprune_assets.core.pool.sources.stored import (DAMAGED, EmbeddingFiles, mark_embeddings, ok_positions, ok_rows,
-                                                     write_stored_pairs)
+                                                     stage_pairs, take_staged, write_stored_pairs)
 from dbprune_assets.core.store.layout import Layout
 from dbprune_assets.core.store.state import file_signature, stable_hash
 
@@ -140,6 +140,11 @@ def _statuses(uids: list, texts: list, bad: np.ndarray, parquet: Path, shard: st
 def ingest_datacomp_shard(pool: Path, shard: str, model: DataCompModel) -> ShardIngest:
     """Samples and problems of one DataComp metadata shard (module docstring).
     Raises ``ShardError`` naming the file for what cannot be read as it is."""
+    return _ingest_metadata_shard(pool, shard, model)[0]
+
+
+def _ingest_metadata_shard(pool: Path, shard: str, model: DataCompModel) -> tuple[ShardIngest, SourceRows]:
+    """:func:`ingest_datacomp_shard`, and the rows it read (parquet-aligned)."""
     parquet = pool / f"{shard}.parquet"
     meta = _read_datacomp_parquet(parquet, shard)
     rows = _source(parquet, model, shard)
@@ -156,7 +161,7 @@ def ingest_datacomp_shard(pool: Path, shard: str, model: DataCompModel) -> Shard
         },
         schema=SAMPLES_SCHEMA,
     )
-    return ShardIngest(shard, samples, pl.DataFrame(problems, schema=PROBLEMS_SCHEMA, orient="row"))
+    return ShardIngest(shard, samples, pl.DataFrame(problems, schema=PROBLEMS_SCHEMA, orient="row")), rows
 
 
 def ingest_without_npz(pool: Path, shard: str) -> ShardIngest:
@@ -182,6 +187,12 @@ def link_image_shard(ingest: ShardIngest, npz_parquet: Path, model: DataCompMode
     """An img2dataset shard's ingest with its ``ok`` rows linked by uid to the
     DataComp npz of the same stem: no row there → ``no_embedding``, a damaged
     row → ``bad_embedding`` (each with a problems row)."""
+    return _link_image_shard(ingest, npz_parquet, model)[0]
+
+
+def _link_image_shard(ingest: ShardIngest, npz_parquet: Path,
+                      model: DataCompModel) -> tuple[ShardIngest, SourceRows, np.ndarray]:
+    """:func:`link_image_shard`, the rows it read and each sample's row there (-1: none)."""
     shard = ingest.shard
     rows = _source(npz_parquet, model, shard)
     uids = ingest.samples["uid"].to_numpy()
@@ -193,8 +204,9 @@ def link_image_shard(ingest: ShardIngest, npz_parquet: Path, model: DataCompMode
     found = where[ok] >= 0
     bad = np.zeros(len(ok), dtype=bool)
     bad[found] = bad_rows(rows.img, rows.txt)[where[ok][found]]
-    return mark_embeddings(ingest, ok, found, bad, lambda j: f"{rows.origin} has no row for uid {uids[ok[j]]}",
-                           lambda j: f"row {where[ok[j]]} of {rows.origin}")
+    linked = mark_embeddings(ingest, ok, found, bad, lambda j: f"{rows.origin} has no row for uid {uids[ok[j]]}",
+                             lambda j: f"row {where[ok[j]]} of {rows.origin}")
+    return linked, rows, where
 
 
 def _has_repeats(ids: np.ndarray) -> bool:
@@ -241,13 +253,26 @@ class DataCompSource(EmbeddingSource):
         return looks_like_datacomp(pool)
 
     def ingest(self, pool: Path, shard: str, settings: PipelineSettings, home: Path | None = None) -> ShardIngest:
+        """The shard's samples; the ok rows' pairs, read here anyway, are staged
+        for the embeddings stage (``stored.py``)."""
         emb = settings.embeddings
         if is_datacomp_shard(pool, shard):
-            return ingest_datacomp_shard(pool, shard, emb.model)
-        if not (pool / f"{shard}.tar").exists() and emb.folder(pool) == pool:
+            result, rows = _ingest_metadata_shard(pool, shard, emb.model)
+            where = np.arange(len(rows.ids))
+        elif not (pool / f"{shard}.tar").exists() and emb.folder(pool) == pool:
             return ingest_without_npz(pool, shard)
-        return link_image_shard(ingest_image_shard(self, pool, shard, settings),
-                                source_parquet(pool, shard, emb.folder(pool)), emb.model)
+        else:
+            result, rows, where = _link_image_shard(ingest_image_shard(self, pool, shard, settings),
+                                                    source_parquet(pool, shard, emb.folder(pool)), emb.model)
+        layout = Layout.from_env(home, pool)
+        at = where[ok_positions(result)]
+        stage_pairs(layout, result, rows.img[at], rows.txt[at], self.pairs_version(layout, settings, shard))
+        return result
+
+    def pairs_version(self, layout: Layout, settings: PipelineSettings, shard: str) -> str:
+        """The signatures of the parquet and npz of the shard's stem, and the model."""
+        src = source_parquet(layout.pool, shard, settings.embeddings.folder(layout.pool))
+        return stable_hash([file_signature(src), file_signature(src.with_suffix(".npz")), settings.embeddings.model])
 
     def signature(self, layout: Layout, settings: PipelineSettings, shard: str, memo: Memo) -> list:
         """The pool shard's files, then the parquet and npz of its stem in ``embeddings.path``."""
@@ -262,9 +287,9 @@ class DataCompSource(EmbeddingSource):
         for shard in shards:
             ok = ok_rows(layout, shard)
             src = source_parquet(layout.pool, shard, emb.folder(layout.pool))
-            dim = write_datacomp_embeddings(src, ok, emb.model, EmbeddingFiles.of(layout, shard), shard,
-                                            expected_dim=dim)
-            version = stable_hash([file_signature(src), file_signature(src.with_suffix(".npz")), emb.model])
+            version = self.pairs_version(layout, settings, shard)
+            dim = take_staged(layout, shard, ok, version, dim) or write_datacomp_embeddings(
+                src, ok, emb.model, EmbeddingFiles.of(layout, shard), shard, expected_dim=dim)
             yield StoredShard(shard, ok.height, dim, src, version)
 
     def label(self, settings: PipelineSettings) -> str:

@@ -9,10 +9,22 @@ row for ``no_embedding`` and those whose row is damaged ``bad_embedding``
 embeddings stage then copies the ok rows' pairs with :func:`write_stored_pairs`
 (float16, as the computed path writes, ``clip_score`` = cos of the stored
 pair), so nothing downstream knows where they came from.
+
+**One read per input file.**  A stored source's ingest reads the pairs
+anyway (to find the damaged rows), so it also writes the ok rows' pairs,
+exactly as the embeddings stage would, into ``embeddings/staged/<shard>/``
+(:func:`stage_pairs`) with a stamp naming the source files' version.  The
+embeddings stage then moves them into place by rename
+(:func:`take_staged`) when the stamp's version is the source files' version
+now and its rows are the shard's ok rows now; otherwise (the files changed,
+the shard was re-ingested by an older dbprune, the stage ran before) it reads
+the source again.  The files are the same bytes either way.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -21,7 +33,7 @@ import polars as pl
 
 from dbprune_assets.core.pool.shards import PROBLEMS_SCHEMA, ShardIngest
 from dbprune_assets.core.pool.sources.readers import clip_scores
-from dbprune_assets.core.store.atomic import atomic_path
+from dbprune_assets.core.store.atomic import atomic_path, remove
 from dbprune_assets.core.store.layout import Layout
 
 _STAGE = "ingest"
@@ -42,6 +54,16 @@ class EmbeddingFiles(NamedTuple):
     def of(cls, layout: Layout, shard: str) -> "EmbeddingFiles":
         """``embeddings/{img_emb,text_emb,metadata}/<shard>`` of ``layout``."""
         return cls(layout.img_emb(shard), layout.text_emb(shard), layout.emb_metadata(shard), layout.tmp)
+
+    @classmethod
+    def staged(cls, layout: Layout, shard: str) -> "EmbeddingFiles":
+        """The same three files staged by ingest, ``embeddings/staged/<shard>/``."""
+        folder = layout.staged_pairs(shard)
+        return cls(folder / "img_emb.npy", folder / "text_emb.npy", folder / "metadata.parquet", layout.tmp)
+
+    def files(self) -> tuple[Path, Path, Path]:
+        """The three files, metadata last (the order they are written and moved in)."""
+        return self.img, self.text, self.meta
 
 
 def ok_rows(layout: Layout, shard: str) -> pl.DataFrame:
@@ -92,3 +114,50 @@ def write_stored_pairs(img: np.ndarray, txt: np.ndarray, ok: pl.DataFrame, shard
                 np.save(f, np.asarray(array, dtype=np.float16), allow_pickle=False)
     with atomic_path(out.meta, out.tmp_root) as tmp:  # last: metadata appears only with its arrays
         meta.write_parquet(tmp, compression="zstd")
+
+
+def _stamp(layout: Layout, shard: str) -> Path:
+    return layout.staged_pairs(shard) / "stamp.json"
+
+
+def stage_pairs(layout: Layout, ingest: ShardIngest, img: np.ndarray, txt: np.ndarray, version: str) -> None:
+    """Stage the pairs of ``ingest``'s ``ok`` rows (``img`` / ``txt`` aligned
+    with them) for the embeddings stage, stamped with the source files'
+    ``version`` (module docstring).  The stamp is written last and removed
+    first, so a stamp always names complete files."""
+    ok = ingest.samples.filter(pl.col("status") == "ok").select("uid", "key", "row")
+    if len(img) != ok.height or len(txt) != ok.height:  # pragma: no cover - a source's own mistake
+        raise AssertionError(f"shard {ingest.shard}: {ok.height} ok rows but {len(img)} staged pairs")
+    stamp = _stamp(layout, ingest.shard)
+    remove(stamp)
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    write_stored_pairs(img, txt, ok, ingest.shard, EmbeddingFiles.staged(layout, ingest.shard))
+    with atomic_path(stamp, layout.tmp) as tmp:
+        tmp.write_text(json.dumps({"version": version, "rows": ok.height, "dim": int(img.shape[1])}))
+
+
+def take_staged(layout: Layout, shard: str, ok: pl.DataFrame, version: str, dim: int | None) -> int | None:
+    """Move the staged pairs of ``shard`` into the embeddings layout when they
+    are of the source files' ``version`` and of the ``ok`` rows (``uid, key,
+    row``) and, with ``dim`` given, of that width; returns their width, or
+    None when they cannot be used (the caller reads the source)."""
+    stamp, staged = _stamp(layout, shard), EmbeddingFiles.staged(layout, shard)
+    try:
+        info = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return None
+    usable = (info.get("version") == version and info.get("rows") == ok.height
+              and (dim is None or info.get("dim") == dim) and all(p.is_file() for p in staged.files()))
+    if usable:
+        rows = pl.read_parquet(staged.meta, columns=["uid", "key", "row"])
+        usable = rows.equals(ok.select(pl.col("uid").cast(pl.Utf8), pl.col("key").cast(pl.Utf8),
+                                       pl.col("row").cast(pl.Int64)))
+    remove(stamp)  # first: a move cut short leaves files without a stamp, never a stamp without files
+    if not usable:
+        remove(layout.staged_pairs(shard))
+        return None
+    for src, dst in zip(staged.files(), EmbeddingFiles.of(layout, shard).files()):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dst)
+    remove(layout.staged_pairs(shard))
+    return int(info["dim"])
