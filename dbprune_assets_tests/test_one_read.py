@@ -11,6 +11,8 @@ from typing import Any, Callable
 import numpy as np
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dbprune_assets.core.pool.sources import clip_retrieval, datacomp, registry
 from dbprune_assets.core.pool.sources.stored import EmbeddingFiles
@@ -122,3 +124,53 @@ def test_a_clip_retrieval_pool_gathers_each_row_once(tmp_path: Path, monkeypatch
         assert _files(once, shard) == _files(twice, shard)
     statuses = pl.concat(pl.read_parquet(once.table("samples", s)) for s in shards)
     assert statuses.filter(pl.col("key") == rows["key"][3])["status"].to_list() == ["bad_embedding"]
+
+
+# ---------------------------------------------------------------------------
+# the row rules of a DataComp shard, vectorised: the same as row by row
+# ---------------------------------------------------------------------------
+def _statuses_row_by_row(uids: list, texts: list, bad: np.ndarray) -> tuple[list[str], list[str]]:
+    """The rules as stated (``datacomp._statuses``), one row at a time: statuses and problem causes' heads."""
+    from dbprune_assets.core.pool.shards import HEX32
+
+    status, causes, first = [], [], {}
+    for i, (uid, text) in enumerate(zip(uids, texts)):
+        if uid is None or not uid.strip():
+            raise ValueError(i)
+        if not HEX32.fullmatch(uid):
+            status.append("bad_uid")
+        elif uid.lower() in first:
+            status.append("duplicate_uid")
+            causes.append(f"duplicate_uid: uid {uid} of row {i} is row {first[uid.lower()]}'s")
+            continue
+        else:
+            first[uid.lower()] = i
+            status.append("bad_embedding" if bad[i] else "empty_caption" if text is None or not text.strip() else "ok")
+        if status[-1] not in ("ok", "duplicate_uid"):
+            causes.append(f"{status[-1]}:")
+    return status, causes
+
+
+_HEX = st.sampled_from(["0" * 32, "A" * 32, "a" * 32, "0123456789abcdef" * 2, "0123456789ABCDEF" * 2])
+_UID = st.one_of(_HEX, st.sampled_from(["x" * 32, "0" * 31, "0" * 33, " " + "0" * 31, "0" * 32 + "\n", "g" * 32]))
+_TEXT = st.one_of(st.none(), st.sampled_from(["", " ", "\x1c", "\x1f\t", "\u3000", "\xa0", "\u200b", "a", " a "]),
+                  st.text(max_size=4))
+
+
+@given(st.lists(st.tuples(_UID, _TEXT, st.booleans()), min_size=1, max_size=40))
+@settings(max_examples=200, deadline=None)
+def test_vectorised_row_rules_equal_the_rules_row_by_row(rows: list[tuple[str, str | None, bool]]) -> None:
+    uids, texts, bad = [r[0] for r in rows], [r[1] for r in rows], np.array([r[2] for r in rows])
+    status, problems = datacomp._statuses(uids, texts, bad, Path("s.parquet"), "s", "s.npz")
+    want, causes = _statuses_row_by_row(uids, texts, bad)
+    assert status == want
+    assert len(problems) == len(causes)
+    for (_, uid, _, cause), head in zip(problems, causes):
+        assert cause.startswith(head)
+
+
+def test_a_row_without_uid_is_an_error_naming_it() -> None:
+    from dbprune_assets.core.pool.shards import ShardError
+
+    with pytest.raises(ShardError, match=r"row 2 of shard s has no uid"):
+        datacomp._statuses(["0" * 32, "bad", " \t"], ["a", "b", "c"], np.zeros(3, bool), Path("s.parquet"), "s", "o")

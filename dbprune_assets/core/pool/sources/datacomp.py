@@ -34,12 +34,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dbprune_assets.core.pool.poolkind import is_datacomp_shard, looks_like_datacomp
-from dbprune_assets.core.pool.shards import (HEX32, PROBLEMS_SCHEMA, SAMPLES_SCHEMA, ShardError, ShardIngest,
+from dbprune_assets.core.pool.shards import (PROBLEMS_SCHEMA, SAMPLES_SCHEMA, ShardError, ShardIngest,
                                              check_column_types)
 from dbprune_assets.core.pool.sources.base import (EmbeddingSource, Memo, StoredShard, ingest_image_shard,
                                                    pool_files)
-from dbprune_assets.core.pool.sources.readers import (DATACOMP_MODELS, DataCompModel, SourceError, SourceRows, bad_rows, link,
-                                                      read_datacomp)
+from dbprune_assets.core.pool.sources.readers import (DATACOMP_MODELS, DataCompModel, SourceError, SourceRows, bad_rows,
+                                                      clip_scores, link, read_datacomp)
 from dbprune_assets.core.pool.sources.stored import (DAMAGED, EmbeddingFiles, mark_embeddings, ok_positions, ok_rows,
                                                      stage_pairs, take_staged, write_stored_pairs)
 from dbprune_assets.core.store.layout import Layout
@@ -106,35 +106,54 @@ def _source(parquet: Path, model: DataCompModel, shard: str) -> SourceRows:
 
 def _statuses(uids: list, texts: list, bad: np.ndarray, parquet: Path, shard: str,
               origin: str) -> tuple[list[str], list[tuple]]:
-    """Each metadata row's status and the problems rows of the non-ok ones."""
-    status: list[str] = []
-    problems: list[tuple] = []
-    first: dict[str, int] = {}
-    for i, (uid, text) in enumerate(zip(uids, texts)):
-        if uid is None or not uid.strip():
+    """Each metadata row's status and the problems rows of the non-ok ones.
+
+    The rules, first that applies: a row without a uid is an error; a uid
+    that is not 32 hex digits is ``bad_uid``; a uid an earlier 32-hex row has
+    (case-insensitively) is ``duplicate_uid``; a damaged pair is
+    ``bad_embedding``; a blank text (``str.strip`` empty) is
+    ``empty_caption``; else ``ok``.  Vectorised: Python looks only at the
+    rows the masks single out."""
+    frame = pl.DataFrame({"uid": uids, "text": texts}, schema={"uid": pl.String, "text": pl.String})
+    n = frame.height
+    masks = frame.select(
+        hex=pl.col("uid").str.contains(r"\A[0-9a-fA-F]{32}\z").fill_null(False),
+        # a superset of Python's whitespace-only strings (Unicode White_Space and \x1c-\x1f); checked below
+        maybe_blank=pl.col("text").is_null() | pl.col("text").str.contains(r"\A[\s\x1c-\x1f]*\z"),
+    )
+    hex_ok = masks["hex"].to_numpy()
+    for i in np.flatnonzero(~hex_ok).tolist():
+        if uids[i] is None or not uids[i].strip():
             raise ShardError(f"{parquet}: row {i} of shard {shard} has no uid; every DataComp row has one "
                              "(re-download the shard)")
-        if not HEX32.fullmatch(uid):
-            status.append("bad_uid")
-            problems.append((shard, uid, _STAGE, f"bad_uid: row {i} of {parquet} has uid {uid[:64]!r}, not 32 hex "
-                                                 "digits (DataComp's uid); fix the row or drop it"))
-            continue
-        if uid.lower() in first:  # uids compare case-insensitively
-            status.append("duplicate_uid")
-            problems.append((shard, uid, _STAGE, f"duplicate_uid: uid {uid} of row {i} is row "
-                                                 f"{first[uid.lower()]}'s (shard {shard}); the first occurrence "
-                                                 "keeps it"))
-            continue
-        first[uid.lower()] = i
-        if bad[i]:
-            status.append("bad_embedding")
-            problems.append((shard, uid, _STAGE, f"bad_embedding: row {i} of {origin} {DAMAGED}"))
-        elif text is None or not text.strip():
-            status.append("empty_caption")
-            problems.append((shard, uid, _STAGE, "empty_caption: the text column is empty"))
+    first = np.arange(n)
+    if hex_ok.any():  # each 32-hex uid's first row (uids compare case-insensitively)
+        valid = frame.with_row_index("i").filter(pl.Series(hex_ok))
+        valid = valid.with_columns(first=pl.col("i").first().over(pl.col("uid").str.to_lowercase()))
+        first[valid["i"].to_numpy()] = valid["first"].to_numpy()
+    dup = hex_ok & (first != np.arange(n))
+    blank = masks["maybe_blank"].to_numpy().copy()
+    for i in np.flatnonzero(blank).tolist():
+        blank[i] = texts[i] is None or not texts[i].strip()
+    status = np.full(n, "ok", dtype=object)
+    status[blank] = "empty_caption"
+    status[bad] = "bad_embedding"
+    status[dup] = "duplicate_uid"
+    status[~hex_ok] = "bad_uid"
+    problems: list[tuple] = []
+    for i in np.flatnonzero(status != "ok").tolist():
+        uid, st = uids[i], status[i]
+        if st == "bad_uid":
+            cause = (f"bad_uid: row {i} of {parquet} has uid {uid[:64]!r}, not 32 hex digits (DataComp's uid); "
+                     "fix the row or drop it")
+        elif st == "duplicate_uid":
+            cause = f"duplicate_uid: uid {uid} of row {i} is row {first[i]}'s (shard {shard}); the first occurrence keeps it"
+        elif st == "bad_embedding":
+            cause = f"bad_embedding: row {i} of {origin} {DAMAGED}"
         else:
-            status.append("ok")
-    return status, problems
+            cause = "empty_caption: the text column is empty"
+        problems.append((shard, uid, _STAGE, cause))
+    return status.tolist(), problems
 
 
 def ingest_datacomp_shard(pool: Path, shard: str, model: DataCompModel) -> ShardIngest:
@@ -151,7 +170,7 @@ def _ingest_metadata_shard(pool: Path, shard: str, model: DataCompModel) -> tupl
     if len(rows.ids) != meta.height:  # pragma: no cover - both read the same parquet
         raise ShardError(f"{parquet}: {meta.height} rows but {len(rows.ids)} embedding rows")
     uids, texts = meta["uid"].to_list(), meta["text"].to_list()
-    status, problems = _statuses(uids, texts, bad_rows(rows.img, rows.txt), parquet, shard, rows.origin)
+    status, problems = _statuses(uids, texts, bad_rows(rows.img32, rows.txt32), parquet, shard, rows.origin)
     samples = pl.DataFrame(
         {
             "uid": uids, "shard": [shard] * meta.height, "key": uids,
@@ -203,7 +222,7 @@ def _link_image_shard(ingest: ShardIngest, npz_parquet: Path,
     ok = ok_positions(ingest)
     found = where[ok] >= 0
     bad = np.zeros(len(ok), dtype=bool)
-    bad[found] = bad_rows(rows.img, rows.txt)[where[ok][found]]
+    bad[found] = bad_rows(rows.img32, rows.txt32)[where[ok][found]]
     linked = mark_embeddings(ingest, ok, found, bad, lambda j: f"{rows.origin} has no row for uid {uids[ok[j]]}",
                              lambda j: f"row {where[ok[j]]} of {rows.origin}")
     return linked, rows, where
@@ -265,8 +284,11 @@ class DataCompSource(EmbeddingSource):
             result, rows, where = _link_image_shard(ingest_image_shard(self, pool, shard, settings),
                                                     source_parquet(pool, shard, emb.folder(pool)), emb.model)
         layout = Layout.from_env(home, pool)
-        at = where[ok_positions(result)]
-        stage_pairs(layout, result, rows.img[at], rows.txt[at], self.pairs_version(layout, settings, shard))
+        at: np.ndarray | slice = where[ok_positions(result)]
+        if len(at) == len(rows.ids) and bool((at == np.arange(len(at))).all()):
+            at = slice(None)  # every row ok, in order: no copies
+        stage_pairs(layout, result, rows.img[at], rows.txt[at], self.pairs_version(layout, settings, shard),
+                    scores=clip_scores(rows.img32[at], rows.txt32[at]))
         return result
 
     def pairs_version(self, layout: Layout, settings: PipelineSettings, shard: str) -> str:

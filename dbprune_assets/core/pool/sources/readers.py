@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -78,6 +79,16 @@ class SourceRows:
     @property
     def dim(self) -> int:
         return int(self.img.shape[1])
+
+    @cached_property
+    def img32(self) -> np.ndarray:
+        """The image rows in float32, converted once (the damage check and the clip scores share it)."""
+        return np.asarray(self.img, dtype=np.float32)
+
+    @cached_property
+    def txt32(self) -> np.ndarray:
+        """The text rows in float32, converted once."""
+        return np.asarray(self.txt, dtype=np.float32)
 
 
 def read_datacomp(parquet: Path, model: DataCompModel = "l14", npz: Path | None = None) -> SourceRows:
@@ -201,7 +212,8 @@ def bad_rows(img: np.ndarray, txt: np.ndarray) -> np.ndarray:
 def normalised(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm, in float32 (stored pairs are normalised only to float16 precision)."""
     x = np.asarray(x, dtype=np.float32)
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    # np.linalg.norm(x, axis=1)'s own arithmetic (same bits), without its conjugate copy
+    norm = np.sqrt(np.add.reduce(x * x, axis=1, keepdims=True))
     return x / np.where(norm > 0, norm, 1.0)
 
 

@@ -100,13 +100,15 @@ def ok_positions(ingest: ShardIngest) -> np.ndarray:
     return np.flatnonzero((ingest.samples["status"] == "ok").to_numpy())
 
 
-def write_stored_pairs(img: np.ndarray, txt: np.ndarray, ok: pl.DataFrame, shard: str, out: EmbeddingFiles) -> None:
+def write_stored_pairs(img: np.ndarray, txt: np.ndarray, ok: pl.DataFrame, shard: str, out: EmbeddingFiles,
+                       scores: np.ndarray | None = None) -> None:
     """The embeddings layout of one shard from its ``ok`` rows' (``uid, key,
     row``) stored pairs, rows aligned with ``ok``: float16 arrays, then the
-    metadata (uid, shard, key, row, clip_score = cos of the stored pair)."""
+    metadata (uid, shard, key, row, clip_score = cos of the stored pair;
+    ``scores``: those cosines when the caller has them, ``clip_scores(img, txt)``)."""
     meta = pl.DataFrame({
         "uid": ok["uid"].cast(pl.Utf8), "shard": [shard] * ok.height, "key": ok["key"].cast(pl.Utf8),
-        "row": ok["row"].cast(pl.Int64), "clip_score": clip_scores(img, txt),
+        "row": ok["row"].cast(pl.Int64), "clip_score": clip_scores(img, txt) if scores is None else scores,
     }, schema={"uid": pl.Utf8, "shard": pl.Utf8, "key": pl.Utf8, "row": pl.Int64, "clip_score": pl.Float32})
     for path, array in ((out.img, img), (out.text, txt)):
         with atomic_path(path, out.tmp_root) as tmp:
@@ -120,7 +122,8 @@ def _stamp(layout: Layout, shard: str) -> Path:
     return layout.staged_pairs(shard) / "stamp.json"
 
 
-def stage_pairs(layout: Layout, ingest: ShardIngest, img: np.ndarray, txt: np.ndarray, version: str) -> None:
+def stage_pairs(layout: Layout, ingest: ShardIngest, img: np.ndarray, txt: np.ndarray, version: str,
+                scores: np.ndarray | None = None) -> None:
     """Stage the pairs of ``ingest``'s ``ok`` rows (``img`` / ``txt`` aligned
     with them) for the embeddings stage, stamped with the source files'
     ``version`` (module docstring).  The stamp is written last and removed
@@ -131,7 +134,7 @@ def stage_pairs(layout: Layout, ingest: ShardIngest, img: np.ndarray, txt: np.nd
     stamp = _stamp(layout, ingest.shard)
     remove(stamp)
     stamp.parent.mkdir(parents=True, exist_ok=True)
-    write_stored_pairs(img, txt, ok, ingest.shard, EmbeddingFiles.staged(layout, ingest.shard))
+    write_stored_pairs(img, txt, ok, ingest.shard, EmbeddingFiles.staged(layout, ingest.shard), scores)
     with atomic_path(stamp, layout.tmp) as tmp:
         tmp.write_text(json.dumps({"version": version, "rows": ok.height, "dim": int(img.shape[1])}))
 
