@@ -9,9 +9,10 @@ Writes a DataComp-format pool with the project's generator (``--shards`` ×
             and their exports (``uids.npy``), through Dagster with its SQLite
             instance; wall time and peak RSS per group (RSS sampled every
             0.2 s), Dagster runs launched
-  bare      in one subprocess, everything in memory: all image embeddings
-            loaded (float32), faiss spherical k-means + assignment for
-            SemDeDup's clusters, per-cluster SemDeDup (full similarity matrix),
+  bare      in one subprocess, streaming (memory: the k-means samples and a
+            few numbers per row; the image rows go to a float16 scratch
+            file): faiss spherical k-means + assignment for SemDeDup's
+            clusters, per-cluster SemDeDup (full similarity matrix, torch),
             CLIP-score filter, faiss k-means + assignment for DBP's clusters
             (same k, niter, sample size as the settings)
   status    the GraphQL query the UI's partitions page makes for a per-shard
@@ -35,6 +36,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -117,7 +119,20 @@ def run_dbprune(home: Path, pool: Path, config: Path) -> dict:
 
 
 def bare(pool: Path, a: argparse.Namespace) -> dict:
-    """The same compute with the bare libraries, everything in memory (subprocess)."""
+    """The same compute with the bare libraries, streaming (subprocess): memory
+    is the k-means samples and a few numbers per row, never the pool.
+
+    1. ``load``: every npz once: CLIP score per row (einsum of the pair), uid,
+       the k-means sample rows (a seeded random choice of the pool), and the
+       image rows written in shard order to one float16 scratch file;
+    2. ``semdedup_kmeans_assign``: faiss spherical k-means on the sample, then
+       each row's nearest centroid, block by block from the scratch file;
+    3. ``semdedup_per_cluster``: the rows reordered by cluster into a second
+       scratch file, then per cluster its full similarity matrix (torch);
+    4. ``clip_filter``: the threshold over the non-duplicates;
+    5. ``dbp_kmeans_assign``: k-means on a sample of the candidates and every
+       candidate's nearest centroid, block by block.
+    """
     import faiss
     import pyarrow.parquet as pq
     import torch
@@ -126,56 +141,76 @@ def bare(pool: Path, a: argparse.Namespace) -> dict:
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
     stems = sorted(p.stem for p in pool.glob("*.npz"))
-    img, txt, uids = [], [], []
-    for s in stems:
-        with np.load(pool / f"{s}.npz") as z:
-            img.append(z["b32_img"].astype(np.float32))
-            txt.append(z["b32_txt"].astype(np.float32))
-        uids += pq.read_table(pool / f"{s}.parquet", columns=["uid"]).column("uid").to_pylist()
-    x, t = np.concatenate(img), np.concatenate(txt)
-    del img, txt
-    uids_a = np.asarray(uids)
-    timings = {"load": time.perf_counter() - t0}
+    sizes = [pq.read_metadata(pool / f"{s}.parquet").num_rows for s in stems]
+    n, dim = sum(sizes), 512
     rng = np.random.default_rng(a.seed)
+    want = np.sort(rng.choice(n, min(a.sample_size, n), replace=False))
+    scratch = Path(tempfile.mkdtemp(prefix="bare-", dir=pool.parent))
+    x = np.lib.format.open_memmap(scratch / "x.npy", mode="w+", dtype=np.float16, shape=(n, dim))
+    score = np.empty(n, np.float32)
+    uids = np.empty(n, "S32")
+    sample = np.empty((len(want), dim), np.float32)
+    at = 0
+    for s, size in zip(stems, sizes):
+        with np.load(pool / f"{s}.npz") as z:
+            img, txt = z["b32_img"], z["b32_txt"]
+        x[at:at + size] = img
+        score[at:at + size] = np.einsum("ij,ij->i", img.astype(np.float32), txt.astype(np.float32))
+        uids[at:at + size] = pq.read_table(pool / f"{s}.parquet", columns=["uid"]).column("uid").to_numpy()
+        lo, hi = np.searchsorted(want, [at, at + size])
+        sample[lo:hi] = img[want[lo:hi] - at]
+        at += size
+    x.flush()
+    timings = {"load": time.perf_counter() - t0}
+    block = 200_000
 
-    def kmeans_assign(data: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        sample = data[rng.choice(len(data), min(a.sample_size, len(data)), replace=False)]
-        km = faiss.Kmeans(data.shape[1], k, niter=a.niter, seed=a.seed, spherical=True)
-        km.train(sample)
-        index = faiss.IndexFlatIP(data.shape[1])
+    def fit_assign(train: np.ndarray, rows: Callable[[int, int], np.ndarray], m: int, k: int):
+        km = faiss.Kmeans(dim, k, niter=a.niter, seed=a.seed, spherical=True)
+        km.train(train)
+        index = faiss.IndexFlatIP(dim)
         index.add(km.centroids)
-        sims, lab = index.search(data, 1)
-        return km.centroids, np.column_stack([lab[:, 0], 1 - sims[:, 0]])
+        lab, dist = np.empty(m, np.int64), np.empty(m, np.float32)
+        for lo in range(0, m, block):
+            sims, got = index.search(np.ascontiguousarray(rows(lo, min(m, lo + block)), np.float32), 1)
+            lab[lo:lo + len(got)], dist[lo:lo + len(got)] = got[:, 0], 1 - sims[:, 0]
+        return lab, dist
 
     t1 = time.perf_counter()
-    _, assign = kmeans_assign(x, a.dedup_k)
+    cl, dist = fit_assign(sample, lambda lo, hi: x[lo:hi], n, a.dedup_k)
+    del sample
     timings["semdedup_kmeans_assign"] = time.perf_counter() - t1
     t1 = time.perf_counter()
-    cl, dist = assign[:, 0].astype(np.int64), assign[:, 1]
-    order = np.argsort(cl, kind="stable")
-    bounds = np.searchsorted(cl[order], np.arange(cl.max() + 2))
-    dup = np.zeros(len(x), bool)
+    order = np.lexsort((uids, -dist, cl))  # by cluster, then farthest from the centroid first, then uid
+    bounds = np.searchsorted(cl[order], np.arange(a.dedup_k + 1))
+    by_cluster = np.lib.format.open_memmap(scratch / "c.npy", mode="w+", dtype=np.float16, shape=(n, dim))
+    for lo in range(0, n, block):  # gather in order, from the page cache / disk
+        by_cluster[lo:lo + block] = x[np.sort(order[lo:lo + block])][np.argsort(np.argsort(order[lo:lo + block]))]
+    dup = np.zeros(n, bool)
     with torch.no_grad():
-        for c in range(len(bounds) - 1):
-            m = order[bounds[c] : bounds[c + 1]]
-            if len(m) < 2:
+        for c in range(a.dedup_k):
+            lo, hi = int(bounds[c]), int(bounds[c + 1])
+            if hi - lo < 2:
                 continue
-            m = m[np.lexsort((uids_a[m], -dist[m]))]
-            e = torch.from_numpy(x[m])
-            s = e @ e.T
-            s.masked_fill_(torch.ones_like(s, dtype=torch.bool).tril_(), float("-inf"))
-            dup[m] = (s.max(dim=0).values > 1 - 0.07).numpy()
+            e = torch.from_numpy(np.asarray(by_cluster[lo:hi], np.float32))
+            sim = e @ e.T
+            sim.masked_fill_(torch.ones_like(sim, dtype=torch.bool).tril_(), float("-inf"))
+            dup[order[lo:hi]] = (sim.max(dim=0).values > 1 - 0.07).numpy()
+    del by_cluster
     timings["semdedup_per_cluster"] = time.perf_counter() - t1
     t1 = time.perf_counter()
-    score = np.einsum("ij,ij->i", x, t)
     keep = ~dup
     thr = np.quantile(score[keep], 1 - 0.85)
     cand = np.flatnonzero(keep & (score >= thr))
     timings["clip_filter"] = time.perf_counter() - t1
     t1 = time.perf_counter()
-    kmeans_assign(x[cand], a.k)
+    pick = np.sort(rng.choice(len(cand), min(a.sample_size, len(cand)), replace=False))
+    fit_assign(np.asarray(x[cand[pick]], np.float32), lambda lo, hi: x[cand[lo:hi]], len(cand), a.k)
     timings["dbp_kmeans_assign"] = time.perf_counter() - t1
     timings["total"] = time.perf_counter() - t0
+    del x
+    import shutil
+
+    shutil.rmtree(scratch, ignore_errors=True)
     return {"seconds": timings["total"], "timings": {k: round(v, 2) for k, v in timings.items()},
             "duplicates": int(dup.sum()), "candidates": int(len(cand)),
             "peak_rss_mib": round(__import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss / 1024)}
@@ -204,8 +239,37 @@ def status_query(home: Path, pool: Path) -> dict:
             result = execute_dagster_graphql(process.create_request_context(), query)
             times.append(time.perf_counter() - t)
         stats = result.data["assetNodeOrError"]["partitionStats"]
-    runs = len(instance.get_run_records())
-    return {"status_query_seconds": round(min(times), 3), "partition_stats": stats, "dagster_runs": runs}
+    records = instance.get_run_records()
+    steps: dict[str, float] = {}  # each asset's step seconds, summed over the runs
+    for record in records:
+        for stat in instance.get_run_step_stats(record.dagster_run.run_id):
+            if stat.start_time is not None and stat.end_time is not None:
+                steps[stat.step_key] = steps.get(stat.step_key, 0.0) + stat.end_time - stat.start_time
+    return {"status_query_seconds": round(min(times), 3), "partition_stats": stats, "dagster_runs": len(records),
+            "steps": steps}
+
+
+#: the bare run's stages and the assets that do the same work
+STAGES: dict[str, tuple[str, ...]] = {
+    "load": ("raw_metadata", "pool_manifest", "encoder", "embeddings"),
+    "semdedup_kmeans_assign": ("dedup_centroids", "dedup_assignments"),
+    "semdedup_per_cluster": ("semantic_dedup",),
+    "clip_filter": ("candidates",),
+    "dbp_kmeans_assign": ("centroids", "cluster_assignments", "cluster_complexity"),
+}
+
+
+def print_stages(steps: dict[str, float], bare_timings: dict[str, float]) -> None:
+    """Each stage: the assets' step seconds (from the Dagster runs) against the bare run's."""
+    print(f"\n{'stage':<24} {'dbprune s':>10} {'bare s':>8} {'ratio':>6}   assets")
+    for stage, assets in STAGES.items():
+        ours = sum(steps.get(a, 0.0) for a in assets)
+        base = bare_timings.get(stage, 0.0)
+        ratio = f"{ours / base:.2f}×" if base > 0.05 else "–"
+        print(f"{stage:<24} {ours:>10.1f} {base:>8.1f} {ratio:>6}   {', '.join(assets)}")
+    other = {k: v for k, v in steps.items() if not any(k in a for a in STAGES.values())}
+    for k, v in sorted(other.items()):
+        print(f"{k:<24} {v:>10.1f} {'':>8} {'':>6}   (no bare equivalent)")
 
 
 def main() -> None:
@@ -222,6 +286,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, default=None, help="folder to work in (default: a temp folder)")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
+    p.add_argument("--lean-disk", action="store_true",
+                   help="delete the home's embeddings before the bare run (its scratch files need the room)")
     p.add_argument("--stage", choices=["bare", "status"], help=argparse.SUPPRESS)
     a = p.parse_args()
     work = a.work or Path(tempfile.mkdtemp(prefix="bench-pool-scale-", dir=os.environ.get("TMPDIR")))
@@ -240,18 +306,22 @@ def main() -> None:
     config = work / "settings.yaml"
     config.write_text(settings_yaml(a))
     forwarded = [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
-                 if k not in ("stage", "keep", "work") and v is not None]
+                 if k not in ("stage", "keep", "work", "lean_disk") and v is not None]
     sub = [sys.executable, __file__, *forwarded, f"--work={work}"]
     ours = run_dbprune(home, pool, config)
-    base = json.loads(subprocess.run([*sub, "--stage=bare"], capture_output=True, text=True, check=True).stdout)
     ui = json.loads(subprocess.run([*sub, "--stage=status"], capture_output=True, text=True, check=True).stdout)
+    if a.lean_disk:  # the bare run's scratch files need the room the home's embeddings take
+        import shutil
+
+        shutil.rmtree(home / "embeddings", ignore_errors=True)
+    base = json.loads(subprocess.run([*sub, "--stage=bare"], capture_output=True, text=True, check=True).stdout)
     print(f"\n{'group':<45} {'partitions':>10} {'seconds':>9} {'ms/partition':>13} {'peak MiB':>9}")
     for g in ours["groups"]:
         per = 1000 * g["seconds"] / g["partitions"] if g["partitions"] > 1 else float("nan")
         print(f"{g['group']:<45} {g['partitions']:>10} {g['seconds']:>9.1f} {per:>13.1f} {g['peak_rss_mib']:>9}")
     print(f"\ndbprune run (through pruned_subset): {ours['seconds']:.1f}s, peak RSS {ours['peak_rss_mib']} MiB, "
           f"{ui['dagster_runs']} Dagster runs")
-    print(f"bare libraries, in memory:           {base['seconds']:.1f}s, peak RSS {base['peak_rss_mib']} MiB "
+    print(f"bare libraries, streaming:           {base['seconds']:.1f}s, peak RSS {base['peak_rss_mib']} MiB "
           f"({base['timings']}; {base['duplicates']} duplicates, {base['candidates']} candidates)")
     print(f"ratio dbprune / bare: {ours['seconds'] / base['seconds']:.2f}×")
     # the bare run stops at DBP's assignment; pruned_subset (six strategies' decisions, exports and checks) is extra
@@ -260,6 +330,7 @@ def main() -> None:
           f"{(ours['seconds'] - subsets) / base['seconds']:.2f}×")
     print(f"UI partition-status query (embeddings, {ui['partition_stats']['numPartitions']} partitions): "
           f"{ui['status_query_seconds']:.3f}s")
+    print_stages(ui["steps"], base["timings"])
     if not a.keep and a.work is None:
         import shutil
 
