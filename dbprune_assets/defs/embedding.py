@@ -6,7 +6,7 @@ from typing import Any
 
 import dagster as dg
 
-from dbprune_assets.core.store.atomic import write_json, write_parquet
+from dbprune_assets.core.store.atomic import remove, write_json, write_parquet
 from dbprune_assets.core.running.device import torch_device
 from dbprune_assets.core.store.layout import Layout, list_pool_shards
 from dbprune_assets.core.pool.sources.readers import SourceError
@@ -157,6 +157,7 @@ def embeddings(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeR
             s.settings.compute, s.layout.tmp, shard=shard,
         )
         meta = _write_scores(s, shard)
+        remove(s.layout.staged_pairs(shard))  # pairs a stored source's ingest left, were the source switched
         row = {"shard": shard, "embedded": stats.n, "images_per_s": round(stats.images_per_s, 1),
                "embed_seconds": round(stats.seconds, 2), "device": stats.device}
         s.commit("embeddings", shard, {"rows": stats.n, "images_per_s": row["images_per_s"]}, metadata={
