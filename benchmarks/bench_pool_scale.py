@@ -84,12 +84,13 @@ def _children(pid: int) -> list[int]:
     return kids + [g for k in kids for g in _children(k)]
 
 
-def run_dbprune(home: Path, pool: Path, config: Path) -> dict:
+def run_dbprune(home: Path, pool: Path, config: Path | None, extra: tuple[str, ...] = ()) -> dict:
+    """``dbprune run --select '*pruned_subset'`` in a subprocess: seconds, groups, peak RSS, its output."""
     env = {**os.environ, "DBPRUNE_HOME": str(home), "DBPRUNE_POOL": str(pool), "DBPRUNE_PROGRESS": "0"}
     exe = Path(sys.executable).parent / "dbprune"
     t0 = time.perf_counter()
-    proc = subprocess.Popen([str(exe), "run", "--config", str(config), "--select", "*pruned_subset"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = [str(exe), "run", *(["--config", str(config)] if config else []), "--select", "*pruned_subset", *extra]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     state = {"stage": "start", "peak": {}, "stop": False}
 
     def poll() -> None:
@@ -115,7 +116,7 @@ def run_dbprune(home: Path, pool: Path, config: Path) -> dict:
     if proc.returncode != 0:
         sys.exit("dbprune run failed:\n" + "".join(out[-40:]))
     return {"seconds": time.perf_counter() - t0, "groups": groups,
-            "peak_rss_mib": round(max(state["peak"].values()) / 1024)}
+            "peak_rss_mib": round(max(state["peak"].values()) / 1024), "output": out}
 
 
 def bare(pool: Path, a: argparse.Namespace) -> dict:

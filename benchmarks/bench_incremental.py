@@ -1,0 +1,151 @@
+"""Benchmark: adding shards to a pruned pool, against a full run of the grown pool.
+
+Writes a DataComp-format pool (``--shards`` + ``--added`` shards of
+``--samples-per-shard``, b32), holds the added shards aside, and runs
+``dbprune run --select '*pruned_subset'`` (subprocesses, same settings):
+
+  first        home A on the pool, from nothing
+  incremental  the added shards put back, home A again (refit: auto: the
+               fits are kept, the new shards assigned to them)
+  full         a fresh home on the grown pool (its own fits), the same run's
+               baseline: the ratio incremental / full is the figure
+  fresh        a fresh home on the grown pool with --centroids-from A: its
+               decisions must equal A's, byte for byte (the contract)
+  removed      ``--removed`` of A's first shards taken out, home A again,
+               and a fresh home with --centroids-from A to compare
+
+and prints each run's seconds and peak RSS, the groups the incremental run
+redid, the bytes it rewrote under the home (files changed, Dagster's own
+storage aside) and whether the decisions match.  Asserts nothing.
+
+    python benchmarks/bench_incremental.py --shards 100 --samples-per-shard 10000 --added 1 --removed 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_pool_scale import run_dbprune, settings_yaml, write_pool  # noqa: E402
+
+
+def decisions_digest(home: Path) -> tuple[str, int]:
+    """sha256 over the sorted (strategy, shard, uid, keep, reason) rows, and their number."""
+    import polars as pl
+
+    files = sorted((home / "tables" / "decisions").glob("*.parquet"))
+    frame = pl.concat([pl.read_parquet(f, columns=["strategy", "shard", "uid", "keep", "reason"]) for f in files])
+    h = hashlib.sha256()
+    for row in frame.sort(["strategy", "shard", "uid"]).iter_rows():
+        h.update(("\t".join(map(str, row)) + "\n").encode())
+    return h.hexdigest(), frame.height
+
+
+def snapshot(home: Path) -> dict[str, tuple[int, int]]:
+    """Every file under the home (Dagster's storage and temp files aside): size and mtime."""
+    out = {}
+    for p in home.rglob("*"):
+        rel = p.relative_to(home)
+        if p.is_file() and rel.parts[0] not in ("dagster", ".tmp", "logs"):
+            st = p.stat()
+            out[str(rel)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def rewritten(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """(files, bytes) new or changed between two snapshots."""
+    changed = [k for k, v in after.items() if before.get(k) != v]
+    return len(changed), sum(after[k][0] for k in changed)
+
+
+def move(src: Path, dst: Path, stems: list[str]) -> None:
+    dst.mkdir(exist_ok=True)
+    for stem in stems:
+        for ext in ("parquet", "npz"):
+            shutil.move(str(src / f"{stem}.{ext}"), str(dst / f"{stem}.{ext}"))
+
+
+def show(name: str, run: dict) -> None:
+    print(f"{name:<12} {run['seconds']:>8.1f}s  peak RSS {run['peak_rss_mib']:>6} MiB")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", type=int, default=100)
+    p.add_argument("--samples-per-shard", type=int, default=10_000)
+    p.add_argument("--added", type=int, default=1, help="shards added after the first run")
+    p.add_argument("--removed", type=int, default=1, help="shards removed after the incremental run")
+    p.add_argument("--concepts", type=int, default=64)
+    p.add_argument("--dedup-k", type=int, default=500)
+    p.add_argument("--k", type=int, default=100)
+    p.add_argument("--niter", type=int, default=20)
+    p.add_argument("--sample-size", type=int, default=500_000)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--per-run", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", type=Path, default=None)
+    p.add_argument("--keep", action="store_true")
+    a = p.parse_args()
+    work = a.work or Path(tempfile.mkdtemp(prefix="bench-incremental-", dir=os.environ.get("TMPDIR")))
+    pool, aside = work / "pool", work / "aside"
+    total = argparse.Namespace(**{**vars(a), "shards": a.shards + a.added})
+    print(f"pool: {a.shards} shards × {a.samples_per_shard:,} + {a.added} added, then {a.removed} removed "
+          f"(b32, dedup_k {a.dedup_k}, k {a.k}, niter {a.niter}, {a.threads} threads); work {work}", flush=True)
+    if not pool.exists():
+        print(f"  pool written in {write_pool(pool, total):.1f}s", flush=True)
+    stems = sorted(q.stem for q in pool.glob("*.npz"))
+    added, removed = stems[len(stems) - a.added:], stems[:a.removed]
+    if not aside.exists():
+        move(pool, aside, added)
+    config = work / "settings.yaml"
+    config.write_text(settings_yaml(a))
+    homes = {n: work / n for n in ("a", "full", "fresh", "fresh_removed")}
+    for h in homes.values():
+        shutil.rmtree(h, ignore_errors=True)
+
+    first = run_dbprune(homes["a"], pool, config)
+    show("first", first)
+    move(aside, pool, added)
+    before = snapshot(homes["a"])
+    inc = run_dbprune(homes["a"], pool, None)  # the saved settings
+    show("incremental", inc)
+    files, size = rewritten(before, snapshot(homes["a"]))
+    full = run_dbprune(homes["full"], pool, config)
+    show("full", full)
+    fresh = run_dbprune(homes["fresh"], pool, config, ("--centroids-from", str(homes["a"])))
+    show("fresh", fresh)
+    same_added = decisions_digest(homes["a"]) == decisions_digest(homes["fresh"])
+
+    move(pool, aside, removed)
+    rm = run_dbprune(homes["a"], pool, None)
+    show("removed", rm)
+    fresh_rm = run_dbprune(homes["fresh_removed"], pool, config, ("--centroids-from", str(homes["a"])))
+    same_removed = decisions_digest(homes["a"]) == decisions_digest(homes["fresh_removed"])
+
+    print(f"\nincremental / full: {inc['seconds'] / full['seconds']:.2f}× ({inc['seconds']:.1f}s / "
+          f"{full['seconds']:.1f}s); peak RSS {inc['peak_rss_mib']} vs {full['peak_rss_mib']} MiB")
+    print(f"removed / full:     {rm['seconds'] / full['seconds']:.2f}×")
+    print(f"the incremental run rewrote {files} files, {size / 2**20:.1f} MiB under the home")
+    print("its groups:")
+    for g in inc["groups"]:
+        print(f"  {g['group']:<45} {g['partitions']:>6} partition(s) {g['seconds']:>8.1f}s")
+    for line in inc["output"]:
+        if line.startswith("  drift:") or line.startswith("  refitting") or line.startswith("  kept"):
+            print("  " + line.rstrip())
+    print(f"decisions equal a fresh home with --centroids-from: after adding {same_added}, after removing "
+          f"{same_removed} ({fresh_rm['seconds']:.1f}s)")
+    if not a.keep and a.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
