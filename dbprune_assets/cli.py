@@ -44,6 +44,31 @@ def resolve_settings(layout: Layout, config: Path | None, profile: str | None) -
     return choose_settings(config, profile, layout.pool, layout.config_file)
 
 
+def run_overrides(layout: Layout, settings: PipelineSettings, refit: str | None,
+                  centroids_from: str | None) -> PipelineSettings:
+    """``--refit`` and ``--centroids-from`` set the settings of the same names
+    (saved with the others, so later runs keep them; ``--centroids-from none``
+    clears it).  Another home must hold both fits."""
+    from dbprune_assets.core.method.fitrecord import record_path
+    from dbprune_assets.core.settings import SettingsError
+
+    update: dict[str, object] = {}
+    if refit is not None:
+        update["refit"] = refit
+    if centroids_from is not None:
+        source = None if centroids_from.lower() == "none" else Path(centroids_from).expanduser().resolve()
+        if source is not None:
+            if source == layout.home:
+                raise SettingsError(f"--centroids-from {source} is this home; name another home, or leave it out")
+            missing = [str(record_path(source, a)) for a in ("dedup_centroids", "centroids")
+                       if not record_path(source, a).is_file()]
+            if missing:
+                raise SettingsError(f"--centroids-from {source}: no fit there ({', '.join(missing)} missing); "
+                                    "run dbprune run in that home first, or name the home that has them")
+        update["centroids_from"] = str(source) if source else None
+    return settings.model_copy(update=update) if update else settings
+
+
 def preflight(layout: Layout, settings: PipelineSettings) -> None:
     """Checks that need the file system or the registries, before any run starts."""
     from dbprune_assets.core.pool.sources import registry as sources
@@ -128,6 +153,7 @@ def _run_locked(layout: Layout, args: argparse.Namespace) -> int:
 
     try:
         settings, why = resolve_settings(layout, args.config, args.profile)
+        settings = run_overrides(layout, settings, args.refit, args.centroids_from)
         preflight(layout, settings)
         ensure_pool(layout, settings)
     except SettingsError as e:
@@ -381,7 +407,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", type=Path, help="YAML of pipeline settings (a profile plus overrides)")
     r.add_argument("--profile", choices=["paper", "sample"], help="start from this profile (default: the one that fits the pool)")
     r.add_argument("--select", help="asset selection, as `dagster asset materialize --select` (e.g. '*pruned_subset')")
-    r.add_argument("--force", action="store_true", help="redo selected partitions even when up to date")
+    r.add_argument("--force", action="store_true", help="redo selected partitions even when up to date (a k-means "
+                   "fit made before is still kept as refit says: add --refit always to fit again)")
+    r.add_argument("--refit", choices=["auto", "always", "never"],
+                   help="once clusters exist, added shards are assigned to them: always refits, never keeps the "
+                        "fits, auto (default) refits when the drift alarm fires (sets the setting refit)")
+    r.add_argument("--centroids-from", metavar="HOME",
+                   help="use another home's SemDeDup and DBP fits (sets centroids_from; 'none' clears it)")
     r.add_argument("--wait", type=_wait_seconds, default=0.0, metavar="SECONDS",
                    help="when another dbprune run writes the same home, wait up to SECONDS for it "
                         "(inf: as long as it takes; default 0: refuse at once, exit status 75)")

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from dbprune_assets import cluster
+from dbprune_assets.refits import after_assignments
 from dbprune_assets.cluster.instance import console_config, dagster_instance
 from dbprune_assets.cluster.tags import RANGE_END_TAG, RANGE_START_TAG  # noqa: F401 (re-exported)
 from dbprune_assets.codelocation import give_ui_origin
@@ -213,6 +214,7 @@ class _Pipeline:
     job: Any  # the definitions' implicit asset job
     strategies: list[str]  # the configured ones, in the registry's order
     repository: str  # the definitions' repository name (the runs' origin, as the UI serves them)
+    forced: set[str] = field(default_factory=set)  # assets to redo although up to date (a refit: refits.py)
 
 
 @dataclass
@@ -249,11 +251,14 @@ def _run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None
                          defs.get_repository_def().name)
     results: list[GroupResult] = []
     metadata_only = _metadata_only(layout)
-    for group in groups:
-        result, failure = _run_group(pipeline, group)
+    i, refitted = 0, set[str]()
+    while i < len(groups):
+        result, failure = _run_group(pipeline, groups[i])
         results.append(result)
         if failure is not None:
             return RunReport(results, time.monotonic() - t0, ok=False, failure=failure, metadata_only=metadata_only)
+        back = after_assignments(pipeline, groups, i, refitted) if result.partitions else None
+        i = i + 1 if back is None else back
     return RunReport(results, time.monotonic() - t0, stale_models=_stale_models(pipeline), metadata_only=metadata_only)
 
 
@@ -331,7 +336,8 @@ def _plan_group(pipeline: _Pipeline, group: list[str]) -> _GroupPlan:
     versions = Versions(pipeline.layout, pipeline.settings, shards, pipeline.nodes, pipeline.strategies)
     kind = pipeline.nodes[group[0]].partitioning
     all_parts = versions.keys(kind)  # strategies: the configured ones, in the registry's order
-    stale_by = {a: [p for p in all_parts if pipeline.force or not versions.is_fresh(a, p)] for a in group}
+    stale_by = {a: [p for p in all_parts if pipeline.force or a in pipeline.forced or not versions.is_fresh(a, p)]
+                for a in group}
     stale = [p for p in all_parts if any(p in stale_by[a] for a in group)]
     # the stale assets and, after them, those of the group that read them (a
     # group's assets share a partitioning; an up-to-date encoder beside a stale

@@ -4,8 +4,9 @@
   ``pool_manifest``, after which Dagster itself reports every global asset
   stale (they all depend on the manifest) — also with more than 100 shards,
   where Dagster stops tracking staleness across the ``raw_metadata`` edge; a
-  ``dbprune run`` redoes everything from the manifest on and every table holds
-  the new shard.
+  ``dbprune run`` keeps the k-means fits (assigning only the new shard to
+  SemDeDup's clusters), redoes the global steps, and every table holds the
+  new shard.
 * Removing a shard removes its partition, files and rows.
 * Replacing the encoder checkpoint in place with one of another embedding
   dimension re-embeds every shard (the encoder's data version changed),
@@ -193,7 +194,10 @@ def test_a_new_shard_turns_pool_manifest_and_every_global_asset_stale(small) -> 
     assert small.tick_idle == []  # the manifest is current: nothing more to request
 
 
-def test_a_rerun_after_adding_a_shard_redoes_everything_from_pool_manifest_on(small) -> None:
+def test_a_rerun_after_adding_a_shard_keeps_the_fits_and_redoes_the_global_steps(small) -> None:
+    """The k-means fits are kept (refit: auto, no drift: core/method/fitrecord.py):
+    re-committed unchanged, so only the new shard is assigned to SemDeDup's
+    clusters; the global steps and everything after the candidates are redone."""
     assert small.first["raw_metadata"] == small.first["embeddings"] == ["00000", "00001"]
     ran = small.rerun
     assert ran["encoder"] == []  # beside the stale pool_manifest in its group, but not retrained
@@ -202,8 +206,8 @@ def test_a_rerun_after_adding_a_shard_redoes_everything_from_pool_manifest_on(sm
     assert ran["pool_manifest"] == []  # the sensor refreshed it
     for asset in ("dedup_centroids", "semantic_dedup", "candidates", "centroids", "cluster_complexity"):
         assert ran[asset] == ["all"], asset
-    for asset in ("dedup_assignments", "cluster_assignments"):
-        assert ran[asset] == ["00000", "00001", "00002"], asset
+    assert ran["dedup_assignments"] == ["00002"]  # the old shards' assignments to the kept fit stay
+    assert ran["cluster_assignments"] == ["00000", "00001", "00002"]  # the candidates changed
     assert ran["pruned_subset"] == list(STRATEGIES)
     assert set(small.after_rerun.values()) == {"FRESH"}, small.after_rerun
     rows = small.tables_after_add
@@ -220,7 +224,8 @@ def test_removing_a_shard_removes_its_partition_files_and_rows(small) -> None:
     assert set(small.after_remove_tick.values()) == {"STALE"}
     ran = small.rerun_remove
     assert ran["raw_metadata"] == ran["embeddings"] == []
-    assert ran["dedup_assignments"] == ran["cluster_assignments"] == ["00000", "00002"]
+    assert ran["dedup_assignments"] == []  # the kept fit: the remaining shards' assignments stand
+    assert ran["cluster_assignments"] == ["00000", "00002"]
     assert ran["pruned_subset"] == list(STRATEGIES)
     # no file, commit marker or row of 00001 is left (exported subsets are re-sharded: their NNNNN are not pool shards)
     left = [str(p.relative_to(env.home)) for p in env.home.rglob("*00001*")

@@ -74,10 +74,12 @@ class Facts:
     #: tables it writes one file per shard of (``tables/<table>/<shard>.parquet``);
     #: a shard that leaves the pool loses them
     shard_tables: tuple[str, ...] = ()
+    #: a k-means fit kept across pool changes (``core/method/fitrecord.py``): its assignments' table
+    fit: str = ""
 
     def as_metadata(self) -> dict[str, Any]:
         return {"gpu": self.gpu, "needs_images": self.needs_images, "ingest": self.ingest, "plots": self.plots,
-                "shard_tables": list(self.shard_tables)}
+                "shard_tables": list(self.shard_tables), "fit": self.fit}
 
     @classmethod
     def from_metadata(cls, value: Any) -> "Facts":
@@ -230,6 +232,17 @@ class Versions:
 
     def forget(self, asset: str, partition: str) -> None:
         self._cache.pop((asset, partition), None)
+
+    def fit_of(self, asset: str) -> str:
+        """A fit's and its upstream assets' code and settings (the whole graph's: a run's has only its own), the encoder."""
+        from dbprune_assets.definitions import defs
+        nodes, seen, todo = self.memo("all_nodes", lambda: graph_nodes(defs.resolve_asset_graph())), set(), [asset]
+        while todo:
+            if (a := todo.pop()) not in seen:
+                seen.add(a)
+                todo.extend(nodes[a].parents)
+        return stable_hash({"code": {a: nodes[a].code for a in sorted(seen)}, "encoder": self.data_version("encoder", UNPARTITIONED),
+                            "settings": {a: settings_digest(self.settings, nodes[a].settings) for a in sorted(seen)}})
 
     def fingerprint(self, asset: str, partition: str) -> str:
         node = self.nodes[asset]

@@ -8,7 +8,7 @@ import dagster as dg
 
 from dbprune_assets.core.method import stages
 from dbprune_assets.defs.common import ALL_PARTITIONS, Facts, Session, shard_partitions, stage
-from dbprune_assets.defs.clustering import assign_asset, fit_asset
+from dbprune_assets.defs.clustering import assign_asset, drift_check_spec, fit_asset, fit_inputs
 from dbprune_assets.defs.plots import artefact_md, cluster_examples_png, cluster_pngs, table
 
 
@@ -17,16 +17,19 @@ from dbprune_assets.defs.plots import artefact_md, cluster_examples_png, cluster
     group="dbp",
     kinds={"faiss", "parquet"},
     settings=["dbp.k", "dbp.niter", "dbp.sample_size", "dbp.seed"],
+    facts=Facts(fit="assignments"),
+    inputs=fit_inputs("centroids"),
 )
 def centroids(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
     """DBP's spherical faiss k-means (dbp.k clusters, auto: scaled to the candidates; dbp.niter iterations) on
-    a bounded uniform sample of the candidates' image embeddings. Writes tables/centroids/all.parquet."""
+    a bounded uniform sample of the candidates' image embeddings. Writes tables/centroids/all.parquet and the fit
+    record fits/centroids.json; kept across pool changes as dedup_centroids is (refit, centroids_from)."""
     cfg = s.settings.dbp
     return fit_asset(s, "centroids", "candidates", cfg, cfg.k, "candidate image embeddings")
 
 
 @stage(group="dbp", kinds={"faiss", "parquet"}, partitions=shard_partitions, deps=["centroids", "candidates"],
-       facts=Facts(shard_tables=("assignments", "cluster_sums")))
+       facts=Facts(shard_tables=("assignments", "cluster_sums")), check_specs=[drift_check_spec("cluster_assignments")])
 def cluster_assignments(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
     """Nearest DBP centroid and cosine distance of each candidate, plus per-cluster partial sums (count, sum
     of distances) for d_intra. Writes tables/assignments/<shard>.parquet and

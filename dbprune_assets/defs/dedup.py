@@ -10,7 +10,7 @@ import dagster as dg
 from dbprune_assets.core.method import stages
 from dbprune_assets.core.method.candidates import select_candidates
 from dbprune_assets.core.running.device import torch_device
-from dbprune_assets.defs.clustering import assign_asset, fit_asset
+from dbprune_assets.defs.clustering import assign_asset, drift_check_spec, fit_asset, fit_inputs
 from dbprune_assets.defs.common import ALL_PARTITIONS, Facts, Session, shard_partitions, stage
 from dbprune_assets.defs.plots import artefact_md, duplicate_pairs_png, histogram_png, table
 
@@ -20,16 +20,20 @@ from dbprune_assets.defs.plots import artefact_md, duplicate_pairs_png, histogra
     group="semdedup",
     kinds={"faiss", "parquet"},
     settings=["semdedup.dedup_k", "semdedup.niter", "semdedup.sample_size", "semdedup.seed"],
+    facts=Facts(fit="dedup_assignments"),
+    inputs=fit_inputs("dedup_centroids"),
 )
 def dedup_centroids(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
     """SemDeDup's spherical k-means (semdedup.dedup_k clusters; auto: scaled to the ok samples) on a bounded
-    uniform sample of the ok samples' image embeddings. Writes tables/dedup_centroids/all.parquet."""
+    uniform sample of the ok samples' image embeddings. Writes tables/dedup_centroids/all.parquet and the fit
+    record fits/dedup_centroids.json. Once made, the fit is kept when shards are added or removed (refit: auto
+    refits when the drift alarm fires; always, on every pool change; centroids_from: another home's fit)."""
     cfg = s.settings.semdedup
     return fit_asset(s, "dedup_centroids", None, cfg, cfg.dedup_k, "ok image embeddings")
 
 
 @stage(group="semdedup", kinds={"faiss", "parquet"}, partitions=shard_partitions, deps=["embeddings", "dedup_centroids"],
-       facts=Facts(shard_tables=("dedup_assignments",)))
+       facts=Facts(shard_tables=("dedup_assignments",)), check_specs=[drift_check_spec("dedup_assignments")])
 def dedup_assignments(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
     """Each ok sample's SemDeDup cluster and cosine distance to its centroid. Writes
     tables/dedup_assignments/<shard>.parquet."""

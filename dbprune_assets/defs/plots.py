@@ -186,6 +186,27 @@ def histogram_png(values: np.ndarray, xlabel: str, line: float | None = None, li
     return png_bytes(draw, (6, 3))
 
 
+def drift_png(shards: Sequence[str], far_shares: Sequence[float], fit_share: float, limit: float) -> bytes:
+    """The drift plot: per shard added since the fit (pool order, so newest
+    last), the share of its samples beyond the fit's 99th-percentile distance,
+    against the fit's own share and the alarm's limit."""
+
+    def draw(fig: Any) -> None:
+        ax = fig.add_subplot(111)
+        x = np.arange(len(shards))
+        colours = ["tab:red" if v > limit else "tab:blue" for v in far_shares]
+        ax.bar(x, np.asarray(far_shares) * 100, color=colours, alpha=0.85, width=0.8)
+        ax.axhline(fit_share * 100, color="black", ls="-", label=f"the fit's own share ({fit_share:.1%})")
+        ax.axhline(limit * 100, color="red", ls="--", label=f"alarm above ({limit:.1%}, over all added samples)")
+        step = max(1, len(shards) // 12)
+        ax.set_xticks(x[::step], [str(sh)[:10] for sh in shards][::step], rotation=45, ha="right", fontsize=7)
+        ax.set_ylabel("% beyond the fit's p99 distance")
+        ax.set_xlabel("shards added since the fit (pool order)")
+        ax.legend(fontsize=8)
+
+    return png_bytes(draw, (7, 3.5))
+
+
 #: line styles told apart in a legend: one per seed (or per line beyond ten colours)
 LINESTYLES: tuple[Any, ...] = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)), (0, (8, 2)))
 

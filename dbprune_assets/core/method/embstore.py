@@ -28,6 +28,8 @@ from dbprune_assets.core.running.progress import progress
 if TYPE_CHECKING:
     import polars as pl
 
+    from dbprune_assets.core.method.drift import FitProfile
+
     from dbprune_assets.core.running.device import KmeansBackend
 
 
@@ -110,6 +112,9 @@ class CentroidFit:
     k: int
     sample: int  # rows k-means trained on
     seen: int  # rows the sample was drawn from
+    profile: "FitProfile"  # the sample's distances to the fit (its drift profile, ``drift.py``)
+    fit_id: str  # a digest of the centroids
+    profile_kind: str  # "held_out": rows the fit never saw; "training": a pool too small to hold enough out
 
 
 def fit_centroids(layout: Layout, shards: list[str], out_table: str, selection: str | None,
@@ -123,15 +128,24 @@ def fit_centroids(layout: Layout, shards: list[str], out_table: str, selection: 
     them all: it resolves ``auto`` and checks an explicit k against n
     (``SemDedupSettings.clusters``, ``DbpSettings.clusters``), raising
     SettingsError that names the setting before k-means starts."""
-    from dbprune_assets.core.method.kmeans import UniformSample, spherical_kmeans
+    from dbprune_assets.core.method.drift import fit_profile
+    from dbprune_assets.core.method.fitrecord import MIN_HELD_OUT, PROFILE_ROWS, fit_id
+    from dbprune_assets.core.method.kmeans import UniformSample, nearest_centroid, spherical_kmeans
 
-    sample = UniformSample(sample_size, seed)
+    # the sample_size rows of smallest (hash, uid) train, as always; the next PROFILE_ROWS, which the fit
+    # never saw, measure its distances for the drift alarm (``drift.py``); a pool with fewer than
+    # MIN_HELD_OUT rows beyond the sample has its training rows stand in
+    sample = UniformSample(sample_size + PROFILE_ROWS, seed)
     for uids, loader, shard in sample_chunks(layout, shards, selection):
         sample.add(uids, loader, name=f"shard {shard}")
     k = clusters(sample.seen)
-    cent = spherical_kmeans(sample.embeddings, k, niter, seed, use_gpu, threads=threads, what=what)
+    train, held_out = sample.embeddings[:sample_size], sample.embeddings[sample_size:]
+    cent = spherical_kmeans(train, k, niter, seed, use_gpu, threads=threads, what=what)
     write_parquet(layout.table(out_table), centroid_frame(cent), layout.tmp)
-    return CentroidFit(len(cent), len(sample), sample.seen)
+    kind = "held_out" if len(held_out) >= MIN_HELD_OUT else "training"
+    probe = held_out if kind == "held_out" else train[:PROFILE_ROWS]
+    _, dist = nearest_centroid(probe, cent, use_gpu=use_gpu, threads=threads, what=f"{what} (fit profile)")
+    return CentroidFit(len(cent), len(train), sample.seen, fit_profile(dist), fit_id(cent), kind)
 
 
 def assign_shard(layout: Layout, shard: str, centroids: np.ndarray, selection: str | None,

@@ -20,7 +20,7 @@ from dbprune_assets.core.settings.loading import (DATACOMP_OVERRIDES, GENERATED_
                                                   choose_settings, load_settings, profile_dict, read_settings_file)
 from dbprune_assets.core.settings.sections import (AUTO, DBP_K, DEDUP_K, PROFILES, STRATEGIES, AutoK,
                                                    BootstrapSettings, ClipFilterSettings, Clusters, ComputeSettings,
-                                                   DbpSettings, Device, EmbeddingsSettings, EncoderSettings,
+                                                   DbpSettings, Device, DriftSettings, EmbeddingsSettings, EncoderSettings,
                                                    EncoderSpec, EvalSettings, ExportSettings, IngestSettings,
                                                    PartitionSettings, PipelineSettings, PoolSettings,
                                                    SelectionSettings, SemDedupSettings, SettingsError, TrainSettings)
@@ -28,7 +28,7 @@ from dbprune_assets.core.settings.sections import (AUTO, DBP_K, DEDUP_K, PROFILE
 __all__ = [
     "AUTO", "DATACOMP_OVERRIDES", "DBP_K", "DEDUP_K", "GENERATED_DATACOMP_OVERRIDES", "PROFILES", "STRATEGIES",
     "USER_POOL_OVERRIDES", "AutoK", "BootstrapSettings", "ClipFilterSettings", "Clusters", "ComputeSettings",
-    "DbpSettings", "Device", "EmbeddingsSettings", "EncoderSettings", "EncoderSpec", "EvalSettings",
+    "DbpSettings", "Device", "DriftSettings", "EmbeddingsSettings", "EncoderSettings", "EncoderSpec", "EvalSettings",
     "ExportSettings", "IngestSettings", "PartitionSettings", "PipelineSettings", "PoolSettings",
     "SelectionSettings", "SemDedupSettings", "SettingsError", "TrainSettings", "auto_profile", "build_settings",
     "check_k", "choose_settings", "load_settings", "profile_dict", "read_settings_file",

@@ -253,6 +253,14 @@ class DbpSettings(_Section):
         return DBP_K.clusters(self.k, n_candidates)
 
 
+class DriftSettings(_Section):
+    """The drift alarm over the shards added since a k-means fit (``core/method/drift.py``)."""
+
+    factor: float = Field(3.0, gt=1, description="alarm when the added samples' share beyond the fit's 99th-percentile "
+                                                 "distance exceeds factor x the fit's own share (about 1%)")
+    min_samples: int = Field(1000, gt=0, description="added samples needed before the alarm may fire")
+
+
 class SelectionSettings(_Section):
     strategies: tuple[str, ...] = Field(STRATEGIES, strict=False, description=f"strategies to materialise, of {', '.join(STRATEGIES)}")
     seed: int = Field(0, description="seed of the random baseline")
@@ -330,6 +338,12 @@ class PipelineSettings(_Section):
     export: ExportSettings = ExportSettings()
     train: TrainSettings = TrainSettings()
     eval: EvalSettings = EvalSettings()
+    refit: Literal["auto", "always", "never"] = Field(
+        "auto", description="once clusters exist, added shards are assigned to them: always refits when the pool "
+                            "changes, never keeps the fits, auto refits when the drift alarm fires (core/method/fitrecord.py)")
+    centroids_from: str | None = Field(None, description="another home whose SemDeDup and DBP fits this home uses "
+                                                          "(dbprune run --centroids-from HOME)")
+    drift: DriftSettings = DriftSettings()
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
