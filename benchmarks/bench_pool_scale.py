@@ -119,6 +119,33 @@ def run_dbprune(home: Path, pool: Path, config: Path | None, extra: tuple[str, .
             "peak_rss_mib": round(max(state["peak"].values()) / 1024), "output": out}
 
 
+def _bare_load(pool: Path, a: argparse.Namespace, scratch: Path) -> tuple:
+    """The bare run's one pass over the npz files: the image rows (float16
+    scratch file), CLIP score and uid per row, the k-means sample rows."""
+    import pyarrow.parquet as pq
+
+    stems = sorted(p.stem for p in pool.glob("*.npz"))
+    sizes = [pq.read_metadata(pool / f"{s}.parquet").num_rows for s in stems]
+    n, dim = sum(sizes), 512
+    rng = np.random.default_rng(a.seed)
+    want = np.sort(rng.choice(n, min(a.sample_size, n), replace=False))
+    x = np.lib.format.open_memmap(scratch / "x.npy", mode="w+", dtype=np.float16, shape=(n, dim))
+    score = np.empty(n, np.float32)
+    uids = np.empty(n, "S32")
+    sample = np.empty((len(want), dim), np.float32)
+    at = 0
+    for s, size in zip(stems, sizes):
+        with np.load(pool / f"{s}.npz") as z:
+            img, txt = z["b32_img"], z["b32_txt"]
+        x[at:at + size] = img
+        score[at:at + size] = np.einsum("ij,ij->i", img.astype(np.float32), txt.astype(np.float32))
+        uids[at:at + size] = pq.read_table(pool / f"{s}.parquet", columns=["uid"]).column("uid").to_numpy()
+        lo, hi = np.searchsorted(want, [at, at + size])
+        sample[lo:hi] = img[want[lo:hi] - at]
+        at += size
+    return x, score, uids, sample, rng
+
+
 def bare(pool: Path, a: argparse.Namespace) -> dict:
     """The same compute with the bare libraries, streaming (subprocess): memory
     is the k-means samples and a few numbers per row, never the pool.
@@ -135,32 +162,14 @@ def bare(pool: Path, a: argparse.Namespace) -> dict:
        candidate's nearest centroid, block by block.
     """
     import faiss
-    import pyarrow.parquet as pq
     import torch
 
     faiss.omp_set_num_threads(a.threads)
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
-    stems = sorted(p.stem for p in pool.glob("*.npz"))
-    sizes = [pq.read_metadata(pool / f"{s}.parquet").num_rows for s in stems]
-    n, dim = sum(sizes), 512
-    rng = np.random.default_rng(a.seed)
-    want = np.sort(rng.choice(n, min(a.sample_size, n), replace=False))
     scratch = Path(tempfile.mkdtemp(prefix="bare-", dir=pool.parent))
-    x = np.lib.format.open_memmap(scratch / "x.npy", mode="w+", dtype=np.float16, shape=(n, dim))
-    score = np.empty(n, np.float32)
-    uids = np.empty(n, "S32")
-    sample = np.empty((len(want), dim), np.float32)
-    at = 0
-    for s, size in zip(stems, sizes):
-        with np.load(pool / f"{s}.npz") as z:
-            img, txt = z["b32_img"], z["b32_txt"]
-        x[at:at + size] = img
-        score[at:at + size] = np.einsum("ij,ij->i", img.astype(np.float32), txt.astype(np.float32))
-        uids[at:at + size] = pq.read_table(pool / f"{s}.parquet", columns=["uid"]).column("uid").to_numpy()
-        lo, hi = np.searchsorted(want, [at, at + size])
-        sample[lo:hi] = img[want[lo:hi] - at]
-        at += size
+    x, score, uids, sample, rng = _bare_load(pool, a, scratch)
+    n, dim = x.shape
     x.flush()
     timings = {"load": time.perf_counter() - t0}
     block = 200_000
