@@ -74,8 +74,7 @@ class Facts:
     #: tables it writes one file per shard of (``tables/<table>/<shard>.parquet``);
     #: a shard that leaves the pool loses them
     shard_tables: tuple[str, ...] = ()
-    #: a k-means fit kept across pool changes (``core/method/fitrecord.py``): its assignments' table
-    fit: str = ""
+    fit: str = ""  #: a k-means fit kept across pool changes (``core/method/fitrecord.py``): its assignments' table
 
     def as_metadata(self) -> dict[str, Any]:
         return {"gpu": self.gpu, "needs_images": self.needs_images, "ingest": self.ingest, "plots": self.plots,
@@ -104,10 +103,10 @@ def with_fact(nodes: Mapping[str, Node], fact: str) -> list[str]:
     return [name for name, node in nodes.items() if getattr(node.facts, fact)]
 
 
-#: extra inputs of an asset's fingerprint beyond its parents and settings (files it
-#: reads outside the graph), declared with ``@stage(inputs=...)``
+#: extra inputs of a fingerprint beyond parents and settings (files read outside the graph): ``@stage(inputs=...)``
 InputsFn = Callable[["Versions", str], Mapping[str, Any]]
 _EXTRA_INPUTS: dict[str, InputsFn] = {}
+_DECLARED: dict[str, tuple[tuple[str, ...], str]] = {}  # every stage's settings and code version, by name
 
 
 def partitioning_of(partitions_def: dg.PartitionsDefinition | None) -> Partitioning:
@@ -234,15 +233,15 @@ class Versions:
         self._cache.pop((asset, partition), None)
 
     def fit_of(self, asset: str) -> str:
-        """A fit's and its upstream assets' code and settings (the whole graph's: a run's has only its own), the encoder."""
-        from dbprune_assets.definitions import defs
-        nodes, seen, todo = self.memo("all_nodes", lambda: graph_nodes(defs.resolve_asset_graph())), set(), [asset]
+        """A fit's and its upstream stages' declared code and settings (fitrecord.py), and the encoder's version."""
+        seen, todo = set(), [asset]
         while todo:
             if (a := todo.pop()) not in seen:
                 seen.add(a)
-                todo.extend(nodes[a].parents)
-        return stable_hash({"code": {a: nodes[a].code for a in sorted(seen)}, "encoder": self.data_version("encoder", UNPARTITIONED),
-                            "settings": {a: settings_digest(self.settings, nodes[a].settings) for a in sorted(seen)}})
+                todo.extend(self.nodes[a].parents)
+        declared = {a: _DECLARED.get(a, (self.nodes[a].settings, self.nodes[a].code)) for a in sorted(seen)}
+        return stable_hash({"code": {a: c for a, (_, c) in declared.items()}, "encoder": self.data_version("encoder", UNPARTITIONED),
+                            "settings": {a: settings_digest(self.settings, tuple(p)) for a, (p, _) in declared.items()}})
 
     def fingerprint(self, asset: str, partition: str) -> str:
         node = self.nodes[asset]
@@ -476,6 +475,7 @@ def stage(*, group: str, kinds: set[str], settings: Sequence[str] = (),
     """
 
     def decorate(fn: StageFn) -> dg.AssetsDefinition:
+        _DECLARED[fn.__name__] = (tuple(settings), code_version)
         if inputs is not None:
             _EXTRA_INPUTS[fn.__name__] = inputs
 

@@ -33,6 +33,20 @@ if TYPE_CHECKING:
     from dbprune_assets.core.running.device import KmeansBackend
 
 
+#: rows whose distances to a fit make its drift profile (``fitrecord.py``): the
+#: next rows of the uniform sample after the k-means training rows, which the fit did not see
+PROFILE_ROWS = 50_000
+#: fewer held-out rows than this and the training rows make the profile (recorded as such)
+MIN_HELD_OUT = 1_000
+
+
+def fit_id(centroids: np.ndarray) -> str:
+    """A digest of the centroid values (float32 bytes)."""
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(centroids, dtype=np.float32).tobytes()).hexdigest()[:16]
+
+
 class MissingInput(RuntimeError):
     """An upstream table or file is missing or out of date; the message names it
     and what to materialise."""
@@ -129,7 +143,6 @@ def fit_centroids(layout: Layout, shards: list[str], out_table: str, selection: 
     (``SemDedupSettings.clusters``, ``DbpSettings.clusters``), raising
     SettingsError that names the setting before k-means starts."""
     from dbprune_assets.core.method.drift import fit_profile
-    from dbprune_assets.core.method.fitrecord import MIN_HELD_OUT, PROFILE_ROWS, fit_id
     from dbprune_assets.core.method.kmeans import UniformSample, nearest_centroid, spherical_kmeans
 
     # the sample_size rows of smallest (hash, uid) train, as always; the next PROFILE_ROWS, which the fit

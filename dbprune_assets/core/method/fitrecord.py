@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import numpy as np
 
 from dbprune_assets.core.method.drift import FitProfile, ShardDrift, Verdict, shard_drift, verdict
+from dbprune_assets.core.method.embstore import MIN_HELD_OUT, PROFILE_ROWS, fit_id, read_centroids  # noqa: F401
 from dbprune_assets.core.store.atomic import atomic_path
 from dbprune_assets.core.store.layout import UNPARTITIONED, Layout
 from dbprune_assets.core.store.state import file_signature, stable_hash
@@ -46,11 +47,6 @@ from dbprune_assets.core.store.state import file_signature, stable_hash
 if TYPE_CHECKING:
     from dbprune_assets.core.settings import PipelineSettings
 
-#: rows whose distances to a fit make its drift profile: the next rows of the
-#: uniform sample after the k-means training rows, which the fit did not see
-PROFILE_ROWS = 50_000
-#: fewer held-out rows than this and the training rows make the profile (recorded as such)
-MIN_HELD_OUT = 1_000
 
 
 class FitImportError(ValueError):
@@ -120,13 +116,6 @@ def read_record(home: Path, asset: str) -> FitRecord | None:
         return None
 
 
-def fit_id(centroids: np.ndarray) -> str:
-    """A digest of the centroid values (float32 bytes)."""
-    import hashlib
-
-    return hashlib.sha256(np.ascontiguousarray(centroids, dtype=np.float32).tobytes()).hexdigest()[:16]
-
-
 def added_since(record: FitRecord, shards: Sequence[str], versions: Mapping[str, str | None] | None = None) -> list[str]:
     """The pool's shards the fit did not see, in pool order: not among its
     shards, or (given their embeddings' data ``versions`` now) re-embedded since."""
@@ -187,8 +176,6 @@ def import_fit(layout: Layout, home: str | Path, asset: str, fit_of: str, encode
 
 def _centroids_match(layout: Layout, record: FitRecord) -> bool:
     """The centroids table is the one the record describes (a fit cut short leaves no record; still, check)."""
-    from dbprune_assets.core.method.embstore import read_centroids
-
     return layout.table(record.asset).is_file() and fit_id(read_centroids(layout, record.asset)) == record.fit_id
 
 
