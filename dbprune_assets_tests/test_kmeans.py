@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from dbprune_assets.core.method.kmeans import (
     UniformSample,
     exact_distances,
+    exact_labels,
     l2_normalize_checked,
     nearest_centroid,
     spherical_kmeans,
@@ -155,6 +156,52 @@ def test_uniform_sample_lazy_loader_reads_only_candidates():
     np.testing.assert_array_equal(s.uids, uids[expect])
 
 
+@settings(max_examples=30, deadline=None)
+@given(size=st.integers(1, 80), cuts=st.lists(st.integers(0, 300), max_size=6), seed=st.integers(0, 2**31),
+       ask=st.lists(st.integers(0, 10**6), max_size=30))
+def test_uniform_sample_by_reference_is_the_sample_by_value(size: int, cuts: list[int], seed: int, ask: list[int]):
+    """add_refs keeps the same rows in the same order as add; rows(idx) reads
+    only the rows asked for (one read per chunk, row numbers ascending) and
+    keeps no reader of a chunk that has no row left in the sample."""
+    uids, emb = _pool(300)
+    bounds = [0, *sorted(cuts), 300]
+    by_value, by_ref = UniformSample(size, seed), UniformSample(size, seed)
+    reads: list[tuple[int, int]] = []
+
+    def reader(lo: int):
+        def read(numbers: np.ndarray) -> np.ndarray:
+            assert numbers.dtype == np.int64 and (np.diff(numbers) > 0).all()
+            reads.append((lo, len(numbers)))
+            return emb[numbers]  # row numbers are the pool's here
+
+        return read
+
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        by_value.add(uids[a:b], emb[a:b], name=f"shard {a}")
+        by_ref.add_refs(uids[a:b], np.arange(a, b), reader(a), name=f"shard {a}")
+    assert not reads  # nothing read while offering
+    assert by_ref.seen == by_value.seen == 300 and len(by_ref) == len(by_value)
+    np.testing.assert_array_equal(by_ref.uids, by_value.uids)
+    idx = np.unique(np.array(ask, dtype=np.int64) % len(by_value))
+    np.testing.assert_array_equal(by_ref.rows(idx), by_value.embeddings[idx])
+    assert sum(n for _, n in reads) == len(idx) and len({lo for lo, _ in reads}) == len(reads)
+    np.testing.assert_array_equal(by_ref.embeddings, by_value.embeddings)
+    live = {lo for lo, hi in zip(bounds[:-1], bounds[1:]) if np.isin(by_value.uids, uids[lo:hi]).any()}
+    assert len(by_ref._readers) == len(live)
+
+
+def test_uniform_sample_by_reference_checks_the_rows_it_reads():
+    uids, emb = _pool(40)
+    emb = emb.astype(np.float32)
+    emb[7] = np.nan
+    s = UniformSample(40, 0)
+    s.add_refs(uids, np.arange(40), lambda numbers: emb[numbers], name="shard 00007")
+    with pytest.raises(ValueError, match="shard 00007"):
+        s.rows(np.arange(40))
+    with pytest.raises(ValueError, match="not both"):
+        s.add(uids, emb)
+
+
 def test_uniform_sample_small_pool_and_bad_rows():
     uids, emb = _pool(10)
     assert bounded_uniform_sample([(uids, emb)], 100, 0).shape == (10, 8)
@@ -292,3 +339,40 @@ def test_uniform_sample_is_the_smallest_hashes_whatever_the_chunking(size: int, 
     want = np.lexsort((uids.astype("S"), h))[:size]
     assert s.uids.tolist() == uids[want].tolist() and s.seen == n
     np.testing.assert_array_equal(s.embeddings, emb[want])
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 300), k=st.integers(1, 40), m=st.integers(1, 6), seed=st.integers(0, 2**16),
+       grid=st.booleans())
+def test_cpu_shortlist_is_faiss_flat_search(n: int, k: int, m: int, seed: int, grid: bool):
+    """The CPU's shortlist (numpy sgemm + m argmax passes) holds faiss'
+    IndexFlatIP candidates: the same m best, best first, scores within the
+    float32 bound; on coarse grid data (many exact ties) the lowest id comes
+    first among equal scores, and the exact labels are faiss' labels."""
+    import faiss
+
+    from dbprune_assets.core.method.kmeans_exact import score_tolerance
+    from dbprune_assets.core.method.kmeans_search import top_candidates
+
+    rng = np.random.default_rng(seed)
+    draw = (lambda *s: rng.integers(-2, 3, size=s).astype(np.float32)) if grid else (
+        lambda *s: rng.normal(size=s).astype(np.float32))
+    x, c = draw(n, 8), draw(k, 8)
+    x[~np.abs(x).sum(1).astype(bool)] = 1.0
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    scores, ids = top_candidates(x, np.ascontiguousarray(c.T), m)
+    index = faiss.IndexFlatIP(8)
+    index.add(c)
+    fs, fi = index.search(x, min(m, k))
+    assert ids.shape == fi.shape and scores.dtype == np.float32 and ids.dtype == np.int64
+    tol = score_tolerance(8) * max(1.0, float(np.linalg.norm(c, axis=1).max()))
+    np.testing.assert_allclose(scores, fs, atol=tol)
+    exact = x.astype(np.float64) @ c.T.astype(np.float64)
+    np.testing.assert_array_equal(np.sort(exact, axis=1)[:, ::-1][:, : ids.shape[1]],
+                                  np.take_along_axis(exact, ids, 1))  # the m best (grid: exact in float32)
+    if grid:  # equal scores: ascending ids
+        same = scores[:, 1:] == scores[:, :-1]
+        assert (ids[:, 1:][same] > ids[:, :-1][same]).all()
+    if k > 1 and m > 1:
+        faiss_labels = exact_labels(x, c, fs, fi)
+        np.testing.assert_array_equal(nearest_centroid(x, c, use_gpu=False)[0], faiss_labels)

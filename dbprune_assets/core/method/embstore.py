@@ -105,11 +105,12 @@ def _selected_rows(layout: Layout, shard: str, meta: "pl.DataFrame", selection: 
 
 
 def sample_chunks(layout: Layout, shards: list[str], selection: str | None
-                  ) -> Iterator[tuple[np.ndarray, Callable[[np.ndarray], np.ndarray], str]]:
-    """(uids, row loader, shard) per shard, for :class:`~.kmeans.UniformSample`:
-    the loader reads only the rows that enter the sample from the memmap.  A
-    uid an earlier shard has (:mod:`~.uids`) is not a sample of the pool, so it
-    is not in the k-means sample either (the candidates exclude it already)."""
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray, Callable[[np.ndarray], np.ndarray], str]]:
+    """(uids, their row numbers in the shard's image embeddings, a reader of
+    rows by number, shard) per shard, for :meth:`~.kmeans.UniformSample.add_refs`:
+    only the rows k-means uses are ever read.  A uid an earlier shard has
+    (:mod:`~.uids`) is not a sample of the pool, so it is not in the k-means
+    sample either (the candidates exclude it already)."""
     from dbprune_assets.core.pool.uids import drop_superseded
 
     for shard in progress(shards, desc="k-means sample", unit="shard"):
@@ -117,8 +118,9 @@ def sample_chunks(layout: Layout, shards: list[str], selection: str | None
         sel = _selected_rows(layout, shard, meta, selection)
         if selection is None:
             sel = drop_superseded(layout.home / "tables", shard, sel)
-        rows = sel["emb_row"].to_numpy().astype(np.int64)
-        yield sel["uid"].to_numpy(), (lambda idx, e=emb, r=rows: np.asarray(e[r[idx]])), shard
+        path = layout.img_emb(shard)
+        yield (sel["uid"].to_numpy(), sel["emb_row"].to_numpy().astype(np.int64),
+               lambda numbers, p=path: np.asarray(np.load(p, mmap_mode="r")[numbers]), shard)
 
 
 @dataclass(frozen=True)
@@ -143,22 +145,25 @@ def fit_centroids(layout: Layout, shards: list[str], out_table: str, selection: 
     (``SemDedupSettings.clusters``, ``DbpSettings.clusters``), raising
     SettingsError that names the setting before k-means starts."""
     from dbprune_assets.core.method.drift import fit_profile
-    from dbprune_assets.core.method.kmeans import UniformSample, nearest_centroid, spherical_kmeans
+    from dbprune_assets.core.method.kmeans import UniformSample, nearest_centroid, spherical_kmeans, training_subset
 
     # the sample_size rows of smallest (hash, uid) train, as always; the next PROFILE_ROWS, which the fit
     # never saw, measure its distances for the drift alarm (``drift.py``); a pool with fewer than
     # MIN_HELD_OUT rows beyond the sample has its training rows stand in
     sample = UniformSample(sample_size + PROFILE_ROWS, seed)
-    for uids, loader, shard in sample_chunks(layout, shards, selection):
-        sample.add(uids, loader, name=f"shard {shard}")
+    for uids, rows, reader, shard in sample_chunks(layout, shards, selection):
+        sample.add_refs(uids, rows, reader, name=f"shard {shard}")
     k = clusters(sample.seen)
-    train, held_out = sample.embeddings[:sample_size], sample.embeddings[sample_size:]
-    cent = spherical_kmeans(train, k, niter, seed, use_gpu, threads=threads, what=what)
+    n_train = min(sample_size, len(sample))
+    # k-means trains on a subset of the training rows (training_subset): only those are read
+    subset = training_subset(n_train, k, seed)
+    cent = spherical_kmeans(sample.rows(np.arange(n_train) if subset is None else subset), k, niter, seed, use_gpu,
+                            threads=threads, max_points_per_centroid=None, what=what)
     write_parquet(layout.table(out_table), centroid_frame(cent), layout.tmp)
-    kind = "held_out" if len(held_out) >= MIN_HELD_OUT else "training"
-    probe = held_out if kind == "held_out" else train[:PROFILE_ROWS]
+    kind = "held_out" if len(sample) - n_train >= MIN_HELD_OUT else "training"
+    probe = sample.rows(np.arange(n_train, len(sample)) if kind == "held_out" else np.arange(min(PROFILE_ROWS, n_train)))
     _, dist = nearest_centroid(probe, cent, use_gpu=use_gpu, threads=threads, what=f"{what} (fit profile)")
-    return CentroidFit(len(cent), len(train), sample.seen, fit_profile(dist), fit_id(cent), kind)
+    return CentroidFit(len(cent), n_train, sample.seen, fit_profile(dist), fit_id(cent), kind)
 
 
 def assign_shard(layout: Layout, shard: str, centroids: np.ndarray, selection: str | None,

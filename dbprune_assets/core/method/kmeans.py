@@ -24,12 +24,14 @@ names the shard/rows (:func:`l2_normalize_checked`).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, Union
+from typing import Callable, ContextManager, Sequence, Union
 
 import numpy as np
 
 # exact_distances is also imported from here (its home moved to kmeans_exact)
 from dbprune_assets.core.method.kmeans_exact import centroid_scale, exact_distances, exact_labels  # noqa: F401
+# the uid hash is also imported from here (its home is uidhash.py)
+from dbprune_assets.core.method.uidhash import _as_utf8, uid_hash  # noqa: F401
 from dbprune_assets.core.running.device import KmeansBackend, faiss_threads, kmeans_backend, torch_threads
 
 #: rows whose L2 norm is below this are "zero-norm" (an embedding of a real
@@ -115,76 +117,6 @@ def l2_normalize_checked(
 
 
 # ---------------------------------------------------------------------------
-# stable uid hash
-# ---------------------------------------------------------------------------
-
-_M64 = (1 << 64) - 1
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_C1 = np.uint64(0xFF51AFD7ED558CCD)
-_C2 = np.uint64(0xC4CEB9FE1A85EC53)
-_S33 = np.uint64(33)
-
-
-def _fmix64(h: np.ndarray) -> np.ndarray:
-    """MurmurHash3's 64-bit finaliser (a bijection on uint64), vectorised."""
-    h = h ^ (h >> _S33)
-    h = h * _C1
-    h = h ^ (h >> _S33)
-    h = h * _C2
-    return h ^ (h >> _S33)
-
-
-def _as_utf8(uids: Sequence[str] | np.ndarray) -> np.ndarray:
-    """uids as a numpy bytes (``S``) array of their UTF-8 encodings."""
-    arr = np.asarray(uids)
-    if arr.dtype.kind == "S":
-        return arr
-    if arr.dtype.kind != "U":
-        arr = arr.astype(str)
-    try:  # fast path: ASCII (hex uids, most keys), where the cast equals UTF-8
-        return arr.astype(f"S{max(arr.dtype.itemsize // 4, 1)}")
-    except UnicodeEncodeError:
-        return np.strings.encode(arr, "utf-8")
-
-
-def uid_hash(uids: Sequence[str] | np.ndarray, seed: int, batch: int = 1 << 20) -> np.ndarray:
-    """Stable, seeded 64-bit hash of each uid (``uint64``), vectorised.
-
-    Definition (fixed; the ``random`` baseline and the k-means sample rely on
-    it, so it never changes between versions or machines):
-
-    * ``b`` = the UTF-8 bytes of the uid, trailing NUL bytes ignored;
-    * ``w_0 .. w_{m-1}`` = ``b`` zero-padded to a multiple of 8 bytes, read as
-      little-endian uint64 words (``m = ceil(len(b) / 8)``);
-    * ``h = fmix64((seed mod 2**64) ^ 0x9E3779B97F4A7C15)``;
-      ``h = fmix64(h ^ w_i)`` for each word; result ``fmix64(h ^ len(b))``,
-
-    with ``fmix64`` MurmurHash3's finaliser, all arithmetic mod 2**64.  It is not
-    cryptographic; it is uniform enough to rank samples at random.
-    """
-    arr = np.asarray(uids)
-    if arr.ndim != 1:
-        arr = arr.reshape(-1)
-    n = len(arr)
-    out = np.empty(n, dtype=np.uint64)
-    h0 = _fmix64(np.array([(int(seed) & _M64)], dtype=np.uint64) ^ _GOLDEN)[0]
-    for a in range(0, n, batch):
-        b = _as_utf8(arr[a : a + batch])
-        width = max(b.dtype.itemsize, 1)
-        w8 = -(-width // 8) * 8
-        b8 = b.astype(f"S{w8}")  # zero-padded
-        words = np.frombuffer(b8.tobytes(), dtype="<u8").reshape(len(b8), w8 // 8)
-        length = np.strings.str_len(b).astype(np.uint64)
-        nwords = (length + np.uint64(7)) // np.uint64(8)
-        h = np.full(len(b8), h0, dtype=np.uint64)
-        for i in range(words.shape[1]):
-            active = nwords > np.uint64(i)
-            h = np.where(active, _fmix64(h ^ words[:, i]), h)
-        out[a : a + len(b8)] = _fmix64(h ^ length)
-    return out
-
-
-# ---------------------------------------------------------------------------
 # bounded uniform sample
 # ---------------------------------------------------------------------------
 
@@ -209,6 +141,12 @@ class UniformSample:
 
     Rows are returned ordered by ``(hash, uid)`` in the dtype they came in
     (float16 embeddings stay float16: half the memory).
+
+    :meth:`add_refs` offers a chunk by reference instead: each uid's row
+    number in a file and a reader of rows by number.  The sample then holds
+    two integers per row, no embeddings, and :meth:`rows` reads only the rows
+    asked for, one read per chunk, when they are asked for (k-means trains
+    on a subset of the sample: the rest is never read).
     """
 
     def __init__(self, size: int, seed: int) -> None:
@@ -222,9 +160,59 @@ class UniformSample:
         self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._n_pending = 0
         self.seen = 0  # rows offered so far
+        self._readers: dict[int, tuple[Callable[[np.ndarray], np.ndarray], str]] | None = None  # add_refs' chunks
+        self._chunks = 0
+
+    def add_refs(self, uids: Sequence[str] | np.ndarray, rows: np.ndarray,
+                 reader: Callable[[np.ndarray], np.ndarray], name: str) -> None:
+        """Offer one chunk by reference: its uids (n,), each uid's row number
+        ``rows`` (n,) and ``reader(numbers) -> embeddings`` (numbers sorted
+        ascending); hold no open file in ``reader`` (a pool has thousands of chunks)."""
+        if self._readers is None:
+            if self._e is not None or self._pending:
+                raise ValueError("a UniformSample takes chunks by value (add) or by reference (add_refs), not both")
+            self._readers = {}
+        rows = np.asarray(rows, dtype=np.int64)
+        chunk = self._chunks = self._chunks + 1
+
+        def refs(idx: np.ndarray) -> np.ndarray:  # called only when some of the chunk's rows enter the sample
+            assert self._readers is not None
+            self._readers[chunk] = (reader, name)
+            return np.stack([np.full(len(idx), chunk), rows[idx]], axis=1)
+
+        self._offer(uids, refs, name)
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        """The sample's rows at positions ``idx`` (in :attr:`embeddings`' order)."""
+        self._merge()
+        if self._readers is None:
+            return self.embeddings[idx]
+        refs = self._e[np.asarray(idx, dtype=np.int64)] if self._e is not None else np.zeros((0, 2), np.int64)
+        by = np.lexsort((refs[:, 1], refs[:, 0]))  # by chunk, then row number
+        chunks, starts = np.unique(refs[by, 0], return_index=True)
+        out: np.ndarray | None = None
+        for chunk, lo, hi in zip(chunks.tolist(), starts.tolist(), [*starts[1:].tolist(), len(by)]):
+            at = by[lo:hi]
+            reader, name = self._readers[chunk]
+            got = np.asarray(reader(refs[at, 1]))
+            check_rows(got, f"{name} (k-means sample rows)", uids=np.strings.decode(self._u[np.asarray(idx)[at]]))
+            if out is None:
+                out = np.empty((len(refs), got.shape[1]), dtype=got.dtype)
+            out[at] = got
+        if out is None:  # no row asked for: a read of none gives the width
+            if not self._readers or self._e is None or not len(self._e):
+                raise ValueError("the uniform sample is empty: no samples were offered")
+            reader, _ = self._readers[int(self._e[0, 0])]
+            return np.asarray(reader(np.zeros(0, dtype=np.int64)))
+        return out
 
     def add(self, uids: Sequence[str] | np.ndarray, emb: EmbSource, name: str | None = None) -> None:
         """Offer one chunk: its uids (n,) and its embeddings (n, d) or a loader."""
+        if self._readers is not None:
+            raise ValueError("a UniformSample takes chunks by value (add) or by reference (add_refs), not both")
+        self._offer(uids, emb, name)
+
+    def _offer(self, uids: Sequence[str] | np.ndarray, emb: EmbSource, name: str | None) -> None:
         u = _as_utf8(uids)
         if u.ndim != 1:
             raise ValueError(f"{name or 'chunk'}: uids must be 1-D, got shape {u.shape}")
@@ -251,7 +239,8 @@ class UniformSample:
         rows = np.asarray(rows)
         if rows.ndim != 2 or rows.shape[0] != len(cand):
             raise ValueError(f"{name or 'chunk'}: embedding loader returned shape {rows.shape} for {len(cand)} rows")
-        check_rows(rows, f"{name or 'chunk'} (k-means sample rows)", uids=u[cand])
+        if self._readers is None:  # by reference: checked when read (rows)
+            check_rows(rows, f"{name or 'chunk'} (k-means sample rows)", uids=u[cand])
         if self._e is None:
             self._e = np.zeros((0, rows.shape[1]), dtype=rows.dtype)
         elif rows.shape[1] != self._e.shape[1]:
@@ -278,13 +267,18 @@ class UniformSample:
         parts = [self._e, *(p[2] for p in self._pending)]
         starts = np.cumsum([0] + [len(part) for part in parts])
         src = np.searchsorted(starts, order, side="right") - 1
+        by_part = np.argsort(src, kind="stable")  # the kept rows grouped by part: one pass, not one per part
+        bounds = np.searchsorted(src[by_part], np.arange(len(parts) + 1))
         merged = np.empty((len(order), self._e.shape[1]), dtype=self._e.dtype)
         for i, part in enumerate(parts):
-            at = np.flatnonzero(src == i)
+            at = by_part[bounds[i]:bounds[i + 1]]
             if len(at):
                 merged[at] = part[order[at] - starts[i]]
         self._pending, self._n_pending = [], 0
         self._e = merged
+        if self._readers is not None:  # forget the chunks no row refers to any more
+            kept = set(np.unique(merged[:, 0]).tolist())
+            self._readers = {c: r for c, r in self._readers.items() if c in kept}
 
     @property
     def hashes(self) -> np.ndarray:
@@ -302,7 +296,7 @@ class UniformSample:
         if self._e is None:
             raise ValueError("the uniform sample is empty: no samples were offered")
         self._merge()
-        return self._e
+        return self._e if self._readers is None else self.rows(np.arange(len(self._e)))
 
     def __len__(self) -> int:
         self._merge()
@@ -346,11 +340,18 @@ def _training_rows(x: np.ndarray, k: int, niter: int, seed: int, max_points_per_
         )
     if niter <= 0:
         raise ValueError(f"niter={niter} must be positive")
-    if max_points_per_centroid is not None and n > max_points_per_centroid * k:
-        rng = np.random.default_rng(seed)
-        idx = np.sort(rng.choice(n, size=max_points_per_centroid * k, replace=False))
-        x = x[idx]
-    return l2_normalize_checked(x, what)
+    idx = training_subset(n, k, seed, max_points_per_centroid)
+    return l2_normalize_checked(x if idx is None else x[idx], what)
+
+
+def training_subset(n: int, k: int, seed: int, max_points_per_centroid: int | None = 256) -> np.ndarray | None:
+    """The rows of an n-row sample that k-means on ``k`` clusters trains on
+    (sorted positions), or None for all of them: a seeded uniform subset of
+    ``max_points_per_centroid * k`` rows when the sample is larger (faiss'
+    own cap, drawn here before any float32 copy)."""
+    if max_points_per_centroid is None or n <= max_points_per_centroid * k:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, size=max_points_per_centroid * k, replace=False))
 
 
 def _faiss_kmeans(xn: np.ndarray, k: int, niter: int, seed: int, gpu: bool, threads: int, verbose: bool) -> np.ndarray:
@@ -428,13 +429,27 @@ def _searcher(c: np.ndarray, backend: KmeansBackend) -> Callable[[np.ndarray, in
 
         ct = torch_centroids(c, backend.device)
         return lambda xc, m: torch_search(xc, ct, m)
+    if not backend.gpu:  # numpy's sgemm shortlists faster than faiss' flat search (kmeans_search.py)
+        from dbprune_assets.core.method.kmeans_search import top_candidates
+
+        ct = np.ascontiguousarray(c.T)
+        return lambda xc, m: top_candidates(xc, ct, m)
     import faiss
 
     index = faiss.IndexFlatIP(c.shape[1])
     index.add(c)
+    return faiss.index_cpu_to_gpu(_gpu_resources(), 0, index).search
+
+
+def _search_threads(backend: KmeansBackend, threads: int) -> ContextManager[None]:
+    """The thread limit of the library :func:`_searcher` searches with."""
+    if backend.library == "torch":
+        return torch_threads(threads)
     if backend.gpu:
-        index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, index)
-    return index.search
+        return faiss_threads(threads)
+    from dbprune_assets.core.method.kmeans_search import blas_threads
+
+    return blas_threads(threads)
 
 
 def _check_centroids(x: np.ndarray, c: np.ndarray, what: str) -> None:
@@ -482,7 +497,7 @@ def nearest_centroid(
     backend = kmeans_backend(use_gpu)
     search = _searcher(c, backend)
     m, scale = min(SEARCH_CANDIDATES, len(c)), centroid_scale(c)
-    with (torch_threads if backend.library == "torch" else faiss_threads)(threads):
+    with _search_threads(backend, threads):
         for a in range(0, n, chunk):
             b = min(a + chunk, n)
             xc = l2_normalize_checked(x[a:b], what, None if uids is None else uids[a:b], offset=a)

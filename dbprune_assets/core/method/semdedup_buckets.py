@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dbprune_assets.core.method.kmeans import _as_utf8
+from dbprune_assets.core.method.uidhash import _as_utf8
 
 #: the record of one regrouped row
 BUCKET_ROW = np.dtype([("cluster", "<i4"), ("distance", "<f4"), ("shard", "<i4"), ("row", "<i8"), ("uid_len", "<i4")])

@@ -35,7 +35,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from dbprune_assets.core.method.kmeans import uid_hash
+from dbprune_assets.core.method.uidhash import uid_hash
 
 #: the one schema table: table -> column -> DuckDB type.  The catalog tables of
 #: docs/design.md (with the extra columns their writers keep, e.g. a duplicate's

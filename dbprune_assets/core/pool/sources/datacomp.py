@@ -38,8 +38,8 @@ from dbprune_assets.core.pool.shards import (PROBLEMS_SCHEMA, SAMPLES_SCHEMA, Sh
                                              check_column_types)
 from dbprune_assets.core.pool.sources.base import (EmbeddingSource, Memo, StoredShard, ingest_image_shard,
                                                    pool_files)
-from dbprune_assets.core.pool.sources.readers import (DATACOMP_MODELS, DataCompModel, SourceError, SourceRows, bad_rows,
-                                                      clip_scores, link, read_datacomp)
+from dbprune_assets.core.pool.sources.readers import (DATACOMP_MODELS, DataCompModel, SourceError, SourceRows, link,
+                                                      read_datacomp)
 from dbprune_assets.core.pool.sources.stored import (DAMAGED, EmbeddingFiles, mark_embeddings, ok_positions, ok_rows,
                                                      stage_pairs, take_staged, write_stored_pairs)
 from dbprune_assets.core.store.layout import Layout
@@ -170,7 +170,7 @@ def _ingest_metadata_shard(pool: Path, shard: str, model: DataCompModel) -> tupl
     if len(rows.ids) != meta.height:  # pragma: no cover - both read the same parquet
         raise ShardError(f"{parquet}: {meta.height} rows but {len(rows.ids)} embedding rows")
     uids, texts = meta["uid"].to_list(), meta["text"].to_list()
-    status, problems = _statuses(uids, texts, bad_rows(rows.img32, rows.txt32), parquet, shard, rows.origin)
+    status, problems = _statuses(uids, texts, rows.checks[0], parquet, shard, rows.origin)
     samples = pl.DataFrame(
         {
             "uid": uids, "shard": [shard] * meta.height, "key": uids,
@@ -222,7 +222,7 @@ def _link_image_shard(ingest: ShardIngest, npz_parquet: Path,
     ok = ok_positions(ingest)
     found = where[ok] >= 0
     bad = np.zeros(len(ok), dtype=bool)
-    bad[found] = bad_rows(rows.img32, rows.txt32)[where[ok][found]]
+    bad[found] = rows.checks[0][where[ok][found]]
     linked = mark_embeddings(ingest, ok, found, bad, lambda j: f"{rows.origin} has no row for uid {uids[ok[j]]}",
                              lambda j: f"row {where[ok[j]]} of {rows.origin}")
     return linked, rows, where
@@ -288,7 +288,7 @@ class DataCompSource(EmbeddingSource):
         if len(at) == len(rows.ids) and bool((at == np.arange(len(at))).all()):
             at = slice(None)  # every row ok, in order: no copies
         stage_pairs(layout, result, rows.img[at], rows.txt[at], self.pairs_version(layout, settings, shard),
-                    scores=clip_scores(rows.img32[at], rows.txt32[at]))
+                    scores=rows.checks[1][at])
         return result
 
     def pairs_version(self, layout: Layout, settings: PipelineSettings, shard: str) -> str:

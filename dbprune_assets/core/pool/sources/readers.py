@@ -81,14 +81,10 @@ class SourceRows:
         return int(self.img.shape[1])
 
     @cached_property
-    def img32(self) -> np.ndarray:
-        """The image rows in float32, converted once (the damage check and the clip scores share it)."""
-        return np.asarray(self.img, dtype=np.float32)
-
-    @cached_property
-    def txt32(self) -> np.ndarray:
-        """The text rows in float32, converted once."""
-        return np.asarray(self.txt, dtype=np.float32)
+    def checks(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's ``(bad, clip score)`` (:func:`checked_scores`), computed once
+        for the damage check and the staged pairs."""
+        return checked_scores(self.img, self.txt)
 
 
 def read_datacomp(parquet: Path, model: DataCompModel = "l14", npz: Path | None = None) -> SourceRows:
@@ -197,29 +193,52 @@ def read_clip_retrieval(folder: Path, part: str) -> SourceRows:
                       f"{img_p.name} + {txt_p.name} + {meta_p.name}")
 
 
+#: rows converted to float32 at once by :func:`bad_rows` and :func:`clip_scores`: every value is a
+#: function of its own row, so blocks give the same bits as one pass, with the copies kept in cache
+_BLOCK = 512
+
+
+def _squares(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A block's rows in float32 and their squared norms (n, 1), as ``np.linalg.norm`` sums them."""
+    x = np.asarray(x, dtype=np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return x, np.add.reduce(x * x, axis=1, keepdims=True)
+
+
+def _unit(x: np.ndarray, sq: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore"):
+        norm = np.sqrt(sq)
+        return x / np.where(norm > 0, norm, 1.0)
+
+
+def checked_scores(img: np.ndarray, txt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(bad, scores)``: :func:`bad_rows` and :func:`clip_scores` in one pass
+    (each block is converted to float32 once); a bad row's score is meaningless."""
+    bad = np.zeros(len(img), dtype=bool)
+    scores = np.empty(len(img), dtype=np.float32)
+    for a in range(0, len(img), _BLOCK):
+        (x, sx), (t, st) = _squares(img[a : a + _BLOCK]), _squares(txt[a : a + _BLOCK])
+        # a non-finite value makes the squared norm NaN or inf; a finite row is bad when it is 0
+        bad[a : a + _BLOCK] = (~np.isfinite(sx) | ~(sx > 0) | ~np.isfinite(st) | ~(st > 0))[:, 0]
+        with np.errstate(invalid="ignore", over="ignore"):
+            scores[a : a + _BLOCK] = np.einsum("ij,ij->i", _unit(x, sx), _unit(t, st))
+    return bad, scores
+
+
 def bad_rows(img: np.ndarray, txt: np.ndarray) -> np.ndarray:
     """Rows whose image or text embedding has a NaN, an inf or zero norm (``bad_embedding``)."""
-    out = np.zeros(len(img), dtype=bool)
-    for e in (img, txt):
-        x = np.asarray(e, dtype=np.float32)
-        with np.errstate(invalid="ignore", over="ignore"):
-            # a non-finite value makes the squared norm NaN or inf; a finite row is bad when it is 0
-            sq = np.einsum("ij,ij->i", x, x)
-        out |= ~np.isfinite(sq) | ~(sq > 0)
-    return out
+    return checked_scores(img, txt)[0]
 
 
 def normalised(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm, in float32 (stored pairs are normalised only to float16 precision)."""
-    x = np.asarray(x, dtype=np.float32)
     # np.linalg.norm(x, axis=1)'s own arithmetic (same bits), without its conjugate copy
-    norm = np.sqrt(np.add.reduce(x * x, axis=1, keepdims=True))
-    return x / np.where(norm > 0, norm, 1.0)
+    return _unit(*_squares(x))
 
 
 def clip_scores(img: np.ndarray, txt: np.ndarray) -> np.ndarray:
-    """``cos(image, text)`` of stored pairs, row by row, float32."""
-    return np.einsum("ij,ij->i", normalised(img), normalised(txt)).astype(np.float32)
+    """``cos(image, text)`` of stored pairs, row by row, float32 (any float dtype in)."""
+    return checked_scores(img, txt)[1]
 
 
 def link(pool_ids: np.ndarray, source_ids: np.ndarray, origin: str) -> np.ndarray:
