@@ -72,7 +72,7 @@ def load_emb(work: Path, name: str, mmap: bool = True) -> np.ndarray:
 
 
 def stage_sample(work: Path, a: argparse.Namespace) -> dict:
-    from dbprune_assets.core.method.kmeans import UniformSample
+    from dbprune_assets.core.method.sample import UniformSample
 
     s = UniformSample(a.sample_size, a.seed)
     for name in shard_names(work):

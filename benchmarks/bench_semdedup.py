@@ -39,7 +39,8 @@ from synth import D, save_shard, shard_names, shard_path  # also puts the reposi
 
 
 def generate(work: Path, a: argparse.Namespace) -> dict:
-    from dbprune_assets.core.method.kmeans import UniformSample, nearest_centroid, spherical_kmeans
+    from dbprune_assets.core.method.kmeans import nearest_centroid, spherical_kmeans
+    from dbprune_assets.core.method.sample import UniformSample
 
     concepts = a.clusters or max(1, a.n // a.cluster_size)
     rng = np.random.default_rng(a.seed)

@@ -9,7 +9,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dbprune_assets.core.method.kmeans import (
-    UniformSample,
     exact_distances,
     exact_labels,
     l2_normalize_checked,
@@ -17,6 +16,7 @@ from dbprune_assets.core.method.kmeans import (
     spherical_kmeans,
     uid_hash,
 )
+from dbprune_assets.core.method.sample import UniformSample
 
 
 def bounded_uniform_sample(chunks, size: int, seed: int) -> np.ndarray:

@@ -145,7 +145,8 @@ def fit_centroids(layout: Layout, shards: list[str], out_table: str, selection: 
     (``SemDedupSettings.clusters``, ``DbpSettings.clusters``), raising
     SettingsError that names the setting before k-means starts."""
     from dbprune_assets.core.method.drift import fit_profile
-    from dbprune_assets.core.method.kmeans import UniformSample, nearest_centroid, spherical_kmeans, training_subset
+    from dbprune_assets.core.method.kmeans import nearest_centroid, spherical_kmeans, training_subset
+    from dbprune_assets.core.method.sample import UniformSample
 
     # the sample_size rows of smallest (hash, uid) train, as always; the next PROFILE_ROWS, which the fit
     # never saw, measure its distances for the drift alarm (``drift.py``); a pool with fewer than

@@ -36,8 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-import numpy as np
-
 from dbprune_assets.core.method.drift import FitProfile, ShardDrift, Verdict, shard_drift, verdict
 from dbprune_assets.core.method.embstore import MIN_HELD_OUT, PROFILE_ROWS, fit_id, read_centroids  # noqa: F401
 from dbprune_assets.core.store.atomic import atomic_path

@@ -1,5 +1,5 @@
 """The stable, seeded 64-bit uid hash that ranks samples at random: the
-``random`` baseline and the k-means sample (:class:`~.kmeans.UniformSample`)."""
+``random`` baseline and the k-means sample (:class:`~.sample.UniformSample`)."""
 
 from __future__ import annotations
 
