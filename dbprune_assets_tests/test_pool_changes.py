@@ -148,6 +148,7 @@ def small(work) -> SimpleNamespace:
     env = Env(work.mp, work.dir / "home3", pool, fk.config_with_encoder(work.dir / "tiny3.yaml", encoder))
     obs = SimpleNamespace(env=env)
     obs.first = env.run()
+    obs.runs_first = env.rows("SELECT * FROM decision_runs")
 
     # a shard appears: the sensor registers and ingests it ...
     _restore(pool, "00002", aside)
@@ -165,6 +166,11 @@ def small(work) -> SimpleNamespace:
         for t in ("samples", "scores", "assignments", "decisions")}
     obs.decisions_per_strategy = {r["strategy"]: r["n"] for r in env.rows("SELECT strategy, count(*) n FROM decisions GROUP BY 1")}
     obs.uids_00001 = {r["uid"] for r in env.rows("SELECT uid FROM samples WHERE shard = '00001'")}
+    obs.runs_after_add = env.rows("SELECT * FROM decision_runs")
+    obs.full_provenance = env.rows("SELECT shard, run_id, fit_id, count(*) n FROM decisions "
+                                   "WHERE strategy = 'full' GROUP BY ALL ORDER BY 1")
+    obs.moves_after_add = env.rows("SELECT * FROM quota_moves")
+    obs.keys = {r["shard"]: r["n"] for r in env.rows("SELECT shard, count(DISTINCT uid) n FROM samples GROUP BY 1")}
 
     # a shard disappears
     (pool / "00001.parquet").unlink()
@@ -173,6 +179,7 @@ def small(work) -> SimpleNamespace:
     obs.partitions_after_remove_tick = sorted(env.instance().get_dynamic_partitions("shards"))
     obs.after_remove_tick = env.status(MANIFEST_CHILDREN)
     obs.rerun_remove = env.run()
+    obs.runs_after_remove = env.rows("SELECT * FROM decision_runs")
 
     # the encoder checkpoint is replaced in place by one with another embedding dimension
     obs.dims_before = {s: np.load(env.layout.img_emb(s), mmap_mode="r").shape[1] for s in ("00000", "00002")}
@@ -241,6 +248,43 @@ def test_removing_a_shard_removes_its_partition_files_and_rows(small) -> None:
     assert kept and not (kept & small.uids_00001)
     full = json.loads((env.home / "subsets" / "full" / "sizes.json").read_text())
     assert sum(full.values()) == env.rows("SELECT count(*) n FROM samples WHERE status = 'ok'")[0]["n"]
+
+
+def test_the_catalog_shows_what_each_run_added_removed_and_redecided(small) -> None:
+    """decision_runs: a row per run and strategy; decisions name the run that
+    last changed them (full's rows of the first shards: the first run's) and
+    the fits; quota_moves: the DBP clusters whose quota moved as the pool grew."""
+    keys = small.keys
+
+    def new_rows(before: list[dict], after: list[dict]) -> dict[str, dict]:
+        seen = {(r["run_id"], r["strategy"]) for r in before}
+        fresh = [r for r in after if (r["run_id"], r["strategy"]) not in seen]
+        assert len({r["run_id"] for r in fresh}) == 1, fresh
+        return {r["strategy"]: r for r in fresh}
+
+    first = {r["strategy"]: r for r in small.runs_first}
+    assert set(first) == set(STRATEGIES)
+    for r in first.values():
+        assert (r["added"], r["removed"], r["redecided"]) == (keys["00000"] + keys["00001"], 0, 0)
+        assert r["fit_id"].startswith("semdedup ") and " dbp " in r["fit_id"]
+    added = new_rows(small.runs_first, small.runs_after_add)
+    assert set(added) == set(STRATEGIES)
+    for r in added.values():
+        assert (r["added"], r["removed"]) == (keys["00002"], 0)
+        assert r["samples"] == sum(keys.values()) and r["redecided"] == r["newly_kept"] + r["newly_pruned"]
+    assert added["full"]["redecided"] == 0 and added["full"]["kept"] > first["full"]["kept"]  # full keeps what it kept
+    removed = new_rows(small.runs_after_add, small.runs_after_remove)
+    for r in removed.values():
+        assert (r["added"], r["removed"]) == (0, keys["00001"])
+    first_run = next(iter(first.values()))["run_id"]
+    add_run = next(iter(added.values()))["run_id"]
+    assert [(r["shard"], r["run_id"]) for r in small.full_provenance] == [
+        ("00000", first_run), ("00001", first_run), ("00002", add_run)]
+    moves = [m for m in small.moves_after_add if m["run_id"] == add_run]
+    assert moves and {m["strategy"] for m in moves} <= {"dbp", "ssp"}
+    for m in moves:
+        assert m["quota"] != m["quota_before"] or m["kept"] != m["kept_before"]
+        assert m["move"] == (m["quota"] or 0) - (m["quota_before"] or 0)
 
 
 def test_replacing_the_encoder_checkpoint_in_place_re_embeds_every_shard(small) -> None:

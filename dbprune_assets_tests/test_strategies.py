@@ -128,7 +128,7 @@ def expected_reason(uid: str, kept: set[str]) -> str:
 def check_exact(rows: list[dict], strategy: str, kept: set[str]) -> None:
     # one row per samples row, in (shard, row) order, the exact columns
     assert [(r["shard"], r["uid"]) for r in rows] == [(s, u) for s, _, u, _ in SAMPLES]
-    assert list(rows[0]) == ["strategy", "uid", "shard", "keep", "reason"]
+    assert list(rows[0]) == ["strategy", "uid", "shard", "keep", "reason", "run_id", "fit_id"]
     assert {r["strategy"] for r in rows} == {strategy}
     assert {r["uid"] for r in rows if r["keep"]} == kept
     for r in rows:

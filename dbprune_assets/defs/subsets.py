@@ -3,9 +3,13 @@ open_clip_train reads (docs/design.md, Strategies).  The work is
 ``core/method/stages.py:make_subset``."""
 
 
+from datetime import datetime, timezone
+
 import dagster as dg
 
 from dbprune_assets.core.method import stages
+from dbprune_assets.core.method.fitrecord import read_record
+from dbprune_assets.core.store.history import Provenance
 from dbprune_assets.core.running.progress import progress
 from dbprune_assets.core.store.layout import UNPARTITIONED
 from dbprune_assets.core.store.state import stable_hash
@@ -21,7 +25,15 @@ CHECKS = {
 #: the strategies table's columns, with short headers so that it fits its column in the UI
 SHOWN = {"strategy": "strategy", "kept": "kept", "eligible": "eligible", "M": "M", "reason_pruned": "pruned",
          "reason_low_clip_score": "low clip", "reason_duplicate": "dup", "reason_corrupt": "corrupt",
-         "export_shards": "tars"}
+         "export_shards": "tars", "redecided": "re-decided"}
+
+
+def provenance(run_id: str, s: Session) -> Provenance:
+    """This run, the fits in force (SemDeDup's and DBP's ``fit_id``) and now:
+    what each decision row this run changes will name."""
+    fits = [f"{label} {rec.fit_id}" for label, asset in (("semdedup", "dedup_centroids"), ("dbp", "centroids"))
+            if (rec := read_record(s.layout.home, asset)) is not None]
+    return Provenance(run_id, " ".join(fits), datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
 def subset_version(s: Session, kept_digest: str) -> str:
@@ -44,26 +56,31 @@ def subset_version(s: Session, kept_digest: str) -> str:
 )
 def pruned_subset(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
     """A decision (keep, reason) for every sample under the strategy: dbp, ssp, random, clip_score, semdedup
-    or full. Writes tables/decisions/<strategy>.parquet (and tables/quotas/<strategy> for dbp/ssp) and exports
+    or full. Writes tables/decisions/<strategy>.parquet (each row names the run and fits that last changed it;
+tables/decision_runs and tables/quota_moves: what this run added, removed and re-decided, the quotas that
+moved), tables/quotas/<strategy> for dbp/ssp, and exports
     the kept samples' original bytes to subsets/<strategy>/ (equal shuffled tars + sizes.json + uids.npy) for
     open_clip_train."""
     rows, problems = [], {name: [] for name in CHECKS}
     # the input tables are read once for all the step's strategies (core/store/subset_inputs.py)
+    who = provenance(context.run_id, s)
     with subset_inputs(s.layout, threads=s.settings.compute.threads or None) as inputs:
         for strategy in progress(context.partition_keys, desc="pruned_subset", unit="strategy"):
-            out = stages.make_subset(s.layout, s.settings, strategy, inputs)
+            out = stages.make_subset(s.layout, s.settings, strategy, inputs, who)
             for name, found in out.problems.items():
                 problems[name] += found
-            meta = {**out.summary.metadata(), "export_shards": out.export.n_shards}
+            meta = {**out.summary.metadata(), "export_shards": out.export.n_shards,
+                    **{k: out.summary.changes.get(k, 0) for k in ("added", "removed", "redecided")}}
             s.commit("pruned_subset", strategy, {**meta, "exported": out.export.n_samples},
                      data_version=subset_version(s, out.kept_digest),
                      metadata={**meta, "exported": out.export.n_samples,
                                "kept_fraction": round(out.summary.kept / max(out.summary.rows, 1), 4),
                                "subset": dg.MetadataValue.path(str(s.layout.subset_dir(strategy)))})
             rows.append(meta)
-            context.log.info(f"{strategy}: kept {out.summary.kept} of {out.summary.rows}; "
+            context.log.info(f"{strategy}: kept {out.summary.kept} of {out.summary.rows} ({meta['added']} added, "
+                             f"{meta['removed']} removed, {meta['redecided']} re-decided since the last run); "
                              f"exported {out.export.n_samples} in {out.export.n_shards} tars")
-    s.refresh_catalog("decisions", "quotas")
+    s.refresh_catalog("decisions", "quotas", "decision_runs", "quota_moves")
     return dg.MaterializeResult(
         metadata={
             "step_strategies": table([{SHOWN[k]: r[k] for k in SHOWN if k in r} for r in rows]),

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from dbprune_assets.core.store.export import ExportSummary
     from dbprune_assets.core.strategies import DecisionSummary
     from dbprune_assets.core.store.subset_inputs import SubsetInputs
+    from dbprune_assets.core.store.history import Provenance
 
 #: how many (duplicate, original) pairs the UI shows
 EXAMPLE_PAIRS = 6
@@ -313,12 +314,31 @@ def export_bytes(layout: Layout, decisions: Path, tar_sizes: Mapping[str, int] |
     return int(total)
 
 
+def record_history(layout: Layout, who: "Provenance", strategy: str, summary: Any) -> None:
+    """Write the run's ``decision_runs`` row and, for a quota strategy, its
+    ``quota_moves`` against the quotas it replaces (before they are replaced)."""
+    import polars as pl
+
+    from dbprune_assets.core.store.history import quota_moves, run_row
+
+    name = f"{who.run_id}-{strategy}"
+    write_parquet(layout.table("decision_runs", name), run_row(who, strategy, summary.changes), layout.tmp)
+    if summary.quotas is not None:
+        old = layout.table("quotas", strategy)
+        before = pl.read_parquet(old) if old.is_file() else None
+        write_parquet(layout.table("quota_moves", name), quota_moves(who, strategy, before, summary.quota_table()),
+                      layout.tmp)
+
+
 def make_subset(layout: Layout, settings: PipelineSettings, strategy: str,
-                inputs: "SubsetInputs | None" = None) -> SubsetOutcome:
+                inputs: "SubsetInputs | None" = None, provenance: "Provenance | None" = None) -> SubsetOutcome:
     """Decide every sample under ``strategy``, a name of the strategy registry
     (``tables/decisions/<strategy>``, and ``tables/quotas/<strategy>`` for a
     quota strategy: dbp, ssp), export the kept samples to
     ``subsets/<strategy>/`` and check both.
+
+    ``provenance``: the run and fits deciding (``core/store/history.py``): each
+    changed decision row names them, and the run's history rows are written.
 
     ``inputs``: the step's input tables, read once for all its strategies
     (:func:`~.subset_inputs.subset_inputs`); without it this call reads them itself."""
@@ -332,13 +352,15 @@ def make_subset(layout: Layout, settings: PipelineSettings, strategy: str,
     threads = settings.compute.threads or None
     if inputs is None:
         with subset_inputs(layout, threads=threads) as step_inputs:
-            return make_subset(layout, settings, strategy, step_inputs)
+            return make_subset(layout, settings, strategy, step_inputs, provenance)
     chosen = registry.get(strategy)
     quotas, M = strategy_quotas(chosen.name, pl.read_parquet(layout.table("clusters")))
     out = layout.table("decisions", strategy)
     summary = decide(chosen.name, inputs.tables, M, quotas, settings.selection.seed, out, layout.tmp,
-                     threads=threads, origin=inputs.origin)
+                     threads=threads, origin=inputs.origin, provenance=provenance)
     problems: dict[str, list[str]] = {"one_decision_per_sample": [], "kept_equals_quota": []}
+    if provenance is not None:  # the run's history rows (core/store/history.py)
+        record_history(layout, provenance, strategy, summary)
     if chosen.quota_based:
         write_parquet(layout.table("quotas", strategy), summary.quota_table(), layout.tmp)
         if not np.array_equal(summary.per_cluster_kept, quotas):

@@ -20,7 +20,7 @@ import random
 import time
 from typing import Any, Callable, Iterable, TypeVar
 
-from dbprune_assets.core.store.duck import TABLES, parquet_source, sql_literal, view_sql
+from dbprune_assets.core.store.duck import TABLES, absent_columns, parquet_source, sql_literal, view_sql
 from dbprune_assets.core.running.faults import crash_point
 from dbprune_assets.core.store.layout import Layout
 from dbprune_assets.core.pool.uids import EFFECTIVE_STATUS
@@ -35,7 +35,7 @@ T = TypeVar("T")
 #: in creation order: a view others refer to comes first
 CATALOG_TABLES: tuple[str, ...] = (
     "quotas", "duplicate_uids", "samples", "problems", "scores", "duplicates", "assignments", "centroids", "clusters", "decisions",
-    "eval",
+    "eval", "decision_runs", "quota_moves",
 )
 #: columns a view computes from other views rather than reading from its files:
 #: a cluster's ``kept`` is what the dbp decisions actually kept (via ``quotas``)
@@ -88,7 +88,8 @@ def view_statement(layout: Layout, table: str) -> str:
     partitions (union by name), or an empty typed view while it has none."""
     glob = _glob(layout, table)
     source = parquet_source(glob, union_by_name=True) if glob is not None else None
-    return view_sql(table, table, source, temp=False, derived=DERIVED.get(table))
+    return view_sql(table, table, source, temp=False, derived=DERIVED.get(table),
+                    absent=absent_columns(table, source))
 
 
 def stale_views(layout: Layout, timeout_s: float = 60.0) -> list[str]:

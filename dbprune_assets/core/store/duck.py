@@ -58,7 +58,18 @@ TABLES: dict[str, dict[str, str]] = {
         "probability": "DOUBLE", "quota": "BIGINT", "lower_bound": "BIGINT", "kept": "BIGINT",
     },
     "quotas": {"strategy": "VARCHAR", "cluster": "INTEGER", "quota": "BIGINT", "kept": "BIGINT"},
-    "decisions": {"strategy": "VARCHAR", "uid": "VARCHAR", "shard": "VARCHAR", "keep": "BOOLEAN", "reason": "VARCHAR"},
+    "decisions": {"strategy": "VARCHAR", "uid": "VARCHAR", "shard": "VARCHAR", "keep": "BOOLEAN", "reason": "VARCHAR",
+                  "run_id": "VARCHAR", "fit_id": "VARCHAR"},
+    # history (core/store/history.py): a row per run and strategy, and the clusters whose quota moved
+    "decision_runs": {
+        "run_id": "VARCHAR", "at": "VARCHAR", "strategy": "VARCHAR", "fit_id": "VARCHAR", "samples": "BIGINT",
+        "kept": "BIGINT", "added": "BIGINT", "removed": "BIGINT", "redecided": "BIGINT", "newly_kept": "BIGINT",
+        "newly_pruned": "BIGINT",
+    },
+    "quota_moves": {
+        "run_id": "VARCHAR", "at": "VARCHAR", "strategy": "VARCHAR", "cluster": "INTEGER", "quota_before": "BIGINT",
+        "quota": "BIGINT", "kept_before": "BIGINT", "kept": "BIGINT", "move": "BIGINT",
+    },
     "eval": {"strategy": "VARCHAR", "seed": "INTEGER", "task": "VARCHAR", "metric": "VARCHAR", "value": "DOUBLE"},
     "candidates": {"uid": "VARCHAR", "shard": "VARCHAR", "row": "INTEGER", "emb_row": "INTEGER", "clip_score": "FLOAT"},
     # cross-shard duplicate uids (core/pool/uids.py): the later row and the first occurrence
@@ -182,13 +193,35 @@ def parquet_source(files: Sequence[Path] | str, *, union_by_name: bool = False, 
     return f"read_parquet({paths}{options})"
 
 
+#: columns a table's files may lack (written before the column existed): a view reads them as NULL then
+OPTIONAL_COLUMNS: dict[str, tuple[str, ...]] = {"decisions": ("run_id", "fit_id")}
+
+
+def absent_columns(table: str, source: str | None, con: Any = None) -> list[str]:
+    """The :data:`OPTIONAL_COLUMNS` of ``table`` that ``source`` (a
+    :func:`parquet_source`) does not hold; reads the files' schemas only."""
+    optional = OPTIONAL_COLUMNS.get(table, ())
+    if not optional or source is None:
+        return []
+    import duckdb
+
+    own = con is None
+    con = con or duckdb.connect()
+    try:
+        held = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
+    finally:
+        if own:
+            con.close()
+    return [c for c in optional if c not in held]
+
+
 def view_sql(name: str, table: str, source: str | None, *, columns: Sequence[str] | None = None,
-             temp: bool = True, derived: Mapping[str, str] | None = None) -> str:
+             temp: bool = True, derived: Mapping[str, str] | None = None, absent: Sequence[str] = ()) -> str:
     """``CREATE OR REPLACE [TEMP] VIEW name`` selecting ``table``'s columns (or
     only ``columns``), each cast to its type, from ``source`` (aliased ``t``;
     :func:`parquet_source`), or no row at all when ``source`` is None.
     ``derived`` maps a column to the SQL expression that computes it instead of
-    reading it."""
+    reading it; ``absent`` columns the files do not hold (:func:`absent_columns`) are NULL."""
     types = _columns(table)
     unknown = [c for c in columns or () if c not in types]
     if unknown:
@@ -198,7 +231,7 @@ def view_sql(name: str, table: str, source: str | None, *, columns: Sequence[str
     if source is None:
         cols = ", ".join(f'CAST(NULL AS {ty}) AS "{c}"' for c, ty in types.items())
         return f'CREATE OR REPLACE {kind} "{name}" AS SELECT {cols} WHERE false'
-    exprs = {c: (derived or {}).get(c) or f't."{c}"' for c in types}
+    exprs = {c: (derived or {}).get(c) or ("NULL" if c in absent else f't."{c}"') for c in types}
     cols = ", ".join(f'CAST({exprs[c]} AS {ty}) AS "{c}"' for c, ty in types.items())
     return f'CREATE OR REPLACE {kind} "{name}" AS SELECT {cols} FROM {source} t'
 
@@ -208,4 +241,6 @@ def create_view(con: Any, name: str, files: Sequence[Path], table: str | None = 
     """A temp view ``name`` over parquet ``files`` typed as ``table`` (default:
     ``name``), with all its columns or only ``columns``; an empty typed view
     when ``files`` is empty."""
-    con.execute(view_sql(name, table or name, parquet_source(files) if files else None, columns=columns))
+    source = parquet_source(files) if files else None
+    con.execute(view_sql(name, table or name, source, columns=columns,
+                         absent=absent_columns(table or name, source, con)))

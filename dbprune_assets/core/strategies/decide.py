@@ -24,6 +24,7 @@ import numpy as np
 from dbprune_assets.core.pool.uids import samples_view
 from dbprune_assets.core.store.atomic import atomic_path, scratch_dir
 from dbprune_assets.core.store.duck import connect, create_view, parquet_files
+from dbprune_assets.core.store.history import Provenance, has_provenance, provenance_sql, run_changes
 from dbprune_assets.core.strategies.base import INPUTS, Strategy, scalar
 from dbprune_assets.core.strategies.quotas import as_quotas, count_kept, quota_table
 from dbprune_assets.core.strategies.registry import get
@@ -45,6 +46,8 @@ class DecisionSummary:
     reasons: dict[str, int] = field(default_factory=dict)  #: count per reason, every reason present
     per_cluster_kept: np.ndarray | None = None  #: quota strategies (dbp / ssp): kept per cluster (index = cluster id)
     quotas: np.ndarray | None = None  #: quota strategies (dbp / ssp): the quotas used
+    #: against the decisions this file replaced: samples, kept, added, removed, redecided, ... (history.py)
+    changes: dict[str, int] = field(default_factory=dict)
 
     def metadata(self) -> dict[str, Any]:
         """Plain values for asset metadata / logs."""
@@ -80,6 +83,7 @@ def decide(
     threads: int | None = None,
     *,
     origin: Path | None = None,
+    provenance: Provenance | None = None,
 ) -> DecisionSummary:
     """Write ``out_path`` (``tables/decisions/<strategy>.parquet``): one row per
     samples row, columns strategy, uid, shard, keep, reason, ordered by
@@ -92,6 +96,9 @@ def decide(
     id.  ``seed`` seeds the random baseline's ``uid_hash``.  Raises ValueError
     on inconsistent inputs (M above the eligible count, quotas not summing to
     M or above a cluster's size, candidates that are not ok samples, ...).
+
+    ``provenance``: the run and fits deciding, on each row this call changes
+    (``core/store/history.py``); rows decided as before keep theirs.
 
     ``tables`` is a tables root: ``$DBPRUNE_HOME/tables`` or its one-file-per-table
     copy (:mod:`~.subset_inputs`, which a ``pruned_subset`` step reads once for
@@ -109,9 +116,12 @@ def decide(
             _open_inputs(con, files, tables, strat.needs)
             _validate_inputs(con, strat)
             eligible = strat.select(con, M, q, seed)
+            who = provenance or Provenance("", "", "")
+            previous = out_path if has_provenance(con, out_path) else None
             with atomic_path(out_path, tmp_root) as tmp:
-                _write_decisions(con, strat.name, tmp)
+                _write_decisions(con, strat.name, tmp, previous, who)
                 counts, per_cluster = _check_written(con, strat.name, tmp, M, q)
+                changes = run_changes(con, tmp, out_path if out_path.is_file() else None)
         finally:
             con.close()
     return DecisionSummary(
@@ -124,6 +134,7 @@ def decide(
         reasons={r: int(counts.get(r, 0)) for r in REASONS},
         per_cluster_kept=per_cluster,
         quotas=q,
+        changes=changes,
     )
 
 
@@ -240,16 +251,16 @@ def _check_assignments(con: Any) -> None:
 # ---------------------------------------------------------------------------
 # writing and checking the decisions
 # ---------------------------------------------------------------------------
-def _write_decisions(con: Any, strategy: str, path: Path) -> None:
+def _write_decisions(con: Any, strategy: str, path: Path, previous: Path | None, who: Provenance) -> None:
     """COPY one decision per samples row to ``path``: kept when in ``sel``,
-    else the first reason that removed it (the precedence of the docstring)."""
+    else the first reason that removed it (the precedence of the docstring);
+    then the row's provenance, carried from ``previous`` where it decided the
+    same (``core/store/history.py``)."""
     # uid and shard as nullable columns (parquet OPTIONAL), as DuckDB writes them from several
     # files; from one file (a one-shard pool, or core/store/subset_inputs.py's copy) it would infer NOT
     # NULL from the file's statistics and write them REQUIRED, so the decisions' bytes would depend
     # on how the input tables are split.  The CASE is the identity on values.
-    con.execute(
-        """
-        COPY (
+    select = """
           SELECT CAST(? AS VARCHAR) AS strategy,
             CASE WHEN s.uid IS NULL THEN NULL ELSE s.uid END AS uid,
             CASE WHEN s.shard IS NULL THEN NULL ELSE s.shard END AS shard,
@@ -258,16 +269,15 @@ def _write_decisions(con: Any, strategy: str, path: Path) -> None:
                  WHEN s.status IS DISTINCT FROM 'ok' THEN 'corrupt'
                  WHEN d.uid IS NOT NULL THEN 'duplicate'
                  WHEN c.row IS NULL THEN 'low_clip_score'
-                 ELSE 'pruned' END AS reason
+                 ELSE 'pruned' END AS reason,
+            s.row AS _order
           FROM samples s
           LEFT JOIN (SELECT DISTINCT shard, uid FROM duplicates) d ON d.shard = s.shard AND d.uid = s.uid
           LEFT JOIN candidates c ON c.shard = s.shard AND c.row = s.row
-          LEFT JOIN sel k ON k.shard = s.shard AND k.row = s.row
-          ORDER BY s.shard, s.row
-        ) TO ? (FORMAT parquet, COMPRESSION zstd)
-        """,
-        [strategy, str(path)],
-    )
+          LEFT JOIN sel k ON k.shard = s.shard AND k.row = s.row"""
+    query, _ = provenance_sql(select, "n.shard, n._order", previous)
+    con.execute(f"COPY ({query}) TO ? (FORMAT parquet, COMPRESSION zstd)",
+                [who.run_id, who.fit_id, strategy, str(path)])
 
 
 def _check_written(con: Any, strategy: str, path: Path, M: int | None, q: np.ndarray | None

@@ -1,0 +1,98 @@
+"""Decision history (core/store/history.py): provenance carried on unchanged
+rows, the per-run counts and the quota moves, on hand-made tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import polars as pl
+import pytest
+
+from dbprune_assets.core.store.history import Provenance, provenance_sql, quota_moves, run_changes
+
+WHO = Provenance("run-2", "semdedup aa dbp bb", "2026-12-06T12:00:00+00:00")
+
+
+def _decisions(path: Path, rows: list[tuple], run: str | None = "run-1") -> Path:
+    frame = pl.DataFrame(rows, schema={"shard": pl.Utf8, "uid": pl.Utf8, "keep": pl.Boolean, "reason": pl.Utf8},
+                         orient="row")
+    if run is not None:
+        frame = frame.with_columns(run_id=pl.lit(run), fit_id=pl.lit("semdedup 00 dbp 11"))
+    frame.write_parquet(path)
+    return path
+
+
+def test_run_changes_counts_added_removed_and_redecided(tmp_path: Path) -> None:
+    before = _decisions(tmp_path / "before.parquet", [
+        ("s0", "a", True, "kept"), ("s0", "b", False, "pruned"), ("s0", "c", True, "kept"),
+        ("s1", "d", False, "duplicate"),  # s1 leaves the pool
+        ("s0", "e", False, "corrupt"), ("s0", "e", True, "kept"),  # a uid twice in a shard: one key, kept
+    ])
+    after = _decisions(tmp_path / "after.parquet", [
+        ("s0", "a", False, "pruned"),  # re-decided: kept -> pruned
+        ("s0", "b", True, "kept"),  # re-decided: pruned -> kept
+        ("s0", "c", True, "kept"),  # as before
+        ("s0", "e", False, "corrupt"), ("s0", "e", True, "kept"),
+        ("s2", "f", True, "kept"), ("s2", "g", False, "low_clip_score"),  # s2 joins
+    ])
+    con = duckdb.connect()
+    assert run_changes(con, after, before) == {"samples": 6, "kept": 4, "added": 2, "removed": 1, "redecided": 2,
+                                               "newly_kept": 1, "newly_pruned": 1}
+    # the first run: every key is new
+    assert run_changes(con, before, None) == {"samples": 5, "kept": 3, "added": 5, "removed": 0, "redecided": 0,
+                                              "newly_kept": 3, "newly_pruned": 0}
+
+
+def test_unchanged_rows_keep_their_run_and_fit_changed_rows_take_this_one(tmp_path: Path) -> None:
+    before = _decisions(tmp_path / "before.parquet", [("s0", "a", True, "kept"), ("s0", "b", False, "pruned"),
+                                                      ("s0", "c", False, "duplicate")])
+    con = duckdb.connect()
+    con.execute("CREATE TABLE n AS SELECT * FROM (VALUES ('s0', 'a', true, 'kept', 0), ('s0', 'b', true, 'kept', 1),"
+                " ('s0', 'c', false, 'low_clip_score', 2), ('s1', 'x', false, 'pruned', 0))"
+                " t(shard, uid, keep, reason, _order)")
+    query, params = provenance_sql("SELECT * FROM n", "n.shard, n._order", before)
+    assert params == 2
+    got = con.execute(query, [WHO.run_id, WHO.fit_id]).fetchall()
+    assert got == [
+        ("s0", "a", True, "kept", "run-1", "semdedup 00 dbp 11"),  # same decision: the earlier run's
+        ("s0", "b", True, "kept", "run-2", WHO.fit_id),  # re-decided
+        ("s0", "c", False, "low_clip_score", "run-2", WHO.fit_id),  # same keep, another reason
+        ("s1", "x", False, "pruned", "run-2", WHO.fit_id),  # new
+    ]
+    query, _ = provenance_sql("SELECT * FROM n", "n.shard, n._order", None)
+    assert {r[4] for r in con.execute(query, [WHO.run_id, WHO.fit_id]).fetchall()} == {"run-2"}
+
+
+def test_quota_moves_lists_the_clusters_whose_quota_or_kept_moved() -> None:
+    before = pl.DataFrame({"strategy": ["dbp"] * 3, "cluster": [0, 1, 2], "quota": [5, 3, 2], "kept": [5, 3, 2]})
+    after = pl.DataFrame({"strategy": ["dbp"] * 4, "cluster": [0, 1, 2, 3], "quota": [5, 4, 1, 2],
+                          "kept": [5, 4, 1, 2]})
+    moves = quota_moves(WHO, "dbp", before, after)
+    assert moves.select("cluster", "quota_before", "quota", "move").rows() == [(1, 3, 4, 1), (2, 2, 1, -1),
+                                                                              (3, None, 2, 2)]
+    assert set(moves["run_id"]) == {"run-2"} and set(moves["strategy"]) == {"dbp"}
+    first = quota_moves(WHO, "dbp", None, after)
+    assert first["cluster"].to_list() == [0, 1, 2, 3] and first["quota_before"].null_count() == 4
+
+
+@pytest.mark.parametrize("first", ["outside_a_run", "before_provenance", "run-1"])
+def test_decide_carries_provenance_through_a_second_decision(tmp_path: Path, first: str) -> None:
+    """decide(): rows decided outside a run (no provenance given) or written
+    before provenance existed are stamped by the next run; rows of a run pass
+    its id on while they are decided the same."""
+    from dbprune_assets.core.strategies import decide
+    from dbprune_assets_tests.test_strategies import ASSIGN, DUPLICATES, SAMPLES, SCORES, write_tables
+
+    tables = write_tables(tmp_path, SAMPLES, DUPLICATES, SCORES, ASSIGN)  # the hand-made pool of test_strategies
+    out = tmp_path / "decisions.parquet"
+    decide("full", tables, None, None, 0, out, tmp_path / "tmp",
+           provenance=Provenance("run-1", "f1", "t1") if first == "run-1" else None)
+    if first == "before_provenance":
+        pl.read_parquet(out).drop("run_id", "fit_id").write_parquet(out)
+    second = decide("full", tables, None, None, 0, out, tmp_path / "tmp", provenance=WHO)
+    frame = pl.read_parquet(out)
+    assert frame.select("run_id", "fit_id").unique().rows() == (
+        [("run-1", "f1")] if first == "run-1" else [("run-2", WHO.fit_id)])
+    assert second.changes["added"] == second.changes["removed"] == second.changes["redecided"] == 0
+    assert second.changes["samples"] == frame.select(pl.struct("shard", "uid").n_unique()).item()
