@@ -16,7 +16,9 @@ Writes a DataComp-format pool (``--shards`` + ``--added`` shards of
 
 and prints each run's seconds and peak RSS, the groups the incremental run
 redid, the bytes it rewrote under the home (files changed, Dagster's own
-storage aside) and whether the decisions match.  Asserts nothing.
+storage aside), the samples each strategy added, removed and re-decided and
+the DBP clusters whose quota moved (the catalog's history), and whether the
+decisions match.  Asserts nothing.
 
     python benchmarks/bench_incremental.py --shards 100 --samples-per-shard 10000 --added 1 --removed 1
 """
@@ -65,6 +67,25 @@ def rewritten(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, in
     """(files, bytes) new or changed between two snapshots."""
     changed = [k for k, v in after.items() if before.get(k) != v]
     return len(changed), sum(after[k][0] for k in changed)
+
+
+def last_run(home: Path) -> list[str]:
+    """The catalog's history of the home's last run: per strategy the samples
+    added, removed and re-decided (``decision_runs``), and the DBP clusters whose
+    quota moved (``quota_moves``)."""
+    import polars as pl
+
+    runs = pl.read_parquet(home / "tables" / "decision_runs" / "*.parquet")
+    last = runs.filter(pl.col("at") == runs["at"].max()).sort("strategy")
+    moves = home / "tables" / "quota_moves"
+    moved = pl.read_parquet(moves / "*.parquet").filter(
+        pl.col("run_id").is_in(last["run_id"].implode()) & (pl.col("strategy") == "dbp")) if moves.is_dir() else None
+    out = [f"  {r['strategy']:<11} added {r['added']:>8,}  removed {r['removed']:>8,}  re-decided "
+           f"{r['redecided']:>8,}  kept {r['kept']:>9,}" for r in last.iter_rows(named=True)]
+    if moved is not None:
+        out.append(f"  dbp clusters whose quota moved: {moved.filter(pl.col('move') != 0).height}, "
+                   f"the largest move {int(moved['move'].abs().max() or 0)} samples")
+    return out
 
 
 def move(src: Path, dst: Path, stems: list[str]) -> None:
@@ -118,6 +139,7 @@ def main() -> None:
     before = snapshot(homes["a"])
     inc = run_dbprune(homes["a"], pool, None)  # the saved settings
     show("incremental", inc)
+    inc_history = last_run(homes["a"])
     files, size = rewritten(before, snapshot(homes["a"]))
     full = run_dbprune(homes["full"], pool, config)
     show("full", full)
@@ -128,6 +150,7 @@ def main() -> None:
     move(pool, aside, removed)
     rm = run_dbprune(homes["a"], pool, None)
     show("removed", rm)
+    rm_history = last_run(homes["a"])
     fresh_rm = run_dbprune(homes["fresh_removed"], pool, config, ("--centroids-from", str(homes["a"])))
     same_removed = decisions_digest(homes["a"]) == decisions_digest(homes["fresh_removed"])
 
@@ -141,6 +164,8 @@ def main() -> None:
     for line in inc["output"]:
         if line.startswith("  drift:") or line.startswith("  refitting") or line.startswith("  kept"):
             print("  " + line.rstrip())
+    print("what the incremental run decided (decision_runs, quota_moves):", *inc_history, sep="\n")
+    print("what the removal run decided:", *rm_history, sep="\n")
     print(f"decisions equal a fresh home with --centroids-from: after adding {same_added}, after removing "
           f"{same_removed} ({fresh_rm['seconds']:.1f}s)")
     if not a.keep and a.work is None:

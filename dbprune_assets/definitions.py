@@ -13,10 +13,12 @@ from functools import cache
 import dagster as dg
 
 from dbprune_assets import defs as defs_package
+from dbprune_assets.defs.automation import automation_sensor, with_automation
 from dbprune_assets.defs.common import DbpruneResource, Node, graph_nodes
 from dbprune_assets.defs.ingest import pool_shards_sensor
 
-ASSETS = dg.load_assets_from_package_module(defs_package)
+#: every asset, those the automation carries with its condition (``defs/automation.py``)
+ASSETS = with_automation(dg.load_assets_from_package_module(defs_package))
 
 
 def build_defs(dbprune: DbpruneResource | None = None) -> dg.Definitions:
@@ -24,7 +26,7 @@ def build_defs(dbprune: DbpruneResource | None = None) -> dg.Definitions:
     binds the home it works on; the code location reads the environment)."""
     return dg.Definitions(
         assets=ASSETS,
-        sensors=[pool_shards_sensor],
+        sensors=[pool_shards_sensor, automation_sensor],
         resources={"dbprune": dbprune or DbpruneResource()},
     )
 

@@ -326,3 +326,28 @@ def narrow_encoder(src: Path, dst: Path, dim: int) -> None:
     (tmp / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
     shutil.rmtree(dst, ignore_errors=True)
     tmp.rename(dst)
+
+
+def tick_pool_sensor(instance) -> list:
+    """One tick of ``pool_shards_sensor``, applied as the daemon does: the
+    partition requests first, then each requested run, in process; the requests."""
+    import dagster as dg
+
+    from dbprune_assets.definitions import defs
+    from dbprune_assets.defs.common import DbpruneResource
+    from dbprune_assets.defs.ingest import pool_shards_sensor
+
+    ctx = dg.build_sensor_context(instance=instance, resources={"dbprune": DbpruneResource()}, definitions=defs)
+    result = pool_shards_sensor(ctx)
+    for req in result.dynamic_partitions_requests or []:
+        if isinstance(req, dg.AddDynamicPartitionsRequest):
+            instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+        else:
+            for key in req.partition_keys:
+                instance.delete_dynamic_partition(req.partitions_def_name, key)
+    job = defs.resolve_implicit_global_asset_job_def()
+    for req in result.run_requests or []:
+        out = job.execute_in_process(instance=instance, asset_selection=list(req.asset_selection or []),
+                                     partition_key=req.partition_key, tags=req.tags, raise_on_error=False)
+        assert out.success, req
+    return list(result.run_requests or [])

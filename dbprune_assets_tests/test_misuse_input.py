@@ -312,3 +312,27 @@ def test_dbprune_run_on_a_misused_pool(tmp_path_factory: pytest.TempPathFactory)
         assert exported[latin]["txt"].decode("utf-8") == caption
     finally:
         fk.drop_fast_tmp(work)
+
+
+@pytest.mark.slow
+def test_selecting_embeddings_before_any_ingest_names_the_step_to_run_first(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """``dbprune run --select embeddings`` on a home that never ingested: one
+    line naming the shards and what to run, not a FileNotFoundError."""
+    from dbprune_assets.core.settings import PoolSettings
+    from dbprune_assets.runner import run_pipeline
+    from dbprune_assets.samplepool import write_datacomp_pool
+
+    pool, home = tmp_path / "pool", tmp_path / "home"
+    write_datacomp_pool(pool, PoolSettings(shards=2, samples_per_shard=40, concepts=4, seed=0), models=("b32",))
+    layout = Layout(home, pool)
+    for name, value in (("DBPRUNE_HOME", home), ("DBPRUNE_POOL", pool), ("DAGSTER_HOME", home / "dagster")):
+        monkeypatch.setenv(name, str(value))
+    settings = build_settings({"embeddings": {"source": "datacomp", "model": "b32"}}, profile="sample")
+    home.mkdir()
+    layout.config_file.write_text(settings.to_yaml())
+    report = run_pipeline(layout, settings, select="embeddings", echo=lambda m: None, log_level="ERROR")
+    assert not report.ok
+    assert "2 shard(s) not ingested yet" in report.failure and "--select '*embeddings'" in report.failure, \
+        report.failure
+    assert "FileNotFoundError" not in report.failure

@@ -75,27 +75,8 @@ class Env:
         return {a: (g.partitions if a in g.ran else []) for g in report.groups for a in g.assets}
 
     def sensor_tick(self) -> list[dg.RunRequest]:
-        """One tick of pool_shards_sensor, applied as the daemon does: partition
-        requests first, then the requested runs."""
-        from dbprune_assets.definitions import defs
-        from dbprune_assets.defs.common import DbpruneResource
-        from dbprune_assets.defs.ingest import pool_shards_sensor
-
-        instance = self.instance()
-        ctx = dg.build_sensor_context(instance=instance, resources={"dbprune": DbpruneResource()}, definitions=defs)
-        result = pool_shards_sensor(ctx)
-        for req in result.dynamic_partitions_requests or []:
-            if isinstance(req, dg.AddDynamicPartitionsRequest):
-                instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
-            else:
-                for key in req.partition_keys:
-                    instance.delete_dynamic_partition(req.partitions_def_name, key)
-        job = defs.resolve_implicit_global_asset_job_def()
-        for req in result.run_requests or []:
-            out = job.execute_in_process(instance=instance, asset_selection=list(req.asset_selection or []),
-                                         partition_key=req.partition_key, tags=req.tags, raise_on_error=False)
-            assert out.success, req
-        return list(result.run_requests or [])
+        """One tick of pool_shards_sensor, applied as the daemon does."""
+        return fk.tick_pool_sensor(self.instance())
 
     def status(self, names: list[str]) -> dict[str, str]:
         """Dagster's staleness (what the UI shows) of ``asset`` or ``asset[partition]``."""

@@ -139,6 +139,11 @@ def embeddings(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeR
     from dbprune_assets.core.models.encoders import load_encoder, resolve_encoder
 
     s.check_k()
+    unready = [sh for sh in s.partition_shards(context.partition_keys) if not s.layout.table("samples", sh).is_file()]
+    if unready:  # e.g. --select embeddings on a home that never ingested them
+        raise dg.Failure(f"embeddings: {len(unready)} shard(s) not ingested yet ({', '.join(unready[:5])}"
+                         f"{'…' if len(unready) > 5 else ''}): materialise raw_metadata for them first "
+                         "(dbprune run --select '*embeddings' does both)")
     if s.source.precomputed:
         return _stored_embeddings(context, s)
     cfg = s.settings.encoder

@@ -7,6 +7,7 @@ from typing import Any, Mapping, Sequence
 
 import dagster as dg
 
+from dbprune_assets.defs.automation import INTERVAL_S
 from dbprune_assets.core.method import stages
 from dbprune_assets.core.store.atomic import remove, write_parquet
 from dbprune_assets.core.pool import shardgroups
@@ -185,7 +186,7 @@ def pool_manifest(context: dg.AssetExecutionContext, s: Session) -> dg.Materiali
 
 
 @dg.sensor(
-    minimum_interval_seconds=30,
+    minimum_interval_seconds=INTERVAL_S,
     default_status=dg.DefaultSensorStatus.RUNNING,
     asset_selection=[raw_metadata, pool_manifest],
     description="Registers new pool shards as partitions (and drops vanished ones), then ingests the new ones; "
