@@ -286,7 +286,7 @@ def _open(layout: Layout, settings: PipelineSettings, echo: Echo) -> tuple[Any, 
     failed, the shard partitions synchronised with the pool."""
     from dbprune_assets.core.store.atomic import clean_stale_tmp
     from dbprune_assets.defs.common import DbpruneResource, graph_nodes
-    from dbprune_assets.defs.ingest import shard_tables, sync_shard_partitions
+    from dbprune_assets.defs.ingest import sync_shard_partitions
     from dbprune_assets.definitions import build_defs
 
     defs = build_defs(DbpruneResource(home=str(layout.home), pool=str(layout.pool)))
@@ -297,7 +297,7 @@ def _open(layout: Layout, settings: PipelineSettings, echo: Echo) -> tuple[Any, 
         clean_stale_tmp(tmp_base)  # half-written files of killed processes
     for run_id in fail_orphaned_runs(instance, defs.get_repository_def().name):
         echo(f"run {run_id} was left unfinished by a process that no longer runs; marked it failed")
-    added, removed = sync_shard_partitions(instance, layout, shard_tables(nodes), settings.partitions.shards_per_partition)
+    added, removed = sync_shard_partitions(instance, layout, nodes, settings.partitions.shards_per_partition)
     if added or removed:
         echo(f"pool: {len(added)} shard(s) added, {len(removed)} removed")
     return defs, graph, nodes, instance

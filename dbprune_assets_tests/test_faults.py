@@ -369,10 +369,10 @@ def test_parallel_runs_of_shard_partitions_share_instance_and_catalog(clean, wor
         from dbprune_assets.core.store.layout import Layout
         from dbprune_assets.definitions import defs
         from dbprune_assets.defs.common import graph_nodes
-        from dbprune_assets.defs.ingest import shard_tables, sync_shard_partitions
+        from dbprune_assets.defs.ingest import sync_shard_partitions
         from dbprune_assets.runner import dagster_instance
         layout = Layout.from_env()
-        print(sync_shard_partitions(dagster_instance(layout), layout, shard_tables(graph_nodes(defs.resolve_asset_graph()))))
+        print(sync_shard_partitions(dagster_instance(layout), layout, graph_nodes(defs.resolve_asset_graph())))
     """)], env=env, capture_output=True, text=True)
     assert reg.returncode == 0, reg.stderr
     script = work / "ingest_worker.py"

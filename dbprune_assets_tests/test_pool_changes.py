@@ -28,10 +28,11 @@ import numpy as np
 import pytest
 
 from dbprune_assets.core.store.catalog import query
-from dbprune_assets.core.store.layout import Layout
+from dbprune_assets.core.store.layout import Layout, list_pool_shards
 from dbprune_assets.core.settings import STRATEGIES, load_settings
 
 from . import faultkit as fk
+from .faultkit import decisions_digest
 
 pytestmark = pytest.mark.slow
 
@@ -300,3 +301,30 @@ def test_over_100_shards_the_manifest_carries_staleness(work) -> None:
     assert _requests(env.sensor_tick()) == [(["pool_manifest"], None)]
     assert env.status(["pool_manifest", *MANIFEST_CHILDREN]) == {
         "pool_manifest": "FRESH", **{a: "STALE" for a in MANIFEST_CHILDREN}}
+
+
+def test_a_shard_that_leaves_and_comes_back_unchanged_is_decided_again(tmp_path: Path) -> None:
+    """A shard taken out while a run selects only pruned_subset loses its files,
+    candidates' among them; put back unchanged, the pool's version is the one
+    before, and the next run must still redo candidates (its marker went with
+    the file) rather than fail on the missing file."""
+    from dbprune_assets.core.settings import PoolSettings
+    from dbprune_assets.runner import run_pipeline
+    from dbprune_assets.samplepool import write_datacomp_pool
+
+    from .test_refit import Home, _move
+
+    pool, aside = tmp_path / "pool", tmp_path / "aside"
+    write_datacomp_pool(pool, PoolSettings(shards=3, samples_per_shard=100, concepts=6, seed=3), models=("b32",))
+    home = Home(pytest.MonkeyPatch(), tmp_path / "home", pool)
+    home.run()
+    shard = list_pool_shards(pool)[1]
+    aside.mkdir()
+    _move(pool, aside, shard)
+    run_pipeline(home.layout, home.settings, select="pruned_subset", echo=lambda m: None, log_level="ERROR")
+    assert not home.layout.table("candidates", shard).exists()
+    _move(aside, pool, shard)
+    _, ran = home.run()
+    assert ran["candidates"] == ["all"] and shard in ran["cluster_assignments"]
+    assert decisions_digest(home.layout.home)[1] == 6 * 3 * 100
+    home.mp.undo()

@@ -22,9 +22,14 @@ from dbprune_assets.defs.common import (ALL_PARTITIONS, PARTITION_METADATA_MAX, 
 from dbprune_assets.defs.plots import md_table
 
 
-def remove_shard_outputs(layout: Layout, shard: str, tables: Sequence[str]) -> None:
+def remove_shard_outputs(layout: Layout, shard: str, tables: Sequence[str], pool_wide: Sequence[str] = ()) -> None:
     """Delete every file and commit marker a shard left behind: its files of the
-    per-shard ``tables`` (:func:`shard_tables`), its embeddings and markers."""
+    per-shard ``tables`` (:func:`shard_tables`), its embeddings and markers; and
+    the markers of the ``pool_wide`` assets that wrote some of those files
+    (:func:`pool_wide_writers`): without their file of the shard they are not
+    complete, even if the shard comes back as it was (same pool version)."""
+    for asset in pool_wide:
+        remove(layout.state(asset, UNPARTITIONED))
     for table in tables:
         remove(layout.table(table, shard))
     for path in (layout.img_emb(shard), layout.text_emb(shard), layout.emb_metadata(shard),
@@ -34,13 +39,15 @@ def remove_shard_outputs(layout: Layout, shard: str, tables: Sequence[str]) -> N
         remove(marker)
 
 
-def sync_shard_partitions(instance: dg.DagsterInstance, layout: Layout, tables: Sequence[str],
+def sync_shard_partitions(instance: dg.DagsterInstance, layout: Layout, nodes: Mapping[str, Node],
                           group: GroupSize = "auto") -> tuple[list[str], list[str]]:
     """Make the dynamic partitions equal the pool's shards, in groups of ``group``
     (``core/pool/shardgroups.py``); returns the partition keys (added, removed).
 
-    A shard that left the pool loses its files (of the per-shard ``tables``,
-    :func:`shard_tables`), rows and commit markers.
+    A shard that left the pool loses its files (of the per-shard tables of
+    ``nodes``, :func:`shard_tables`), rows and commit markers, and the
+    pool-wide assets that wrote some of them their markers
+    (:func:`remove_shard_outputs`).
     """
     added, removed, vanished = partition_changes(instance.get_dynamic_partitions(SHARDS), layout, group)
     if added:
@@ -48,7 +55,7 @@ def sync_shard_partitions(instance: dg.DagsterInstance, layout: Layout, tables: 
     for key in removed:
         instance.delete_dynamic_partition(SHARDS, key)
     for shard in vanished:
-        remove_shard_outputs(layout, shard, tables)
+        remove_shard_outputs(layout, shard, shard_tables(nodes), pool_wide_writers(nodes))
     return added, removed
 
 
@@ -68,6 +75,11 @@ def partition_changes(known: Sequence[str], layout: Layout, group: GroupSize
 def shard_tables(nodes: Mapping[str, Node]) -> list[str]:
     """Every table some asset writes one file per shard of."""
     return [t for node in nodes.values() for t in node.facts.shard_tables]
+
+
+def pool_wide_writers(nodes: Mapping[str, Node]) -> list[str]:
+    """The unpartitioned assets that write one file per shard (``candidates``)."""
+    return [name for name, node in nodes.items() if node.partitioning is None and node.facts.shard_tables]
 
 
 def ingest_inputs(versions: Versions, shard: str) -> dict[str, Any]:
@@ -198,9 +210,9 @@ def pool_shards_sensor(context: dg.SensorEvaluationContext, dbprune: DbpruneReso
     on_disk = list_pool_shards(layout.pool)
     added, removed, vanished = partition_changes(context.instance.get_dynamic_partitions(SHARDS), layout,
                                                  dbprune.settings().partitions.shards_per_partition)
-    tables = shard_tables(graph_nodes(context.repository_def.asset_graph))
+    nodes = graph_nodes(context.repository_def.asset_graph)
     for shard in vanished:
-        remove_shard_outputs(layout, shard, tables)
+        remove_shard_outputs(layout, shard, shard_tables(nodes), pool_wide_writers(nodes))
     requests = [dg.RunRequest(partition_key=s, asset_selection=[raw_metadata.key]) for s in added]
     # Dagster stops tracking staleness across an edge with >= 100 upstream partitions, so
     # pool_manifest (whose data version is the combined shard versions) is refreshed here
