@@ -54,13 +54,20 @@ def write_pool(pool: Path, a: argparse.Namespace) -> float:
     return time.perf_counter() - t
 
 
+#: the strategies the benchmarks decide: DBP and its baselines
+SIX = ("dbp", "ssp", "random", "clip_score", "semdedup", "full")
+
+
 def settings_yaml(a: argparse.Namespace) -> str:
     return (f"embeddings: {{source: datacomp, model: b32}}\n"
             f"semdedup: {{dedup_k: {a.dedup_k}, eps: 0.07, niter: {a.niter}, sample_size: {a.sample_size}}}\n"
             f"clip_filter: {{fraction: 0.85}}\n"
             f"dbp: {{k: {a.k}, niter: {a.niter}, sample_size: {a.sample_size}, keep_fraction: 0.5}}\n"
             f"compute: {{threads: {a.threads}}}\n"
-            f"partitions: {{per_run: {a.per_run}}}\n")
+            f"partitions: {{per_run: {a.per_run}}}\n"
+            # the six strategies the bare baseline also decides (the other three are the field's filters, their
+            # cost is their own: negclip's large-batch products, balanced_kmeans' levels)
+            f"selection: {{strategies: [{', '.join(SIX)}]}}\n")
 
 
 def rss_kib(pid: int) -> int:

@@ -188,7 +188,8 @@ def main() -> None:
     config = work / "settings.yaml"
     config.write_text("embeddings: {source: datacomp, model: l14}\n"
                       f"semdedup: {{dedup_k: {dedup_k}, niter: {niter}}}\n"
-                      f"dbp: {{k: {k}, niter: {niter}}}\ncompute: {{device: auto}}\n")
+                      f"dbp: {{k: {k}, niter: {niter}}}\ncompute: {{device: auto}}\n"
+                      "selection: {strategies: [dbp, ssp, random, clip_score, semdedup, full]}\n")
     print(f"pool: {n:,} L/14 samples in {n // a.samples_per_shard} shards, written in {wrote:.0f}s; "
           f"dedup_k {dedup_k}, DBP k {k}, niter {niter}; work {work}", flush=True)
     gpu = GpuSampler()

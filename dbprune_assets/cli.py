@@ -189,6 +189,8 @@ def failed_shard_lines(layout: Layout, limit: int = 10) -> list[str]:
 
 
 def print_summary(layout: Layout, report) -> None:
+    from dbprune_assets.core.strategies.truth import summary_lines
+
     ran = sum(1 for g in report.groups if g.partitions)
     print(f"\n{'done' if report.ok else 'FAILED'} in {report.seconds:.0f}s: {ran} group(s) ran, "
           f"{len(report.groups) - ran} up to date")
@@ -200,6 +202,7 @@ def print_summary(layout: Layout, report) -> None:
             print(f"\n! the comparison below is NOT current: the subsets of {', '.join(report.stale_models)} changed "
                   "since their models were trained (`dbprune run` retrains those, and only those)")
         print("\n" + comparison.read_text())
+    print("\n".join(summary_lines(layout, shown=report.ok and comparison.exists())))
     print("\n".join(where_to_look(layout, report)))
 
 

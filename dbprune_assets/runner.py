@@ -150,8 +150,6 @@ def batched_ranges(all_keys: list[str], wanted: list[str], per_run: int) -> list
     return out
 
 
-
-
 class GroupBar:
     """A live bar of one group's work: the (asset, partition) pairs committed so
     far, read from the commit markers while the run executes.  Only on a
@@ -245,10 +243,11 @@ def _run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None
         return RunReport([], time.monotonic() - t0, ok=False, failure=NEEDS_IMAGES, metadata_only=True)
     groups = plan_groups(ordered, {k: set(nodes[k].parents) for k in ordered},
                          {k: nodes[k].partitioning for k in ordered})
+    strategies, left_out = registry.runnable(settings.selection.strategies, layout, settings)
+    for name, why in left_out.items():
+        echo(f"– strategy {name}: left out: {why}")
     pipeline = _Pipeline(layout, settings, force, echo, log_level, instance, nodes,
-                         defs.resolve_implicit_global_asset_job_def(),
-                         [s for s in registry.names() if s in settings.selection.strategies],
-                         defs.get_repository_def().name)
+                         defs.resolve_implicit_global_asset_job_def(), strategies, defs.get_repository_def().name)
     results: list[GroupResult] = []
     metadata_only = _metadata_only(layout)
     i, refitted = 0, set[str]()

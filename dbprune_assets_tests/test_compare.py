@@ -13,6 +13,7 @@ from dbprune_assets.core.models.compare import (
     SUMMARY_SCHEMA,
     bootstrap_ci,
     compare_intervals,
+    detectable_difference,
     markdown_table,
     plot_panels,
     summarize,
@@ -109,12 +110,24 @@ def test_verdicts_separated_overlapping_and_dbp_loses() -> None:
     acc1 = next(x for x in v if x.startswith("acc1: dbp 0.810"))
     assert "dbp is higher than full (the intervals separate)" in acc1
     acc5 = next(x for x in v if x.startswith("acc5: dbp"))
-    assert acc5.endswith("no difference (the intervals overlap).")
+    assert "no difference (the intervals overlap)." in acc5
+    # acc1: both seed spreads 0.01, 3 seeds each: (t_0.975,4 + t_0.8,4) * sqrt(2 * 0.01^2 / 3)
+    assert acc1.endswith(f"These seeds detect a difference of {(2.776445 + 0.940965) * (2e-4 / 3) ** 0.5:.3f} or more.")
+    assert any(x.startswith("The smallest difference the seeds can detect (dbp vs full") for x in v)
     ir = next(x for x in v if x.startswith("image_retrieval_recall@1: dbp 0.210"))
     assert "dbp is lower than full" in ir and "loses" in ir
     assert "acc1, dbp against the other strategies: no difference from random." in v
     assert "acc5, dbp against the other strategies: no difference from random." in v
     assert "image_retrieval_recall@1, dbp against the other strategies: lower than random." in v
+
+
+def test_detectable_difference_by_hand() -> None:
+    a = {"n_seeds": 3, "std": 0.02}
+    b = {"n_seeds": 5, "std": 0.01}
+    # df = 6: t_0.975 = 2.446912, t_0.8 = 0.905697
+    expected = (2.446912 + 0.905697) * (0.02**2 / 3 + 0.01**2 / 5) ** 0.5
+    assert detectable_difference(a, b) == pytest.approx(expected, rel=1e-5)
+    assert detectable_difference(a, {"n_seeds": 1, "std": 0.0}) is None
 
 
 def test_verdicts_all_overlap_and_single_seed() -> None:

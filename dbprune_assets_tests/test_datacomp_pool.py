@@ -87,7 +87,8 @@ def test_layout_and_types_are_datacomps(pool: Path, info: dict) -> None:
     stems = info["shards"]
     assert len(stems) == SETTINGS.shards and all(HEX32.match(s) for s in stems)
     assert sorted(p.name for p in pool.iterdir()) == sorted(
-        [f"{s}.parquet" for s in stems] + [f"{s}.npz" for s in stems] + ["ground_truth.parquet", "pool_info.json"])
+        [f"{s}.parquet" for s in stems] + [f"{s}.npz" for s in stems]
+        + ["ground_truth.parquet", "pool_info.json", "targets"])
     schema = pq.read_schema(pool / f"{stems[0]}.parquet")
     assert schema.names == ["uid", "url", "text", "original_width", "original_height", "clip_b32_similarity_score",
                             "clip_l14_similarity_score", "face_bboxes", "sha256"]
@@ -137,6 +138,21 @@ def test_models_choose_the_npz_keys_and_bad_models_are_refused(tmp_path: Path) -
 
 
 # -- ground truth and the planted counts ----------------------------------------
+
+
+def test_targets_are_images_of_the_evaluation_classes(pool: Path, rows: dict) -> None:
+    """targets/image_embeddings.npz (datacomp_image's target set): eval_per_class
+    image embeddings per concept, each nearest to its own concept's mean image."""
+    with np.load(pool / "targets" / "image_embeddings.npz") as npz:
+        assert npz.files == ["b32_img", "l14_img"]
+        for key in npz.files:
+            x = npz[key].astype(np.float32)
+            assert npz[key].dtype == np.float16
+            assert x.shape == (SETTINGS.concepts * SETTINGS.eval_per_class, DIMS[key[:3]])
+            concept = np.repeat(np.arange(SETTINGS.concepts), SETTINGS.eval_per_class)
+            img, truth_concept = rows["img"][key[:3]], rows["truth"]["concept"].to_numpy()
+            means = _unit(np.stack([img[truth_concept == c].mean(axis=0) for c in range(SETTINGS.concepts)]))
+            assert ((x @ means.T).argmax(axis=1) == concept).mean() > 0.95
 
 
 def test_ground_truth_and_pool_info(pool: Path, info: dict, truth: pl.DataFrame, rows: dict) -> None:
@@ -247,8 +263,8 @@ def test_same_settings_give_byte_identical_files(tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     write_datacomp_pool(a, small)
     write_datacomp_pool(b, small)
-    names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir()) and len(names) == 6
+    names = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
+    assert names == sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file()) and len(names) == 7
     for name in names:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     write_datacomp_pool(tmp_path / "c", small.model_copy(update={"seed": 12}))

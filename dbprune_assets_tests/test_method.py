@@ -147,3 +147,54 @@ def test_decisions_are_reproducible(sample_run):
                           force=True, echo=lambda *_: None, log_level="WARNING")
     assert report.ok, report.failure
     assert _digest(layout) == before
+
+
+def _uniform_duplicates_and_mismatches(truth: pl.DataFrame, samples: pl.DataFrame, M: int,
+                                       draws: int = 20) -> tuple[float, float]:
+    """duplicates_kept and mismatches_kept of a uniform random M-subset of the
+    pool's ok samples (mean over seeded draws): the unpruned reference."""
+    ok = truth.join(samples.filter(pl.col("status") == "ok").select("shard", "uid"), on=["shard", "uid"])
+    group = ok["dup_group"].to_numpy()
+    mismatched = ok["mismatched"].to_numpy()
+    redundant = sum(n - 1 for n in np.unique(group[group >= 0], return_counts=True)[1])
+    rng = np.random.default_rng(0)
+    dup, mis = [], []
+    for _ in range(draws):
+        keep = np.zeros(ok.height, bool)
+        keep[rng.choice(ok.height, size=M, replace=False)] = True
+        kept_groups = np.unique(group[keep & (group >= 0)], return_counts=True)[1]
+        dup.append(sum(k - 1 for k in kept_groups) / redundant)
+        mis.append((keep & mismatched).sum() / mismatched.sum())
+    return float(np.mean(dup)), float(np.mean(mis))
+
+
+def test_truth_quality_shows_each_methods_mechanism(sample_run):
+    """The catalog's truth_quality for all nine strategies on the sample pool:
+    the paper's mechanisms show without training.  The ``random`` strategy
+    draws from the candidates (after SemDeDup and the CLIP filter), so the
+    reference for "fewer planted duplicates / mismatches than random" is a
+    uniform random sample of the whole pool at the same M."""
+    from dbprune_assets.core.store.catalog import query
+
+    layout, settings, truth, samples = sample_run
+    rows = query(layout, "SELECT strategy, metric, value FROM truth_quality").to_pylist()
+    got = {(r["strategy"], r["metric"]): r["value"] for r in rows}
+    assert {s for s, _ in got} == set(STRATEGIES)
+    M = int(_read(layout, "clusters")["quota"].sum())
+    for strategy in STRATEGIES:
+        kept = int(_read(layout, "decisions", strategy)["keep"].sum())
+        if strategy in ("dbp", "ssp", "random", "clip_score", "negclip", "balanced_kmeans"):
+            assert kept == M, strategy
+        elif strategy == "datacomp_image":
+            assert 0 < kept <= M
+    uniform_dup, uniform_mis = _uniform_duplicates_and_mismatches(truth, samples, M)
+    print(f"uniform sample of the pool at M = {M}: duplicates_kept {uniform_dup:.3f}, mismatches_kept {uniform_mis:.3f}; "
+          + ", ".join(f"{s} {got[(s, 'duplicates_kept')]:.3f}/{got[(s, 'mismatches_kept')]:.3f}" for s in STRATEGIES))
+    for strategy in ("semdedup", "dbp", "ssp", "random", "balanced_kmeans"):  # SemDeDup before them
+        assert got[(strategy, "duplicates_kept")] < uniform_dup / 2, strategy
+    for strategy in ("semdedup", "dbp", "clip_score", "negclip", "datacomp_image"):  # the CLIP filter / score
+        assert got[(strategy, "mismatches_kept")] < uniform_mis / 2, strategy
+    assert got[("full", "duplicates_kept")] == got[("full", "mismatches_kept")] == 1.0
+    # DBP spends more of its budget on the most varied concepts than random does, and less on the least varied
+    assert got[("dbp", "budget_most_varied")] > got[("random", "budget_most_varied")]
+    assert got[("dbp", "budget_least_varied")] < got[("random", "budget_least_varied")]

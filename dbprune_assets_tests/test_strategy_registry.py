@@ -18,7 +18,7 @@ from dbprune_assets.core.strategies.base import scalar
 from dbprune_assets.core.strategies.registry import BUILTIN_NAMES
 from dbprune_assets_tests.test_strategies import ASSIGN, DUPLICATES, SAMPLES, SCORES, write_tables
 
-BUILTIN = ("dbp", "ssp", "random", "clip_score", "semdedup", "full")
+BUILTIN = ("dbp", "ssp", "random", "clip_score", "semdedup", "full", "datacomp_image", "negclip", "balanced_kmeans")
 TOY = "every_other"
 
 
@@ -48,7 +48,9 @@ def toy() -> Iterator[Strategy]:
 def test_builtin_order() -> None:
     assert names() == BUILTIN == BUILTIN_NAMES == STRATEGIES
     assert [get(n).name for n in names()] == list(BUILTIN)
-    assert [n for n in names() if get(n).sized] == ["dbp", "ssp", "random", "clip_score"]
+    assert [n for n in names() if get(n).sized] == ["dbp", "ssp", "random", "clip_score", "datacomp_image",
+                                                     "negclip", "balanced_kmeans"]
+    assert [n for n in names() if get(n).may_fall_short] == ["datacomp_image"]
     assert [n for n in names() if get(n).quota_based] == ["dbp", "ssp"]
     assert all(get(n).description for n in names())
 

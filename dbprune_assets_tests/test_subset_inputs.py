@@ -131,13 +131,18 @@ def _home_with_images(tmp_path: Path) -> tuple[Layout, dict]:
     return layout, info
 
 
+#: the strategies that read only the tables this hand-made home has (datacomp_image, negclip and
+#: balanced_kmeans also read embeddings and SemDeDup's fit: test_more_strategies.py)
+TABLE_ONLY = tuple(s for s in STRATEGIES if s not in ("datacomp_image", "negclip", "balanced_kmeans"))
+
+
 def test_make_subset_reads_the_per_shard_tables_once_per_step(tmp_path: Path) -> None:
     layout, info = _home_with_images(tmp_path)
     settings = PipelineSettings.model_validate({"export": {"shard_size": 3}, "compute": {"threads": 1}})
     tables = layout.home / "tables"
     clusters = pl.read_parquet(layout.table("clusters"))
     reference = {}
-    for strategy in STRATEGIES:
+    for strategy in TABLE_ONLY:
         quotas, M = strategy_quotas(strategy, clusters)
         direct = decide(strategy, tables, M, quotas, 0, tmp_path / "direct" / f"{strategy}.parquet", tmp_path / ".tmp",
                         threads=1)  # straight from the per-shard files
@@ -145,7 +150,7 @@ def test_make_subset_reads_the_per_shard_tables_once_per_step(tmp_path: Path) ->
         assert all(not found for found in out.problems.values()), out.problems
         assert _sha(layout.table("decisions", strategy)) == _sha(direct.path), strategy
         reference[strategy] = (_sha(direct.path), _sha(layout.subset_dir(strategy) / "uids.npy"))
-    assert len({r[0] for r in reference.values()}) == len(STRATEGIES)  # they do decide differently
+    assert len({r[0] for r in reference.values()}) == len(TABLE_ONLY)  # they do decide differently
 
     with subset_inputs(layout, threads=1) as inputs:
         assert inputs.images and inputs.origin == tables
@@ -155,7 +160,7 @@ def test_make_subset_reads_the_per_shard_tables_once_per_step(tmp_path: Path) ->
         shutil.move(tables / "samples", tmp_path / "samples.aside")
         for t in ("scores", "candidates", "assignments"):
             shutil.rmtree(tables / t)
-        for strategy in STRATEGIES:
+        for strategy in TABLE_ONLY:
             out = make_subset(layout, settings, strategy, inputs)
             assert all(not found for found in out.problems.values()), out.problems
             dec = layout.table("decisions", strategy)
@@ -165,7 +170,7 @@ def test_make_subset_reads_the_per_shard_tables_once_per_step(tmp_path: Path) ->
         work = inputs.tables.parent
     assert not work.exists()  # the copy was scratch
     shutil.move(tmp_path / "samples.aside", tables / "samples")
-    for strategy in STRATEGIES:  # the export checked against the real samples table
+    for strategy in TABLE_ONLY:  # the export checked against the real samples table
         assert verify_export(layout.subset_dir(strategy), layout.table("decisions", strategy)) == []
     kept = pq.read_table(layout.table("decisions", "full")).to_pylist()
     assert {r["uid"] for r in kept if r["keep"]} == {v[1] for v in info.values() if v[2] == "ok"}

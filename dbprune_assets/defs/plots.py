@@ -346,35 +346,48 @@ def reasons_png(rows: Sequence[Mapping[str, Any]]) -> bytes:
 COMPARISON_COLUMNS = 3
 
 
-def comparison_png(panels: Sequence["Panel"]) -> bytes:
-    """One panel per metric, :data:`COMPARISON_COLUMNS` to a row, at most
-    :data:`DIALOG_WIDTH_PX` wide: a bar per strategy at its mean with the 95%
-    bootstrap interval as error bar and the seed scores as dots."""
-    ncols = min(COMPARISON_COLUMNS, max(1, len(panels)))
-    nrows = -(-max(1, len(panels)) // ncols)
+def _panel_grid(n: int, draw_panel: Callable[[Any, int, Any], None], title: str) -> bytes:
+    """``n`` bar panels, :data:`COMPARISON_COLUMNS` to a row, at most
+    :data:`DIALOG_WIDTH_PX` wide; ``draw_panel(ax, i, colors)`` draws panel ``i``."""
+    ncols = min(COMPARISON_COLUMNS, max(1, n))
+    nrows = -(-max(1, n) // ncols)
 
     def draw(fig: Any) -> None:
         import matplotlib.pyplot as plt
 
         colors = plt.get_cmap("tab10")
         axes = fig.subplots(nrows, ncols, squeeze=False)
-        for i, p in enumerate(panels):
+        for i in range(n):
             ax = axes[i // ncols][i % ncols]
-            for x, values in zip(p.x, p.seed_values):
-                ax.scatter([x] * len(values), values, s=8, color="black", zorder=3)
-            ax.bar(p.x, p.means, color=[colors(j % 10) for j in p.x], yerr=[p.err_lo, p.err_hi], capsize=3,
-                   alpha=0.85)
-            ax.set_xticks(range(len(p.strategies)))
-            ax.set_xticklabels(p.strategies, rotation=45, ha="right", fontsize=8)
-            ax.set_title(p.title, fontsize=9)
-            ax.set_ylim(0, p.y_max)
+            draw_panel(ax, i, colors)
             ax.tick_params(axis="y", labelsize=8)
             ax.grid(axis="y", alpha=0.3)
-        for k in range(len(panels), nrows * ncols):
+        for k in range(n, nrows * ncols):
             axes[k // ncols][k % ncols].axis("off")
-        fig.suptitle("mean over seeds, 95% bootstrap interval; dots: seeds", fontsize=9)
+        fig.suptitle(title, fontsize=9)
 
     return png_bytes(draw, (2.8 * ncols, 2.7 * nrows), max_width_px=DIALOG_WIDTH_PX)
+
+
+def _strategy_axis(ax: Any, strategies: Sequence[str], title: str, size: int) -> None:
+    ax.set_xticks(range(len(strategies)))
+    ax.set_xticklabels(strategies, rotation=45, ha="right", fontsize=8)
+    ax.set_title(title, fontsize=size)
+
+
+def comparison_png(panels: Sequence["Panel"]) -> bytes:
+    """One panel per metric: a bar per strategy at its mean with the 95%
+    bootstrap interval as error bar and the seed scores as dots."""
+
+    def panel(ax: Any, i: int, colors: Any) -> None:
+        p = panels[i]
+        for x, values in zip(p.x, p.seed_values):
+            ax.scatter([x] * len(values), values, s=8, color="black", zorder=3)
+        ax.bar(p.x, p.means, color=[colors(j % 10) for j in p.x], yerr=[p.err_lo, p.err_hi], capsize=3, alpha=0.85)
+        _strategy_axis(ax, p.strategies, p.title, 9)
+        ax.set_ylim(0, p.y_max)
+
+    return _panel_grid(len(panels), panel, "mean over seeds, 95% bootstrap interval; dots: seeds")
 
 
 def duplicate_pairs_png(layout: Layout, pairs: Sequence[tuple[str, str, str, str]]) -> bytes | None:
@@ -397,3 +410,20 @@ def cluster_examples_png(layout: Layout, out: "ComplexityOutcome", n: int = 4) -
     return image_grid([(f"#{c}  C={comp[c]:.3f}  n={size[c]}", imgs) for c, imgs in rows],
                       sections=[("most complex clusters (DBP keeps more of these)", len(top)),
                                 ("least complex clusters (DBP keeps fewer)", len(bottom))])
+
+
+def truth_png(found: Mapping[str, Mapping[str, float]]) -> bytes:
+    """What each strategy keeps against the pool's ground truth
+    (``core/strategies/truth.py``): one panel per metric, a bar per strategy."""
+    from dbprune_assets.core.strategies.truth import LABELS, METRICS
+
+    metrics, strategies = list(METRICS), list(found)
+
+    def panel(ax: Any, i: int, colors: Any) -> None:
+        values = [0.0 if v != v else v for v in (found[s].get(metrics[i], float("nan")) for s in strategies)]
+        ax.bar(range(len(strategies)), values, color=[colors(j % 10) for j in range(len(strategies))], alpha=0.85)
+        ax.set_ylim(0, max(values, default=0.0) * 1.15 or 1.0)
+        _strategy_axis(ax, strategies, LABELS[metrics[i]], 8)
+
+    return _panel_grid(len(metrics), panel,
+                       "what each strategy keeps, against the pool's ground truth (measured, not trained)")

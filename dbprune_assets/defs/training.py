@@ -14,7 +14,7 @@ from dbprune_assets.core.store.layout import Layout
 from dbprune_assets.core.running.progress import progress
 from dbprune_assets.core.settings import PipelineSettings
 from dbprune_assets.defs.common import ALL_PARTITIONS, Facts, Session, stage, strategy_partitions, with_fact
-from dbprune_assets.defs.plots import artefact_md, comparison_png, loss_curve_png, report_metadata, table
+from dbprune_assets.defs.plots import artefact_md, comparison_png, loss_curve_png, report_metadata, table, truth_png
 
 SEED_DIR = "seed{}"
 
@@ -195,6 +195,13 @@ def comparison(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeR
     plot = artefact_md(s.layout, "comparison", "comparison", comparison_png(panels),
                        "scores per strategy (mean, 95% bootstrap interval); last: DataComp's aggregate")
     report = write_report(s.layout, with_fact(s.nodes, "plots"), f"run-{context.run_id}")
+    from dbprune_assets.core.strategies.truth import read_truth, truth_rows, truth_verdicts
+
+    found = read_truth(s.layout.home / "tables", out.strategies)
+    truth = {"truth_quality": table(truth_rows(found)),
+             "truth_verdicts": dg.MetadataValue.md("\n".join(f"- {v}" for v in truth_verdicts(found))),
+             "truth_plot": artefact_md(s.layout, "comparison", "truth", truth_png(found), "against the ground truth"),
+             } if found else {}
     return s.done("comparison", summary={"strategies": out.strategies, "report": str(report)}, metadata={
         **report_metadata(report),
         "mean_over_seeds": table(table_rows(out.summary, intervals=False)),
@@ -205,4 +212,5 @@ def comparison(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeR
         "scores": dg.MetadataValue.json(summary_metadata(out.summary)),
         "subset_sizes": dg.MetadataValue.json(out.subset_sizes),
         "samples_seen": dg.MetadataValue.json(out.samples_seen),
+        **truth,
     })

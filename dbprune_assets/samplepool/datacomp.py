@@ -16,7 +16,10 @@ Layout, as DataComp's ``download_upstream.py`` leaves its metadata folder
 * beside them ``ground_truth.parquet`` (the image pool's schema, read by
   :func:`~.writer.load_ground_truth`; ``key`` is null: DataComp rows have
   none) and ``pool_info.json`` (``generator`` :data:`DATACOMP_GENERATOR`,
-  recognised by :func:`is_datacomp_pool`).
+  recognised by :func:`is_datacomp_pool`);
+* ``targets/image_embeddings.npz``: ``eval_per_class`` image embeddings of
+  each concept (the evaluation classes), the target set of the
+  ``datacomp_image`` strategy (the role ImageNet-1k plays in DataComp).
 
 The story is the image pool's (:mod:`.concepts`, :mod:`.plan`): the same
 concepts with the same planted ``variability`` and Zipf ``frequency`` (base
@@ -93,7 +96,10 @@ DATACOMP_SCHEMA = pa.schema(
 )
 
 # random streams (the image pool uses 1-7)
-_PLAN_STREAM, _EMBED_STREAM, _DIRECTION_STREAM, _LAYOUT_STREAM = 20, 21, 22, 23
+_PLAN_STREAM, _EMBED_STREAM, _DIRECTION_STREAM, _LAYOUT_STREAM, _TARGET_STREAM = 20, 21, 22, 23, 24
+#: the target images datacomp_image reads (``core/strategies/targets.py``): ``eval_per_class``
+#: images of every concept (the evaluation classes), per model ``<model>_img``
+TARGETS_FILE = Path("targets") / "image_embeddings.npz"
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 
@@ -147,6 +153,8 @@ def write_datacomp_pool(out: Path, settings: PoolSettings, models: Sequence[str]
                 gt_writer.write_table(shard.truth)
         finally:
             gt_writer.close()
+        (tmp / TARGETS_FILE).parent.mkdir()
+        _write_npz(tmp / TARGETS_FILE, gen.targets(models))
         (tmp / "pool_info.json").write_text(json.dumps(gen.pool_info(models), indent=2, sort_keys=True) + "\n")
     return DataCompPoolSummary(
         pool_dir=out,
@@ -332,6 +340,12 @@ class _Generator:
                 for c in self.concepts
             ],
         }
+
+    def targets(self, models: Sequence[str]) -> dict[str, np.ndarray]:
+        """``eval_per_class`` target image embeddings per concept (float16), per model."""
+        concept = np.repeat(np.arange(len(self.concepts)), self.s.eval_per_class)
+        return {f"{m}_img": self.dirs[m].images(concept, rng_stream(self.s.seed, _TARGET_STREAM, i)).astype(np.float16)
+                for i, m in enumerate(MODELS) if m in models}
 
     # -- one shard -------------------------------------------------------
     def _shard(self, s: int) -> _Shard:

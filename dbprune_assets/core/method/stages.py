@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from dbprune_assets.core.strategies import DecisionSummary
     from dbprune_assets.core.store.subset_inputs import SubsetInputs
     from dbprune_assets.core.store.history import Provenance
+    from dbprune_assets.core.strategies.truth import TruthQuality
 
 #: how many (duplicate, original) pairs the UI shows
 EXAMPLE_PAIRS = 6
@@ -258,6 +259,7 @@ class SubsetOutcome:
     export: "ExportSummary"
     problems: dict[str, list[str]]  # check name -> problems found (empty = passed)
     kept_digest: str = ""  # of the kept (shard, uid) set: equal sets, equal digests (:func:`kept_digest`)
+    truth: "TruthQuality | None" = None  # against the pool's ground truth, when it has one (strategies/truth.py)
 
 
 #: an order-free digest of a decisions file's kept (shard, uid) set: its size and two
@@ -356,8 +358,10 @@ def make_subset(layout: Layout, settings: PipelineSettings, strategy: str,
     chosen = registry.get(strategy)
     quotas, M = strategy_quotas(chosen.name, pl.read_parquet(layout.table("clusters")))
     out = layout.table("decisions", strategy)
-    summary = decide(chosen.name, inputs.tables, M, quotas, settings.selection.seed, out, layout.tmp,
-                     threads=threads, origin=inputs.origin, provenance=provenance)
+    with scratch_dir(layout.tmp, f"prepare-{strategy}-") as work:
+        prepared = chosen.prepare(strategy_context(layout, settings, inputs, M if chosen.sized else None, Path(work)))
+        summary = decide(chosen.name, inputs.tables, M, quotas, settings.selection.seed, out, layout.tmp,
+                         threads=threads, origin=inputs.origin, provenance=provenance, prepared=prepared)
     problems: dict[str, list[str]] = {"one_decision_per_sample": [], "kept_equals_quota": []}
     if provenance is not None:  # the run's history rows (core/store/history.py)
         record_history(layout, provenance, strategy, summary)
@@ -383,4 +387,44 @@ def make_subset(layout: Layout, settings: PipelineSettings, strategy: str,
         problems["one_decision_per_sample"].append(
             f"{strategy}: {inputs.samples} samples ({inputs.sample_ids} distinct), {n_dec} decisions "
             f"({n_distinct} distinct)")
-    return SubsetOutcome(summary, exp, problems, kept_digest(layout, out))
+    return SubsetOutcome(summary, exp, problems, kept_digest(layout, out), measure_truth(layout, settings, strategy, out))
+
+
+def strategy_context(layout: Layout, settings: PipelineSettings, inputs: "SubsetInputs", M: int | None,
+                     work: Path) -> Any:
+    """The :class:`~dbprune_assets.core.strategies.base.StrategyContext` of one
+    strategy in a ``pruned_subset`` step: the shards are those of the samples table."""
+    from dbprune_assets.core.strategies.base import StrategyContext
+
+    import duckdb
+
+    from dbprune_assets.core.store.duck import parquet_files
+
+    files = [str(f) for f in parquet_files(inputs.samples_dir)]
+    con = duckdb.connect()
+    try:
+        [(names,)] = con.execute("SELECT list(DISTINCT shard ORDER BY shard) FROM read_parquet(?)", [files]).fetchall()
+    finally:
+        con.close()
+    return StrategyContext(layout=layout, tables=inputs.tables, shards=tuple(names or ()), settings=settings,
+                           work=work, M=M, seed=settings.selection.seed, threads=settings.compute.threads or None,
+                           device=settings.compute.device)
+
+
+def measure_truth(layout: Layout, settings: PipelineSettings, strategy: str, decisions: Path) -> "TruthQuality | None":
+    """The strategy's ``truth_quality`` rows (``tables/truth_quality/<strategy>``)
+    when the pool has a ground truth (``strategies.ground_truth`` or the
+    pool's own file), else None (and no such file)."""
+    import polars as pl
+
+    from dbprune_assets.core.strategies.truth import find_ground_truth, measure
+
+    target = layout.table("truth_quality", strategy)
+    truth = find_ground_truth(layout.pool, settings.strategies.ground_truth)
+    if truth is None:
+        target.unlink(missing_ok=True)
+        return None
+    found = measure(strategy, decisions, truth, layout.tmp, settings.compute.threads or None)
+    write_parquet(target, pl.DataFrame(found.rows(), schema={"strategy": pl.String, "metric": pl.String,
+                                                             "value": pl.Float64}), layout.tmp)
+    return found

@@ -27,7 +27,8 @@ import polars as pl
 
 from dbprune_assets.core.models.compare_stats import (AGGREGATE_TASK, CI_LEVEL, METRIC_ORDER, SUMMARY_SCHEMA,
                                                      aggregate_rows, aggregate_summary, bootstrap_ci,
-                                                     compare_intervals, metric_key, strategy_key, summarize)
+                                                     compare_intervals, detectable_difference, metric_key,
+                                                     strategy_key, summarize)
 from dbprune_assets.core.store.layout import Layout
 
 __all__ = [
@@ -68,6 +69,7 @@ def verdicts(summary: pl.DataFrame, baseline: str = "full", focus: str = "dbp") 
     out: list[str] = []
     counts = {"higher": 0, "lower": 0, "same": 0, "unknown": 0}
     per_metric: list[str] = []
+    detectable: list[float] = []
     for task, metric in metrics:
         f = by.get((focus, task, metric))
         label = _metric_label(task, metric)
@@ -88,6 +90,9 @@ def verdicts(summary: pl.DataFrame, baseline: str = "full", focus: str = "dbp") 
                 head += "no difference (the intervals overlap)."
             else:
                 head += "cannot tell (a single seed gives no interval)."
+            if (d := detectable_difference(f, b)) is not None:
+                head += f" These seeds detect a difference of {d:.3f} or more."
+                detectable.append(d)
             per_metric.append(head)
         for o in others:
             if o == base or (o, task, metric) not in by:
@@ -121,6 +126,10 @@ def verdicts(summary: pl.DataFrame, baseline: str = "full", focus: str = "dbp") 
     elif n_seeds and n_seeds[-1] < 5:
         seeds_note += ", so they are coarse"
     out.append(seeds_note + "; they do not include the evaluation set's own sampling error.")
+    if detectable:
+        out.append(f"The smallest difference the seeds can detect ({focus} vs {base}, two-sided 5% test, 80% power, "
+                   f"from the seed spread) is {min(detectable):.3f} to {max(detectable):.3f} by metric: a smaller "
+                   "true difference would not show here.")
     return out + per_metric
 
 
@@ -313,6 +322,7 @@ def compare_strategies(layout: Layout, strategies: Sequence[str], n_boot: int) -
     from dbprune_assets.core.models.evaluate import eval_results_path, read_eval_results
     from dbprune_assets.core.store.state import read_state
     from dbprune_assets.core.models.train import read_train_result
+    from dbprune_assets.core.strategies.truth import read_truth, truth_markdown
 
     have = [st for st in strategies if layout.table("eval", st).exists()]
     if not have:
@@ -337,6 +347,7 @@ def compare_strategies(layout: Layout, strategies: Sequence[str], n_boot: int) -
                  "task, averaged per group over the tasks present; a column head says how many of the group's tasks "
                  "are present):\n\n"
                  + out.aggregate_table)
+    text += "\n" + truth_markdown(read_truth(layout.home / "tables", strategies))
     write_bytes(layout.artefact_dir("comparison") / "comparison.md", text.encode(), layout.tmp)
     write_parquet(layout.table("comparison"), summary.drop([c for c in ("values", "seeds") if c in summary.columns]),
                   layout.tmp)

@@ -175,6 +175,25 @@ def compare_intervals(a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
     return "same"
 
 
+#: the power at which :func:`detectable_difference` detects a difference (with two-sided 5% tests)
+POWER = 0.8
+
+
+def detectable_difference(a: Mapping[str, Any], b: Mapping[str, Any]) -> float | None:
+    """The smallest difference of means the two summary rows' seeds can
+    detect: ``(t_{0.975, df} + t_{POWER, df}) * sqrt(s_a^2 / n_a + s_b^2 / n_b)``
+    with ``df = n_a + n_b - 2`` (a two-sample t-test at 5%, two-sided, with 80%
+    power, from the seed spreads ``s``); None with fewer than 2 seeds on a side."""
+    from scipy.stats import t
+
+    n_a, n_b = int(a["n_seeds"]), int(b["n_seeds"])
+    if n_a < 2 or n_b < 2:
+        return None
+    df = n_a + n_b - 2
+    se = (float(a["std"]) ** 2 / n_a + float(b["std"]) ** 2 / n_b) ** 0.5
+    return float((t.ppf(0.975, df) + t.ppf(POWER, df)) * se)
+
+
 def aggregate_rows(results: Mapping[tuple[str, int], Sequence[Mapping[str, Any]]]) -> pl.DataFrame:
     """Rows (strategy, seed, task ``datacomp``, metric = group, value, n_tasks,
     n_group) of DataComp's aggregate scores of each (strategy, seed)'s

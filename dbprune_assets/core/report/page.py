@@ -80,6 +80,17 @@ def _comparison(layout: Layout) -> str:
     return out
 
 
+def _truth(layout: Layout) -> str:
+    from dbprune_assets.core.strategies.truth import read_truth, truth_rows, truth_verdicts
+
+    found = read_truth(layout.home / "tables", registry.names())
+    if not found:
+        return "<p><em>no ground truth for this pool (strategies.ground_truth)</em></p>"
+    items = "".join(f"<li>{html.escape(v)}</li>" for v in truth_verdicts(found))
+    return ("<p>Measured on the pool's planted truth, not trained (catalog view <code>truth_quality</code>).</p>"
+            + html_table(truth_rows(found)) + f"<ul>{items}</ul>")
+
+
 def _clusters(layout: Layout) -> str:
     import polars as pl
 
@@ -130,6 +141,7 @@ def render_report(layout: Layout, plot_assets: Sequence[str], title: str = "") -
         f"<h2>Pool</h2>{_pool(layout)}"
         f"<h2>Comparison</h2>{_comparison(layout)}"
         f"<h2>Decisions per strategy</h2>{_decisions(layout)}"
+        f"<h2>What each strategy keeps, against the ground truth</h2>{_truth(layout)}"
         f"<h2>DBP clusters</h2>{_clusters(layout)}"
         f"<h2>Plots and examples</h2>{_plots(layout, plot_assets)}"
         "</body></html>"

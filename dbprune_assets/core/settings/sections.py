@@ -97,6 +97,19 @@ def _cluster_count(value: Any) -> int | str:
 Clusters = Annotated[int | Literal["auto"], PlainValidator(_cluster_count)]
 
 
+def _level_ks(value: Any) -> tuple[int, ...] | str:
+    """``auto``, or a non-empty list of positive whole numbers (a tuple)."""
+    if value == AUTO and isinstance(value, str):
+        return AUTO
+    if not isinstance(value, (list, tuple)) or not value:
+        raise PydanticCustomError("levels_type", "expected auto or a list of cluster counts, e.g. [100, 10]")
+    return tuple(_cluster_count(v) for v in value)  # type: ignore[misc]
+
+
+#: the cluster counts of the levels above the first: a list of positive ints or ``"auto"``
+LevelKs = Annotated[tuple[int, ...] | Literal["auto"], PlainValidator(_level_ks)]
+
+
 class _Section(BaseModel):
     # strict: YAML `true` or "5" is not an int (1 for a float is fine); tuples
     # are read from YAML lists (their items stay strict)
@@ -277,6 +290,45 @@ class SelectionSettings(_Section):
         return v
 
 
+class NegClipSettings(_Section):
+    """negCLIPLoss (Wang et al., NeurIPS 2024): the in-batch normalisation of the CLIP score."""
+
+    batch_size: int = Field(32768, ge=2, description="the batch a pair is normalised within (the paper's 32,768; "
+                                                     "capped at the pool)")
+    batches: int = Field(10, gt=0, description="random batches averaged per pair (the paper's K = 10)")
+    temperature: float = Field(0.01, gt=0, description="CLIP's temperature (OpenAI CLIP's learned 0.01, the paper's)")
+
+
+class BalancedKmeansSettings(_Section):
+    """Hierarchical k-means with balanced sampling (Vo et al., 2024).  Level 1
+    is SemDeDup's k-means; each level above clusters the centroids of the one below."""
+
+    levels: Clusters = Field(AUTO, description="levels of the hierarchy, SemDeDup's clusters included, or auto "
+                                               "(a level per tenfold fewer clusters, at most 4)")
+    k: LevelKs = Field(
+        AUTO, description="clusters of each level above the first, bottom up, or auto (a tenth of "
+                                        "the level below)")
+    resampling_steps: int = Field(10, ge=0, description="resampling steps per level above the first (the paper's 10)")
+    pick: Literal["closest", "random"] = Field(
+        "closest", description="which members a leaf keeps: closest to its centroid (the paper's web-image "
+                               "setting) or random (seeded)")
+    seed: int = 0
+
+
+class StrategiesSettings(_Section):
+    """The strategies' own inputs (``core/strategies/``)."""
+
+    target_embeddings: str | None = Field(
+        None, description="datacomp_image's targets: a .npy/.npz file or a folder of them holding image embeddings "
+                          "(DataComp uses ImageNet-1k's training images); default: the pool's targets/ file, else "
+                          "the evaluation sets' images embedded by the encoder")
+    ground_truth: str | None = Field(
+        None, description="a ground-truth parquet in the sample pool's schema (uid, shard, concept, variability, "
+                          "dup_group, mismatched, ...); default: the pool's ground_truth.parquet when present")
+    negclip: NegClipSettings = NegClipSettings()
+    balanced_kmeans: BalancedKmeansSettings = BalancedKmeansSettings()
+
+
 class ExportSettings(_Section):
     shard_size: int = Field(10000, gt=0, description="samples per exported tar")
     seed: int = Field(0, description="shuffle seed of the exported shards")
@@ -335,6 +387,7 @@ class PipelineSettings(_Section):
     clip_filter: ClipFilterSettings = ClipFilterSettings()
     dbp: DbpSettings = DbpSettings()
     selection: SelectionSettings = SelectionSettings()
+    strategies: StrategiesSettings = StrategiesSettings()
     export: ExportSettings = ExportSettings()
     train: TrainSettings = TrainSettings()
     eval: EvalSettings = EvalSettings()

@@ -35,7 +35,7 @@ T = TypeVar("T")
 #: in creation order: a view others refer to comes first
 CATALOG_TABLES: tuple[str, ...] = (
     "quotas", "duplicate_uids", "samples", "problems", "scores", "duplicates", "assignments", "centroids", "clusters", "decisions",
-    "eval", "decision_runs", "quota_moves",
+    "eval", "decision_runs", "quota_moves", "truth_quality",
 )
 #: columns a view computes from other views rather than reading from its files:
 #: a cluster's ``kept`` is what the dbp decisions actually kept (via ``quotas``)

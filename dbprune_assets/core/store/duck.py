@@ -72,6 +72,15 @@ TABLES: dict[str, dict[str, str]] = {
     },
     "eval": {"strategy": "VARCHAR", "seed": "INTEGER", "task": "VARCHAR", "metric": "VARCHAR", "value": "DOUBLE"},
     "candidates": {"uid": "VARCHAR", "shard": "VARCHAR", "row": "INTEGER", "emb_row": "INTEGER", "clip_score": "FLOAT"},
+    # SemDeDup's assignment of every ok sample (the per-shard dedup_assignments files)
+    "dedup_assignments": {"uid": "VARCHAR", "shard": "VARCHAR", "row": "INTEGER", "cluster": "INTEGER",
+                          "distance": "FLOAT"},
+    # what each strategy keeps, against a pool's ground truth (core/strategies/truth.py)
+    "truth_quality": {"strategy": "VARCHAR", "metric": "VARCHAR", "value": "DOUBLE"},
+    # the strategies' own inputs (core/strategies/*.py, a strategy's prepare step)
+    "negclip_scores": {"uid": "VARCHAR", "shard": "VARCHAR", "row": "INTEGER", "negclip": "DOUBLE"},
+    "target_clusters": {"cluster": "INTEGER", "targets": "BIGINT"},
+    "leaf_quotas": {"cluster": "INTEGER", "quota": "BIGINT", "pick": "VARCHAR"},
     # cross-shard duplicate uids (core/pool/uids.py): the later row and the first occurrence
     "duplicate_uids": {
         "shard": "VARCHAR", "key": "VARCHAR", "row": "INTEGER", "uid": "VARCHAR", "first_shard": "VARCHAR",

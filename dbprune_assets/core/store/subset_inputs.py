@@ -26,7 +26,7 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Collection, Iterator, Mapping
 
 from dbprune_assets.core.store.atomic import scratch_dir
 from dbprune_assets.core.store.duck import connect, create_view, parquet_files
@@ -37,14 +37,19 @@ from dbprune_assets.core.strategies import INPUTS
 from dbprune_assets.core.pool.uids import TABLE as DUPLICATE_UIDS, table_file
 
 
-def copied_columns(caption: bool) -> dict[str, tuple[str, ...]]:
+#: input tables copied only when a strategy of the step needs them (``Strategy.needs``)
+ON_DEMAND = frozenset({"dedup_assignments"})
+
+
+def copied_columns(caption: bool, needs: Collection[str] = ()) -> dict[str, tuple[str, ...]]:
     """The tables copied and their columns: what :func:`~.strategies.decide`
-    reads (``strategies.INPUTS``), the samples' columns the export reads
+    reads (``strategies.INPUTS``; those of :data:`ON_DEMAND` only when in
+    ``needs``), the samples' columns the export reads
     (``export.SAMPLE_COLUMNS``; the caption only with ``caption``, i.e. when
     the pool has images), and the cross-shard duplicate rows the effective
     status needs (:mod:`~.uids`)."""
     wanted = SAMPLE_COLUMNS if caption else tuple(c for c in SAMPLE_COLUMNS if c != "caption")
-    out = dict(INPUTS)
+    out = {t: cols for t, cols in INPUTS.items() if t not in ON_DEMAND or t in needs}
     out["samples"] = INPUTS["samples"] + tuple(c for c in wanted if c not in INPUTS["samples"])
     out[DUPLICATE_UIDS] = ("shard", "row")
     return out
@@ -83,7 +88,7 @@ def pool_tar_sizes(pool: Path) -> dict[str, int]:
 
 
 def consolidate(origin: Path, work: Path, *, caption: bool, memory_limit: str = "1GB",
-                threads: int | None = None) -> tuple[Path, int, int]:
+                threads: int | None = None, needs: Collection[str] = ()) -> tuple[Path, int, int]:
     """Copy the needed columns of each input table under the tables root
     ``origin`` into ``work/tables/<table>/all.parquet`` (a table without files
     gets no folder, as in ``origin``); ``caption`` adds the samples' caption
@@ -95,7 +100,7 @@ def consolidate(origin: Path, work: Path, *, caption: bool, memory_limit: str = 
     root = work / "tables"
     dup = table_file(origin)
     sources = {t: ((([dup] if dup.is_file() else []) if t == DUPLICATE_UIDS else parquet_files(origin / t)), cols)
-               for t, cols in copied_columns(caption).items()}
+               for t, cols in copied_columns(caption, needs).items()}
     # the copy holds a subset of the columns: the sources' size bounds it
     need = sum(f.stat().st_size for files, _ in sources.values() for f in files)
     require_free_space(work, need + MIN_FREE_BYTES, f"copying the input tables of {origin} for pruned_subset")
@@ -125,9 +130,10 @@ def consolidate(origin: Path, work: Path, *, caption: bool, memory_limit: str = 
 
 @contextlib.contextmanager
 def subset_inputs(layout: Layout, *, memory_limit: str = "1GB", threads: int | None = None,
-                  tables: Path | None = None) -> Iterator[SubsetInputs]:
+                  tables: Path | None = None, needs: Collection[str] = ()) -> Iterator[SubsetInputs]:
     """The step's :class:`SubsetInputs` (``tables``: the tables root to read,
-    default ``$DBPRUNE_HOME/tables``), in a scratch folder under ``layout.tmp``
+    default ``$DBPRUNE_HOME/tables``; ``needs``: the tables its strategies
+    need, for those copied on demand), in a scratch folder under ``layout.tmp``
     that is removed on exit."""
     from dbprune_assets.core.pool.poolkind import is_metadata_only
 
@@ -135,6 +141,7 @@ def subset_inputs(layout: Layout, *, memory_limit: str = "1GB", threads: int | N
     images = not is_metadata_only(layout.pool, list_pool_shards(layout.pool))
     tars = pool_tar_sizes(layout.pool) if images else {}
     with scratch_dir(layout.tmp, "subset-inputs-") as work:
-        root, n, ids = consolidate(origin, Path(work), caption=images, memory_limit=memory_limit, threads=threads)
+        root, n, ids = consolidate(origin, Path(work), caption=images, memory_limit=memory_limit, threads=threads,
+                                   needs=needs)
         yield SubsetInputs(tables=root, origin=origin, images=images, samples=n, sample_ids=ids, tar_sizes=tars)
 

@@ -25,7 +25,7 @@ from dbprune_assets.core.pool.uids import samples_view
 from dbprune_assets.core.store.atomic import atomic_path, scratch_dir
 from dbprune_assets.core.store.duck import connect, create_view, parquet_files
 from dbprune_assets.core.store.history import Provenance, has_provenance, provenance_sql, run_changes
-from dbprune_assets.core.strategies.base import INPUTS, Strategy, scalar
+from dbprune_assets.core.strategies.base import INPUTS, Prepared, Strategy, scalar
 from dbprune_assets.core.strategies.quotas import as_quotas, count_kept, quota_table
 from dbprune_assets.core.strategies.registry import get
 
@@ -48,6 +48,8 @@ class DecisionSummary:
     quotas: np.ndarray | None = None  #: quota strategies (dbp / ssp): the quotas used
     #: against the decisions this file replaced: samples, kept, added, removed, redecided, ... (history.py)
     changes: dict[str, int] = field(default_factory=dict)
+    #: lines for the output: what the strategy's prepare step used, why it kept fewer than M
+    notes: list[str] = field(default_factory=list)
 
     def metadata(self) -> dict[str, Any]:
         """Plain values for asset metadata / logs."""
@@ -84,6 +86,7 @@ def decide(
     *,
     origin: Path | None = None,
     provenance: Provenance | None = None,
+    prepared: Prepared | None = None,
 ) -> DecisionSummary:
     """Write ``out_path`` (``tables/decisions/<strategy>.parquet``): one row per
     samples row, columns strategy, uid, shard, keep, reason, ordered by
@@ -100,6 +103,9 @@ def decide(
     ``provenance``: the run and fits deciding, on each row this call changes
     (``core/store/history.py``); rows decided as before keep theirs.
 
+    ``prepared``: what the strategy's :meth:`~.base.Strategy.prepare` made
+    (its views are opened beside the input tables, its notes reported).
+
     ``tables`` is a tables root: ``$DBPRUNE_HOME/tables`` or its one-file-per-table
     copy (:mod:`~.subset_inputs`, which a ``pruned_subset`` step reads once for
     all its strategies); ``origin`` is then the root it was copied from, the
@@ -114,13 +120,16 @@ def decide(
         con = connect(Path(work), memory_limit, threads)
         try:
             _open_inputs(con, files, tables, strat.needs)
+            for name, view_files in (prepared.views if prepared is not None else {}).items():
+                create_view(con, name, view_files)
             _validate_inputs(con, strat)
             eligible = strat.select(con, M, q, seed)
+            expected = min(M, eligible) if M is not None and strat.may_fall_short else M
             who = provenance or Provenance("", "", "")
             previous = out_path if has_provenance(con, out_path) else None
             with atomic_path(out_path, tmp_root) as tmp:
                 _write_decisions(con, strat.name, tmp, previous, who)
-                counts, per_cluster = _check_written(con, strat.name, tmp, M, q)
+                counts, per_cluster = _check_written(con, strat.name, tmp, expected, q)
                 changes = run_changes(con, tmp, out_path if out_path.is_file() else None)
         finally:
             con.close()
@@ -135,6 +144,9 @@ def decide(
         per_cluster_kept=per_cluster,
         quotas=q,
         changes=changes,
+        notes=[*(prepared.notes if prepared is not None else []),
+               *([f"{strat.name}: kept all {eligible} eligible samples, fewer than M = {M}"]
+                 if expected is not None and M is not None and expected < M else [])],
     )
 
 

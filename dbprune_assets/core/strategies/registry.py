@@ -10,16 +10,21 @@ This module imports no settings: the settings validate names against it.
 from __future__ import annotations
 
 import re
+from typing import Any, Sequence
 
 from dbprune_assets.core.strategies.base import INPUTS, Strategy
 from dbprune_assets.core.strategies.by_quota import DBP, SSP
+from dbprune_assets.core.strategies.balanced_kmeans import BALANCED_KMEANS
 from dbprune_assets.core.strategies.clip_score import CLIP_SCORE
+from dbprune_assets.core.strategies.datacomp_image import DATACOMP_IMAGE
 from dbprune_assets.core.strategies.full import FULL
+from dbprune_assets.core.strategies.negclip import NEGCLIP
 from dbprune_assets.core.strategies.random_baseline import RANDOM
 from dbprune_assets.core.strategies.semdedup import SEMDEDUP
 
 #: the built-in strategies, in table order
-_BUILTIN: tuple[Strategy, ...] = (DBP, SSP, RANDOM, CLIP_SCORE, SEMDEDUP, FULL)
+_BUILTIN: tuple[Strategy, ...] = (DBP, SSP, RANDOM, CLIP_SCORE, SEMDEDUP, FULL, DATACOMP_IMAGE, NEGCLIP,
+                                  BALANCED_KMEANS)
 #: their names
 BUILTIN_NAMES: tuple[str, ...] = tuple(s.name for s in _BUILTIN)
 #: a strategy name is a partition key and a file name
@@ -39,6 +44,21 @@ def get(name: str) -> Strategy:
         return _registry[name]
     except (KeyError, TypeError):
         raise ValueError(f"unknown strategy {name!r}; allowed: {', '.join(_registry)}") from None
+
+
+def runnable(chosen: Sequence[str], layout: Any, settings: Any) -> tuple[list[str], dict[str, str]]:
+    """Of the ``chosen`` strategy names (in registry order), those that can run
+    on the pool, and why each other one cannot (one line saying what to
+    provide: :meth:`~.base.Strategy.unavailable`)."""
+    ok, left_out = [], {}
+    for name in names():
+        if name in chosen:
+            why = _registry[name].unavailable(layout, settings)
+            if why is None:
+                ok.append(name)
+            else:
+                left_out[name] = why
+    return ok, left_out
 
 
 def quota_names() -> tuple[str, ...]:
