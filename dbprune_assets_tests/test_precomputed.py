@@ -5,6 +5,7 @@ file, and the whole graph on a metadata-only pool through ``uids.npy``."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -197,6 +198,14 @@ def test_dbprune_run_on_a_datacomp_metadata_pool(tmp_path: Path) -> None:
         got = np.load(layout.subset_dir(strategy) / "uids.npy")
         assert [f"{a:016x}{b:016x}" for a, b in got.tolist()] == kept
         assert sorted(p.name for p in layout.subset_dir(strategy).iterdir()) == ["uids.npy"]
+    assert "datacomp_image: 120 target embeddings from the pool's targets" in r.stdout  # where they came from
     # explicitly asked for, training says why it cannot
     r = run_cli("run", "--select", "trained_model", env=env)
     assert r.returncode == 1 and "nothing to train on" in r.stdout + r.stderr
+    # a DataComp pool without targets (a user's): datacomp_image is left out, saying what to provide
+    shutil.rmtree(pool / "targets")
+    r = run_cli("run", "--select", "pruned_subset", "--force", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "– strategy datacomp_image: left out: no target images for datacomp_image: set " \
+           "strategies.target_embeddings" in r.stdout
+    assert "pruned_subset [8 of 8 partitions]" in r.stdout

@@ -16,6 +16,7 @@ from dbprune_assets.core.store.layout import UNPARTITIONED
 from dbprune_assets.core.store.state import stable_hash
 from dbprune_assets.core.store.subset_inputs import subset_inputs
 from dbprune_assets.core.strategies import registry
+from dbprune_assets.core.strategies.base import StrategyUnavailable
 from dbprune_assets.defs.common import Facts, Session, stage, strategy_partitions
 from dbprune_assets.defs.plots import artefact_md, reasons_png, table, truth_png
 
@@ -78,13 +79,18 @@ tables/decision_runs and tables/quota_moves: what this run added, removed and re
 moved), tables/quotas/<strategy> for dbp/ssp, and exports
     the kept samples' original bytes to subsets/<strategy>/ (equal shuffled tars + sizes.json + uids.npy) for
     open_clip_train."""
-    rows, problems, truth = [], {name: [] for name in CHECKS}, []
+    rows, problems, truth, left_out = [], {name: [] for name in CHECKS}, [], {}
     # the input tables are read once for all the step's strategies (core/store/subset_inputs.py)
     who = provenance(context.run_id, s)
     needs = {t for name in context.partition_keys for t in registry.get(name).needs}
     with subset_inputs(s.layout, threads=s.settings.compute.threads or None, needs=needs) as inputs:
         for strategy in progress(context.partition_keys, desc="pruned_subset", unit="strategy"):
-            out = stages.make_subset(s.layout, s.settings, strategy, inputs, who)
+            try:
+                out = stages.make_subset(s.layout, s.settings, strategy, inputs, who)
+            except StrategyUnavailable as e:  # dbprune run leaves it out before; the UI and automation get here
+                context.log.warning(f"{strategy}: left out: {e}")
+                left_out[strategy] = str(e)
+                continue
             for note in out.summary.notes:
                 context.log.info(note)
             if out.truth is not None:
@@ -113,6 +119,7 @@ moved), tables/quotas/<strategy> for dbp/ssp, and exports
             "step_reasons": artefact_md(s.layout, "pruned_subset", f"reasons-{'-'.join(context.partition_keys)}",
                                         reasons_png(rows), "decisions by reason"),
             **truth_metadata(s, context.partition_keys, truth),
+            **({"left_out": dg.MetadataValue.json(left_out)} if left_out else {}),
             "subsets": dg.MetadataValue.path(str(s.layout.home / "subsets")),
             "step_seconds": s.elapsed(),
         },
