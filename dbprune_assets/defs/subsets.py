@@ -9,6 +9,7 @@ from typing import Any
 import dagster as dg
 
 from dbprune_assets.core.method import stages
+from dbprune_assets.core.models.target_images import embed_eval_images
 from dbprune_assets.core.method.fitrecord import read_record
 from dbprune_assets.core.store.history import Provenance
 from dbprune_assets.core.running.progress import progress
@@ -86,7 +87,8 @@ moved), tables/quotas/<strategy> for dbp/ssp, and exports
     with subset_inputs(s.layout, threads=s.settings.compute.threads or None, needs=needs) as inputs:
         for strategy in progress(context.partition_keys, desc="pruned_subset", unit="strategy"):
             try:
-                out = stages.make_subset(s.layout, s.settings, strategy, inputs, who)
+                out = stages.make_subset(s.layout, s.settings, strategy, inputs, who,
+                                         lambda folders: embed_eval_images(s.layout, s.settings, folders))
             except StrategyUnavailable as e:  # dbprune run leaves it out before; the UI and automation get here
                 context.log.warning(f"{strategy}: left out: {e}")
                 left_out[strategy] = str(e)

@@ -333,7 +333,8 @@ def record_history(layout: Layout, who: "Provenance", strategy: str, summary: An
 
 
 def make_subset(layout: Layout, settings: PipelineSettings, strategy: str,
-                inputs: "SubsetInputs | None" = None, provenance: "Provenance | None" = None) -> SubsetOutcome:
+                inputs: "SubsetInputs | None" = None, provenance: "Provenance | None" = None,
+                embed_eval: Any = None) -> SubsetOutcome:
     """Decide every sample under ``strategy``, a name of the strategy registry
     (``tables/decisions/<strategy>``, and ``tables/quotas/<strategy>`` for a
     quota strategy: dbp, ssp), export the kept samples to
@@ -343,7 +344,8 @@ def make_subset(layout: Layout, settings: PipelineSettings, strategy: str,
     changed decision row names them, and the run's history rows are written.
 
     ``inputs``: the step's input tables, read once for all its strategies
-    (:func:`~.subset_inputs.subset_inputs`); without it this call reads them itself."""
+    (:func:`~.subset_inputs.subset_inputs`); without it this call reads them itself.
+    ``embed_eval``: see :func:`strategy_context` (``datacomp_image``'s fallback targets)."""
     import polars as pl
 
     from dbprune_assets.core.store.export import export_subset, verify_export
@@ -354,12 +356,13 @@ def make_subset(layout: Layout, settings: PipelineSettings, strategy: str,
     threads = settings.compute.threads or None
     if inputs is None:
         with subset_inputs(layout, threads=threads) as step_inputs:
-            return make_subset(layout, settings, strategy, step_inputs, provenance)
+            return make_subset(layout, settings, strategy, step_inputs, provenance, embed_eval)
     chosen = registry.get(strategy)
     quotas, M = strategy_quotas(chosen.name, pl.read_parquet(layout.table("clusters")))
     out = layout.table("decisions", strategy)
     with scratch_dir(layout.tmp, f"prepare-{strategy}-") as work:
-        prepared = chosen.prepare(strategy_context(layout, settings, inputs, M if chosen.sized else None, Path(work)))
+        prepared = chosen.prepare(strategy_context(layout, settings, inputs, M if chosen.sized else None, Path(work),
+                                                   embed_eval))
         summary = decide(chosen.name, inputs.tables, M, quotas, settings.selection.seed, out, layout.tmp,
                          threads=threads, origin=inputs.origin, provenance=provenance, prepared=prepared)
     problems: dict[str, list[str]] = {"one_decision_per_sample": [], "kept_equals_quota": []}
@@ -391,9 +394,10 @@ def make_subset(layout: Layout, settings: PipelineSettings, strategy: str,
 
 
 def strategy_context(layout: Layout, settings: PipelineSettings, inputs: "SubsetInputs", M: int | None,
-                     work: Path) -> Any:
+                     work: Path, embed_eval: Any = None) -> Any:
     """The :class:`~dbprune_assets.core.strategies.base.StrategyContext` of one
-    strategy in a ``pruned_subset`` step: the shards are those of the samples table."""
+    strategy in a ``pruned_subset`` step: the shards are those of the samples
+    table; ``embed_eval(folders)`` embeds evaluation images with the pool's encoder."""
     from dbprune_assets.core.strategies.base import StrategyContext
 
     import duckdb
@@ -408,7 +412,7 @@ def strategy_context(layout: Layout, settings: PipelineSettings, inputs: "Subset
         con.close()
     return StrategyContext(layout=layout, tables=inputs.tables, shards=tuple(names or ()), settings=settings,
                            work=work, M=M, seed=settings.selection.seed, threads=settings.compute.threads or None,
-                           device=settings.compute.device)
+                           device=settings.compute.device, embed_eval_images=embed_eval)
 
 
 def measure_truth(layout: Layout, settings: PipelineSettings, strategy: str, decisions: Path) -> "TruthQuality | None":

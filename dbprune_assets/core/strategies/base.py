@@ -53,6 +53,9 @@ class StrategyContext:
     threads: int | None = None
     device: str = "auto"  #: ``compute.device``: auto, cpu or cuda
     log: Callable[[str], None] = print
+    #: embeds the images of evaluation set folders with the pool's encoder (unit rows, the sets' names);
+    #: None where no encoder is at hand (``core/models/target_images.py``)
+    embed_eval_images: Callable[[list[Path]], tuple[Any, list[str]]] | None = None
 
 
 @dataclass

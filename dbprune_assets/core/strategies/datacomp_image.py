@@ -66,7 +66,7 @@ class DataCompImageStrategy(Strategy):
 
         from dbprune_assets.core.method.embstore import read_centroids
 
-        targets = load_targets(ctx.layout, ctx.settings, ctx.device)
+        targets = load_targets(ctx.layout, ctx.settings, ctx.embed_eval_images)
         centroids = read_centroids(ctx.layout, "dedup_centroids")
         ids, counts = target_clusters(targets.embeddings, centroids, ctx.threads or 0)
         path = ctx.work / "target_clusters.parquet"

@@ -21,11 +21,9 @@ In an ``.npz`` with several arrays the one used is the pool's image key
 
 from __future__ import annotations
 
-import tarfile
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -38,11 +36,13 @@ if TYPE_CHECKING:
 POOL_TARGETS = "targets"
 #: the file the DataComp-format sample pool writes there
 SAMPLE_POOL_FILE = "image_embeddings.npz"
-#: image extensions of a CLIP_benchmark webdataset tar
-IMAGE_EXTENSIONS = (".webp", ".jpg", ".jpeg", ".png")
 #: what a user without targets is told
 HOW = ("set strategies.target_embeddings to a .npy/.npz file (or folder of them) of image embeddings from the "
        "pool's encoder (DataComp uses ImageNet-1k's training images)")
+
+
+#: embeds the images of evaluation set folders: (unit rows, the sets' names)
+EmbedEval = Callable[[list[Path]], tuple[np.ndarray, list[str]]]
 
 
 @dataclass(frozen=True)
@@ -125,8 +125,10 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return (x / n).astype(np.float32)
 
 
-def load_targets(layout: Layout, settings: Any, device: str = "auto") -> Targets:
-    """The targets (module docstring); StrategyUnavailable when there are none."""
+def load_targets(layout: Layout, settings: Any, embed_eval: EmbedEval | None = None) -> Targets:
+    """The targets (module docstring); StrategyUnavailable when there are none.
+    ``embed_eval(folders)`` embeds the evaluation sets' images with the pool's
+    encoder (``core/models/target_images.py``, which the strategy context carries)."""
     found = target_source(layout, settings)
     if found is None:
         raise StrategyUnavailable(f"datacomp_image has no target images: {HOW}")
@@ -137,41 +139,10 @@ def load_targets(layout: Layout, settings: Any, device: str = "auto") -> Targets
         label = "strategies.target_embeddings" if kind == "setting" else "the pool's targets"
         return Targets(_unit(x), f"{len(x)} target embeddings from {label} ({where})")
     assert isinstance(where, list)
-    x, names = embed_eval_images(layout, settings, where, device)
-    return Targets(_unit(x), f"{len(x)} images of the evaluation sets {', '.join(names)}, embedded by the encoder")
-
-
-def _tar_images(tars: list[Path]) -> list[Any]:
-    from PIL import Image
-
-    images = []
-    for tar in tars:
-        with tarfile.open(tar) as t:
-            for m in t:
-                if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS):
-                    data = t.extractfile(m)
-                    if data is not None:
-                        images.append(Image.open(BytesIO(data.read())).convert("RGB"))
-    return images
-
-
-def embed_eval_images(layout: Layout, settings: Any, folders: list[Path], device: str) -> tuple[np.ndarray, list[str]]:
-    """Every image of the classification sets among ``folders`` (CLIP_benchmark
-    webdataset layout), embedded by the cluster encoder; and the sets' names."""
-    from dbprune_assets.core.models.embed import encode_images
-    from dbprune_assets.core.models.encoders import load_encoder, resolve_encoder
-    from dbprune_assets.core.models.evaluate import EvalError, find_eval_datasets
-
+    if embed_eval is None:
+        raise StrategyUnavailable(f"datacomp_image: no encoder at hand to embed the evaluation images; {HOW}")
     try:
-        sets = [d for d in find_eval_datasets(dict.fromkeys(str(f) for f in folders))
-                if d.dataset_type == "classification"]
-    except EvalError as e:
-        raise StrategyUnavailable(f"datacomp_image: the evaluation sets cannot be read ({e}); {HOW}") from None
-    images: list[Any] = []
-    for d in sets:
-        images += _tar_images(sorted((d.root / "test").glob("*.tar")))
-    if not images:
-        raise StrategyUnavailable(f"datacomp_image: no classification images in {', '.join(map(str, folders))}; {HOW}")
-    enc = load_encoder(resolve_encoder(settings.encoder.cluster_encoder, layout.encoder_dir / "bootstrap"), device)
-    x = encode_images(enc.model, enc.preprocess, images, batch_size=settings.compute.batch_size, device=enc.device)
-    return x, [d.name for d in sets]
+        x, names = embed_eval(where)
+    except ValueError as e:
+        raise StrategyUnavailable(f"datacomp_image: the evaluation sets give no target images ({e}); {HOW}") from None
+    return Targets(_unit(x), f"{len(x)} images of the evaluation sets {', '.join(names)}, embedded by the encoder")
