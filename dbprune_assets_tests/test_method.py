@@ -187,6 +187,11 @@ def test_truth_quality_shows_each_methods_mechanism(sample_run):
             assert kept == M, strategy
         elif strategy == "datacomp_image":
             assert 0 < kept <= M
+    from dbprune_assets.core.store.state import read_state
+
+    # no target file in the image pool: the evaluation images, embedded by the encoder, and said so
+    notes = read_state(layout, "pruned_subset", "datacomp_image").summary["notes"]
+    assert any("320 images of the evaluation sets shapes, embedded by the encoder" in n for n in notes), notes
     uniform_dup, uniform_mis = _uniform_duplicates_and_mismatches(truth, samples, M)
     print(f"uniform sample of the pool at M = {M}: duplicates_kept {uniform_dup:.3f}, mismatches_kept {uniform_mis:.3f}; "
           + ", ".join(f"{s} {got[(s, 'duplicates_kept')]:.3f}/{got[(s, 'mismatches_kept')]:.3f}" for s in STRATEGIES))

@@ -56,10 +56,12 @@ def batch_seed(seed: int, k: int) -> int:
 
 
 def _logsumexp_with(first: np.ndarray, logits: np.ndarray) -> np.ndarray:
-    """Row-wise ``log(exp(first) + sum exp(logits))`` (float64), stable."""
-    m = np.maximum(first, logits.max(axis=1, initial=-np.inf))
-    total = np.exp(first - m) + np.exp(logits - m[:, None]).sum(axis=1, dtype=np.float64)
-    return m + np.log(total)
+    """Row-wise ``log(exp(first) + sum exp(logits))`` (float64), stable; the
+    float32 ``logits`` block is overwritten (its exponentials are summed in float64)."""
+    m = np.maximum(first, logits.max(axis=1, initial=-np.inf).astype(np.float64))
+    logits -= m[:, None].astype(np.float32)
+    np.exp(logits, out=logits)
+    return m + np.log(np.exp(first - m) + logits.sum(axis=1, dtype=np.float64))
 
 
 def negclip_scores(img: np.ndarray, txt: np.ndarray, refs: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
@@ -68,19 +70,21 @@ def negclip_scores(img: np.ndarray, txt: np.ndarray, refs: list[tuple[np.ndarray
 
     ``refs[k] = (ref_img, ref_txt, _)``: batch ``k``'s other members (unit
     rows); ``self_ref[k][i]`` is the index of sample ``i`` among them, or -1
-    (its term is then not counted twice).  Formula: module docstring."""
+    (its term is then not counted twice).  Formula: module docstring.  The
+    similarities are float32 products (as the stored embeddings are float16),
+    the sums and the score float64."""
     img = np.ascontiguousarray(img, dtype=np.float32)
     txt = np.ascontiguousarray(txt, dtype=np.float32)
     tau = float(temperature)
     s_ii = np.einsum("ij,ij->i", img.astype(np.float64), txt.astype(np.float64))
     r = np.zeros(len(img), dtype=np.float64)
     for (ref_img16, ref_txt16, _), own in zip(refs, self_ref):
-        ref_img = np.asarray(ref_img16, dtype=np.float32)
-        ref_txt = np.asarray(ref_txt16, dtype=np.float32)
+        ref_img_t = np.ascontiguousarray(np.asarray(ref_img16, dtype=np.float32).T) / np.float32(tau)
+        ref_txt_t = np.ascontiguousarray(np.asarray(ref_txt16, dtype=np.float32).T) / np.float32(tau)
         for a in range(0, len(img), ROW_BLOCK):
             b = min(a + ROW_BLOCK, len(img))
-            i2t = (img[a:b] @ ref_txt.T).astype(np.float64) / tau  # <x_i, t_j>
-            t2i = (txt[a:b] @ ref_img.T).astype(np.float64) / tau  # <x_j, t_i>
+            i2t = img[a:b] @ ref_txt_t  # <x_i, t_j> / tau
+            t2i = txt[a:b] @ ref_img_t  # <x_j, t_i> / tau
             mine = own[a:b]
             hit = np.flatnonzero(mine >= 0)
             i2t[hit, mine[hit]] = -np.inf
