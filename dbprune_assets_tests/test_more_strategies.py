@@ -213,10 +213,10 @@ def test_water_fill_is_exact_capped_and_balanced(sizes: list[int], frac: float, 
     target = int(frac * s.sum())
     got = water_fill(s, target, np.random.default_rng(seed))
     assert got.sum() == target and (got <= s).all() and (got >= 0).all()
-    short = got < s  # clusters not exhausted get within one of each other and at least every exhausted one
+    short = got < s  # clusters not exhausted get within one of each other, and no cluster gets more than one above
     if short.any():
         assert got[short].max() - got[short].min() <= 1
-        assert (got[~short] <= got[short].max()).all()
+        assert (got <= got[short].min() + 1).all()
 
 
 def test_balanced_quotas_split_down_the_hierarchy_by_hand() -> None:
@@ -249,3 +249,27 @@ def test_balanced_kmeans_keeps_each_leafs_share_closest_to_its_centroid(tmp_path
     assert summary.kept == 4 and any("levels of 2 clusters" in n for n in summary.notes)
     _, random_pick = _decide(layout, "balanced_kmeans", 4, {"strategies": {"balanced_kmeans": {"pick": "random"}}})
     assert sum(u in {"u4", "u5"} for u in random_pick) == 2 and len(random_pick) == 4
+
+
+def test_build_level_clusters_the_centroids_below_with_resampling() -> None:
+    """Level 2 over 40 unit centroids drawn around 4 directions: 4 clusters,
+    each parent holding one direction's centroids; resampling keeps them."""
+    from dbprune_assets.core.strategies.balanced_kmeans import build_level
+
+    rng = np.random.default_rng(0)
+    axes = np.eye(8, dtype=np.float32)[:4]
+    truth = np.repeat(np.arange(4), 10)
+    x = _unit(axes[truth] + 0.05 * rng.standard_normal((40, 8)).astype(np.float32))
+    level = build_level(x, 4, resampling_steps=3, seed=0)
+    assert level.centroids.shape == (4, 8)
+    assert np.allclose(np.linalg.norm(level.centroids, axis=1), 1, atol=1e-5)
+    for c in range(4):  # one parent per direction
+        assert len(set(level.parent[truth == c].tolist())) == 1
+    assert len(set(level.parent.tolist())) == 4
+    leaf_sizes = rng.integers(0, 30, size=40)
+    quotas = balanced_quotas(leaf_sizes, [level.parent], 100, seed=1)
+    assert quotas.sum() == 100 and (quotas <= leaf_sizes).all()
+    per_parent = np.bincount(level.parent, weights=quotas).astype(int)
+    sizes = np.bincount(level.parent, weights=leaf_sizes).astype(int)
+    short = per_parent < sizes
+    assert per_parent[short].max() - per_parent[short].min() <= 1  # the top level splits M evenly

@@ -11,8 +11,9 @@ then sample top-down with equal shares.
 
 * **Level 1** is SemDeDup's k-means (``dedup_centroids``, every ok sample's
   image embedding; a sample's leaf is its ``dedup_assignments`` cluster).
-* **Level t > 1**: spherical k-means (50 iterations, ``balanced_kmeans.seed``)
-  of level t-1's centroids into ``k_t`` clusters, then
+* **Level t > 1**: spherical k-means (50 iterations, the best of 5 seeded
+  starts from ``balanced_kmeans.seed``) of level t-1's centroids into ``k_t``
+  clusters, then
   ``balanced_kmeans.resampling_steps`` resampling steps (the paper's 10): take
   of each cluster the ``s_t`` points closest to its centroid, re-run k-means on
   them, re-assign every point; ``s_t`` is half the level's mean cluster size
@@ -45,6 +46,8 @@ from dbprune_assets.core.strategies.base import Prepared, Strategy, StrategyCont
 
 #: k-means iterations of the levels above the first (the reference's)
 NITER = 50
+#: k-means runs per level above the first, the best kept (faiss' nredo)
+RESTARTS = 5
 #: the most levels ``auto`` builds (the paper's hierarchy)
 MAX_LEVELS = 4
 
@@ -78,10 +81,21 @@ class Level:
 
 
 def _kmeans(x: np.ndarray, k: int, seed: int, threads: int) -> np.ndarray:
+    """The best (highest summed cosine to the nearest centroid) of :data:`RESTARTS`
+    spherical k-means runs from seeds ``seed, seed + 1, ...`` (faiss' ``nredo``:
+    the levels above the first are small, and one random start can merge two
+    groups and split another)."""
     from dbprune_assets.core.method.kmeans import spherical_kmeans
 
-    return spherical_kmeans(x, k, NITER, seed, use_gpu=False, threads=threads, max_points_per_centroid=None,
-                            what="balanced_kmeans centroids")
+    best, best_fit = None, -np.inf
+    for r in range(RESTARTS):
+        c = spherical_kmeans(x, k, NITER, seed + 7_919 * r, use_gpu=False, threads=threads,
+                             max_points_per_centroid=None, what="balanced_kmeans centroids")
+        fit = float((x @ c.T).max(axis=1).sum())
+        if fit > best_fit:
+            best, best_fit = c, fit
+    assert best is not None
+    return best
 
 
 def _assign(x: np.ndarray, c: np.ndarray, threads: int) -> tuple[np.ndarray, np.ndarray]:
