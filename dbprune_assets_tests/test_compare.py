@@ -121,6 +121,16 @@ def test_verdicts_separated_overlapping_and_dbp_loses() -> None:
     assert "image_retrieval_recall@1, dbp against the other strategies: lower than random." in v
 
 
+def test_a_saturated_metric_is_said_to_be_unable_to_separate() -> None:
+    s = summarize(_rows({"dbp": {"acc5": [1.0, 1.0, 1.0], "acc1": SEP_HIGH}, "full": {"acc5": [1.0, 1.0, 1.0],
+                                                                                       "acc1": BASE}}), {}, {}, 200, 0)
+    v = verdicts(s)
+    acc5 = next(x for x in v if x.startswith("acc5: dbp"))
+    assert acc5.endswith("The seeds score alike here (the metric is saturated or constant): it cannot separate.")
+    span = next(x for x in v if x.startswith("The smallest difference"))
+    assert "0.000" not in span  # the saturated metric is not counted as detecting everything
+
+
 def test_detectable_difference_by_hand() -> None:
     a = {"n_seeds": 3, "std": 0.02}
     b = {"n_seeds": 5, "std": 0.01}

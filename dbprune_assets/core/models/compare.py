@@ -91,8 +91,11 @@ def verdicts(summary: pl.DataFrame, baseline: str = "full", focus: str = "dbp") 
             else:
                 head += "cannot tell (a single seed gives no interval)."
             if (d := detectable_difference(f, b)) is not None:
-                head += f" These seeds detect a difference of {d:.3f} or more."
-                detectable.append(d)
+                if d > 0:
+                    head += f" These seeds detect a difference of {d:.3f} or more."
+                    detectable.append(d)
+                else:
+                    head += " The seeds score alike here (the metric is saturated or constant): it cannot separate."
             per_metric.append(head)
         for o in others:
             if o == base or (o, task, metric) not in by:
