@@ -158,9 +158,12 @@ def main() -> None:
           f"{full['seconds']:.1f}s); peak RSS {inc['peak_rss_mib']} vs {full['peak_rss_mib']} MiB")
     print(f"removed / full:     {rm['seconds'] / full['seconds']:.2f}×")
     print(f"the incremental run rewrote {files} files, {size / 2**20:.1f} MiB under the home")
-    print("its groups:")
+    print("its groups (seconds and peak RSS; the full run's beside):")
+    full_by = {g["group"]: g for g in full["groups"]}
     for g in inc["groups"]:
-        print(f"  {g['group']:<45} {g['partitions']:>6} partition(s) {g['seconds']:>8.1f}s")
+        f = full_by.get(g["group"], {})
+        print(f"  {g['group']:<45} {g['partitions']:>6} partition(s) {g['seconds']:>8.1f}s {g['peak_rss_mib']:>6} MiB"
+              f"   full: {f.get('seconds', float('nan')):>7.1f}s {f.get('peak_rss_mib', '-'):>6} MiB")
     for line in inc["output"]:
         if line.startswith("  drift:") or line.startswith("  refitting") or line.startswith("  kept"):
             print("  " + line.rstrip())

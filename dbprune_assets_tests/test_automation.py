@@ -12,7 +12,7 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from dbprune_assets.core.settings import PoolSettings
+from dbprune_assets.core.settings import STRATEGIES, PoolSettings
 from dbprune_assets.core.store.layout import list_pool_shards
 
 from .faultkit import decisions_digest, tick_pool_sensor
@@ -128,7 +128,7 @@ def test_a_burst_of_shards_is_carried_to_new_decisions_in_one_pool_wide_pass(lan
         assert sum(pool_wide in t for t in ticks) == 1, (pool_wide, ticks)  # once for the burst
     assert sum("pruned_subset" in t for t in ticks) == 1
     digest, rows = landed["digest_added"]
-    assert rows == 6 * 5 * 150  # every strategy decided every sample of the five shards
+    assert rows == len(STRATEGIES) * 5 * 150  # every strategy decided every sample of the five shards
     assert not landed["rerun_added"]  # dbprune run afterwards finds everything up to date
 
 
@@ -137,7 +137,7 @@ def test_a_shard_taken_out_is_decided_away_in_one_pass(landed: dict[str, Any]) -
     ticks = landed["removed"]
     assert ticks and not any("embeddings" in t for t in ticks)
     assert sum("pruned_subset" in t for t in ticks) == 1
-    assert landed["digest_removed"][1] == 6 * 4 * 150
+    assert landed["digest_removed"][1] == len(STRATEGIES) * 4 * 150
     # dbprune run afterwards finds everything up to date: the automation did what it would have done (whose
     # decisions equal a fresh home's with the same fits: test_refit.py)
     assert not landed["rerun_removed"]
@@ -207,7 +207,7 @@ def test_a_shard_dropped_in_while_the_daemon_runs_is_decided_without_a_command(t
         deadline = t0 + 300
         while time.monotonic() < deadline:
             decided = _decided_shards(home.layout.home)
-            if len(decided) == 6 and all(new in shards for shards in decided.values()):
+            if len(decided) == len(STRATEGIES) and all(new in shards for shards in decided.values()):
                 break
             assert daemon.poll() is None, log.read_text()[-3000:]
             time.sleep(2)

@@ -130,12 +130,19 @@ def test_damaged_pool_runs_to_the_end_with_exact_accounting(work: Path, config: 
     survivors = n_ok - dup
     assert 0 < M < cand < survivors <= n_ok
     sized = {"corrupt": n_bad, "duplicate": dup, "low_clip_score": survivors - cand, "pruned": cand - M, "kept": M}
-    expected = {s: sized for s in ("dbp", "ssp", "random", "clip_score")}
+    expected = {s: sized for s in ("dbp", "ssp", "random", "clip_score", "balanced_kmeans")}
     expected["semdedup"] = {"corrupt": n_bad, "duplicate": dup, "low_clip_score": survivors - cand, "kept": cand}
     expected["full"] = {"corrupt": n_bad, "kept": n_ok}
     got: dict[str, dict[str, int]] = {}
     for row in _rows(layout, "SELECT strategy, reason, count(*) n FROM decisions GROUP BY ALL"):
         got.setdefault(row["strategy"], {})[row["reason"]] = row["n"]
+    # negclip and datacomp_image select from the dedup survivors, below the CLIP filter too (datacomp_image
+    # keeps at most M: those in a target cluster)
+    for s, most in (("negclip", M), ("datacomp_image", M)):
+        mine = got.pop(s)
+        assert (mine["corrupt"], mine["duplicate"]) == (n_bad, dup), s
+        assert 0 < mine["kept"] <= most and (s != "negclip" or mine["kept"] == M), s
+        assert mine.get("low_clip_score", 0) + mine.get("pruned", 0) + mine["kept"] == survivors, s
     assert got == {s: {k: v for k, v in e.items() if v} for s, e in expected.items()}
     one_each = _rows(layout, """
         SELECT d.strategy, count(*) n, count(DISTINCT (d.shard, d.uid)) distinct_n,
@@ -260,7 +267,8 @@ def test_forced_rerun_replaces_files_and_rows_also_when_killed_mid_swap(clean, w
     # nothing is duplicated, nothing differs
     r = run_cli("run", "--config", str(config), "--select", SELECT, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "pruned_subset [5 of 6 partitions]" in r.stdout and "✓ raw_metadata: up to date" in r.stdout
+    assert f"pruned_subset [{len(STRATEGIES) - 1} of {len(STRATEGIES)} partitions]" in r.stdout
+    assert "✓ raw_metadata: up to date" in r.stdout
     assert "✓ embeddings: up to date" in r.stdout, r.stdout
     assert fk.decisions_digest(home) == (clean.digest, clean.rows)
     assert sorted(p.name for p in (home / "tables" / "decisions").iterdir()) == sorted(f"{s}.parquet" for s in STRATEGIES)
