@@ -51,6 +51,25 @@ def _metric_label(task: str, metric: str) -> str:
     return metric if task in ("zeroshot", "retrieval") else f"{task}/{metric}"
 
 
+def _against_base(label: str, focus: str, f: Mapping[str, Any], base: str, b: Mapping[str, Any]
+                  ) -> tuple[str, str, float | None]:
+    """One metric's sentence of ``focus`` against ``base``: the interval
+    comparison, its sentence and the difference the seeds can detect (None or
+    0 when they cannot tell)."""
+    c = compare_intervals(f, b)
+    head = f"{label}: {focus} {_fmt(f)} vs {base} {_fmt(b)}: " + {
+        "higher": f"{focus} is higher than {base} (the intervals separate).",
+        "lower": f"{focus} is lower than {base} (the intervals separate): {focus} loses here.",
+        "same": "no difference (the intervals overlap).",
+        "unknown": "cannot tell (a single seed gives no interval)."}[c]
+    d = detectable_difference(f, b)
+    if d is not None and d > 0:
+        head += f" These seeds detect a difference of {d:.3f} or more."
+    elif d is not None:
+        head += " The seeds score alike here (the metric is saturated or constant): it cannot separate."
+    return c, head, d
+
+
 def verdicts(summary: pl.DataFrame, baseline: str = "full", focus: str = "dbp") -> list[str]:
     """Plain sentences: per metric, ``focus`` against ``baseline`` and against
     every other strategy; a difference only where the 95% intervals separate.
@@ -78,24 +97,9 @@ def verdicts(summary: pl.DataFrame, baseline: str = "full", focus: str = "dbp") 
             continue
         parts: list[str] = []
         if base is not None and (base, task, metric) in by:
-            b = by[(base, task, metric)]
-            c = compare_intervals(f, b)
+            c, head, d = _against_base(label, focus, f, base, by[(base, task, metric)])
             counts[c] += 1
-            head = f"{label}: {focus} {_fmt(f)} vs {base} {_fmt(b)}: "
-            if c == "higher":
-                head += f"{focus} is higher than {base} (the intervals separate)."
-            elif c == "lower":
-                head += f"{focus} is lower than {base} (the intervals separate): {focus} loses here."
-            elif c == "same":
-                head += "no difference (the intervals overlap)."
-            else:
-                head += "cannot tell (a single seed gives no interval)."
-            if (d := detectable_difference(f, b)) is not None:
-                if d > 0:
-                    head += f" These seeds detect a difference of {d:.3f} or more."
-                    detectable.append(d)
-                else:
-                    head += " The seeds score alike here (the metric is saturated or constant): it cannot separate."
+            detectable += [d] if d else []
             per_metric.append(head)
         for o in others:
             if o == base or (o, task, metric) not in by:
