@@ -35,6 +35,7 @@ flops for ``n`` samples, a large-batch matrix product; on a CPU a smaller
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,14 +66,19 @@ def _logsumexp_with(first: np.ndarray, logits: np.ndarray) -> np.ndarray:
 
 
 def negclip_scores(img: np.ndarray, txt: np.ndarray, refs: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
-                   self_ref: list[np.ndarray], temperature: float) -> np.ndarray:
+                   self_ref: list[np.ndarray], temperature: float, parallel: int = 1) -> np.ndarray:
     """negCLIPLoss (float64) of the pairs ``(img[i], txt[i])`` (unit rows).
 
     ``refs[k] = (ref_img, ref_txt, _)``: batch ``k``'s other members (unit
     rows); ``self_ref[k][i]`` is the index of sample ``i`` among them, or -1
     (its term is then not counted twice).  Formula: module docstring.  The
     similarities are float32 products (as the stored embeddings are float16),
-    the sums and the score float64."""
+    the sums and the score float64.  ``parallel`` blocks of rows are scored at
+    once in threads (each block's products then on one BLAS thread), so the
+    exponentials use every core; each row's score is the same for any value."""
+    from dbprune_assets.core.method.kmeans_search import blas_threads
+    from dbprune_assets.core.running.parallel import ordered_map
+
     img = np.ascontiguousarray(img, dtype=np.float32)
     txt = np.ascontiguousarray(txt, dtype=np.float32)
     tau = float(temperature)
@@ -81,7 +87,9 @@ def negclip_scores(img: np.ndarray, txt: np.ndarray, refs: list[tuple[np.ndarray
     for (ref_img16, ref_txt16, _), own in zip(refs, self_ref):
         ref_img_t = np.ascontiguousarray(np.asarray(ref_img16, dtype=np.float32).T) / np.float32(tau)
         ref_txt_t = np.ascontiguousarray(np.asarray(ref_txt16, dtype=np.float32).T) / np.float32(tau)
-        for a in range(0, len(img), ROW_BLOCK):
+
+        def block(a: int, ref_img_t: np.ndarray = ref_img_t, ref_txt_t: np.ndarray = ref_txt_t,
+                  own: np.ndarray = own) -> np.ndarray:
             b = min(a + ROW_BLOCK, len(img))
             i2t = img[a:b] @ ref_txt_t  # <x_i, t_j> / tau
             t2i = txt[a:b] @ ref_img_t  # <x_j, t_i> / tau
@@ -90,7 +98,11 @@ def negclip_scores(img: np.ndarray, txt: np.ndarray, refs: list[tuple[np.ndarray
             i2t[hit, mine[hit]] = -np.inf
             t2i[hit, mine[hit]] = -np.inf
             first = s_ii[a:b] / tau
-            r[a:b] += tau / 2 * (_logsumexp_with(first, i2t) + _logsumexp_with(first, t2i))
+            return tau / 2 * (_logsumexp_with(first, i2t) + _logsumexp_with(first, t2i))
+
+        with blas_threads(1) if parallel > 1 else contextlib.nullcontext():
+            for a, part in ordered_map(block, range(0, len(img), ROW_BLOCK), parallel):
+                r[a:a + len(part)] += part
     return s_ii - r / max(len(refs), 1)
 
 
@@ -110,6 +122,7 @@ class NegClipStrategy(Strategy):
         import polars as pl
 
         from dbprune_assets.core.method.kmeans_search import blas_threads
+        from dbprune_assets.core.running.device import available_cores
 
         cfg = ctx.settings.strategies.negclip
         refs = _reference_batches(ctx, cfg.batch_size, cfg.batches)
@@ -117,6 +130,7 @@ class NegClipStrategy(Strategy):
         out_dir = ctx.work / "negclip_scores"
         out_dir.mkdir(parents=True, exist_ok=True)
         files = []
+        parallel = ctx.threads or available_cores()
         with blas_threads(ctx.threads or 0):
             for shard in ctx.shards:
                 meta, img, txt = _shard_pairs(ctx.layout, shard)
@@ -124,7 +138,7 @@ class NegClipStrategy(Strategy):
                     continue
                 keys = meta["row"].to_numpy()
                 own = [_own_index(shard, keys, r_keys) for _, _, r_keys in refs]
-                scores = negclip_scores(_unit(img), _unit(txt), refs, own, cfg.temperature)
+                scores = negclip_scores(_unit(img), _unit(txt), refs, own, cfg.temperature, parallel)
                 path = out_dir / f"{shard}.parquet"
                 meta.select("uid", "shard", "row").with_columns(negclip=pl.Series(scores)).write_parquet(path)
                 files.append(path)
