@@ -273,3 +273,15 @@ def test_build_level_clusters_the_centroids_below_with_resampling() -> None:
     sizes = np.bincount(level.parent, weights=leaf_sizes).astype(int)
     short = per_parent < sizes
     assert per_parent[short].max() - per_parent[short].min() <= 1  # the top level splits M evenly
+
+
+def test_negclip_scores_the_same_in_threads() -> None:
+    rng = np.random.default_rng(3)
+    img, txt = _unit(rng.standard_normal((1500, 8))), _unit(rng.standard_normal((1500, 8)))
+    pick = rng.choice(1500, size=300, replace=False)
+    keys = np.array([("s", int(p)) for p in pick], dtype=[("shard", object), ("row", np.int64)])
+    where = {int(p): j for j, p in enumerate(pick)}
+    own = [np.array([where.get(i, -1) for i in range(1500)])]
+    refs = [(img[pick].astype(np.float16), txt[pick].astype(np.float16), keys)]
+    one = negclip_scores(img, txt, refs, own, 0.01, parallel=1)
+    assert np.array_equal(one, negclip_scores(img, txt, refs, own, 0.01, parallel=3))
