@@ -77,6 +77,7 @@ def encoder(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResu
     resolved, hashes = _check_encoders(s, metadata)
     version = f"{hashes['cluster'][:16]}-{hashes['score'][:16]}"
     write_json(s.layout.encoder_dir / "encoder.json", {"resolved": resolved, "weights": hashes}, s.layout.tmp)
+    _embed_eval_targets(context, s)
     return s.done("encoder", summary={"resolved": resolved, "weights": hashes},
                   metadata={**metadata, "weights_hash": version}, data_version=version)
 
@@ -102,6 +103,23 @@ def _train_bootstrap(context: dg.AssetExecutionContext, s: Session) -> dict[str,
         metadata["bootstrap_final_loss"] = float(result.loss_curve[-1][1])
         metadata["bootstrap_loss_curve"] = artefact_md(s.layout, "encoder", "loss", png, "bootstrap loss")
     return metadata
+
+
+def _embed_eval_targets(context: dg.AssetExecutionContext, s: Session) -> None:
+    """When ``datacomp_image``'s targets will be the evaluation images, embed them
+    now, while the encoder is at hand (cached beside it: the pruned_subset step
+    then needs no torch).  A failure here is only logged: that step says it."""
+    from dbprune_assets.core.models.target_images import embed_eval_images
+    from dbprune_assets.core.strategies.base import StrategyUnavailable
+    from dbprune_assets.core.strategies.targets import target_source
+
+    try:
+        found = target_source(s.layout, s.settings)
+        if found is not None and found[0] == "eval":
+            x, names = embed_eval_images(s.layout, s.settings, list(found[1]))
+            context.log.info(f"datacomp_image's targets: {len(x)} images of {', '.join(names)}, embedded")
+    except (StrategyUnavailable, ValueError, OSError) as e:
+        context.log.warning(f"the evaluation images were not embedded for datacomp_image: {e}")
 
 
 def _check_encoders(s: Session, metadata: dict[str, object]) -> tuple[dict[str, dict], dict[str, str]]:
