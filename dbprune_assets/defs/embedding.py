@@ -110,7 +110,6 @@ def _embed_eval_targets(context: dg.AssetExecutionContext, s: Session) -> None:
     now, while the encoder is at hand (cached beside it: the pruned_subset step
     then needs no torch).  A failure here is only logged: that step says it."""
     from dbprune_assets.core.models.target_images import embed_eval_images
-    from dbprune_assets.core.strategies.base import StrategyUnavailable
     from dbprune_assets.core.strategies.targets import target_source
 
     try:
@@ -118,8 +117,9 @@ def _embed_eval_targets(context: dg.AssetExecutionContext, s: Session) -> None:
         if found is not None and found[0] == "eval":
             x, names = embed_eval_images(s.layout, s.settings, list(found[1]))
             context.log.info(f"datacomp_image's targets: {len(x)} images of {', '.join(names)}, embedded")
-    except (StrategyUnavailable, ValueError, OSError) as e:
-        context.log.warning(f"the evaluation images were not embedded for datacomp_image: {e}")
+    except Exception as e:  # noqa: BLE001  a cache: pruned_subset embeds them itself, or says why it cannot
+        context.log.warning(f"the evaluation images were not embedded for datacomp_image ({type(e).__name__}: {e}); "
+                            "pruned_subset will embed them or say why it cannot")
 
 
 def _check_encoders(s: Session, metadata: dict[str, object]) -> tuple[dict[str, dict], dict[str, str]]:
