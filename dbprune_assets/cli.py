@@ -190,10 +190,11 @@ def failed_shard_lines(layout: Layout, limit: int = 10) -> list[str]:
 
 def print_summary(layout: Layout, report) -> None:
     from dbprune_assets.core.strategies.truth import summary_lines
+    from dbprune_assets.refits import group_counts
 
-    ran = sum(1 for g in report.groups if g.partitions)
-    print(f"\n{'done' if report.ok else 'FAILED'} in {report.seconds:.0f}s: {ran} group(s) ran, "
-          f"{len(report.groups) - ran} up to date")
+    ran, current, again = group_counts(report.groups)
+    print(f"\n{'done' if report.ok else 'FAILED'} in {report.seconds:.0f}s: {ran} group(s) ran"
+          f"{f' ({again} of them again after a refit)' if again else ''}, {current} up to date")
     for line in failed_shard_lines(layout):
         print(line)
     comparison = layout.artefact_dir("comparison") / "comparison.md"

@@ -47,3 +47,15 @@ def after_assignments(pipeline: Any, groups: list[list[str]], i: int, refitted: 
                 pipeline.forced.add(fit)  # its step then finds the alarm and fits anew (fitrecord.holds)
                 return j
     return None
+
+
+def group_counts(groups: list[Any]) -> tuple[int, int, int]:
+    """``(ran, up to date, again)`` of a run's group results: a group the runner
+    went back to after a refit (:func:`after_assignments`) is one group, that
+    ran when any of its passes did; ``again`` counts the passes after the first."""
+    ran: dict[tuple[str, ...], bool] = {}
+    for g in groups:
+        key = tuple(g.assets)
+        ran[key] = ran.get(key, False) or bool(g.partitions)
+    n_ran = sum(ran.values())
+    return n_ran, len(ran) - n_ran, len(groups) - len(ran)

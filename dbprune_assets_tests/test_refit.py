@@ -249,3 +249,18 @@ def test_new_data_unlike_the_fit_fires_the_alarm_and_auto_refits(grown: dict[str
     passed = [r.event.dagster_event.event_specific_data.passed for r in history if r.event is not None]
     assert False in passed  # the alarm, before the refit (newest first: the refit's check passes)
     assert passed[0] is True
+
+
+def test_a_group_run_again_after_a_refit_counts_once_in_the_summary() -> None:
+    from dbprune_assets.refits import group_counts
+    from dbprune_assets.runner import GroupResult
+
+    def g(assets: list[str], ran: bool) -> GroupResult:
+        return GroupResult(assets, ["p"] if ran else [], [] if ran else ["p"], 1.0)
+
+    fit, assign, later = ["dedup_centroids"], ["dedup_assignments"], ["semantic_dedup"]
+    # the fit up to date, the new shard assigned, the alarm: back to the fit, which then refits, all shards again
+    passes = [g(["raw_metadata"], True), g(fit, False), g(assign, True), g(fit, True), g(assign, True), g(later, True)]
+    assert group_counts(passes) == (4, 0, 2)
+    assert group_counts([g(["raw_metadata"], False), g(fit, False), g(later, True)]) == (1, 2, 0)
+    assert group_counts([]) == (0, 0, 0)
