@@ -351,3 +351,40 @@ def test_open_clip_train_reads_sizes(setup) -> None:
     do_export(root, dec, out)
     pattern, n = train_data_spec(out)
     assert data.get_dataset_size(pattern) == (15, 4)
+
+
+def _kept_tables(root: Path, decisions: list[tuple[str, str, bool]]) -> tuple[Path, Path]:
+    """Shard ``a``: rows 0 and 2 share uid U1 (row 2 is its duplicate_uid), row 1 is U2; and the decisions
+    ``(shard, uid, keep)`` given."""
+    samples = root / "samples"
+    samples.mkdir(parents=True)
+    pq.write_table(pa.table({"uid": ["U1", "U2", "U1"], "shard": ["a"] * 3, "key": ["k0", "k1", "k2"],
+                             "row": pa.array([0, 1, 2], pa.int32()), "caption": ["c0", "c1", None]}),
+                   samples / "a.parquet")
+    dec = root / "decisions.parquet"
+    pq.write_table(pa.table({"strategy": ["dbp"] * len(decisions), "uid": [d[1] for d in decisions],
+                             "shard": [d[0] for d in decisions], "keep": [d[2] for d in decisions],
+                             "reason": ["kept" if d[2] else "pruned" for d in decisions]}), dec)
+    return dec, samples
+
+
+def test_kept_view_gives_each_kept_decision_the_first_samples_row_of_its_uid(tmp_path: Path) -> None:
+    """By hand: U1 kept names row 0 (key k0, caption c0), not its duplicate row 2; U2 dropped is not kept."""
+    from dbprune_assets.core.store.kept import check_kept, kept_connection
+
+    dec, samples = _kept_tables(tmp_path, [("a", "U1", True), ("a", "U2", False), ("a", "U1", False)])
+    with kept_connection(dec, samples, tmp_path / "tmp", "256MB") as con:
+        assert con.execute("SELECT shard, uid, key, caption FROM kept").fetchall() == [("a", "U1", "k0", "c0")]
+        assert check_kept(con, dec, samples) == 1
+
+
+@pytest.mark.parametrize("decisions, message", [
+    ([("a", "U1", True), ("a", "U1", True)], r"tar key 'k0' is shared by 2 kept samples"),
+    ([("a", "U3", True)], r"1 kept decisions map to 0 samples rows .* shard a uid U3 has no samples row"),
+])
+def test_kept_decisions_that_match_no_single_sample_are_errors(tmp_path: Path, decisions, message) -> None:
+    from dbprune_assets.core.store.kept import check_kept, kept_connection
+
+    dec, samples = _kept_tables(tmp_path, decisions)
+    with kept_connection(dec, samples, tmp_path / "tmp", "256MB") as con, pytest.raises(ValueError, match=message):
+        check_kept(con, dec, samples)
