@@ -37,6 +37,9 @@ from typing import Any, Sequence
 #: seconds a supervised group gets to stop after a forwarded signal, before SIGKILL
 STOP_GRACE_S = 15.0
 
+#: environment variable that overrides :data:`STOP_GRACE_S` (seconds, > 0)
+ENV_STOP_GRACE = "DBPRUNE_STOP_GRACE_S"
+
 #: a daemon whose newest heartbeat is younger than this runs (Dagster writes one
 #: every 30 s per daemon type; this leaves room for a busy daemon to skip two)
 DAEMON_ALIVE_S = 90.0
@@ -114,11 +117,30 @@ def daemon_argv(location: Sequence[str] = LOCATION_ARGS) -> list[str]:
 # supervising a process group
 
 
-def supervise(argv: Sequence[str], grace_s: float = STOP_GRACE_S) -> int:
+def stop_grace_s() -> float:
+    """The grace period a supervised group gets: ``$DBPRUNE_STOP_GRACE_S``, else
+    :data:`STOP_GRACE_S`."""
+    raw = os.environ.get(ENV_STOP_GRACE, "").strip()
+    if not raw:
+        return STOP_GRACE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise SystemExit(f"{ENV_STOP_GRACE}={raw!r}: give the seconds the servers get to stop "
+                         f"before they are killed, a number > 0 (default {STOP_GRACE_S:g})")
+    return value
+
+
+def supervise(argv: Sequence[str], grace_s: float | None = None) -> int:
     """Run ``argv`` in its own process group and forward SIGTERM, SIGINT and
     SIGHUP to that whole group; return when no process of the group is left
     (SIGKILL to what remains ``grace_s`` after a signal, or after the leader
-    exited).  0 when stopped by a signal, else the leader's exit status."""
+    exited, saying so on stderr).  0 when stopped by a signal, else the
+    leader's exit status.  ``grace_s`` defaults to :func:`stop_grace_s`."""
+    grace_s = stop_grace_s() if grace_s is None else grace_s
+    name = Path(argv[0]).name
     adopted = _become_subreaper()
     proc = subprocess.Popen(list(argv), start_new_session=True)
     stop_at: list[float] = []
@@ -136,15 +158,26 @@ def supervise(argv: Sequence[str], grace_s: float = STOP_GRACE_S) -> int:
                 break
             except subprocess.TimeoutExpired:
                 if stop_at and time.monotonic() > stop_at[0]:
-                    _signal_group(proc.pid, signal.SIGKILL)
-        _stop_group(proc.pid, grace_s, adopted)
+                    _kill_group(proc.pid, name, grace_s)
+                    stop_at[0] = float("inf")  # once
+        _stop_group(proc.pid, name, grace_s, adopted)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0 if stop_at else (rc if rc >= 0 else 128 - rc)
 
 
-def _stop_group(pgid: int, grace_s: float, adopted: bool) -> None:
+def _kill_group(pgid: int, name: str, grace_s: float) -> None:
+    """SIGKILL what is left of group ``pgid`` ``grace_s`` after it was asked to
+    stop, and say so on stderr."""
+    members = group_members(pgid)
+    count = f"{len(members)} process(es)" if members is not None else "processes"
+    print(f"dbprune: {count} of {name} still running {grace_s:g} s after the stop signal; killed them "
+          f"(${ENV_STOP_GRACE} gives them longer)", file=sys.stderr, flush=True)
+    _signal_group(pgid, signal.SIGKILL)
+
+
+def _stop_group(pgid: int, name: str, grace_s: float, adopted: bool) -> None:
     """After the group's leader exited: SIGTERM what it left, wait up to
     ``grace_s`` for it to exit (reaping what we adopted), then SIGKILL the rest."""
     _signal_group(pgid, signal.SIGTERM)
@@ -156,7 +189,7 @@ def _stop_group(pgid: int, grace_s: float, adopted: bool) -> None:
             break
         time.sleep(0.05)
     if group_alive(pgid):
-        _signal_group(pgid, signal.SIGKILL)
+        _kill_group(pgid, name, grace_s)
     if adopted:
         time.sleep(0.05)
         _reap_group(pgid)
