@@ -164,7 +164,7 @@ def test_unreachable_database_is_one_error_naming_the_masked_url() -> None:
     with pytest.raises(cluster.ClusterError) as e:
         cluster.check_reachable({cluster.ENV_POSTGRES: url}, timeout_s=2)
     msg = str(e.value)
-    assert f"postgresql://dbp:***@127.0.0.1:" in msg and SECRET not in msg
+    assert "postgresql://dbp:***@127.0.0.1:" in msg and SECRET not in msg
     assert "DBPRUNE_POSTGRES_URL" in msg and "Check that PostgreSQL runs" in msg and "no run was started" in msg
 
 

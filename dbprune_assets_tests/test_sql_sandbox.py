@@ -4,7 +4,6 @@ writes runs however it is wrapped, and a runaway query stops at its limit."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 

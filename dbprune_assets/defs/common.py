@@ -37,7 +37,7 @@ from dbprune_assets.core.pool.sources.base import EmbeddingSource
 from dbprune_assets.core.store.layout import UNPARTITIONED, Layout, list_pool_shards
 from dbprune_assets.core.settings import PipelineSettings, choose_settings
 from dbprune_assets.core.strategies import registry as strategy_registry
-from dbprune_assets.core.store.state import State, combine_versions, file_signature, read_state, stable_hash, write_state
+from dbprune_assets.core.store.state import State, combine_versions, read_state, stable_hash, write_state
 from dbprune_assets.defs.dataversions import reported
 
 SHARDS = "shards"
