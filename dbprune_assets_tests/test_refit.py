@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 import pytest
 
 from dbprune_assets.core.method import drift, fitrecord
@@ -173,14 +174,18 @@ def grown(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     _move(aside, pool, shards[4])  # a shard is added
     out["added"] = a.run()
     out["digest_added"] = decisions_digest(a.layout.home)
+    out["dedup_pass_added"] = read_state(a.layout, "semantic_dedup", UNPARTITIONED).summary["added_shards"]
+    out["duplicates_added"] = pl.read_parquet(a.layout.table("duplicates"))
     out["records"] = {f: a.record(f) for f in ("dedup_centroids", "centroids")}
     out["fit_id_after"] = {f: read_state(a.layout, f, UNPARTITIONED).data_version for f in ("dedup_centroids", "centroids")}
     b = Home(mp, root / "b", pool, centroids_from=str(a.layout.home))
     out["fresh_added"] = b.run()
     out["digest_fresh_added"] = decisions_digest(b.layout.home)
+    out["duplicates_fresh_added"] = pl.read_parquet(b.layout.table("duplicates"))
     _move(pool, aside, shards[0])  # and one of the fitted shards leaves
     out["removed"] = a.run()
     out["digest_removed"] = decisions_digest(a.layout.home)
+    out["dedup_pass_removed"] = read_state(a.layout, "semantic_dedup", UNPARTITIONED).summary["added_shards"]
     c = Home(mp, root / "c", pool, centroids_from=str(a.layout.home))
     c.run()
     out["digest_fresh_removed"] = decisions_digest(c.layout.home)
@@ -212,6 +217,14 @@ def test_incremental_decisions_equal_a_fresh_home_given_the_same_centroids(grown
     assert grown["digest_removed"][1] == len(STRATEGIES) * 4 * 150
     said, ran = grown["fresh_added"]
     assert ran["dedup_centroids"] == ["all"] and not any("refitting" in line for line in said)
+
+
+@pytest.mark.slow
+def test_semdedup_after_an_addition_scores_only_new_pairs_and_equals_a_full_pass(grown: dict[str, Any]) -> None:
+    assert grown["dedup_pass_added"] == 1  # built on the last pass: the one added shard
+    assert grown["dedup_pass_removed"] is None  # a shard left: every cluster scored again
+    assert grown["duplicates_added"].height > 0
+    assert grown["duplicates_added"].equals(grown["duplicates_fresh_added"])
 
 
 @pytest.mark.slow

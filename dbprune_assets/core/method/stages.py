@@ -80,6 +80,8 @@ class DedupOutcome:
     per_cluster: dict[int, int] = field(default_factory=dict)  # duplicates per dedup cluster
     examples: list[tuple[str, str, str, str]] = field(default_factory=list)  # uid, shard, duplicate_of, its shard
     _similarities: list[np.ndarray] = field(default_factory=list)
+    #: the shards added since the previous pass when this one built on it (``semdedup_added.py``), else None
+    added: list[str] | None = None
 
     @property
     def similarities(self) -> np.ndarray:
@@ -102,11 +104,19 @@ class DedupOutcome:
 
 def run_semdedup(layout: Layout, shards: list[str], eps: float, tile: int, device: str) -> DedupOutcome:
     """SemDeDup of every ok sample against its dedup cluster, streamed bucket by
-    bucket into ``tables/duplicates/all.parquet`` (torch ``device``)."""
+    bucket into ``tables/duplicates/all.parquet`` (torch ``device``).  When
+    shards were only added since the last pass (same fit, eps and old shards:
+    ``semdedup_added.added_since``), only the clusters they reach are scored,
+    and only the pairs with a new member; the table is the same as a full
+    pass's."""
     import polars as pl
     import pyarrow.parquet as pq
 
     from dbprune_assets.core.method.semdedup import DedupShard, empty_duplicates, semdedup_pool
+    from dbprune_assets.core.method.semdedup_added import DedupBasis, added_since, semdedup_added
+    from dbprune_assets.core.store.atomic import remove, write_bytes
+    from dbprune_assets.core.store.layout import UNPARTITIONED
+    from dbprune_assets.core.store.state import read_state
 
     k = len(read_centroids(layout, "dedup_centroids"))
 
@@ -121,14 +131,26 @@ def run_semdedup(layout: Layout, shards: list[str], eps: float, tile: int, devic
             meta, emb, a = meta.filter(keep), np.asarray(emb)[keep.to_numpy()], a.filter(keep)
         return DedupShard(name, meta["uid"].to_numpy(), emb, a["cluster"].to_numpy(), a["distance"].to_numpy())
 
-    ok = sum(_usable(layout, sh, pl.read_parquet(layout.emb_metadata(sh), columns=["row"])).height for sh in shards)
-    out = DedupOutcome(k, ok)
+    usable = {sh: _usable(layout, sh, pl.read_parquet(layout.emb_metadata(sh), columns=["row"])).height
+              for sh in shards}
+    out = DedupOutcome(k, sum(usable.values()))
     # no extra pass over the embeddings; less the rows whose uid an earlier shard has
     sizes = cluster_sizes(layout, shards, "dedup_assignments", k) - _superseded_per_cluster(layout, shards, k)
-    with atomic_path(layout.table("duplicates"), layout.tmp) as tmp:
+    fit, version = read_state(layout, "dedup_centroids", UNPARTITIONED), {}
+    for sh in shards:
+        st = read_state(layout, "dedup_assignments", sh)
+        version[sh] = (st.data_version if st else "", usable[sh])
+    basis, basis_path, previous = (DedupBasis(float(eps), k, fit.data_version if fit else "", version),
+                                   layout.table_dir("duplicates") / ".basis.json", layout.table("duplicates"))
+    out.added = added_since(DedupBasis.read(basis_path), basis) if previous.is_file() else None
+    frames = (semdedup_pool(shards, load, k, eps, tile, layout.tmp, device, cluster_sizes=sizes) if out.added is None
+              else semdedup_added(shards, out.added, load, previous, k, eps, tile, layout.tmp, device,
+                                  cluster_sizes=sizes))
+    remove(basis_path)  # first: a basis always describes the table beside it
+    with atomic_path(previous, layout.tmp) as tmp:
         writer = None
         try:
-            for frame in semdedup_pool(shards, load, k, eps, tile, layout.tmp, device, cluster_sizes=sizes):
+            for frame in frames:
                 if frame.height == 0:
                     continue
                 table = frame.to_arrow()
@@ -140,6 +162,7 @@ def run_semdedup(layout: Layout, shards: list[str], eps: float, tile: int, devic
         finally:
             if writer is not None:
                 writer.close()
+    write_bytes(basis_path, basis.to_json().encode(), layout.tmp)
     return out
 
 
