@@ -149,6 +149,12 @@ class Home:
         return record
 
 
+def _dedup_pass(layout: Layout) -> tuple[int | None, int | None]:
+    """(shards added, removed) that the last semantic_dedup built on; (None, None): a full pass."""
+    summary = read_state(layout, "semantic_dedup", UNPARTITIONED).summary
+    return summary["added_shards"], summary["removed_shards"]
+
+
 def _move(src: Path, dst: Path, stem: str) -> None:
     for ext in ("parquet", "npz"):
         shutil.move(str(src / f"{stem}.{ext}"), str(dst / f"{stem}.{ext}"))
@@ -174,7 +180,7 @@ def grown(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     _move(aside, pool, shards[4])  # a shard is added
     out["added"] = a.run()
     out["digest_added"] = decisions_digest(a.layout.home)
-    out["dedup_pass_added"] = read_state(a.layout, "semantic_dedup", UNPARTITIONED).summary["added_shards"]
+    out["dedup_pass_added"] = _dedup_pass(a.layout)
     out["duplicates_added"] = pl.read_parquet(a.layout.table("duplicates"))
     out["records"] = {f: a.record(f) for f in ("dedup_centroids", "centroids")}
     out["fit_id_after"] = {f: read_state(a.layout, f, UNPARTITIONED).data_version for f in ("dedup_centroids", "centroids")}
@@ -185,10 +191,12 @@ def grown(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     _move(pool, aside, shards[0])  # and one of the fitted shards leaves
     out["removed"] = a.run()
     out["digest_removed"] = decisions_digest(a.layout.home)
-    out["dedup_pass_removed"] = read_state(a.layout, "semantic_dedup", UNPARTITIONED).summary["added_shards"]
+    out["dedup_pass_removed"] = _dedup_pass(a.layout)
+    out["duplicates_removed"] = pl.read_parquet(a.layout.table("duplicates"))
     c = Home(mp, root / "c", pool, centroids_from=str(a.layout.home))
     c.run()
     out["digest_fresh_removed"] = decisions_digest(c.layout.home)
+    out["duplicates_fresh_removed"] = pl.read_parquet(c.layout.table("duplicates"))
     out["full"] = Home(mp, root / "full", pool)  # for the drift test: the pool as it now is
     yield out
     mp.undo()
@@ -220,11 +228,13 @@ def test_incremental_decisions_equal_a_fresh_home_given_the_same_centroids(grown
 
 
 @pytest.mark.slow
-def test_semdedup_after_an_addition_scores_only_new_pairs_and_equals_a_full_pass(grown: dict[str, Any]) -> None:
-    assert grown["dedup_pass_added"] == 1  # built on the last pass: the one added shard
-    assert grown["dedup_pass_removed"] is None  # a shard left: every cluster scored again
+def test_semdedup_after_shards_came_and_went_builds_on_the_last_pass_and_equals_a_full_one(
+        grown: dict[str, Any]) -> None:
+    assert grown["dedup_pass_added"] == (1, 0)  # built on the last pass: the one added shard
+    assert grown["dedup_pass_removed"] == (0, 1)  # and then on that one: the one removed
     assert grown["duplicates_added"].height > 0
     assert grown["duplicates_added"].equals(grown["duplicates_fresh_added"])
+    assert grown["duplicates_removed"].equals(grown["duplicates_fresh_removed"])
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
-"""SemDeDup after shards were added (``core/method/semdedup_added.py``): the
-frames equal a full pass over the grown pool, duplicates, targets,
-similarities and per-bucket grouping, also with exact ties and old members
-that turn duplicate through a new one."""
+"""SemDeDup after shards were added or removed
+(``core/method/semdedup_added.py``): the frames equal a full pass over the
+changed pool, duplicates, targets, similarities and per-bucket grouping, also
+with exact ties, old members that turn duplicate through a new one, and
+members whose target left."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import polars as pl
 import pytest
 
 from dbprune_assets.core.method.semdedup import DedupShard, semdedup_pool
-from dbprune_assets.core.method.semdedup_added import DedupBasis, added_since, merge_cluster, semdedup_added
+from dbprune_assets.core.method.semdedup_added import DedupBasis, changes_since, merge_cluster, semdedup_added
 
 
 def _pool(seed: int, shards: int = 6, rows: int = 40, k: int = 4, d: int = 16) -> dict[str, DedupShard]:
@@ -49,6 +50,22 @@ def _only_clusters(s: DedupShard, keep: set[int]) -> DedupShard:
     return DedupShard(s.name, s.uids[m], s.emb[m], s.cluster[m], s.distance[m])
 
 
+def _changed(pool: dict[str, DedupShard], before_names: list[str], after_names: list[str], k: int, eps: float,
+             tmp_path: Path, **kw) -> tuple[pl.DataFrame, list[pl.DataFrame], list[pl.DataFrame]]:
+    """(the previous table, the full pass's frames over ``after_names``, semdedup_added's)."""
+    before = pl.concat(_frames(pool, before_names, k, eps, tmp_path, **kw))
+    previous = tmp_path / "previous.parquet"
+    before.write_parquet(previous)
+    full = _frames(pool, after_names, k, eps, tmp_path, **kw)
+    sizes = sum(np.bincount(pool[n].cluster, minlength=k) for n in after_names)
+    added = [n for n in after_names if n not in before_names]
+    removed = [n for n in before_names if n not in after_names]
+    got = [f for f in semdedup_added(after_names, added, removed, pool.__getitem__, previous, k, eps, 8, tmp_path,
+                                     cluster_sizes=sizes, **kw) if f.height]
+    assert not list(tmp_path.glob("semdedup-added.*"))  # scratch removed
+    return before, full, got
+
+
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("memory_rows", [None, 0])  # buckets in memory, or all on disk
 @pytest.mark.parametrize("reach", ["all", "some"])  # the added rows reach every cluster, or clusters 0 and 2
@@ -59,24 +76,32 @@ def test_added_shards_give_the_full_pass_frames(tmp_path: Path, seed: int, memor
     old, added = names[:4], names[4:]
     if reach == "some":  # clusters 1 and 3 gain nothing: their rows come from the previous table
         pool.update({n: _only_clusters(pool[n], {0, 2}) for n in added})
-    before = _frames(pool, old, k, eps, tmp_path, bucket_rows=60, memory_rows=memory_rows)
-    previous = tmp_path / "previous.parquet"
-    pl.concat(before).write_parquet(previous)
-    full = _frames(pool, names, k, eps, tmp_path, bucket_rows=60, memory_rows=memory_rows)
-    sizes = sum(np.bincount(pool[n].cluster, minlength=k) for n in names)
-    got = [f for f in semdedup_added(names, added, pool.__getitem__, previous, k, eps, 8, tmp_path,
-                                     cluster_sizes=sizes, bucket_rows=60, memory_rows=memory_rows) if f.height]
+    before, full, got = _changed(pool, old, names, k, eps, tmp_path, bucket_rows=60, memory_rows=memory_rows)
     assert [f.height for f in got] == [f.height for f in full]  # the same groups, so the same parquet row groups
     assert pl.concat(got).equals(pl.concat(full))
     merged = pl.concat(full)
     # the case the shortcut is about: old members that turned duplicate through a new one
     old_uids = set(np.concatenate([pool[n].uids for n in old]).tolist())
-    was = set(pl.concat(before)["uid"].to_list())
-    assert merged.filter(pl.col("uid").is_in(list(old_uids - was))).height > 0
+    assert merged.filter(pl.col("uid").is_in(list(old_uids - set(before["uid"].to_list())))).height > 0
     if reach == "some":
         assert set(merged.filter(pl.col("cluster").is_in([1, 3]))["uid"]) == \
-            set(pl.concat(before).filter(pl.col("cluster").is_in([1, 3]))["uid"]) != set()
-    assert not list((tmp_path).glob("semdedup-added.*"))  # scratch removed
+            set(before.filter(pl.col("cluster").is_in([1, 3]))["uid"]) != set()
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("change", ["removed", "added and removed"])
+def test_removed_shards_give_the_full_pass_frames(tmp_path: Path, seed: int, change: str) -> None:
+    k, eps = 4, 0.05
+    pool = _pool(seed)
+    names = sorted(pool)
+    # shard 0 holds the earliest rows: the targets of many later copies
+    before_names, after_names = (names[:5], names[1:5]) if change == "removed" else (names[:5], names[1:])
+    before, full, got = _changed(pool, before_names, after_names, k, eps, tmp_path, bucket_rows=60)
+    assert [f.height for f in got] == [f.height for f in full]
+    assert pl.concat(got).equals(pl.concat(full))
+    orphaned = before.filter((pl.col("duplicate_of_shard") == names[0]) & (pl.col("shard") != names[0]))
+    assert orphaned.height > 0  # members whose target left were scored again
+    assert set(pl.concat(full)["shard"].to_list()).isdisjoint({names[0]})
 
 
 def test_an_old_duplicate_keeps_the_earlier_target_on_an_exact_tie_and_takes_a_closer_new_one() -> None:
@@ -99,17 +124,17 @@ def test_an_old_duplicate_keeps_the_earlier_target_on_an_exact_tie_and_takes_a_c
     assert out == [(1, 0, 1.0), (2, 1, s_old + 0.01)]
 
 
-def test_a_pass_builds_on_the_last_only_when_nothing_but_additions_changed() -> None:
+def test_a_pass_builds_on_the_last_only_when_nothing_but_shards_came_and_went() -> None:
     prev = DedupBasis(0.07, 10, "fit1", {"a": ("v1", 100), "b": ("v2", 90)})
     grown = DedupBasis(0.07, 10, "fit1", {"a": ("v1", 100), "b": ("v2", 90), "c": ("v3", 80)})
-    assert added_since(prev, grown) == ["c"]
-    assert added_since(None, grown) is None
-    assert added_since(prev, prev) is None  # nothing added: a forced pass recomputes
-    assert added_since(prev, DedupBasis(0.07, 10, "fit2", grown.shards)) is None  # refit
-    assert added_since(prev, DedupBasis(0.05, 10, "fit1", grown.shards)) is None  # eps
-    assert added_since(prev, DedupBasis(0.07, 10, "fit1", {"a": ("v1", 100), "c": ("v3", 80)})) is None  # removed
-    assert added_since(prev, DedupBasis(0.07, 10, "fit1", {**grown.shards, "b": ("v2", 89)})) is None  # a row superseded
-    assert added_since(prev, DedupBasis(0.07, 10, "fit1", {**grown.shards, "a": ("v9", 100)})) is None  # re-assigned
+    assert changes_since(prev, grown) == (["c"], [])
+    assert changes_since(prev, DedupBasis(0.07, 10, "fit1", {"a": ("v1", 100), "c": ("v3", 80)})) == (["c"], ["b"])
+    assert changes_since(None, grown) is None
+    assert changes_since(prev, prev) is None  # nothing changed: a forced pass recomputes
+    assert changes_since(prev, DedupBasis(0.07, 10, "fit2", grown.shards)) is None  # refit
+    assert changes_since(prev, DedupBasis(0.05, 10, "fit1", grown.shards)) is None  # eps
+    assert changes_since(prev, DedupBasis(0.07, 10, "fit1", {**grown.shards, "b": ("v2", 89)})) is None  # a row superseded
+    assert changes_since(prev, DedupBasis(0.07, 10, "fit1", {**grown.shards, "a": ("v9", 100)})) is None  # re-assigned
 
 
 def test_the_basis_round_trips_and_a_damaged_file_reads_as_none(tmp_path: Path) -> None:

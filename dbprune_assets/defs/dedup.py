@@ -50,8 +50,9 @@ def dedup_assignments(context: dg.AssetExecutionContext, s: Session) -> dg.Mater
 def semantic_dedup(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
     """SemDeDup duplicates: inside each dedup cluster, members in farthest-first order; member j is a
     duplicate when max_{i<j} cos(x_i, x_j) > 1 - eps (pairwise, computed in column tiles). Writes
-    tables/duplicates/all.parquet (uid, shard, duplicate_of, similarity). After shards were only added (same
-    fit and eps), only the pairs with a new member are scored, with the same result as a full pass."""
+    tables/duplicates/all.parquet (uid, shard, duplicate_of, similarity). After shards were added or removed
+    (same fit and eps), only the pairs with a new member, or a member whose target left, are scored, with the
+    same result as a full pass."""
     eps = s.settings.semdedup.eps
     out = stages.run_semdedup(s.layout, s.shards, eps, s.settings.compute.tile, torch_device(s.device))
     s.refresh_catalog("duplicates")
@@ -60,8 +61,8 @@ def semantic_dedup(context: dg.AssetExecutionContext, s: Session) -> dg.Material
         "duplicates": out.duplicates, "ok_samples": out.ok, "kept_fraction": out.kept_fraction, "eps": eps,
         "dedup_k": out.k,
         "pass": ("full: every cluster scored" if out.added is None else
-                 f"{len(out.added)} shard(s) added since the last pass: only the pairs with a new member scored, "
-                 "in the clusters they reach"),
+                 f"{len(out.added)} shard(s) added and {len(out.removed or [])} removed since the last pass: only "
+                 "the pairs with a new member, or a member whose target left, scored, in the clusters they change"),
         "clusters_with_most_duplicates": table([{"cluster": c, "duplicates": n} for c, n in top]),
     }
     if out.duplicates:
@@ -76,7 +77,8 @@ def semantic_dedup(context: dg.AssetExecutionContext, s: Session) -> dg.Material
         except Exception as err:
             context.log.warning(f"could not draw duplicate examples: {err}")
     return s.done("semantic_dedup", summary={"duplicates": out.duplicates, "ok": out.ok,
-                                             "added_shards": None if out.added is None else len(out.added)},
+                                             "added_shards": None if out.added is None else len(out.added),
+                                             "removed_shards": None if out.removed is None else len(out.removed)},
                   metadata=metadata)
 
 

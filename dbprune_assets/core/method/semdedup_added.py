@@ -1,34 +1,40 @@
-"""SemDeDup after shards were added, against the same dedup clusters, without
-redoing whole clusters.
+"""SemDeDup after shards were added or removed, against the same dedup
+clusters, without redoing whole clusters.
 
 The rule (``semdedup_kernel.py``): inside a cluster, members in farthest-first
 order, member ``j`` is a duplicate when ``max_{i<j} S[i, j] > 1 - eps``, its
 target the earliest ``i`` reaching that maximum, its similarity the exact
-maximum.  When the clusters are kept (no refit) and shards are only added,
-every old member keeps its distance, so the old members keep their relative
-order and the new ones fall in between.  Then, per column ``j`` of a cluster
-that gained members:
+maximum.  When the clusters are kept (no refit), every old member keeps its
+distance, so the old members keep their relative order and new ones fall in
+between.  Then, per column ``j``:
 
 * a **new** member needs its maximum over every member ahead of it;
-* an **old** member needs only its maximum over the *new* members ahead of it:
-  its maximum over the old ones is the previous run's (the similarity on
-  record when it was a duplicate; at most ``1 - eps`` when it was not, so a
-  new maximum above ``1 - eps`` wins).  An old duplicate whose new maximum
-  ties the old one keeps the earlier of the two targets; its old exact
-  similarity is recomputed from the two rows (the table holds it in float32).
+* an old member **whose target left** (its shard was removed) needs the same:
+  its old maximum is gone;
+* any **other old** member needs only its maximum over the *new* members
+  ahead of it: its maximum over the old ones is the previous run's (the
+  similarity on record when it was a duplicate; at most ``1 - eps`` when it
+  was not, so a new maximum above ``1 - eps`` wins).  An old duplicate whose
+  new maximum ties the old one keeps the earlier of the two targets; its old
+  exact similarity is recomputed from the two rows (the table holds it in
+  float32).  A member that left changes no one else's maximum but those
+  whose target it was: removing a predecessor only lowers a maximum, and a
+  member whose maximum it reached (first, on ties) named it as its target.
 
-Every pair scored involves a new member: about ``2 · new · cluster`` products
-instead of ``cluster² / 2``.  Scores are exact as in the kernel (a float32
-filter within the error bound, then float64 sums of float16 products, which
-are exact), so the result equals a full pass's byte for byte: the same
-duplicates, targets and similarities, written in the same per-bucket groups
-(:func:`~.semdedup.semdedup_pool`'s).  Clusters that gained nothing keep their
-rows of the previous table, read one bucket's clusters at a time.
+Every pair scored involves a new member or a member whose target left: about
+``2 · new · cluster`` products instead of ``cluster² / 2``.  Scores are exact
+as in the kernel (a float32 filter within the error bound, then float64 sums
+of float16 products, which are exact), so the result equals a full pass's
+byte for byte: the same duplicates, targets and similarities, written in the
+same per-bucket groups (:func:`~.semdedup.semdedup_pool`'s).  Clusters with
+nothing to score keep their rows of the previous table (less the rows of
+removed shards), read one bucket's clusters at a time.
 
-:func:`added_since` decides when this applies (:class:`DedupBasis`): the same
-``eps``, ``dedup_k`` and fit, and every shard of the previous pass still there
-with the same assignments and usable rows.  Anything else (a removed shard, a
-refit, a changed ``eps``) takes the full pass.
+:func:`changes_since` decides when this applies (:class:`DedupBasis`): the
+same ``eps``, ``dedup_k`` and fit, and every shard of the previous pass that
+is still there with the same assignments and usable rows.  Anything else (a
+refit, a changed ``eps``, a shard re-assigned, a row whose uid another shard
+now has or no longer has) takes the full pass.
 """
 
 from __future__ import annotations
@@ -86,17 +92,18 @@ class DedupBasis:
             return None
 
 
-def added_since(previous: DedupBasis | None, now: DedupBasis) -> list[str] | None:
-    """The shards added since ``previous`` when the rest is as it was (same
-    eps, k and fit; every previous shard present with the same assignments and
-    usable rows); None when a full pass is needed (also when nothing was added:
-    a forced pass recomputes)."""
+def changes_since(previous: DedupBasis | None, now: DedupBasis) -> tuple[list[str], list[str]] | None:
+    """``(added, removed)`` shards since ``previous`` when the rest is as it
+    was (same eps, k and fit; every previous shard still present has the same
+    assignments and usable rows); None when a full pass is needed (also when
+    nothing changed: a forced pass recomputes)."""
     if previous is None or (previous.eps, previous.k, previous.fit) != (now.eps, now.k, now.fit):
         return None
-    if any(now.shards.get(shard) != tuple(v) for shard, v in previous.shards.items()):
+    if any(shard in now.shards and now.shards[shard] != tuple(v) for shard, v in previous.shards.items()):
         return None
     added = [shard for shard in now.shards if shard not in previous.shards]
-    return added or None
+    removed = sorted(shard for shard in previous.shards if shard not in now.shards)
+    return (added, removed) if added or removed else None
 
 
 # ---------------------------------------------------------------------------
@@ -106,17 +113,19 @@ def added_since(previous: DedupBasis | None, now: DedupBasis) -> list[str] | Non
 def added_pair_maxima(
     E: "torch.Tensor",  # noqa: F821
     new: "torch.Tensor",  # noqa: F821
+    full: "torch.Tensor",  # noqa: F821
     thr: float,
     margin: float,
     tile: int,
 ) -> tuple["torch.Tensor", "torch.Tensor"]:  # noqa: F821
     """Per member of one cluster (rows of ``E`` in farthest-first order,
-    float32 holding the stored values, on the device; ``new`` (m,) bool): the
-    exact maximum of ``S[i, j]`` over ``i < j`` with ``i`` or ``j`` new, and the
-    earliest ``i`` reaching it.  Only columns whose float32 maximum reaches
-    ``thr - margin`` are scored (the others: ``-inf`` and ``m``), which
-    includes every column whose exact maximum exceeds ``thr``.  Memory:
-    ``O(tile * m)``."""
+    float32 holding the stored values, on the device; ``new`` (m,) bool: the
+    new members; ``full`` (m,) bool: the columns scored against every row
+    ahead, a superset of ``new``): the exact maximum of ``S[i, j]`` over
+    ``i < j`` with, unless ``full[j]``, ``i`` new, and the earliest ``i``
+    reaching it.  Only columns whose float32 maximum reaches ``thr - margin``
+    are scored (the others: ``-inf`` and ``m``), which includes every column
+    whose exact maximum exceeds ``thr``.  Memory: ``O(tile * m)``."""
     import torch
 
     m, dev = len(E), E.device
@@ -124,14 +133,12 @@ def added_pair_maxima(
     first = torch.full((m,), m, dtype=torch.int64, device=dev)
     pos = torch.arange(m, device=dev)
     new_pos = pos[new]
-    if len(new_pos) == 0 or m < 2:
-        return best, first
     floor = thr - margin
-    # new columns against every row ahead; old columns behind the first new member against the new rows
-    plans = ((pos[new], None), (pos[~new & (pos > new_pos[0])], new_pos))
+    # full columns against every row ahead; the others behind the first new member against the new rows
+    rest = pos[~full & (pos > new_pos[0])] if len(new_pos) else pos[:0]
     pending: list[tuple[torch.Tensor, torch.Tensor]] = []
     npend = 0
-    for cols_all, rows_fixed in plans:
+    for cols_all, rows_fixed in ((pos[full], None), (rest, new_pos)):
         for a in range(0, len(cols_all), tile):
             cols = cols_all[a : a + tile]
             last = int(cols[-1])
@@ -166,18 +173,19 @@ def _exact_dot(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)))
 
 
-def merge_cluster(rows: np.ndarray, new: np.ndarray, keys: np.ndarray, previous: Mapping[str, tuple[str, float]],
+def merge_cluster(rows: np.ndarray, full: np.ndarray, keys: np.ndarray, previous: Mapping[str, tuple[str, float]],
                   best: np.ndarray, first: np.ndarray, thr: float) -> list[tuple[int, int, float]]:
-    """The duplicates of one grown cluster, as ``(position, target position,
+    """The duplicates of one changed cluster, as ``(position, target position,
     exact similarity)``: ``rows`` (m, d) its members as stored, in
-    farthest-first order, ``new`` (m,) which are new, ``keys`` (m,) each
-    member's ``uid\\tshard``; ``previous``: the old members' record, key ->
+    farthest-first order, ``full`` (m,) the members scored against every one
+    ahead (new, or their target left), ``keys`` (m,) each member's
+    ``uid\\tshard``; ``previous``: the other old members' record, key ->
     (target key, similarity); ``best``/``first``: :func:`added_pair_maxima`."""
     where = {k: p for p, k in enumerate(keys.tolist())}
     out = []
     for p in range(len(keys)):
         b, f = float(best[p]), int(first[p])
-        was = None if new[p] else previous.get(keys[p])
+        was = None if full[p] else previous.get(keys[p])
         if was is None:
             if b > thr:
                 out.append((p, f, b))
@@ -191,12 +199,13 @@ def merge_cluster(rows: np.ndarray, new: np.ndarray, keys: np.ndarray, previous:
     return out
 
 
-def _grown_bucket(meta: np.ndarray, emb: np.ndarray, uids: np.ndarray, shard_names: np.ndarray,
-                  is_new: np.ndarray, previous: "pl.DataFrame", max_norm: np.ndarray, thr: float, tile: int,
-                  device: str) -> "pl.DataFrame":  # noqa: F821
-    """The duplicates of a bucket's grown clusters (every member of each in
-    ``meta``/``emb``/``uids``; ``is_new`` per shard index; ``previous``: the
-    previous table's rows of these clusters)."""
+def _changed_bucket(meta: np.ndarray, emb: np.ndarray, uids: np.ndarray, shard_names: np.ndarray,
+                    is_new: np.ndarray, orphans: set[str], previous: "pl.DataFrame", max_norm: np.ndarray,
+                    thr: float, tile: int, device: str) -> "pl.DataFrame":  # noqa: F821
+    """The duplicates of a bucket's changed clusters (every member of each in
+    ``meta``/``emb``/``uids``; ``is_new`` per shard index; ``orphans``: the
+    ``uid\\tshard`` of old members whose target left; ``previous``: the
+    previous table's rows of these clusters, less those of removed shards)."""
     import polars as pl
     import torch
 
@@ -205,6 +214,7 @@ def _grown_bucket(meta: np.ndarray, emb: np.ndarray, uids: np.ndarray, shard_nam
     shard_of = meta["shard"][o]
     keys = np.char.add(np.char.add(uids[o].astype(str), "\t"), shard_names[shard_of])
     new = is_new[shard_of]
+    full = new | np.isin(keys, np.asarray(sorted(orphans), dtype=keys.dtype)) if orphans else new
     prev_keys = previous.select(pl.concat_str("uid", "shard", separator="\t"),
                                 pl.concat_str("duplicate_of", "duplicate_of_shard", separator="\t"), "similarity")
     record = {k: (t, s) for k, t, s in prev_keys.iter_rows()}
@@ -217,9 +227,10 @@ def _grown_bucket(meta: np.ndarray, emb: np.ndarray, uids: np.ndarray, shard_nam
             rows = emb[o[x:y]]
             E = device_rows(rows, device)
             margin = filter_margin(emb.shape[1], float(max_norm[cls[x]]))
-            flags = torch.from_numpy(new[x:y].copy()).to(E.device)
-            best, first = added_pair_maxima(E, flags, thr, margin, tile_width(tile))
-            for p, t, s in merge_cluster(rows, new[x:y], keys[x:y], record, best.cpu().numpy(),
+            best, first = added_pair_maxima(E, torch.from_numpy(new[x:y].copy()).to(E.device),
+                                            torch.from_numpy(full[x:y].copy()).to(E.device), thr, margin,
+                                            tile_width(tile))
+            for p, t, s in merge_cluster(rows, full[x:y], keys[x:y], record, best.cpu().numpy(),
                                          first.cpu().numpy(), thr):
                 src.append(x + p)
                 tgt.append(x + t)
@@ -243,6 +254,7 @@ def _grown_bucket(meta: np.ndarray, emb: np.ndarray, uids: np.ndarray, shard_nam
 def semdedup_added(
     shards: Sequence[str],
     added: Sequence[str],
+    removed: Sequence[str],
     load_shard: Callable[[str], DedupShard],
     previous: Path,
     k: int,
@@ -257,10 +269,11 @@ def semdedup_added(
 ) -> Iterator["pl.DataFrame"]:  # noqa: F821
     """:func:`~.semdedup.semdedup_pool`'s frames for the pool ``shards`` (rows
     per cluster ``cluster_sizes``), of which ``added`` are new since the
-    duplicates table ``previous`` (module docstring; the caller checked that
-    the rest is as it was, :func:`added_since`).  Only the clusters the added
-    shards reach are read and scored; the others' rows come from ``previous``.
-    Memory as ``semdedup_pool``'s, over the grown clusters' rows."""
+    duplicates table ``previous`` and ``removed`` were in it and are gone
+    (module docstring; the caller checked that the rest is as it was,
+    :func:`changes_since`).  Only the clusters the added shards reach or that
+    lost a target are read and scored; the others' rows come from
+    ``previous``.  Memory as ``semdedup_pool``'s, over those clusters' rows."""
     import polars as pl
 
     check_eps_and_tile(eps, tile)
@@ -269,38 +282,40 @@ def semdedup_added(
     shard_names = np.asarray(shards, dtype=str)
     is_new = np.isin(shard_names, np.asarray(list(added), dtype=str))
     sizes = np.asarray(cluster_sizes, dtype=np.int64)
-    gained = np.zeros(k, dtype=np.int64)
+    old = pl.scan_parquet(previous).filter(~pl.col("shard").is_in(list(removed)))
+    lost = old.filter(pl.col("duplicate_of_shard").is_in(list(removed))).select("uid", "shard", "cluster").collect()
+    orphans = set(lost.select(pl.concat_str("uid", "shard", separator="\t")).to_series().to_list())
+    changed = np.zeros(k, dtype=bool)
+    changed[lost["cluster"].to_numpy().astype(np.int64)] = True
     for name in added:
-        gained += np.bincount(np.asarray(load_shard(name).cluster, dtype=np.int64), minlength=k)[:k]
-    grown = gained > 0
+        changed[np.unique(np.asarray(load_shard(name).cluster, dtype=np.int64))] = True
     bucket_of = plan_buckets(sizes, bucket_rows)  # the full pass's buckets: the same frames
-    grown_sizes = np.where(grown, sizes, 0)
+    changed_sizes = np.where(changed, sizes, 0)
 
-    def load_grown(name: str) -> DedupShard:
+    def load_changed(name: str) -> DedupShard:
         s = load_shard(name)
-        keep = grown[np.asarray(s.cluster, dtype=np.int64)]
+        keep = changed[np.asarray(s.cluster, dtype=np.int64)]
         return DedupShard(s.name, s.uids[keep], np.asarray(s.emb)[keep], s.cluster[keep], s.distance[keep])
 
     Path(tmp_dir).mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="semdedup-added.", dir=tmp_dir))
     try:
         nb = int(bucket_of.max()) + 1 if k else 0
-        bucket_size = np.bincount(bucket_of, weights=grown_sizes, minlength=nb).astype(np.int64)
+        bucket_size = np.bincount(bucket_of, weights=changed_sizes, minlength=nb).astype(np.int64)
         in_memory = np.cumsum(bucket_size) <= (bucket_rows if memory_rows is None else memory_rows)
         store = BucketStore(work, bucket_of, bucket_size, in_memory)
-        max_norm = _fill_buckets(shards, load_grown, k, grown_sizes, store)
+        max_norm = _fill_buckets(shards, load_changed, k, changed_sizes, store)
         lows = np.searchsorted(bucket_of, np.arange(store.n_buckets))
         highs = np.searchsorted(bucket_of, np.arange(store.n_buckets), side="right")
-        old = pl.scan_parquet(previous)
-        for b in progress(range(store.n_buckets), desc="semdedup: added", unit="bucket"):
+        for b in progress(range(store.n_buckets), desc="semdedup: changes", unit="bucket"):
             lo, hi = int(lows[b]), int(highs[b])
             before = old.filter(pl.col("cluster").is_between(lo, hi - 1)).collect()
-            touched = pl.Series(grown[before["cluster"].to_numpy().astype(np.int64)], dtype=pl.Boolean)
+            touched = pl.Series(changed[before["cluster"].to_numpy().astype(np.int64)], dtype=pl.Boolean)
             parts = [before.filter(~touched)]
             bucket = store.take(b)
             if bucket is not None:
-                parts.append(_grown_bucket(*bucket, shard_names, is_new, before.filter(touched), max_norm, thr,
-                                           tile, device))
+                parts.append(_changed_bucket(*bucket, shard_names, is_new, orphans, before.filter(touched),
+                                             max_norm, thr, tile, device))
             frame = pl.concat(parts)
             if frame.height:
                 yield frame.sort(["cluster", "uid"])

@@ -80,8 +80,10 @@ class DedupOutcome:
     per_cluster: dict[int, int] = field(default_factory=dict)  # duplicates per dedup cluster
     examples: list[tuple[str, str, str, str]] = field(default_factory=list)  # uid, shard, duplicate_of, its shard
     _similarities: list[np.ndarray] = field(default_factory=list)
-    #: the shards added since the previous pass when this one built on it (``semdedup_added.py``), else None
+    #: the shards added and removed since the previous pass when this one built on it
+    #: (``semdedup_added.py``), else None
     added: list[str] | None = None
+    removed: list[str] | None = None
 
     @property
     def similarities(self) -> np.ndarray:
@@ -105,15 +107,15 @@ class DedupOutcome:
 def run_semdedup(layout: Layout, shards: list[str], eps: float, tile: int, device: str) -> DedupOutcome:
     """SemDeDup of every ok sample against its dedup cluster, streamed bucket by
     bucket into ``tables/duplicates/all.parquet`` (torch ``device``).  When
-    shards were only added since the last pass (same fit, eps and old shards:
-    ``semdedup_added.added_since``), only the clusters they reach are scored,
-    and only the pairs with a new member; the table is the same as a full
-    pass's."""
+    shards were only added or removed since the last pass (same fit and eps,
+    the other shards as they were: ``semdedup_added.changes_since``), only the
+    clusters they change are scored, and only the pairs with a new member or a
+    member whose target left; the table is the same as a full pass's."""
     import polars as pl
     import pyarrow.parquet as pq
 
     from dbprune_assets.core.method.semdedup import DedupShard, empty_duplicates, semdedup_pool
-    from dbprune_assets.core.method.semdedup_added import DedupBasis, added_since, semdedup_added
+    from dbprune_assets.core.method.semdedup_added import DedupBasis, changes_since, semdedup_added
     from dbprune_assets.core.store.atomic import remove, write_bytes
     from dbprune_assets.core.store.layout import UNPARTITIONED
     from dbprune_assets.core.store.state import read_state
@@ -142,9 +144,10 @@ def run_semdedup(layout: Layout, shards: list[str], eps: float, tile: int, devic
         version[sh] = (st.data_version if st else "", usable[sh])
     basis, basis_path, previous = (DedupBasis(float(eps), k, fit.data_version if fit else "", version),
                                    layout.table_dir("duplicates") / ".basis.json", layout.table("duplicates"))
-    out.added = added_since(DedupBasis.read(basis_path), basis) if previous.is_file() else None
-    frames = (semdedup_pool(shards, load, k, eps, tile, layout.tmp, device, cluster_sizes=sizes) if out.added is None
-              else semdedup_added(shards, out.added, load, previous, k, eps, tile, layout.tmp, device,
+    changes = changes_since(DedupBasis.read(basis_path), basis) if previous.is_file() else None
+    out.added, out.removed = changes or (None, None)
+    frames = (semdedup_pool(shards, load, k, eps, tile, layout.tmp, device, cluster_sizes=sizes) if changes is None
+              else semdedup_added(shards, *changes, load, previous, k, eps, tile, layout.tmp, device,
                                   cluster_sizes=sizes))
     remove(basis_path)  # first: a basis always describes the table beside it
     with atomic_path(previous, layout.tmp) as tmp:
