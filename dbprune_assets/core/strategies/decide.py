@@ -287,9 +287,12 @@ def _write_decisions(con: Any, strategy: str, path: Path, previous: Path | None,
           LEFT JOIN (SELECT DISTINCT shard, uid FROM duplicates) d ON d.shard = s.shard AND d.uid = s.uid
           LEFT JOIN candidates c ON c.shard = s.shard AND c.row = s.row
           LEFT JOIN sel k ON k.shard = s.shard AND k.row = s.row"""
-    query, _ = provenance_sql(select, "n.shard, n._order", previous)
-    con.execute(f"COPY ({query}) TO ? (FORMAT parquet, COMPRESSION zstd)",
-                [who.run_id, who.fit_id, strategy, str(path)])
+    query, _ = provenance_sql(select, previous)
+    # stored first, then sorted: each spills past the memory limit (provenance_sql)
+    con.execute(f"CREATE OR REPLACE TABLE decided AS {query}", [who.run_id, who.fit_id, strategy])
+    con.execute("COPY (SELECT * EXCLUDE (_order) FROM decided ORDER BY shard, _order) TO ? "
+                "(FORMAT parquet, COMPRESSION zstd)", [str(path)])
+    con.execute("DROP TABLE decided")
 
 
 def _check_written(con: Any, strategy: str, path: Path, M: int | None, q: np.ndarray | None
