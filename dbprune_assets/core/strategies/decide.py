@@ -288,10 +288,14 @@ def _write_decisions(con: Any, strategy: str, path: Path, previous: Path | None,
           LEFT JOIN candidates c ON c.shard = s.shard AND c.row = s.row
           LEFT JOIN sel k ON k.shard = s.shard AND k.row = s.row"""
     query, _ = provenance_sql(select, previous)
-    # stored first, then sorted: each spills past the memory limit (provenance_sql)
+    # stored first, then sorted: each spills past the memory limit (provenance_sql).  The CASEs are the
+    # identity on values: they keep the columns nullable (parquet OPTIONAL) as the rows came, where the
+    # stored table's statistics would have them written REQUIRED
     con.execute(f"CREATE OR REPLACE TABLE decided AS {query}", [who.run_id, who.fit_id, strategy])
-    con.execute("COPY (SELECT * EXCLUDE (_order) FROM decided ORDER BY shard, _order) TO ? "
-                "(FORMAT parquet, COMPRESSION zstd)", [str(path)])
+    columns = ", ".join(c if c in ("strategy", "reason") else f"CASE WHEN {c} IS NULL THEN NULL ELSE {c} END AS {c}"
+                        for c in ("strategy", "uid", "shard", "keep", "reason", "run_id", "fit_id"))
+    con.execute(f"COPY (SELECT {columns} FROM decided ORDER BY shard, _order) TO ? (FORMAT parquet, COMPRESSION zstd)",
+                [str(path)])
     con.execute("DROP TABLE decided")
 
 
