@@ -410,8 +410,9 @@ def make_subset(layout: Layout, settings: PipelineSettings, strategy: str,
     # a uid repeated inside a shard is one decision per row (duplicate_uid rows are corrupt), so the
     # decisions match the samples row for row and (shard, uid) for (shard, uid); the samples' counts
     # were taken once for the step (``inputs``)
-    [(n_dec, n_distinct)] = query_tables(layout, "SELECT count(*), count(DISTINCT (shard, uid)) FROM decisions", {},
-                                         {"decisions": [out]})
+    [(n_dec, n_distinct)] = query_tables(  # a grouped count: DuckDB spills it (duck.distinct_count)
+        layout, "SELECT (SELECT count(*) FROM decisions), (SELECT count(*) FROM (SELECT shard, uid FROM decisions "
+        "GROUP BY ALL))", {}, {"decisions": [out]})
     if not (inputs.samples == n_dec and n_distinct == inputs.sample_ids):
         problems["one_decision_per_sample"].append(
             f"{strategy}: {inputs.samples} samples ({inputs.sample_ids} distinct), {n_dec} decisions "

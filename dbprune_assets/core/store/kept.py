@@ -1,9 +1,11 @@
-"""The kept samples of a strategy's decisions, as a DuckDB view.
+"""The kept samples of a strategy's decisions, as a DuckDB table.
 
 The subset export (:mod:`dbprune_assets.core.store.export`) and its check
 (:mod:`dbprune_assets.core.store.export_check`) both read the decisions
-through the view ``kept`` (shard, uid, key, caption): the decisions' kept rows
-joined with the samples table, which gives each kept sample its tar key.
+through the table ``kept`` (shard, uid, key, caption): the decisions' kept rows
+joined with the samples table, which gives each kept sample its tar key.  It
+is stored once per connection (in its scratch database, so it spills past the
+memory limit) and read several times: the checks, the id file, the shuffle.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from dbprune_assets.core.store.duck import connect, create_view, parquet_files
+from dbprune_assets.core.store.duck import connect, create_view, distinct_count, parquet_files
 
 #: the samples columns the export reads (caption last: only a pool with images needs it)
 SAMPLE_COLUMNS = ("uid", "shard", "key", "row", "caption")
@@ -27,7 +29,7 @@ def default_samples_dir(decisions_path: Path, samples_dir: Path | None) -> Path:
 
 
 def kept_view(con: Any, decisions_path: Path, samples_dir: Path, images: bool = True) -> None:
-    """The view ``kept`` (shard, uid, key, caption) of the kept decisions.  A
+    """The table ``kept`` (shard, uid, key, caption) of the kept decisions.  A
     decision names its sample by (shard, uid): of the rows of a shard that
     share a uid, the first (the others are ``duplicate_uid`` or worse, never kept).
     Reads only the samples columns it needs; without ``images`` (nothing is
@@ -37,7 +39,7 @@ def kept_view(con: Any, decisions_path: Path, samples_dir: Path, images: bool = 
     caption = "s.caption" if images else "CAST(NULL AS VARCHAR)"
     con.execute(
         f"""
-        CREATE OR REPLACE TEMP VIEW kept AS
+        CREATE OR REPLACE TABLE kept AS
         SELECT d.shard, d.uid, s.key, {caption} AS caption FROM dec d
         JOIN (SELECT * FROM samples QUALIFY row_number() OVER (PARTITION BY shard, uid ORDER BY row) = 1) s
           ON s.shard = d.shard AND s.uid = d.uid
@@ -49,7 +51,7 @@ def kept_view(con: Any, decisions_path: Path, samples_dir: Path, images: bool = 
 @contextlib.contextmanager
 def kept_connection(decisions_path: Path, samples_dir: Path, tmp_root: Path | None, memory_limit: str, *,
                     images: bool = True) -> Iterator[Any]:
-    """A bounded DuckDB connection in a temp folder with the ``kept`` view of the decisions."""
+    """A bounded DuckDB connection in a temp folder with the ``kept`` table of the decisions."""
     if tmp_root is not None:
         Path(tmp_root).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="verify-export-", dir=tmp_root) as work:
@@ -65,7 +67,8 @@ def check_kept(con: Any, decisions_path: Path, samples_dir: Path) -> int:
     """The number of kept samples; ValueError when a kept decision has no
     samples row, or two kept samples share a tar key or a uid."""
     n_dec = con.execute("SELECT count(*) FROM dec WHERE keep").fetchall()[0][0]
-    n_kept, n_keys, n_uids = con.execute("SELECT count(*), count(DISTINCT key), count(DISTINCT uid) FROM kept").fetchall()[0]
+    n_kept = count_kept(con)
+    n_keys, n_uids = distinct_count(con, "key", "kept WHERE key IS NOT NULL"), distinct_count(con, "uid", "kept WHERE uid IS NOT NULL")
     if n_kept != n_dec:
         rows = con.execute(
             "SELECT d.shard, d.uid FROM dec d ANTI JOIN samples s ON s.shard = d.shard AND s.uid = d.uid WHERE d.keep LIMIT 1"
@@ -89,7 +92,7 @@ def check_kept(con: Any, decisions_path: Path, samples_dir: Path) -> int:
 
 
 def count_kept(con: Any) -> int:
-    """The number of rows of the ``kept`` view."""
+    """The number of rows of the ``kept`` table."""
     return con.execute("SELECT count(*) FROM kept").fetchall()[0][0]
 
 

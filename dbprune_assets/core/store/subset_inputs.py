@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Collection, Iterator, Mapping
 
 from dbprune_assets.core.store.atomic import scratch_dir
-from dbprune_assets.core.store.duck import connect, create_view, parquet_files
+from dbprune_assets.core.store.duck import connect, create_view, distinct_count, parquet_files
 from dbprune_assets.core.store.export import SAMPLE_COLUMNS
 from dbprune_assets.core.store.layout import Layout, list_pool_shards
 from dbprune_assets.core.running.oserrors import MIN_FREE_BYTES, require_free_space
@@ -122,7 +122,7 @@ def consolidate(origin: Path, work: Path, *, caption: bool, memory_limit: str = 
         n, ids = 0, 0
         if sources["samples"][0]:
             create_view(con, "s", [root / "samples" / "all.parquet"], "samples", ("uid", "shard"))
-            n, ids = con.execute("SELECT count(*), count(DISTINCT (shard, uid)) FROM s").fetchall()[0]
+            n, ids = con.execute("SELECT count(*) FROM s").fetchall()[0][0], distinct_count(con, "shard, uid", "s")
     finally:
         con.close()
     return root, int(n), int(ids)

@@ -23,7 +23,7 @@ import numpy as np
 
 from dbprune_assets.core.pool.uids import samples_view
 from dbprune_assets.core.store.atomic import atomic_path, scratch_dir
-from dbprune_assets.core.store.duck import connect, create_view, parquet_files
+from dbprune_assets.core.store.duck import connect, create_view, distinct_count, parquet_files
 from dbprune_assets.core.store.history import Provenance, has_provenance, provenance_sql, run_changes
 from dbprune_assets.core.strategies.base import INPUTS, Prepared, Strategy, scalar
 from dbprune_assets.core.strategies.quotas import as_quotas, count_kept, quota_table
@@ -198,7 +198,7 @@ def _open_inputs(con: Any, files: dict[str, list[Path]], tables: Path, needs: tu
 def _validate_inputs(con: Any, strategy: Strategy) -> None:
     """Fail early, naming the numbers, when the input tables disagree: samples
     always, candidates and assignments when the strategy reads them."""
-    n, n_keys = con.execute("SELECT count(*), count(DISTINCT (shard, row)) FROM samples").fetchall()[0]
+    n, n_keys = scalar(con, "SELECT count(*) FROM samples"), distinct_count(con, "shard, row", "samples")
     if n != n_keys:
         raise ValueError(f"samples: {n} rows but {n_keys} distinct (shard, row); re-run ingest")
     if "candidates" in strategy.needs:
@@ -209,10 +209,10 @@ def _validate_inputs(con: Any, strategy: Strategy) -> None:
 
 def _check_candidates(con: Any) -> None:
     """Candidates are unique, ok samples and not SemDeDup duplicates."""
-    n_c, n_c_keys, n_c_uids, matched, not_ok, dup = con.execute(
+    n_c_keys, n_c_uids = distinct_count(con, "shard, row", "candidates"), distinct_count(con, "shard, uid", "candidates")
+    n_c, matched, not_ok, dup = con.execute(
         """
-        SELECT count(*), count(DISTINCT (c.shard, c.row)), count(DISTINCT (c.shard, c.uid)),
-               count(s.row), count(*) FILTER (WHERE s.row IS NOT NULL AND s.status IS DISTINCT FROM 'ok'),
+        SELECT count(*), count(s.row), count(*) FILTER (WHERE s.row IS NOT NULL AND s.status IS DISTINCT FROM 'ok'),
                count(d.uid)
         FROM candidates c
         LEFT JOIN samples s ON s.shard = c.shard AND s.row = c.row AND s.uid = c.uid
@@ -239,9 +239,10 @@ def _check_candidates(con: Any) -> None:
 def _check_assignments(con: Any) -> None:
     """Assignments cover the candidates one to one, with a distance and a cluster id each."""
     n_c = scalar(con, "SELECT count(*) FROM candidates")
-    n_a, n_a_keys, in_cand, bad_dist, bad_cluster = con.execute(
+    n_a_keys = distinct_count(con, "shard, row", "assign")
+    n_a, in_cand, bad_dist, bad_cluster = con.execute(
         """
-        SELECT count(*), count(DISTINCT (a.shard, a.row)), count(c.row),
+        SELECT count(*), count(c.row),
                count(*) FILTER (WHERE a.distance IS NULL OR isnan(a.distance)),
                count(*) FILTER (WHERE a.cluster IS NULL OR a.cluster < 0)
         FROM assign a LEFT JOIN candidates c ON c.shard = a.shard AND c.row = a.row AND c.uid = a.uid
