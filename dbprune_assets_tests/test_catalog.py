@@ -124,3 +124,20 @@ def test_a_new_catalog_gets_every_view(layout: Layout):
     refresh_catalog(layout, ["samples"])
     for table in CATALOG_TABLES:
         assert query(layout, f'SELECT count(*) AS n FROM "{table}"').to_pylist() == [{"n": 0}]
+
+
+def test_distinct_count_is_count_distinct_by_hand() -> None:
+    import duckdb
+
+    from dbprune_assets.core.store.duck import distinct_count
+
+    con = duckdb.connect()
+    con.execute("CREATE TABLE t AS SELECT * FROM (VALUES ('s0', 1, 'a'), ('s0', 1, 'a'), ('s0', 2, 'a'), "
+                "('s1', 1, NULL), ('s1', 1, NULL), (NULL, NULL, 'b')) v(shard, row, key)")
+    # (s0,1) (s0,2) (s1,1) (NULL,NULL): a pair of NULLs is a value of its own, as count(DISTINCT (shard, row)) has it
+    assert distinct_count(con, "shard, row", "t") == 4 == con.execute(
+        "SELECT count(DISTINCT (shard, row)) FROM t").fetchall()[0][0]
+    # one column: NULL is not a value for count(DISTINCT key), so the caller leaves it out
+    assert distinct_count(con, "key", "t WHERE key IS NOT NULL") == 2 == con.execute(
+        "SELECT count(DISTINCT key) FROM t").fetchall()[0][0]
+    assert distinct_count(con, "key", "t WHERE false") == 0
