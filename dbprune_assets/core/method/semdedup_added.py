@@ -214,7 +214,7 @@ def _changed_bucket(meta: np.ndarray, emb: np.ndarray, uids: np.ndarray, shard_n
     shard_of = meta["shard"][o]
     keys = np.char.add(np.char.add(uids[o].astype(str), "\t"), shard_names[shard_of])
     new = is_new[shard_of]
-    full = new | np.isin(keys, np.asarray(sorted(orphans), dtype=keys.dtype)) if orphans else new
+    full = new | np.fromiter((k in orphans for k in keys.tolist()), dtype=bool, count=len(keys))
     prev_keys = previous.select(pl.concat_str("uid", "shard", separator="\t"),
                                 pl.concat_str("duplicate_of", "duplicate_of_shard", separator="\t"), "similarity")
     record = {k: (t, s) for k, t, s in prev_keys.iter_rows()}
