@@ -192,7 +192,9 @@ def print_summary(layout: Layout, report) -> None:
     from dbprune_assets.core.strategies.truth import summary_lines
     from dbprune_assets.refits import group_counts
 
-    ran, current, again = group_counts(report.groups)
+    # a group refused before it started is neither run nor up to date
+    refused = not report.ok and report.groups and not report.groups[-1].partitions
+    ran, current, again = group_counts(report.groups[:-1] if refused else report.groups)
     print(f"\n{'done' if report.ok else 'FAILED'} in {report.seconds:.0f}s: {ran} group(s) ran"
           f"{f' ({again} of them again after a refit)' if again else ''}, {current} up to date")
     for line in failed_shard_lines(layout):

@@ -33,9 +33,11 @@ from typing import Any, Callable, Mapping
 
 from dbprune_assets import cluster
 from dbprune_assets.refits import after_assignments
+from dbprune_assets.upstream import refusal, stale_inputs
 from dbprune_assets.cluster.instance import console_config, dagster_instance
 from dbprune_assets.cluster.tags import RANGE_END_TAG, RANGE_START_TAG  # noqa: F401 (re-exported)
 from dbprune_assets.codelocation import give_ui_origin
+from dbprune_assets.orphans import PROCESS_TAG, fail_orphaned_runs
 from dbprune_assets.core.store.layout import UNPARTITIONED, Layout
 from dbprune_assets.core.running.progress import bars_enabled
 from dbprune_assets.core.settings import PipelineSettings
@@ -213,6 +215,7 @@ class _Pipeline:
     strategies: list[str]  # the configured ones, in the registry's order
     repository: str  # the definitions' repository name (the runs' origin, as the UI serves them)
     forced: set[str] = field(default_factory=set)  # assets to redo although up to date (a refit: refits.py)
+    selected: set[str] = field(default_factory=set)  # the run's assets (upstream.py: what they read)
 
 
 @dataclass
@@ -230,6 +233,7 @@ class _GroupPlan:
     to_run: list[str]
     skipped: list[str]
     label: str
+    versions: Any  # defs.common.Versions
 
 
 def _run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None, force: bool,
@@ -247,7 +251,8 @@ def _run_pipeline(layout: Layout, settings: PipelineSettings, select: str | None
     for name, why in left_out.items():
         echo(f"– strategy {name}: left out: {why}")
     pipeline = _Pipeline(layout, settings, force, echo, log_level, instance, nodes,
-                         defs.resolve_implicit_global_asset_job_def(), strategies, defs.get_repository_def().name)
+                         defs.resolve_implicit_global_asset_job_def(), strategies, defs.get_repository_def().name,
+                         selected=set(ordered))
     results: list[GroupResult] = []
     metadata_only = _metadata_only(layout)
     i, refitted = 0, set[str]()
@@ -352,7 +357,7 @@ def _plan_group(pipeline: _Pipeline, group: list[str]) -> _GroupPlan:
         stale = registered_shards(sorted(stale_keys), pipeline.layout.pool)
     skipped = [p for p in all_parts if p not in stale]
     return _GroupPlan(kind, registered, shards, all_parts, stale, stale_keys, stale_by, to_run, skipped,
-                      label=", ".join(to_run or group))
+                      label=", ".join(to_run or group), versions=versions)
 
 
 def _run_group(pipeline: _Pipeline, group: list[str]) -> tuple[GroupResult, str | None]:
@@ -367,6 +372,8 @@ def _run_group(pipeline: _Pipeline, group: list[str]) -> tuple[GroupResult, str 
         pipeline.echo(f"✓ {plan.label}: up to date ({len(plan.all_parts)} partition(s))")
         return GroupResult(group, [], plan.skipped, 0.0), None
     scope = f"{len(plan.stale)} of {len(plan.all_parts)} partitions" if plan.kind else "unpartitioned"
+    if stale := stale_inputs(plan.versions, pipeline.nodes, plan.to_run, plan.stale, pipeline.selected):
+        return _not_started(pipeline, group, plan, refusal(plan.to_run, stale, pipeline.nodes), g0)
     if not all(pipeline.nodes[a].facts.ingest for a in group) and (
             refused := _k_refused(pipeline.layout, pipeline.settings, plan.shards)):
         return _not_started(pipeline, group, plan, refused, g0)
@@ -417,33 +424,6 @@ def _execute_group(pipeline: _Pipeline, group: list[str], plan: _GroupPlan,
     dt = time.monotonic() - g0
     pipeline.echo(f"✓ {plan.label}: {len(plan.stale) if plan.kind else 1} partition(s) in {dt:.1f}s")
     return GroupResult(group, plan.stale, plan.skipped, dt, run_ids, plan.to_run), None
-
-
-PROCESS_TAG = "dbprune/process"  # <host>-<pid> of the `dbprune run` that executes the run
-
-
-def fail_orphaned_runs(instance, repository: str | None = None) -> list[str]:
-    """Mark failed the runs of `dbprune run` processes of this host that died
-    (SIGKILL, OOM, power cut) while the run was in progress, so the UI does not
-    show them running forever (and, given ``repository``, can re-execute them).
-    Nothing waits on such a run: `dbprune run` executes in process, without a
-    queue or concurrency slots."""
-    import dagster as dg
-
-    from dbprune_assets.core.store.atomic import pid_alive, process_tmp_name
-
-    host = process_tmp_name().rsplit("-", 1)[0]
-    unfinished = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
-    failed = []
-    for run in instance.get_runs(filters=dg.RunsFilter(statuses=unfinished, tags={"dbprune/cli": "run"})):
-        owner_host, _, pid = run.tags.get(PROCESS_TAG, "").rpartition("-")
-        if owner_host == host and pid.isdigit() and not pid_alive(int(pid)):
-            instance.report_run_failed(run, message=f"the dbprune run process {run.tags[PROCESS_TAG]} died "
-                                                    "(killed) before the run finished; `dbprune run` redoes its unfinished partitions")
-            failed.append(run.run_id)
-    if repository is not None:
-        give_ui_origin(instance, failed, repository)
-    return failed
 
 
 def _run_ranges(job: Any, instance: Any, group: list[str], ranges: list[tuple[str | None, str | None]],
