@@ -181,6 +181,28 @@ def test_export_contents(setup) -> None:
     assert list((root / ".tmp").iterdir()) == []
 
 
+def test_the_export_and_its_check_on_one_kept_connection_are_those_of_their_own(setup) -> None:
+    """make_subset builds the kept table once for the export and its check:
+    the same files and verdicts as each on a connection of its own, the
+    shared connection left open, and a wrong export still found."""
+    from dbprune_assets.core.store.kept import kept_connection
+
+    root, info, kept, dec = setup
+    own, shared = root / "subsets" / "own", root / "subsets" / "shared"
+    do_export(root, dec, own)
+    with kept_connection(dec, root / "tables" / "samples", root / ".tmp", "256MB", threads=1) as con:
+        do_export(root, dec, shared, kept=con)
+        assert verify_export(shared, dec, kept=con) == []
+        assert con.execute("SELECT count(*) FROM kept").fetchall() == [(len(kept),)]
+    assert sorted(p.name for p in own.iterdir()) == sorted(p.name for p in shared.iterdir())
+    for p in own.iterdir():
+        assert p.read_bytes() == (shared / p.name).read_bytes(), p.name
+    (shared / "00003.tar").unlink()
+    with kept_connection(dec, root / "tables" / "samples", root / ".tmp", "256MB") as con:
+        assert any("00003.tar" in p for p in verify_export(shared, dec, kept=con))
+    assert list((root / ".tmp").iterdir()) == []
+
+
 def test_webdataset_reads_every_kept_key_once(setup) -> None:
     import webdataset as wds
 

@@ -375,6 +375,7 @@ def make_subset(layout: Layout, settings: PipelineSettings, strategy: str,
     import polars as pl
 
     from dbprune_assets.core.store.export import export_subset, verify_export
+    from dbprune_assets.core.store.kept import kept_connection
     from dbprune_assets.core.running.oserrors import MIN_FREE_BYTES, require_free_space
     from dbprune_assets.core.strategies import decide, registry, strategy_quotas
     from dbprune_assets.core.store.subset_inputs import subset_inputs
@@ -401,12 +402,14 @@ def make_subset(layout: Layout, settings: PipelineSettings, strategy: str,
             problems["kept_equals_quota"].append(f"{strategy}: clusters {bad[:10].tolist()} kept != quota")
     require_free_space(layout.subset_dir(strategy), export_bytes(layout, out, inputs.tar_sizes) + MIN_FREE_BYTES,
                        f"exporting the {strategy} subset")
-    exp = export_subset(out, layout.pool, layout.subset_dir(strategy), settings.export.shard_size,
-                        settings.export.seed, layout.tmp, samples_dir=inputs.samples_dir, threads=threads,
-                        images=inputs.images)
-    problems["export_matches_decisions"] = [
-        f"{strategy}: {p}" for p in verify_export(layout.subset_dir(strategy), out, samples_dir=inputs.samples_dir,
-                                                  tmp_root=layout.tmp, images=inputs.images)]
+    # the export and its check read one ``kept`` table (core/store/kept.py), made once
+    with kept_connection(out, inputs.samples_dir, layout.tmp, "1GB", images=inputs.images, threads=threads) as kept:
+        exp = export_subset(out, layout.pool, layout.subset_dir(strategy), settings.export.shard_size,
+                            settings.export.seed, layout.tmp, samples_dir=inputs.samples_dir, threads=threads,
+                            images=inputs.images, kept=kept)
+        problems["export_matches_decisions"] = [
+            f"{strategy}: {p}" for p in verify_export(layout.subset_dir(strategy), out, samples_dir=inputs.samples_dir,
+                                                      tmp_root=layout.tmp, images=inputs.images, kept=kept)]
     # a uid repeated inside a shard is one decision per row (duplicate_uid rows are corrupt), so the
     # decisions match the samples row for row and (shard, uid) for (shard, uid); the samples' counts
     # were taken once for the step (``inputs``)

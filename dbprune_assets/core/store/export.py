@@ -55,10 +55,9 @@ from dbprune_assets.core.pool import wds
 from dbprune_assets.core.pool.shard_stats import stats_bytes, stats_name, success_stats
 from dbprune_assets.core.running.progress import progress
 from dbprune_assets.core.store.atomic import atomic_path, scratch_dir
-from dbprune_assets.core.store.duck import connect
 from dbprune_assets.core.store.export_check import verify_export  # noqa: F401  (re-exported)
 from dbprune_assets.core.store.kept import SAMPLE_COLUMNS  # noqa: F401  (re-exported)
-from dbprune_assets.core.store.kept import all_hex, check_kept, default_samples_dir, kept_view
+from dbprune_assets.core.store.kept import all_hex, check_kept, default_samples_dir, kept_connection
 from dbprune_assets.core.store.subset_files import train_data_spec  # noqa: F401  (re-exported)
 from dbprune_assets.core.store.subset_files import SIZES_FILE, UIDS_FILE, brace_pattern, shard_name, write_id_file
 
@@ -135,6 +134,7 @@ def export_subset(
     memory_limit: str = "1GB",
     threads: int | None = None,
     images: bool = True,
+    kept: Any = None,
 ) -> ExportSummary:
     """Write the kept samples of ``decisions_path`` to ``out_dir`` (see the
     module docstring): ``NNNNN.tar`` + ``sizes.json`` + ``uids.npy`` (or
@@ -142,7 +142,9 @@ def export_subset(
     from the samples table (default: ``tables/samples`` beside the decisions'
     ``tables/decisions``).  ``out_dir`` is replaced atomically.  Raises
     ValueError naming shard and key when a kept sample is missing from its tar
-    or appears twice."""
+    or appears twice.  ``kept``: a :func:`~.kept.kept_connection` of these
+    decisions already open (its check, :func:`~.export_check.verify_export`,
+    reads the same ``kept`` table)."""
     decisions_path = Path(decisions_path)
     pool_dir = Path(pool_dir)
     out_dir = Path(out_dir)
@@ -154,23 +156,18 @@ def export_subset(
     samples_dir = default_samples_dir(decisions_path, samples_dir)
     tmp_root.mkdir(parents=True, exist_ok=True)
 
-    with scratch_dir(tmp_root, "export-") as work_s:
-        work = Path(work_s)
-        con = connect(work / "db", memory_limit, threads)
-        try:
-            kept_view(con, decisions_path, samples_dir, images)
-            n = check_kept(con, decisions_path, samples_dir)
-            if not images:  # a metadata-only pool: DataComp's subset file, which its resharder turns into shards
-                return _export_uids_only(con, decisions_path, out_dir, tmp_root, n, shard_size, seed)
-            hex_uids = all_hex(con)
-            _rank_kept(con, seed)
-            sizes = _output_sizes(n, shard_size)
-            spools = _spool_kept(con, pool_dir, work / "spool", max_open, shard_size)
-            with _new_folder(out_dir, tmp_root) as tmp:
-                total = _write_shards(spools, tmp, sizes, shard_size)
-                id_file = write_id_file(con, tmp, n, hex_uids)
-        finally:
-            con.close()
+    with scratch_dir(tmp_root, "export-") as work_s, kept_connection(
+            decisions_path, samples_dir, Path(work_s), memory_limit, images=images, threads=threads, given=kept) as con:
+        n = check_kept(con, decisions_path, samples_dir)
+        if not images:  # a metadata-only pool: DataComp's subset file, which its resharder turns into shards
+            return _export_uids_only(con, decisions_path, out_dir, tmp_root, n, shard_size, seed)
+        hex_uids = all_hex(con)
+        _rank_kept(con, seed)
+        sizes = _output_sizes(n, shard_size)
+        spools = _spool_kept(con, pool_dir, Path(work_s) / "spool", max_open, shard_size)
+        with _new_folder(out_dir, tmp_root) as tmp:
+            total = _write_shards(spools, tmp, sizes, shard_size)
+            id_file = write_id_file(con, tmp, n, hex_uids)
     return ExportSummary(
         out_dir=out_dir,
         n_samples=n,

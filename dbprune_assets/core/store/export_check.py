@@ -39,27 +39,29 @@ def verify_export(
     memory_limit: str = "1GB",
     limit: int = 5,
     images: bool = True,
+    kept: Any = None,
 ) -> list[str]:
     """Problems of an exported subset against its decisions (empty = healthy):
     missing / extra / repeated samples, shard files vs ``sizes.json``, unequal
     shard sizes, each tar's ``NNNNN_stats.json`` (present, img2dataset's keys,
     ``successes`` = the tar's samples, no stray ones), and ``uids.npy`` /
     ``keys.txt`` vs the kept uids.  Streams the
-    tars; the comparison runs in DuckDB (bounded memory)."""
+    tars; the comparison runs in DuckDB (bounded memory).  ``kept``: the
+    export's own :func:`~.kept.kept_connection`, when it is still open."""
     out_dir = Path(out_dir)
     decisions_path = Path(decisions_path)
     samples_dir = default_samples_dir(decisions_path, samples_dir)
     if not out_dir.is_dir():
         return [f"{out_dir}: no exported subset"]
     if not images:  # uids.npy alone (a metadata-only pool)
-        return _verify_uids_only(out_dir, decisions_path, samples_dir, tmp_root, memory_limit, limit)
+        return _verify_uids_only(out_dir, decisions_path, samples_dir, tmp_root, memory_limit, limit, kept)
     try:
         sizes = read_sizes(out_dir)
     except (OSError, ValueError) as err:
         return [str(err)]
     tars = sorted(p.name for p in out_dir.iterdir() if SHARD_RE.match(p.name))
     problems = _folder_problems(sizes, tars, limit)
-    with kept_connection(decisions_path, samples_dir, tmp_root, memory_limit) as con:
+    with kept_connection(decisions_path, samples_dir, tmp_root, memory_limit, given=kept) as con:
         problems += _read_tars(con, out_dir, tars, sizes)
         problems += _stray_stats(out_dir, tars, limit)
         problems += _found_vs_kept(con, limit)
@@ -71,10 +73,10 @@ def verify_export(
 
 
 def _verify_uids_only(out_dir: Path, decisions_path: Path, samples_dir: Path, tmp_root: Path | None,
-                      memory_limit: str, limit: int) -> list[str]:
+                      memory_limit: str, limit: int, kept: Any = None) -> list[str]:
     """Problems of the subset of a pool without images: ``uids.npy`` alone."""
     extra = sorted(p.name for p in out_dir.iterdir() if p.name != UIDS_FILE)
-    with kept_connection(decisions_path, samples_dir, tmp_root, memory_limit, images=False) as con:
+    with kept_connection(decisions_path, samples_dir, tmp_root, memory_limit, images=False, given=kept) as con:
         ids = verify_id_file(con, out_dir, count_kept(con), True)
     return ([f"files beside {UIDS_FILE} in a subset without images: {extra[:limit]}"] if extra else []) + ids
 

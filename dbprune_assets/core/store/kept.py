@@ -37,25 +37,32 @@ def kept_view(con: Any, decisions_path: Path, samples_dir: Path, images: bool = 
     create_view(con, "dec", [Path(decisions_path)], "decisions")
     create_view(con, "samples", parquet_files(samples_dir), columns=SAMPLE_COLUMNS if images else SAMPLE_COLUMNS[:-1])
     caption = "s.caption" if images else "CAST(NULL AS VARCHAR)"
+    # joined first, then each kept decision row's first samples row: the window runs over the kept
+    # rows, not the whole pool (twice as fast); a decision row is its place in the file
     con.execute(
         f"""
         CREATE OR REPLACE TABLE kept AS
-        SELECT d.shard, d.uid, s.key, {caption} AS caption FROM dec d
-        JOIN (SELECT * FROM samples QUALIFY row_number() OVER (PARTITION BY shard, uid ORDER BY row) = 1) s
-          ON s.shard = d.shard AND s.uid = d.uid
-        WHERE d.keep
-        """
+        SELECT d.shard, d.uid, s.key, {caption} AS caption
+        FROM (SELECT shard, uid, file_row_number AS _d FROM read_parquet(?, file_row_number = true) WHERE keep) d
+        JOIN samples s ON s.shard = d.shard AND s.uid = d.uid
+        QUALIFY row_number() OVER (PARTITION BY d._d ORDER BY s.row) = 1
+        """, [str(decisions_path)]
     )
 
 
 @contextlib.contextmanager
 def kept_connection(decisions_path: Path, samples_dir: Path, tmp_root: Path | None, memory_limit: str, *,
-                    images: bool = True) -> Iterator[Any]:
-    """A bounded DuckDB connection in a temp folder with the ``kept`` table of the decisions."""
+                    images: bool = True, threads: int | None = None, given: Any = None) -> Iterator[Any]:
+    """A bounded DuckDB connection in a temp folder with the ``kept`` table of
+    the decisions; ``given``: such a connection already open (the export and
+    its check of one strategy share one), used as it is and left open."""
+    if given is not None:
+        yield given
+        return
     if tmp_root is not None:
         Path(tmp_root).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="verify-export-", dir=tmp_root) as work:
-        con = connect(Path(work), memory_limit)
+    with tempfile.TemporaryDirectory(prefix="kept-", dir=tmp_root) as work:
+        con = connect(Path(work), memory_limit, threads)
         try:
             kept_view(con, decisions_path, samples_dir, images)
             yield con
