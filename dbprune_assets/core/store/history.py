@@ -51,7 +51,11 @@ def provenance_sql(select: str, previous: Path | None) -> tuple[str, int]:
     without a run (decided outside a run) counts as new.  Unordered, so that
     the caller can store it before sorting: DuckDB spills each of the join and
     the sort past its memory limit, but not both in one query (measured: out
-    of memory at 256 MB over 2.5M rows).  Returns the SQL and how many
+    of memory at 256 MB over 2.5M rows).  Only the ``corrupt`` rows of the
+    previous file are grouped: a uid repeated in a shard is corrupt but for
+    its first row, so the other rows are one per (shard, uid) already (a
+    repeat would double a row, which ``decide``'s one-per-sample check
+    refuses), and grouping them all took half the join's time.  Returns the SQL and how many
     parameters it adds: run and fit, which come before ``select``'s own."""
     # one query whether or not there is a previous file, so that both write the same schema
     prev = ("(SELECT * FROM (VALUES (NULL::VARCHAR, NULL::VARCHAR, NULL::BOOLEAN, NULL::VARCHAR, NULL::VARCHAR, "
@@ -61,8 +65,10 @@ def provenance_sql(select: str, previous: Path | None) -> tuple[str, int]:
         SELECT n.*, coalesce(p.run_id, CAST(? AS VARCHAR)) AS run_id,
                CASE WHEN p.run_id IS NULL THEN CAST(? AS VARCHAR) ELSE p.fit_id END AS fit_id
         FROM ({select}) n
-        LEFT JOIN (SELECT shard, uid, keep, reason, min(run_id) AS run_id, min(fit_id) AS fit_id
-                   FROM {prev} WHERE run_id <> '' GROUP BY ALL) p
+        LEFT JOIN (SELECT shard, uid, keep, reason, run_id, fit_id FROM {prev} WHERE run_id <> '' AND reason <> 'corrupt'
+                   UNION ALL
+                   SELECT shard, uid, keep, reason, min(run_id), min(fit_id) FROM {prev}
+                   WHERE run_id <> '' AND reason = 'corrupt' GROUP BY ALL) p
           ON p.shard IS NOT DISTINCT FROM n.shard AND p.uid IS NOT DISTINCT FROM n.uid
          AND p.keep = n.keep AND p.reason = n.reason""", 2
 
