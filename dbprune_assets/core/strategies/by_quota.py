@@ -62,7 +62,10 @@ def check_quotas(con: Any, strategy: str, q: np.ndarray, M: int) -> None:
     over = np.flatnonzero(q > size)
     if over.size:
         c = int(over[0])
-        raise ValueError(f"{strategy}: quota of cluster {c} is {int(q[c])}, above the cluster's size {int(size[c])}")
+        raise ValueError(f"{strategy}: quota of cluster {c} is {int(q[c])}, above the cluster's size {int(size[c])}: "
+                         "the quotas (cluster_complexity) were computed over other assignments than "
+                         "cluster_assignments holds now (a shard came or went since); materialise "
+                         "cluster_complexity and what it reads first (dbprune run --select '*pruned_subset')")
 
 
 def select_by_quota(con: Any, quotas: np.ndarray) -> None:
