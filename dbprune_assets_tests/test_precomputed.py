@@ -180,6 +180,15 @@ def test_dbprune_run_on_a_datacomp_metadata_pool(tmp_path: Path) -> None:
     assert "trained_model, eval_scores, comparison: skipped: the pool is DataComp metadata without images" in r.stdout
     assert "embeddings.source: datacomp" in r.stdout  # the automatic choice, said
     layout = Layout.from_env(home, pool)
+    # no example images to draw, and nothing wrong with that: said in the metadata, no warning
+    import dagster as dg
+
+    from dbprune_assets.core.pool.poolkind import NO_EXAMPLES
+
+    with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
+        for asset, key in (("semantic_dedup", "example_pairs"), ("cluster_complexity", "most_and_least_complex_clusters")):
+            event = instance.get_latest_materialization_event(dg.AssetKey(asset))
+            assert event.asset_materialization.metadata[key].value == NO_EXAMPLES, asset
 
     def rows(sql: str) -> list[tuple]:
         return [tuple(d.values()) for d in query(layout, sql).to_pylist()]

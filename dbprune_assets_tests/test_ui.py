@@ -273,6 +273,7 @@ def test_real_partitions_carry_their_own_numbers(tmp_path: Path):
     entries = {e["label"]: e["__typename"] for e in
                data["assetOrError"]["assetMaterializations"][0]["metadataEntries"]}
     assert entries["clusters"] == "TableMetadataEntry"
+    assert entries["most_and_least_complex_clusters"] == "MarkdownMetadataEntry"  # a pool with images: the picture
 
     page = write_report(layout, PLOTS, "tiny").read_text()
     assert page.count("data:image/png;base64,") >= 5  # the cluster plots, grids, reasons

@@ -7,6 +7,7 @@ wires them and shows the result."""
 import dagster as dg
 
 from dbprune_assets.core.method import stages
+from dbprune_assets.core.pool.poolkind import NO_EXAMPLES, is_metadata_only
 from dbprune_assets.defs.common import ALL_PARTITIONS, Facts, Session, shard_partitions, stage
 from dbprune_assets.defs.clustering import assign_asset, drift_check_spec, fit_asset, fit_inputs
 from dbprune_assets.defs.plots import artefact_md, cluster_examples_png, cluster_pngs, table
@@ -58,12 +59,15 @@ def cluster_complexity(context: dg.AssetExecutionContext, s: Session) -> dg.Mate
                                    "l": out.l, **out.counts()}
     for name, png in cluster_pngs(out.frame).items():
         metadata[name] = artefact_md(s.layout, "cluster_complexity", name, png, name.replace("_", " "))
-    try:  # pictures are a courtesy; never fail the asset over them
-        metadata["most_and_least_complex_clusters"] = artefact_md(
-            s.layout, "cluster_complexity", "examples", cluster_examples_png(s.layout, out),
-            "most complex (top rows) and least complex (bottom rows) clusters")
-    except Exception as err:
-        context.log.warning(f"could not draw example images: {err}")
+    if is_metadata_only(s.layout.pool, s.shards):
+        metadata["most_and_least_complex_clusters"] = NO_EXAMPLES
+    else:
+        try:  # pictures are a courtesy; never fail the asset over them
+            metadata["most_and_least_complex_clusters"] = artefact_md(
+                s.layout, "cluster_complexity", "examples", cluster_examples_png(s.layout, out),
+                "most complex (top rows) and least complex (bottom rows) clusters")
+        except Exception as err:
+            context.log.warning(f"could not draw example images: {err}")
     metadata["clusters"] = table(out.frame.sort("complexity", descending=True).to_dicts(), 40)
     quota_sum, bad = int(out.column("quota").sum()), out.bound_violations()
     return s.done("cluster_complexity", summary={"k": out.k, "candidates": out.candidates, "M": out.M},

@@ -5,15 +5,31 @@ The work is in ``core/method/embstore.py``, ``core/method/stages.py`` and
 are made by ``defs/clustering.py``."""
 
 
+from typing import Sequence
+
 import dagster as dg
 
 from dbprune_assets.core.method import stages
 from dbprune_assets.core.method.candidates import select_candidates
+from dbprune_assets.core.pool.poolkind import NO_EXAMPLES, is_metadata_only
 from dbprune_assets.core.running.device import torch_device
 from dbprune_assets.defs.clustering import assign_asset, drift_check_spec, fit_asset, fit_inputs
 from dbprune_assets.defs.common import ALL_PARTITIONS, Facts, Session, shard_partitions, stage
 from dbprune_assets.defs.plots import artefact_md, duplicate_pairs_png, histogram_png, table
 
+
+
+def draw_pairs(context: dg.AssetExecutionContext, s: Session, examples: Sequence[tuple[str, str, str, str]],
+               metadata: dict[str, object]) -> None:
+    """The example pairs' picture, when the tars can be read: pictures are a
+    courtesy, so the asset never fails over them (a warning says why)."""
+    try:
+        grid = duplicate_pairs_png(s.layout, examples)
+        if grid:
+            metadata["example_pairs"] = artefact_md(s.layout, "semantic_dedup", "pairs", grid,
+                                                    "removed duplicate (left) and the member it duplicates")
+    except Exception as err:
+        context.log.warning(f"could not draw duplicate examples: {err}")
 
 @stage(
     deps=["pool_manifest", dg.AssetDep("embeddings", partition_mapping=ALL_PARTITIONS)],
@@ -69,13 +85,10 @@ def semantic_dedup(context: dg.AssetExecutionContext, s: Session) -> dg.Material
         metadata["similarity_histogram"] = artefact_md(s.layout, "semantic_dedup", "similarity", histogram_png(
             out.similarities, "similarity to the member it duplicates", 1 - eps, f"1 - eps = {1 - eps:.3f}"),
             "duplicate similarities")
-        try:  # pictures are a courtesy; never fail the asset over them
-            grid = duplicate_pairs_png(s.layout, out.examples)
-            if grid:
-                metadata["example_pairs"] = artefact_md(s.layout, "semantic_dedup", "pairs", grid,
-                                                        "removed duplicate (left) and the member it duplicates")
-        except Exception as err:
-            context.log.warning(f"could not draw duplicate examples: {err}")
+        if is_metadata_only(s.layout.pool, s.shards):
+            metadata["example_pairs"] = NO_EXAMPLES
+        else:
+            draw_pairs(context, s, out.examples, metadata)
     return s.done("semantic_dedup", summary={"duplicates": out.duplicates, "ok": out.ok,
                                              "added_shards": None if out.added is None else len(out.added),
                                              "removed_shards": None if out.removed is None else len(out.removed)},

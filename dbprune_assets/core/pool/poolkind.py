@@ -58,6 +58,9 @@ def is_metadata_only(pool: Path, shards: list[str]) -> bool:
             and any((pool / f"{s}.npz").is_file() for s in shards))
 
 
+#: the example-image metadata of a pool without images (nothing to draw, nothing wrong)
+NO_EXAMPLES = "none: the pool is DataComp metadata without images"
+
 #: what the training stages say on a pool without images
 NEEDS_IMAGES = (
     "the pool is DataComp metadata without images, so there is nothing to train on: the subsets are "
