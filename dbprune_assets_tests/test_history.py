@@ -65,6 +65,23 @@ def test_unchanged_rows_keep_their_run_and_fit_changed_rows_take_this_one(tmp_pa
     assert {r[5] for r in con.execute(query, [WHO.run_id, WHO.fit_id]).fetchall()} == {"run-2"}
 
 
+def test_a_uid_repeated_in_a_shard_keeps_one_row_per_decision_and_its_earliest_run(tmp_path: Path) -> None:
+    """The repeats of a uid in a shard are corrupt (duplicate_uid) but its first
+    row: the previous file's corrupt rows are grouped (two runs' worth of the
+    same decision give the earliest run), the others are one per (shard, uid),
+    so no new row is doubled."""
+    one = _decisions(tmp_path / "a.parquet", [("s0", "u", True, "kept"), ("s0", "u", False, "corrupt")])
+    two = _decisions(tmp_path / "b.parquet", [("s0", "u", False, "corrupt"), ("s0", "v", False, "pruned")], run="run-0")
+    pl.concat([pl.read_parquet(one), pl.read_parquet(two)]).write_parquet(tmp_path / "before.parquet")
+    con = duckdb.connect()
+    con.execute("CREATE TABLE n AS SELECT * FROM (VALUES ('s0', 'u', true, 'kept', 0), ('s0', 'u', false, 'corrupt', 1),"
+                " ('s0', 'u', false, 'corrupt', 2), ('s0', 'v', false, 'pruned', 3)) t(shard, uid, keep, reason, _order)")
+    query, _ = provenance_sql("SELECT * FROM n", tmp_path / "before.parquet")
+    got = con.execute(f"SELECT * EXCLUDE (_order) FROM ({query}) ORDER BY _order", [WHO.run_id, WHO.fit_id]).fetchall()
+    assert [r[4] for r in got] == ["run-1", "run-0", "run-0", "run-0"]
+    assert len(got) == 4
+
+
 def test_quota_moves_lists_the_clusters_whose_quota_or_kept_moved() -> None:
     before = pl.DataFrame({"strategy": ["dbp"] * 3, "cluster": [0, 1, 2], "quota": [5, 3, 2], "kept": [5, 3, 2]})
     after = pl.DataFrame({"strategy": ["dbp"] * 4, "cluster": [0, 1, 2, 3], "quota": [5, 4, 1, 2],
