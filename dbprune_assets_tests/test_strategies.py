@@ -286,6 +286,26 @@ def test_stale_tables_are_errors(tmp_path: Path) -> None:
         run(tables, "random", 1)
 
 
+def test_input_checks_passed_once_are_not_run_again_on_the_same_tables(tmp_path: Path) -> None:
+    """A pruned_subset step checks its copy of the input tables once for all
+    its strategies (``checked``): the checks each strategy needs are recorded
+    as they pass, and a check recorded is not run again."""
+    tables = write_tables(tmp_path / "a", SAMPLES, DUPLICATES, SCORES, ASSIGN)
+    checked: set[str] = set()
+    decide("random", tables, 2, None, 0, tmp_path / "r.parquet", tmp_path / ".tmp", threads=1, checked=checked)
+    assert checked == {"samples", "candidates"}
+    decide("dbp", tables, 5, [1, 2, 2], 0, tmp_path / "d.parquet", tmp_path / ".tmp", threads=1, checked=checked)
+    assert checked == {"samples", "candidates", "assignments"}
+    # tables that fail a check: it raises when not yet passed, and is skipped when recorded
+    t = pq.read_table(tables / "assignments" / "s1.parquet")
+    pq.write_table(t.slice(1), tables / "assignments" / "s1.parquet")
+    with pytest.raises(ValueError, match="do not cover the 9 candidates"):
+        decide("dbp", tables, 5, [1, 2, 2], 0, tmp_path / "e.parquet", tmp_path / ".tmp", threads=1,
+               checked={"samples", "candidates"})
+    # recorded as passed (on these tables, by the caller's word): not run again
+    decide("dbp", tables, 5, [1, 2, 2], 0, tmp_path / "f.parquet", tmp_path / ".tmp", threads=1, checked=set(checked))
+
+
 def test_quota_table_from_mapping() -> None:
     t = quota_table("ssp", np.array([2, 0, 1]), {0: 2, 2: 1})
     assert t.schema.names == ["strategy", "cluster", "quota", "kept"]

@@ -391,7 +391,8 @@ def make_subset(layout: Layout, settings: PipelineSettings, strategy: str,
         prepared = chosen.prepare(strategy_context(layout, settings, inputs, M if chosen.sized else None, Path(work),
                                                    embed_eval))
         summary = decide(chosen.name, inputs.tables, M, quotas, settings.selection.seed, out, layout.tmp,
-                         threads=threads, origin=inputs.origin, provenance=provenance, prepared=prepared)
+                         threads=threads, origin=inputs.origin, provenance=provenance, prepared=prepared,
+                         checked=inputs.checked)
     problems: dict[str, list[str]] = {"one_decision_per_sample": [], "kept_equals_quota": []}
     if provenance is not None:  # the run's history rows (core/store/history.py)
         record_history(layout, provenance, strategy, summary)

@@ -65,6 +65,8 @@ class SubsetInputs:
     samples: int  #: rows of ``samples``
     sample_ids: int  #: distinct ``(shard, uid)`` of ``samples``
     tar_sizes: Mapping[str, int] = field(default_factory=dict)  #: shard -> bytes of its tar, shards with a tar
+    #: the input checks ``decide`` passed on this copy (samples, candidates, assignments): made once a step
+    checked: set[str] = field(default_factory=set)
 
     @property
     def samples_dir(self) -> Path:

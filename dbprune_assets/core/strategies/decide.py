@@ -87,6 +87,7 @@ def decide(
     origin: Path | None = None,
     provenance: Provenance | None = None,
     prepared: Prepared | None = None,
+    checked: set[str] | None = None,
 ) -> DecisionSummary:
     """Write ``out_path`` (``tables/decisions/<strategy>.parquet``): one row per
     samples row, columns strategy, uid, shard, keep, reason, ordered by
@@ -106,6 +107,11 @@ def decide(
     ``prepared``: what the strategy's :meth:`~.base.Strategy.prepare` made
     (its views are opened beside the input tables, its notes reported).
 
+    ``checked``: the input checks (``samples``, ``candidates``,
+    ``assignments``) already passed on these ``tables``; this call skips them
+    and adds the ones it passes (a ``pruned_subset`` step checks its copy
+    once for all its strategies).
+
     ``tables`` is a tables root: ``$DBPRUNE_HOME/tables`` or its one-file-per-table
     copy (:mod:`~.subset_inputs`, which a ``pruned_subset`` step reads once for
     all its strategies); ``origin`` is then the root it was copied from, the
@@ -122,7 +128,7 @@ def decide(
             _open_inputs(con, files, tables, strat.needs)
             for name, view_files in (prepared.views if prepared is not None else {}).items():
                 create_view(con, name, view_files)
-            _validate_inputs(con, strat)
+            _validate_inputs(con, strat, checked if checked is not None else set())
             eligible = strat.select(con, M, q, seed)
             expected = min(M, eligible) if M is not None and strat.may_fall_short else M
             who = provenance or Provenance("", "", "")
@@ -195,16 +201,20 @@ def _open_inputs(con: Any, files: dict[str, list[Path]], tables: Path, needs: tu
 # ---------------------------------------------------------------------------
 # the input tables agree
 # ---------------------------------------------------------------------------
-def _validate_inputs(con: Any, strategy: Strategy) -> None:
+def _validate_inputs(con: Any, strategy: Strategy, checked: set[str]) -> None:
     """Fail early, naming the numbers, when the input tables disagree: samples
-    always, candidates and assignments when the strategy reads them."""
-    n, n_keys = scalar(con, "SELECT count(*) FROM samples"), distinct_count(con, "shard, row", "samples")
-    if n != n_keys:
-        raise ValueError(f"samples: {n} rows but {n_keys} distinct (shard, row); re-run ingest")
-    if "candidates" in strategy.needs:
-        _check_candidates(con)
-    if "assignments" in strategy.needs:
-        _check_assignments(con)
+    always, candidates and assignments when the strategy reads them; those in
+    ``checked`` passed before on the same tables, and the ones that pass now
+    are added to it."""
+    if "samples" not in checked:
+        n, n_keys = scalar(con, "SELECT count(*) FROM samples"), distinct_count(con, "shard, row", "samples")
+        if n != n_keys:
+            raise ValueError(f"samples: {n} rows but {n_keys} distinct (shard, row); re-run ingest")
+        checked.add("samples")
+    for table, check in (("candidates", _check_candidates), ("assignments", _check_assignments)):
+        if table in strategy.needs and table not in checked:
+            check(con)
+            checked.add(table)
 
 
 def _check_candidates(con: Any) -> None:
