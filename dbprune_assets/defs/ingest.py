@@ -112,21 +112,21 @@ def raw_metadata(context: dg.AssetExecutionContext, s: Session) -> dg.Materializ
         raise dg.Failure(f"no such shard in the pool {s.layout.pool}: {', '.join(unknown[:5])} (no "
                          f"{unknown[0]}.parquet there); the partitions are the pool's parquet files: delete these "
                          "partitions, or put the shards in the pool (the sensor and dbprune run register them)")
-    def ingest_one(shard: str) -> tuple[Any, ShardError | None]:  # in a thread: no Dagster calls here
+    def ingest_one(shard: str) -> tuple[Any, ShardError | None, Counter[str]]:  # in a thread: no Dagster calls
         try:
             result, err = s.source.ingest(s.layout.pool, shard, s.settings, s.layout.home), None
         except ShardError as e:
             result, err = failed_ingest(shard, e), e
         write_parquet(s.layout.table("samples", shard), result.samples, s.layout.tmp)
         write_parquet(s.layout.table("problems", shard), result.problems, s.layout.tmp)
-        return result, err
+        counts = sorted(result.samples["status"].value_counts().iter_rows(), key=lambda kv: (-kv[1], kv[0]))
+        return result, err, Counter(dict(counts))  # most common first
 
     done = ordered_map(ingest_one, shards, s.parallel_shards(len(shards)))
-    for shard, (result, err) in progress(done, desc="ingest", unit="shard", total=len(shards)):
+    for shard, (result, err, counts) in progress(done, desc="ingest", unit="shard", total=len(shards)):
         if err is not None:
             failed[shard] = str(err)
             context.log.error(f"shard {shard} not ingested: {err}")
-        counts = Counter(result.samples["status"].to_list())
         totals.update(counts)
         per_shard.append({"shard": shard, "rows": result.samples.height, **{k: counts.get(k, 0) for k in STATUSES},
                           "problems": result.problems.height})

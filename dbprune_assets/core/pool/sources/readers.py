@@ -213,15 +213,28 @@ def _unit(x: np.ndarray, sq: np.ndarray) -> np.ndarray:
 
 def checked_scores(img: np.ndarray, txt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(bad, scores)``: :func:`bad_rows` and :func:`clip_scores` in one pass
-    (each block is converted to float32 once); a bad row's score is meaningless."""
-    bad = np.zeros(len(img), dtype=bool)
-    scores = np.empty(len(img), dtype=np.float32)
-    for a in range(0, len(img), _BLOCK):
-        (x, sx), (t, st) = _squares(img[a : a + _BLOCK]), _squares(txt[a : a + _BLOCK])
-        # a non-finite value makes the squared norm NaN or inf; a finite row is bad when it is 0
-        bad[a : a + _BLOCK] = (~np.isfinite(sx) | ~(sx > 0) | ~np.isfinite(st) | ~(st > 0))[:, 0]
-        with np.errstate(invalid="ignore", over="ignore"):
-            scores[a : a + _BLOCK] = np.einsum("ij,ij->i", _unit(x, sx), _unit(t, st))
+    (each block is converted to float32 once); a bad row's score is meaningless.
+
+    The arithmetic is :func:`_squares` and :func:`_unit`'s, in buffers made
+    once per call (the same bits, without a fresh array per operation)."""
+    n, dim = len(img), int(img.shape[1]) if img.ndim == 2 else 0
+    bad = np.zeros(n, dtype=bool)
+    scores = np.empty(n, dtype=np.float32)
+    b = min(_BLOCK, n)
+    pair, work, sq = np.empty((2, b, dim), np.float32), np.empty((b, dim), np.float32), np.empty((2, b, 1), np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for a in range(0, n, _BLOCK):
+            m = min(_BLOCK, n - a)
+            for v, src, s in zip(pair[:, :m], (img, txt), sq[:, :m]):
+                np.copyto(v, src[a : a + m], casting="unsafe")  # float16 (or any float) -> float32, exact
+                np.add.reduce(np.multiply(v, v, out=work[:m]), axis=1, keepdims=True, out=s)
+            # a non-finite value makes the squared norm NaN or inf; a finite row is bad when it is 0
+            bad[a : a + m] = (~np.isfinite(sq[:, :m]) | ~(sq[:, :m] > 0)).any(axis=0)[:, 0]
+            for v, s in zip(pair[:, :m], sq[:, :m]):
+                np.sqrt(s, out=s)
+                s[~(s > 0)] = 1.0  # as _unit: a zero or NaN norm divides by 1
+                np.divide(v, s, out=v)
+            scores[a : a + m] = np.einsum("ij,ij->i", pair[0, :m], pair[1, :m])
     return bad, scores
 
 
