@@ -8,6 +8,8 @@ from pathlib import Path
 import duckdb
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dbprune_assets.core.store.history import Provenance, provenance_sql, quota_moves, run_changes
 
@@ -42,6 +44,47 @@ def test_run_changes_counts_added_removed_and_redecided(tmp_path: Path) -> None:
     # the first run: every key is new
     assert run_changes(con, before, None) == {"samples": 5, "kept": 3, "added": 5, "removed": 0, "redecided": 0,
                                               "newly_kept": 3, "newly_pruned": 0}
+
+
+def _grouped_changes(con: duckdb.DuckDBPyConnection, new: Path, previous: Path) -> dict[str, int]:
+    """run_changes' counts as it first computed them: every row grouped by (shard, uid), kept if any row is."""
+    keyed = "SELECT shard, uid, bool_or(keep) AS k FROM read_parquet(?) GROUP BY ALL"
+    row = con.execute(f"""
+        WITH n AS ({keyed}), p AS ({keyed})
+        SELECT count(n.uid), count(*) FILTER (WHERE n.k), count(*) FILTER (WHERE p.uid IS NULL AND p.shard IS NULL),
+               count(*) FILTER (WHERE n.uid IS NULL AND n.shard IS NULL),
+               count(*) FILTER (WHERE n.k <> p.k), count(*) FILTER (WHERE n.k AND NOT p.k),
+               count(*) FILTER (WHERE p.k AND NOT n.k)
+        FROM n FULL JOIN p ON p.shard IS NOT DISTINCT FROM n.shard AND p.uid IS NOT DISTINCT FROM n.uid""",
+                      [str(new), str(previous)]).fetchone()
+    return dict(zip(("samples", "kept", "added", "removed", "redecided", "newly_kept", "newly_pruned"), row))
+
+
+#: one key's rows: a decision for its first row, then how many corrupt repeats
+_KEY_ROWS = st.tuples(st.sampled_from([("kept", True), ("pruned", False), ("duplicate", False), ("corrupt", False),
+                                       None]), st.integers(0, 2))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(_KEY_ROWS, _KEY_ROWS), min_size=1, max_size=12), st.booleans())
+def test_run_changes_equal_grouping_every_row(tmp_path_factory: pytest.TempPathFactory,
+                                              keys: list[tuple[tuple, tuple]], null_uid: bool) -> None:
+    """Only corrupt rows repeat a key (the first row of a uid repeated in a
+    shard may be anything): counting the other rows as they are gives the
+    counts of grouping every row, for keys in one run, the other or both."""
+    tmp = tmp_path_factory.mktemp("changes")
+    files = []
+    for side in (0, 1):
+        rows = []
+        for i, key in enumerate(keys):
+            first, repeats = key[side]
+            uid = None if null_uid and i == 0 else f"u{i}"
+            if first is not None:  # None: the key is not in this file
+                rows.append(("s0", uid, first[1], first[0]))
+                rows += [("s0", uid, False, "corrupt")] * repeats
+        files.append(_decisions(tmp / f"{side}.parquet", rows))
+    con = duckdb.connect()
+    assert run_changes(con, files[1], files[0]) == _grouped_changes(con, files[1], files[0])
 
 
 def test_unchanged_rows_keep_their_run_and_fit_changed_rows_take_this_one(tmp_path: Path) -> None:

@@ -73,24 +73,39 @@ def provenance_sql(select: str, previous: Path | None) -> tuple[str, int]:
          AND p.keep = n.keep AND p.reason = n.reason""", 2
 
 
+def decisions_by_key(param: str) -> str:
+    """The decisions file ``param`` one row per (shard, uid): ``k`` whether it
+    is kept.  Only the ``corrupt`` rows repeat a key (a uid repeated in a
+    shard is corrupt but for its first row, :func:`provenance_sql`) and are
+    never kept, so the other rows are taken as they are and a corrupt key
+    counts once, where no other row has it: the same keys and ``k`` as
+    grouping every row by (shard, uid) with ``bool_or(keep)``, without
+    aggregating the whole file."""
+    return f"""(SELECT shard, uid, keep AS k FROM read_parquet({param}) WHERE reason <> 'corrupt'
+                UNION ALL
+                SELECT shard, uid, false AS k FROM (SELECT DISTINCT shard, uid FROM read_parquet({param})
+                                                    WHERE reason = 'corrupt') c
+                ANTI JOIN (SELECT shard, uid FROM read_parquet({param}) WHERE reason <> 'corrupt') o
+                  ON o.shard IS NOT DISTINCT FROM c.shard AND o.uid IS NOT DISTINCT FROM c.uid)"""
+
+
 def run_changes(con: Any, new: Path, previous: Path | None) -> dict[str, int]:
     """Samples, kept, added, removed, re-decided, newly kept and newly pruned
     between the ``previous`` decisions file (None: none before) and ``new``,
-    by (shard, uid): a key is kept when any of its rows is."""
-    keyed = "SELECT shard, uid, bool_or(keep) AS k FROM read_parquet(?) GROUP BY ALL"
+    by (shard, uid): a key is kept when any of its rows is (:func:`decisions_by_key`)."""
     if previous is None or not previous.is_file():
-        samples, kept = con.execute(f"SELECT count(*), count(*) FILTER (WHERE k) FROM ({keyed})",
-                                    [str(new)]).fetchone()
+        samples, kept = con.execute(f"SELECT count(*), count(*) FILTER (WHERE k) FROM {decisions_by_key('$new')}",
+                                    {"new": str(new)}).fetchone()
         return {"samples": samples, "kept": kept, "added": samples, "removed": 0, "redecided": 0,
                 "newly_kept": kept, "newly_pruned": 0}
     row = con.execute(f"""
-        WITH n AS ({keyed}), p AS ({keyed})
+        WITH n AS {decisions_by_key('$new')}, p AS {decisions_by_key('$prev')}
         SELECT count(n.uid), count(*) FILTER (WHERE n.k), count(*) FILTER (WHERE p.uid IS NULL AND p.shard IS NULL),
                count(*) FILTER (WHERE n.uid IS NULL AND n.shard IS NULL),
                count(*) FILTER (WHERE n.k <> p.k), count(*) FILTER (WHERE n.k AND NOT p.k),
                count(*) FILTER (WHERE p.k AND NOT n.k)
         FROM n FULL JOIN p ON p.shard IS NOT DISTINCT FROM n.shard AND p.uid IS NOT DISTINCT FROM n.uid
-    """, [str(new), str(previous)]).fetchone()
+    """, {"new": str(new), "prev": str(previous)}).fetchone()
     names = ("samples", "kept", "added", "removed", "redecided", "newly_kept", "newly_pruned")
     return {name: int(v or 0) for name, v in zip(names, row)}
 

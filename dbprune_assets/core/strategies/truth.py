@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from dbprune_assets.core.store.history import decisions_by_key
+
 if TYPE_CHECKING:
     from dbprune_assets.core.store.layout import Layout
 
@@ -92,15 +94,15 @@ def truth_quality(strategy: str, decisions: Path, truth: Path, con: Any) -> Trut
         raise ValueError(f"{truth}: the ground truth lacks the column(s) {', '.join(missing)} "
                          f"(expected {', '.join(TRUTH_COLUMNS)}, the sample pool's schema)")
     con.execute(
-        """
+        f"""
         CREATE OR REPLACE TEMP TABLE tq AS
         WITH t AS (SELECT shard, uid, any_value(concept) AS concept, any_value(variability) AS variability,
                           any_value(dup_group) AS dup_group, bool_or(coalesce(mismatched, false)) AS mismatched
-                   FROM read_parquet(?) GROUP BY shard, uid),
-             d AS (SELECT shard, uid, bool_or(keep) AS keep FROM read_parquet(?) GROUP BY shard, uid)
-        SELECT t.*, d.keep FROM t LEFT JOIN d ON d.shard = t.shard AND d.uid = t.uid
+                   FROM read_parquet($truth) GROUP BY shard, uid),
+             d AS {decisions_by_key("$decisions")}
+        SELECT t.*, d.k AS keep FROM t LEFT JOIN d ON d.shard = t.shard AND d.uid = t.uid
         """,
-        [str(truth), str(decisions)],
+        {"truth": str(truth), "decisions": str(decisions)},
     )
     matched, unmatched = con.execute(
         "SELECT count(keep), count(*) FILTER (WHERE keep IS NULL) FROM tq").fetchall()[0]
