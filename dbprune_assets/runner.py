@@ -368,12 +368,15 @@ def _run_group(pipeline: _Pipeline, group: list[str]) -> tuple[GroupResult, str 
 
     g0 = time.monotonic()
     plan = _plan_group(pipeline, group)
+    # a group current with inputs that are not (a setting of a parent changed) is refused as well:
+    # "up to date" would say its outputs match the settings and pool now
+    reading, parts = (plan.to_run, plan.stale) if plan.stale else (group, plan.all_parts)
+    if stale := stale_inputs(plan.versions, pipeline.nodes, reading, parts, pipeline.selected):
+        return _not_started(pipeline, group, plan, refusal(reading, stale, pipeline.nodes), g0)
     if not plan.stale:
         pipeline.echo(f"✓ {plan.label}: up to date ({len(plan.all_parts)} partition(s))")
         return GroupResult(group, [], plan.skipped, 0.0), None
     scope = f"{len(plan.stale)} of {len(plan.all_parts)} partitions" if plan.kind else "unpartitioned"
-    if stale := stale_inputs(plan.versions, pipeline.nodes, plan.to_run, plan.stale, pipeline.selected):
-        return _not_started(pipeline, group, plan, refusal(plan.to_run, stale, pipeline.nodes), g0)
     if not all(pipeline.nodes[a].facts.ingest for a in group) and (
             refused := _k_refused(pipeline.layout, pipeline.settings, plan.shards)):
         return _not_started(pipeline, group, plan, refused, g0)

@@ -113,3 +113,31 @@ def test_selecting_only_pruned_subset_after_a_shard_left_is_refused_and_changes_
     report = run_pipeline(home.layout, home.settings, select="pruned_subset", echo=said.append, log_level="ERROR")
     assert report.ok and said[-1].startswith("✓ pruned_subset: up to date")
     home.mp.undo()
+
+
+def test_a_current_selection_whose_input_setting_changed_is_refused_not_up_to_date(tmp_path: Path) -> None:
+    """A user changed ``dbp.tau`` (a setting of ``cluster_complexity``) and
+    selected ``pruned_subset`` alone: its own markers are current, but it
+    would not reflect the setting.  Refused, naming the input, rather than
+    "up to date"; selecting the input too redoes both."""
+    from dbprune_assets.core.settings import PoolSettings
+    from dbprune_assets.runner import run_pipeline
+    from dbprune_assets.samplepool import write_datacomp_pool
+
+    from .test_pool_changes import decisions_digest
+
+    pool = tmp_path / "pool"
+    write_datacomp_pool(pool, PoolSettings(shards=2, samples_per_shard=100, concepts=6, seed=3), models=("b32",))
+    home = Home(pytest.MonkeyPatch(), tmp_path / "home", pool)
+    home.run()
+    before = decisions_digest(home.layout.home)
+    changed = home.settings.model_copy(update={"dbp": home.settings.dbp.model_copy(update={"tau": 0.3})})
+    said: list[str] = []
+    report = run_pipeline(home.layout, changed, select="pruned_subset", echo=said.append, log_level="ERROR")
+    assert not report.ok and report.failure.startswith("pruned_subset would read inputs that do not match")
+    assert "cluster_complexity is out of date" in report.failure
+    assert said[-1] == f"✗ pruned_subset not started: {report.failure}"
+    assert decisions_digest(home.layout.home) == before
+    report = run_pipeline(home.layout, changed, select="cluster_complexity+", echo=said.append, log_level="ERROR")
+    assert report.ok and [g.assets for g in report.groups] == [["cluster_complexity"], ["pruned_subset"]]
+    home.mp.undo()
