@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from dbprune_assets.codelocation import workspace_args
+from dbprune_assets.core.store.homepool import HomePoolError, check_home_pool, remember_pool
 from dbprune_assets.core.store.layout import Layout
 from dbprune_assets.core.settings import PipelineSettings, SettingsError, build_settings
 
@@ -155,13 +156,15 @@ def _run_locked(layout: Layout, args: argparse.Namespace) -> int:
         settings, why = resolve_settings(layout, args.config, args.profile)
         settings = run_overrides(layout, settings, args.refit, args.centroids_from)
         preflight(layout, settings)
+        moved = check_home_pool(layout, bool(os.environ.get("DBPRUNE_POOL")))
         ensure_pool(layout, settings)
-    except SettingsError as e:
+    except (SettingsError, HomePoolError) as e:
         return _err(str(e))
+    remember_pool(layout)
     write_bytes(layout.config_file, settings.to_yaml().encode(), layout.tmp)
     print(f"dbprune: home {layout.home}, pool {layout.pool}, profile {settings.profile} "
           f"(settings saved to {layout.config_file})")
-    print(f"dbprune: {why}")
+    print(f"dbprune: {why}" + (f"\ndbprune: {moved}" if moved else ""))
     report = run_pipeline(layout, settings, select=args.select, force=args.force,
                           log_level="DEBUG" if args.verbose > 1 else "INFO" if args.verbose else None)
     print_summary(layout, report)
@@ -307,6 +310,9 @@ def _serve_env(layout: Layout) -> None:
     os.environ["DAGSTER_HOME"] = str(layout.dagster_home)
     os.environ["DBPRUNE_HOME"] = str(layout.home)
     os.environ["DBPRUNE_POOL"] = str(layout.pool)
+    if moved := check_home_pool(layout, True):  # refused (HomePoolError) when it holds another pool's results
+        print(f"dbprune: {moved}", flush=True)
+    remember_pool(layout)
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
@@ -329,26 +335,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
     rc = servers.supervise(servers.ui_argv(args.host, args.port, with_daemon=seen is None,
                                            location=workspace_args(layout)))  # the location the runs name
     if seen is None:
-        _forget_daemon(layout)  # its daemon stopped with it
+        servers.forget_stopped_daemon(layout.dagster_home)  # its daemon stopped with it
     return rc
-
-
-def _forget_daemon(layout: Layout) -> None:
-    """Wipe the heartbeats of the daemon that just stopped (a warning line when
-    the instance cannot be opened now), so the next one is not refused."""
-    import dagster as dg
-
-    from dbprune_assets import servers
-
-    try:
-        instance = dg.DagsterInstance.from_config(str(layout.dagster_home))
-        try:
-            servers.forget_daemon(instance)
-        finally:
-            instance.dispose()
-    except Exception as e:  # the database may be gone by now: the heartbeats then age out
-        print(f"dbprune: warning: the stopped daemon's heartbeats were not cleared ({type(e).__name__}: {e}); "
-              f"a new daemon is refused until they are {servers.DAEMON_ALIVE_S:.0f}s old", file=sys.stderr)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -384,7 +372,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     _serve_env(layout)
     print(f"dbprune: Dagster daemon on instance {layout.dagster_home}", flush=True)
     rc = servers.supervise(servers.daemon_argv(location=workspace_args(layout)))
-    _forget_daemon(layout)
+    servers.forget_stopped_daemon(layout.dagster_home)
     return rc
 
 
@@ -485,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.fn(args) or 0)
     except HomeBusy as e:
         return _err(str(e), EXIT_BUSY)
+    except HomePoolError as e:
+        return _err(str(e))
     except KeyboardInterrupt:
         return _err("interrupted", 130)
     except Exception as e:

@@ -255,3 +255,19 @@ def _signal_group(pgid: int, signum: int) -> bool:
         return False
     except PermissionError:
         return True
+
+
+def forget_stopped_daemon(dagster_home: Path) -> None:
+    """Wipe the heartbeats of the daemon that just stopped (a warning line when
+    the instance cannot be opened now), so the next one is not refused."""
+    import dagster as dg
+
+    try:
+        instance = dg.DagsterInstance.from_config(str(dagster_home))
+        try:
+            forget_daemon(instance)
+        finally:
+            instance.dispose()
+    except Exception as e:  # the database may be gone by now: the heartbeats then age out
+        print(f"dbprune: warning: the stopped daemon's heartbeats were not cleared ({type(e).__name__}: {e}); "
+              f"a new daemon is refused until they are {DAEMON_ALIVE_S:.0f}s old", file=sys.stderr)
