@@ -103,6 +103,44 @@ def test_sql(full_run):
     assert bad.returncode != 0 and "no_such_table" in bad.stderr
 
 
+def readme_sql_examples() -> list[list[str]]:
+    """The arguments of every ``dbprune sql`` command in the README's bash
+    blocks, as the shell splits them (a command may span lines inside its quotes)."""
+    import re
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", readme, flags=re.S):
+        lines, i = block.splitlines(), 0
+        while i < len(lines):
+            if lines[i].lstrip().startswith("dbprune sql "):
+                text = lines[i]
+                while True:
+                    try:
+                        words = shlex.split(text, comments=True)
+                        break
+                    except ValueError:  # a quote not closed yet: the command goes on
+                        i += 1
+                        text += "\n" + lines[i]
+                if not any("…" in w for w in words):  # the README's placeholders
+                    found.append(words[2:])
+            i += 1
+    return found
+
+
+def test_every_sql_example_of_the_readme_runs(full_run):
+    """Each ``dbprune sql`` example the README shows runs on a home the
+    README's ``dbprune run`` made (DuckDB keywords quoted where they must be)."""
+    home, env, proc, _ = full_run
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    examples = readme_sql_examples()
+    assert len(examples) >= 6 and any("decision_runs" in " ".join(e) for e in examples)
+    for args in examples:
+        got = run_cli("sql", *args, env=env)
+        assert got.returncode == 0, f"dbprune sql {args}: {got.stderr}"
+
+
 def test_sample_pool_command(tmp_path: Path):
     out = tmp_path / "pool"
     proc = run_cli("sample-pool", "--out", str(out), "--shards", "1", "--samples-per-shard", "20",
