@@ -225,7 +225,9 @@ def where_to_look(layout: Layout, report) -> list[str]:
     compared = read_state(layout, "comparison", UNPARTITIONED)
     page = Path(compared.summary["report"]) if compared and compared.summary.get("report") else None
     if page is not None and page.exists():
-        lines.append(f"  report   {page}  (one HTML page; `dbprune report` writes a new one)")
+        ours = any("comparison" in g.ran for g in report.groups)  # else an earlier run's comparison wrote it
+        lines.append(f"  report   {page}  ({'one HTML page' if ours else 'of an earlier run'}; "
+                     "`dbprune report` writes a new one)")
     lines.append(f"  UI       dbprune ui   (Dagster instance {layout.dagster_home})")
     return lines
 
@@ -437,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
                    help=f"stop the query after this many seconds (default {DEFAULT_TIMEOUT_S:g}); Ctrl-C stops it too")
     q.add_argument("--format", choices=["table", "csv"], default="table")
-    q.add_argument("--max-rows", type=int, default=50)
+    q.add_argument("--max-rows", type=int, default=50, help="rows the table shows (default 50; csv prints all)")
     q.set_defaults(fn=cmd_sql)
 
     u = sub.add_parser("ui", help="the Dagster UI on the same instance as dbprune run")
