@@ -25,6 +25,7 @@ Every run it launches carries the origin of the code location the UI serves
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 import time
@@ -470,7 +471,8 @@ def _failure_message(result, layout: Layout) -> str:  # ExecuteInProcessResult
             err = event.step_failure_data.error
             while err.cause is not None and "dagster" in (err.cls_name or "").lower():
                 err = err.cause
-            message = err.message.strip()
+            # dbprune's own errors say what happened: without Dagster's "module.Class: " before it
+            message = re.sub(r"^dbprune_assets\.[\w.]+: ", "", err.message.strip())
             text = f"[{event.step_key}] {explain_text(message, layout.home) or message}"
             break
     free = free_bytes(layout.home)

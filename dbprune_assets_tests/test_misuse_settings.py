@@ -115,8 +115,15 @@ def test_explicit_k_checked_against_the_pool():
     for fragment in ("semdedup.dedup_k", "50000", "590 ok samples", "semdedup.dedup_k: auto (here 8"):
         assert fragment in msg
     big_dbp = build_settings({"semdedup": {"dedup_k": "auto"}, "dbp": {"k": 1000}}, profile="paper")
-    with pytest.raises(SettingsError, match=r"dbp.k: 1000 clusters exceeds the 590 ok samples.*dbp.k: auto"):
+    with pytest.raises(SettingsError, match=r"dbp.k: 1000 clusters exceeds the candidates this pool can have: .*at "
+                                            r"most 295 here \(clip_filter.fraction 0.5 of its 590 ok samples.*dbp.k: auto"):
         check_k(big_dbp, 590)
+    # the candidates are at most the CLIP filter's fraction of the ok samples: 0.3 * 590 = 177
+    by_fraction = build_settings({"semdedup": {"dedup_k": "auto"}, "dbp": {"k": 200}, "clip_filter": {"fraction": 0.3}},
+                                 profile="paper")
+    with pytest.raises(SettingsError, match=r"dbp.k: 200 clusters exceeds .* at most 177 here .*well below 177"):
+        check_k(by_fraction, 590)
+    check_k(by_fraction.model_copy(update={"dbp": by_fraction.dbp.model_copy(update={"k": 177})}), 590)
     check_k(build_settings({"semdedup": {"dedup_k": "auto"}, "dbp": {"k": "auto"}}, profile="paper"), 590)
     check_k(paper, 440_000_000)
     sample = build_settings({}, profile="sample")  # explicit values kept, and they fit the sample pool

@@ -3,6 +3,7 @@ and validation errors as messages that name the setting and what it allows."""
 
 from __future__ import annotations
 
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -233,7 +234,17 @@ def check_k(settings: PipelineSettings, n_ok: int) -> None:
     samples are counted (after ingest, before embeddings and training): an
     explicit ``semdedup.dedup_k`` or ``dbp.k`` above it raises SettingsError
     naming the setting, the value and the pool size, and suggesting ``auto``.
-    (``dbp.k`` is checked exactly against the candidates when ``centroids`` fits.)"""
+    ``dbp.k`` clusters the candidates, not known yet: it is checked here
+    against the most there can be (the CLIP filter's ``fraction`` of the ok
+    samples; SemDeDup keeps fewer), and exactly when ``centroids`` fits."""
     settings.semdedup.clusters(n_ok)
     if settings.dbp.k != AUTO:
-        DBP_K.clusters(settings.dbp.k, n_ok, "ok samples (the candidates are fewer)")
+        fraction = settings.clip_filter.fraction
+        most = n_ok if fraction is None else min(n_ok, math.ceil(fraction * n_ok))
+        if int(settings.dbp.k) > most:
+            cap = f"clip_filter.fraction {fraction:g} of its {n_ok} ok samples" if fraction is not None else \
+                f"its {n_ok} ok samples"
+            raise SettingsError(
+                f"dbp.k: {settings.dbp.k} clusters exceeds the candidates this pool can have: DBP clusters the samples "
+                f"SemDeDup and the CLIP filter keep, at most {most} here ({cap}; SemDeDup removes more); set dbp.k: "
+                f"auto (scaled to the candidates once they are known) or well below {most}")
