@@ -46,6 +46,12 @@ def test_the_alarm_fires_past_factor_times_the_fits_share_and_only_with_enough_s
     assert not drift.verdict(fit, [far], factor=3.0, min_samples=1000).fires  # 600 samples: too few to say
     assert drift.verdict(fit, [far], factor=3.0, min_samples=500).fires
     assert "5.0% of the 600 samples of the 1 shard(s) added" in drift.verdict(fit, [far], min_samples=500).line("x")
+    # fewer samples than the alarm needs: said, not "they fit"; a shard without samples (damaged) is not counted
+    empty = drift.shard_drift("c", np.zeros(0), fit)
+    few = drift.verdict(fit, [near, empty], factor=3.0, min_samples=1000)
+    assert few.shards == 1 and few.line("x").endswith(": too few to judge (the alarm waits for 1,000, drift.min_samples)")
+    assert drift.verdict(fit, [empty], min_samples=10).line("x") == "x: no samples added since the fit"
+    assert drift.verdict(fit, [near], min_samples=500).line("x").endswith(": they fit")
 
 
 def test_a_fit_without_far_rows_still_has_a_limit() -> None:

@@ -63,16 +63,19 @@ class Verdict:
     limit: float  #: factor × the fit's far share
     mean: float  #: their mean distance
     fit: FitProfile
+    min_samples: int = 1000  #: added samples the alarm needs (``drift.min_samples``)
 
     def line(self, what: str) -> str:
         """One line for the console and the UI: what was measured and what it means."""
-        if not self.shards:
-            return f"{what}: no shards added since the fit"
+        if not self.rows:
+            return f"{what}: no samples added since the fit"
         head = (f"{what}: {self.far_share:.1%} of the {self.rows:,} samples of the {self.shards} shard(s) added "
                 f"since the fit lie beyond its 99th-percentile distance {self.fit.p99:.4f} (the fit: "
                 f"{self.fit.far_share:.1%}; alarm above {self.limit:.1%})")
         if self.fires:
             return head + ": the new data no longer fits these clusters"
+        if self.rows < self.min_samples:
+            return head + f": too few to judge (the alarm waits for {self.min_samples:,}, drift.min_samples)"
         return head + ": they fit"
 
 
@@ -96,11 +99,12 @@ def verdict(fit: FitProfile, added: Iterable[ShardDrift], factor: float = 3.0, m
     fit's far share is the limit; the fit's share is taken as at least 1/rows
     of its sample, so a fit whose sample had no row beyond its own p99 (tiny
     samples) still has a limit above zero."""
-    added = list(added)
+    added = [s for s in added if s.rows]  # a shard with no usable sample (damaged) says nothing
     rows = sum(s.rows for s in added)
     far = sum(s.far for s in added)
     share = far / rows if rows else 0.0
     base = max(fit.far_share, 1.0 / max(fit.rows, 1))
     limit = factor * base
     mean = sum(s.mean * s.rows for s in added) / rows if rows else 0.0
-    return Verdict(bool(rows >= min_samples and share > limit), len(added), rows, share, limit, mean, fit)
+    return Verdict(bool(rows >= min_samples and share > limit), len(added), rows, share, limit, mean, fit,
+                   min_samples)
