@@ -36,20 +36,24 @@ def _rows(scores: dict[str, dict[str, list[float]]]) -> pl.DataFrame:
 
 def test_bootstrap_ci_by_hand() -> None:
     v = np.array([0.1, 0.2, 0.6])
-    # the same procedure written out
-    rng = np.random.default_rng(7)
-    idx = rng.integers(0, 3, size=(500, 3))
-    means = v[idx].mean(axis=1)
-    assert bootstrap_ci(v, 500, 7) == pytest.approx(tuple(np.quantile(means, [0.025, 0.975])))
-    # against the exact bootstrap distribution (all 27 equally likely resamples): each extreme
-    # has probability 1/27 > 2.5%, so with 3 seeds the 95% interval is the range of the seeds
+    # up to 6 seeds, the exact bootstrap distribution (all 27 equally likely resamples here): each
+    # extreme has probability 1/27 > 2.5%, so with 3 seeds the 95% interval is the range of the seeds,
+    # whatever n_boot and seed (equal scores, equal intervals)
     exact = np.array([v[list(c)].mean() for c in itertools.product(range(3), repeat=3)])
     assert np.quantile(exact, [0.025, 0.975], method="inverted_cdf") == pytest.approx([0.1, 0.6])
-    assert bootstrap_ci(v, 2000, 1) == pytest.approx((0.1, 0.6))
-    # with 6 seeds it is narrower than the range
-    v6 = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.9])
-    lo, hi = bootstrap_ci(v6, 4000, 3)
-    assert v6.min() < lo < v6.mean() < hi < v6.max()
+    assert bootstrap_ci(v, 500, 7) == bootstrap_ci(v, 200, 1) == pytest.approx((0.1, 0.6))
+    assert bootstrap_ci(v[::-1], 0, 0) == bootstrap_ci(v, 500, 7)
+    # 5 seeds: the exact quantiles, narrower than the range
+    v5 = np.array([0.1, 0.2, 0.3, 0.4, 0.9])
+    exact5 = np.array([v5[list(c)].mean() for c in itertools.product(range(5), repeat=5)])
+    assert bootstrap_ci(v5, 10, 3) == pytest.approx(tuple(np.quantile(exact5, [0.025, 0.975], method="inverted_cdf")))
+    assert v5.min() < bootstrap_ci(v5, 10, 3)[0] < v5.mean() < bootstrap_ci(v5, 10, 3)[1] < v5.max()
+    # more seeds: the same procedure written out (resampled n_boot times)
+    v8 = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.9])
+    rng = np.random.default_rng(7)
+    means = v8[rng.integers(0, 8, size=(500, 8))].mean(axis=1)
+    assert bootstrap_ci(v8, 500, 7) == pytest.approx(tuple(np.quantile(means, [0.025, 0.975])))
+    assert np.isnan(bootstrap_ci(v8, 0, 7)[0])
     assert bootstrap_ci([0.4], 100, 0) == (0.4, 0.4)
     assert bootstrap_ci([0.3, 0.3, 0.3], 100, 0) == pytest.approx((0.3, 0.3))
 

@@ -34,6 +34,8 @@ strategy name alphabetically.
 
 from __future__ import annotations
 
+import itertools
+
 import hashlib
 from typing import Any, Mapping, Sequence
 
@@ -92,19 +94,32 @@ def _stream_seed(seed: int, *parts: str) -> int:
     return int.from_bytes(h[:8], "little")
 
 
+#: up to this many seeds the bootstrap distribution is enumerated exactly (n**n resamples: 46,656 for 6)
+EXACT_BOOTSTRAP_MAX = 6
+
+
 def bootstrap_ci(values: Sequence[float], n_boot: int, seed: int, level: float = CI_LEVEL) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``values`` (resampled with
-    replacement ``n_boot`` times, ``numpy.random.default_rng(seed)``)."""
+    """Percentile bootstrap interval of the mean of ``values``.
+
+    Up to :data:`EXACT_BOOTSTRAP_MAX` values, the exact one: the quantiles
+    (``inverted_cdf``) of the means of all ``n**n`` equally likely
+    resamples, so equal scores give equal intervals and, with 3 or fewer
+    seeds, the interval is the range of the scores (each extreme has
+    probability ``1/n**n`` ≥ 1/27 > 2.5%).  More values: resampled with
+    replacement ``n_boot`` times (``numpy.random.default_rng(seed)``)."""
     v = np.asarray(values, dtype=np.float64)
     if v.size == 0:
         return (float("nan"), float("nan"))
-    if v.size == 1 or n_boot <= 0:
-        return (float(v.mean()), float(v.mean())) if v.size == 1 else (float("nan"), float("nan"))
+    alpha = (1.0 - level) / 2.0
+    if v.size <= EXACT_BOOTSTRAP_MAX:
+        idx = np.array(list(itertools.product(range(v.size), repeat=v.size)))
+        lo, hi = np.quantile(v[idx].mean(axis=1), [alpha, 1.0 - alpha], method="inverted_cdf")
+        return float(lo), float(hi)
+    if n_boot <= 0:
+        return (float("nan"), float("nan"))
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, v.size, size=(int(n_boot), v.size))
-    means = v[idx].mean(axis=1)
-    alpha = (1.0 - level) / 2.0
-    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
+    lo, hi = np.quantile(v[idx].mean(axis=1), [alpha, 1.0 - alpha])
     return float(lo), float(hi)
 
 
