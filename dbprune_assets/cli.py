@@ -18,7 +18,7 @@ from pathlib import Path
 from dbprune_assets.codelocation import workspace_args
 from dbprune_assets.core.store.homepool import HomePoolError, check_home_pool, remember_pool
 from dbprune_assets.core.store.layout import Layout
-from dbprune_assets.core.settings import PipelineSettings, SettingsError, build_settings
+from dbprune_assets.core.settings import PipelineSettings, SettingsError, build_settings, changed_settings
 
 
 #: exit status when another process holds the home's lock (EX_TEMPFAIL)
@@ -161,10 +161,13 @@ def _run_locked(layout: Layout, args: argparse.Namespace) -> int:
     except (SettingsError, HomePoolError) as e:
         return _err(str(e))
     remember_pool(layout)
+    changes = changed_settings(layout.config_file, settings)
     write_bytes(layout.config_file, settings.to_yaml().encode(), layout.tmp)
     print(f"dbprune: home {layout.home}, pool {layout.pool}, profile {settings.profile} "
           f"(settings saved to {layout.config_file})")
     print(f"dbprune: {why}" + (f"\ndbprune: {moved}" if moved else ""))
+    if changes:  # --config replaces the saved settings: say what that changes
+        print(f"dbprune: settings changed since the last run: {'; '.join(changes[:8])}{' …' if changes[8:] else ''}")
     report = run_pipeline(layout, settings, select=args.select, force=args.force,
                           log_level="DEBUG" if args.verbose > 1 else "INFO" if args.verbose else None)
     print_summary(layout, report)

@@ -71,3 +71,19 @@ def test_load_settings_errors(tmp_path: Path):
     typo.write_text("profile: sample\ndbp:\n  tua: 0.2\n")
     with pytest.raises(SettingsError, match=r"typo.yaml.*\n.*dbp.tua: unknown setting"):
         load_settings(typo)
+
+
+def test_changed_settings_lists_what_a_config_changes_against_the_saved_file(tmp_path: Path) -> None:
+    """``--config`` replaces the saved settings; the run says what that changes."""
+    from dbprune_assets.core.settings import changed_settings
+
+    saved = tmp_path / "config.yaml"
+    before = build_settings({"clip_filter": {"fraction": 0.5}}, profile="sample")
+    saved.write_text(before.to_yaml())
+    now = build_settings({"dbp": {"k": 16}}, profile="sample")  # fraction back to the profile's
+    assert changed_settings(saved, now) == [
+        f"clip_filter.fraction: 0.5 → {now.clip_filter.fraction!r}", f"dbp.k: {before.dbp.k!r} → 16"]
+    assert changed_settings(saved, before) == []
+    assert changed_settings(tmp_path / "none.yaml", now) == []
+    (tmp_path / "bad.yaml").write_text("dbp: {k: [1, 2]}\n")
+    assert changed_settings(tmp_path / "bad.yaml", now) == []

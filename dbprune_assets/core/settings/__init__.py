@@ -17,7 +17,8 @@ automatic choice and the error messages in :mod:`.loading`.
 
 from dbprune_assets.core.settings.loading import (DATACOMP_OVERRIDES, GENERATED_DATACOMP_OVERRIDES,
                                                   USER_POOL_OVERRIDES, auto_profile, build_settings, check_k,
-                                                  choose_settings, load_settings, profile_dict, read_settings_file)
+                                                  changed_settings, choose_settings, load_settings, profile_dict,
+                                                  read_settings_file)
 from dbprune_assets.core.settings.sections import (AUTO, DBP_K, DEDUP_K, PROFILES, STRATEGIES, AutoK,
                                                    BootstrapSettings, ClipFilterSettings, Clusters, ComputeSettings,
                                                    DbpSettings, Device, DriftSettings, EmbeddingsSettings, EncoderSettings,
@@ -31,5 +32,5 @@ __all__ = [
     "DbpSettings", "Device", "DriftSettings", "EmbeddingsSettings", "EncoderSettings", "EncoderSpec", "EvalSettings",
     "ExportSettings", "IngestSettings", "PartitionSettings", "PipelineSettings", "PoolSettings",
     "SelectionSettings", "SemDedupSettings", "SettingsError", "TrainSettings", "auto_profile", "build_settings",
-    "check_k", "choose_settings", "load_settings", "profile_dict", "read_settings_file",
+    "changed_settings", "check_k", "choose_settings", "load_settings", "profile_dict", "read_settings_file",
 ]

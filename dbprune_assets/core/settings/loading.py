@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from dbprune_assets.core.models.scales import layer_scale
-from dbprune_assets.core.settings.sections import AUTO, DBP_K, PROFILES, PipelineSettings, SettingsError
+from dbprune_assets.core.settings.sections import AUTO, PROFILES, PipelineSettings, SettingsError
 from dbprune_assets.core.store.layout import Layout
 
 
@@ -227,6 +227,30 @@ def load_settings(path: Path | None, profile: str | None = None, pool: Path | No
     named (in the file or as ``profile``), the automatic choice for ``pool``
     (:func:`choose_settings`)."""
     return choose_settings(path, profile, pool)[0]
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def changed_settings(saved: Path, now: PipelineSettings) -> list[str]:
+    """``setting: before → now`` for each setting of ``now`` that differs from
+    the ``saved`` settings file (an earlier run's ``config.yaml``); none when
+    there is no such file or it no longer reads (it is replaced anyway)."""
+    if not Path(saved).is_file():
+        return []
+    try:
+        before = _flat(load_settings(Path(saved)).model_dump(mode="json"))
+    except Exception:  # an older dbprune's file, or one edited by hand: nothing to compare with
+        return []
+    after = _flat(now.model_dump(mode="json"))
+    return [f"{key}: {shown(before.get(key))} → {shown(value)}" for key, value in after.items()
+            if before.get(key) != value]
 
 
 def check_k(settings: PipelineSettings, n_ok: int) -> None:
