@@ -19,10 +19,12 @@ from dbprune_assets.codelocation import workspace_args
 from dbprune_assets.core.store.homepool import HomePoolError, check_home_pool, remember_pool
 from dbprune_assets.core.store.layout import Layout
 from dbprune_assets.core.settings import PipelineSettings, SettingsError, build_settings, changed_settings
+from dbprune_assets.summary import print_summary
 
 
 #: exit status when another process holds the home's lock (EX_TEMPFAIL)
 EXIT_BUSY = 75
+_NO_HOME = "{home} is not a dbprune home yet (no such folder); run `dbprune run` first or set DBPRUNE_HOME"
 
 
 def _err(msg: str, status: int = 2) -> int:
@@ -31,8 +33,11 @@ def _err(msg: str, status: int = 2) -> int:
 
 
 def _wait_seconds(text: str) -> float:
-    value = float(text)
-    if value != value or value < 0:  # NaN or negative
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if value != value or value < 0:  # not a number, NaN or negative
         raise argparse.ArgumentTypeError(f"--wait takes seconds >= 0 or inf, not {text!r}")
     return value
 
@@ -174,67 +179,6 @@ def _run_locked(layout: Layout, args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def failed_shard_lines(layout: Layout, limit: int = 10) -> list[str]:
-    """The shards the last manifest left out of the pool (a schema that cannot
-    be read), each with its cause: a run that finishes without them says so."""
-    from dbprune_assets.core.store.layout import UNPARTITIONED
-    from dbprune_assets.core.store.state import read_state
-
-    manifest = read_state(layout, "pool_manifest", UNPARTITIONED)
-    failed = list(manifest.summary.get("failed_shards", [])) if manifest else []
-    if not failed:
-        return []
-    lines = [f"\n{len(failed)} shard(s) are not in the results (each has one problems row, stage ingest, with "
-             "its cause):"]
-    for shard in failed[:limit]:
-        st = read_state(layout, "raw_metadata", shard)
-        lines.append(f"  {shard}: {st.summary.get('failed', '?') if st else 'not ingested'}")
-    if len(failed) > limit:
-        lines.append(f"  … and {len(failed) - limit} more: dbprune sql \"SELECT * FROM problems WHERE stage = 'ingest'\"")
-    return lines
-
-
-def print_summary(layout: Layout, report) -> None:
-    from dbprune_assets.core.strategies.truth import summary_lines
-    from dbprune_assets.refits import group_counts
-
-    # a group refused before it started is neither run nor up to date
-    refused = not report.ok and report.groups and not report.groups[-1].partitions
-    ran, current, again = group_counts(report.groups[:-1] if refused else report.groups)
-    print(f"\n{'done' if report.ok else 'FAILED'} in {report.seconds:.0f}s: {ran} group(s) ran"
-          f"{f' ({again} of them again after a refit)' if again else ''}, {current} up to date")
-    for line in failed_shard_lines(layout):
-        print(line)
-    comparison = layout.artefact_dir("comparison") / "comparison.md"
-    if report.ok and comparison.exists():
-        if report.stale_models:
-            print(f"\n! the comparison below is NOT current: the subsets of {', '.join(report.stale_models)} changed "
-                  "since their models were trained (`dbprune run` retrains those, and only those)")
-        print("\n" + comparison.read_text())
-    print("\n".join(summary_lines(layout, shown=report.ok and comparison.exists())))
-    print("\n".join(where_to_look(layout, report)))
-
-
-def where_to_look(layout: Layout, report) -> list[str]:
-    """The summary's closing lines: where the run's results are."""
-    from dbprune_assets.core.store.layout import UNPARTITIONED
-    from dbprune_assets.core.store.state import read_state
-
-    lines = ["\nwhere to look:",
-             f"  tables   {layout.home / 'tables'}  (SQL: dbprune sql \"SELECT status, count(*) FROM samples GROUP BY 1\")",
-             f"  subsets  {layout.home / 'subsets'}"]
-    if not report.metadata_only:
-        lines.append(f"  models   {layout.home / 'models'}")
-    compared = read_state(layout, "comparison", UNPARTITIONED)
-    page = Path(compared.summary["report"]) if compared and compared.summary.get("report") else None
-    if page is not None and page.exists():
-        ours = any("comparison" in g.ran for g in report.groups)  # else an earlier run's comparison wrote it
-        lines.append(f"  report   {page}  ({'one HTML page' if ours else 'of an earlier run'}; "
-                     "`dbprune report` writes a new one)")
-    lines.append(f"  UI       dbprune ui   (Dagster instance {layout.dagster_home})")
-    return lines
-
-
 def cmd_sample_pool(args: argparse.Namespace) -> int:
     from dbprune_assets.samplepool import write_datacomp_pool, write_sample_pool
 
@@ -286,8 +230,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
     layout = Layout.from_env()
     if not layout.home.is_dir():
-        return _err(f"{layout.home} is not a dbprune home yet (no such folder); run `dbprune run` first "
-                    "or set DBPRUNE_HOME")
+        return _err(_NO_HOME.format(home=layout.home))
     try:
         ensure_catalog(layout, timeout_s=5)  # writes the catalog only when a view is out of date
         table = query(layout, args.query, query_timeout_s=args.timeout)  # read-only, sandboxed; never waits on the lock
@@ -386,7 +329,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     from dbprune_assets.defs.common import with_fact
     from dbprune_assets.definitions import asset_nodes
 
-    page = write_report(Layout.from_env(), with_fact(asset_nodes(), "plots"), args.name)
+    layout = Layout.from_env()
+    if not layout.home.is_dir():
+        return _err(_NO_HOME.format(home=layout.home))
+    page = write_report(layout, with_fact(asset_nodes(), "plots"), args.name)
     print(page)
     if args.open:
         import webbrowser
@@ -478,10 +424,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.fn(args) or 0)
     except HomeBusy as e:
         return _err(str(e), EXIT_BUSY)
-    except HomePoolError as e:
+    except (HomePoolError, SettingsError) as e:
         return _err(str(e))
     except KeyboardInterrupt:
         return _err("interrupted", 130)
+    except BrokenPipeError:  # the reader left (`dbprune sql … | head`): stop quietly, as `cat` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as e:
         if getattr(args, "verbose", 0):
             import traceback

@@ -322,8 +322,14 @@ def _choose_assets(graph: Any, nodes: Mapping[str, Any], select: str | None, lay
     from dbprune_assets.core.pool.poolkind import NEEDS_IMAGES, is_metadata_only
     from dbprune_assets.core.store.layout import list_pool_shards
 
-    selection = dg.AssetSelection.from_coercible(select.split(",")) if select else dg.AssetSelection.all()
-    keys = {k.to_user_string() for k in selection.resolve(graph)}
+    from dbprune_assets.core.settings import SettingsError
+
+    try:
+        selection = dg.AssetSelection.from_coercible(select.split(",")) if select else dg.AssetSelection.all()
+        keys = {k.to_user_string() for k in selection.resolve(graph)}
+    except dg.DagsterError as err:  # a name that is no asset: say which ones are
+        raise SettingsError(f"--select {select!r}: {str(err).split('. ')[0]}; the assets are {', '.join(nodes)} "
+                            "(a * before or after a name adds its ancestors or descendants)") from None
     ordered = ingest_first([k for k in nodes if k in keys], nodes)
     skipped_stages = [k for k in ordered if nodes[k].facts.needs_images]
     if skipped_stages and is_metadata_only(layout.pool, list_pool_shards(layout.pool)):

@@ -206,6 +206,7 @@ def test_report_is_one_self_contained_page(tmp_path: Path):
 def test_report_command(tmp_path: Path):
     from .conftest import run_cli
 
+    (tmp_path / "h").mkdir()
     proc = run_cli("report", "--name", "x", env={"DBPRUNE_HOME": str(tmp_path / "h"), "DBPRUNE_POOL": ""})
     assert proc.returncode == 0, proc.stderr
     assert Path(proc.stdout.strip()) == tmp_path / "h" / "reports" / "x.html"

@@ -125,6 +125,7 @@ def test_report_open_opens_the_page_in_the_browser(tmp_path: Path):
     """``dbprune report --open`` writes the page and hands its URL to $BROWSER."""
     opened = tmp_path / "opened.txt"
     browser = f"{sys.executable} -c \"import sys; open('{opened}', 'w').write(sys.argv[1])\" %s"
+    (tmp_path / "h").mkdir()  # a home (a page of a home that does not exist is refused)
     proc = run_cli("report", "--name", "x", "--open",
                    env={"DBPRUNE_HOME": str(tmp_path / "h"), "DBPRUNE_POOL": "", "BROWSER": browser})
     assert proc.returncode == 0, proc.stderr
