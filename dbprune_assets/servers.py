@@ -25,6 +25,7 @@ period, then killed processes that were already gone.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -144,10 +145,14 @@ def supervise(argv: Sequence[str], grace_s: float | None = None) -> int:
     adopted = _become_subreaper()
     proc = subprocess.Popen(list(argv), start_new_session=True)
     stop_at: list[float] = []
+    stop_signal: list[int] = []
+    signalled: set[int] = set()  # the group's processes the stop signal reached
 
     def forward(signum: int, _frame: object) -> None:
         if not stop_at:
             stop_at.append(time.monotonic() + grace_s)
+            stop_signal.append(signum)
+        signalled.update(group_members(proc.pid) or ())
         _signal_group(proc.pid, signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
@@ -157,6 +162,8 @@ def supervise(argv: Sequence[str], grace_s: float | None = None) -> int:
                 rc = proc.wait(timeout=0.2)
                 break
             except subprocess.TimeoutExpired:
+                if stop_at:  # a process started after the signal (a code server starting up) gets it too
+                    _signal_late(proc.pid, stop_signal[0], signalled)
                 if stop_at and time.monotonic() > stop_at[0]:
                     _kill_group(proc.pid, name, grace_s)
                     stop_at[0] = float("inf")  # once
@@ -165,6 +172,16 @@ def supervise(argv: Sequence[str], grace_s: float | None = None) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0 if stop_at else (rc if rc >= 0 else 128 - rc)
+
+
+def _signal_late(pgid: int, signum: int, signalled: set[int]) -> None:
+    """Send ``signum`` to each process of group ``pgid`` not in ``signalled``
+    (started after the stop signal: it would run on to the grace's end) and add it."""
+    for pid in group_members(pgid) or ():
+        if pid not in signalled:
+            signalled.add(pid)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signum)
 
 
 def _kill_group(pgid: int, name: str, grace_s: float) -> None:

@@ -348,6 +348,38 @@ def test_a_server_that_ignores_the_stop_signal_is_killed_after_the_grace_and_the
            f"killed them (${ENV_STOP_GRACE} gives them longer)" in err
 
 
+#: a server that starts a process when told to stop (a code server starting up as the signal came): it
+#: waits for that one, which the group's signal never reached
+STARTS_ONE_ON_SIGTERM = (
+    "import signal, subprocess, sys, time\n"
+    "def stop(*_):\n"
+    "    child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+    "    sys.exit(child.wait() and 0)\n"
+    "signal.signal(signal.SIGTERM, stop)\n"
+    "print('ready', flush=True)\n"
+    "time.sleep(60)\n")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux's /proc")
+def test_a_process_started_after_the_stop_signal_gets_it_too(tmp_path: Path):
+    """The stop signal reaches the group's processes at that moment; one started
+    after it (while the server shuts down) gets it as soon as it appears, so
+    nothing waits out the grace (set far above) to be killed."""
+    from dbprune_assets.servers import ENV_STOP_GRACE
+
+    script = ("import sys; from dbprune_assets.servers import supervise; "
+              f"sys.exit(supervise([sys.executable, '-c', {STARTS_ONE_ON_SIGTERM!r}]))")
+    sup = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, ENV_STOP_GRACE: "120"},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert sup.stdout.readline().strip() == "ready"
+        sup.send_signal(signal.SIGTERM)
+        _, err = sup.communicate(timeout=60)  # well before the grace (and the child's 600 s)
+    finally:
+        stop_group(sup)
+    assert sup.returncode == 0 and "killed them" not in err, err
+
+
 @pytest.mark.parametrize("raw", ["soon", "0", "-3", "nan"])
 def test_a_stop_grace_that_is_not_a_positive_number_is_refused_with_the_variable_named(
         raw: str, monkeypatch: pytest.MonkeyPatch):
