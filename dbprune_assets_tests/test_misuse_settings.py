@@ -49,12 +49,17 @@ from .conftest import run_cli
     ({"dbp": {"keep_fraction": "0.5"}}, ["dbp.keep_fraction", "expected a number", "0 < dbp.keep_fraction ≤ 1"]),
     ({"train": {"train_seeds": [0, True]}}, ["train.train_seeds.1", "expected a whole number"]),
     ({"eval": {"zeroshot": 5}}, ["eval.zeroshot", "expected a string", "got 5 (int)"]),
+    ({"clip_filter": {"fraction": 2}},
+     ["clip_filter.fraction: the value is out of range (got 2; allowed: 0 < clip_filter.fraction ≤ 1, or null)"]),
+    ({"clip_filter": {"fraction": 0.5, "threshold": 0.2}},
+     ["clip_filter: set exactly one of clip_filter.threshold or clip_filter.fraction"]),
 ])
 def test_wrong_types_are_refused_naming_the_setting(override, fragments):
     with pytest.raises(SettingsError) as e:
         build_settings(override, profile="sample")
     for fragment in fragments:
         assert fragment in str(e.value)
+    assert "Value error" not in str(e.value) and "Input should be" not in str(e.value)  # pydantic's words
 
 
 def test_k_true_in_a_yaml_file_is_refused(tmp_path: Path):

@@ -41,8 +41,10 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         got = e.get("input")
         if e["type"] == "extra_forbidden":
             msg = "unknown setting (check the spelling; see the README's settings table)"
+        elif e["type"] == "value_error":  # a check of ours: its own words, without pydantic's "Value error, "
+            msg = str(msg).removeprefix("Value error, ")
         elif e["type"] in _RANGE_ERRORS and (allowed := _allowed_range(e["loc"])):
-            msg = f"{msg} (got {shown(got)}; allowed: {allowed})"
+            msg = f"the value is out of range (got {shown(got)}; allowed: {allowed})"
         elif e["type"] in ("clusters_type", "clusters_range"):
             msg = f"{msg} (got {shown(got)}; allowed: {loc} > 0, or auto)"
         elif e["type"] in _TYPE_ERRORS:
