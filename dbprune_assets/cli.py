@@ -255,12 +255,13 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 def _serve_env(layout: Layout) -> None:
     """The environment the Dagster processes of ``dbprune ui`` and ``dbprune daemon`` serve this home in."""
+    # refused (HomePoolError) when the home holds another pool's results: the pool sensor would drop them
+    if moved := check_home_pool(layout, bool(os.environ.get("DBPRUNE_POOL"))):
+        print(f"dbprune: {moved}", flush=True)
+    remember_pool(layout)
     os.environ["DAGSTER_HOME"] = str(layout.dagster_home)
     os.environ["DBPRUNE_HOME"] = str(layout.home)
     os.environ["DBPRUNE_POOL"] = str(layout.pool)
-    if moved := check_home_pool(layout, True):  # refused (HomePoolError) when it holds another pool's results
-        print(f"dbprune: {moved}", flush=True)
-    remember_pool(layout)
 
 
 def cmd_ui(args: argparse.Namespace) -> int:

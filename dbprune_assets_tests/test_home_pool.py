@@ -84,3 +84,22 @@ def test_a_run_that_forgot_dbprune_pool_leaves_the_pruned_home_as_it_was(tmp_pat
     moved = run_cli("run", "--select", "*pruned_subset", env={**env, "DBPRUNE_POOL": str(tmp_path / "moved")})
     assert moved.returncode == 0 and f"the home now follows {tmp_path / 'moved'}" in moved.stdout
     assert decisions_digest(home) == before
+
+
+@pytest.mark.parametrize("command", ["ui", "daemon"], ids=["ui-command", "daemon-command"])
+def test_ui_and_daemon_refuse_another_pool_before_serving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str], command: str) -> None:
+    """The pool sensor of ``dbprune ui`` or ``daemon`` would drop the home's
+    shards just as a run would: refused (status 2) before any server starts."""
+    from dbprune_assets import servers
+    from dbprune_assets.cli import main
+
+    own = tmp_path / "own"
+    own.mkdir()
+    remember_pool(Layout.from_env(tmp_path / "home", own))
+    monkeypatch.setenv("DBPRUNE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("DBPRUNE_POOL", raising=False)
+    monkeypatch.setattr(servers, "supervise", lambda *a, **k: pytest.fail("a server started"))
+    assert main([command]) == 2
+    assert f"holds the results of the pool {own}, but this run's pool is {tmp_path / 'home' / 'pool'}" \
+        in capsys.readouterr().err
