@@ -329,21 +329,30 @@ IGNORES_SIGTERM = ("import signal, time; signal.signal(signal.SIGTERM, signal.SI
                    "print('ready', flush=True); time.sleep(60)")
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux's /proc")
-def test_a_server_that_ignores_the_stop_signal_is_killed_after_the_grace_and_the_log_says_so(tmp_path: Path):
+def _stopped_supervisor(server: str, grace_s: str, timeout_s: float) -> tuple[int, str]:
+    """``supervise`` of the Python ``server`` (which prints ``ready``) with the
+    stop grace ``grace_s``, sent SIGTERM once ready: its exit status and stderr."""
     from dbprune_assets.servers import ENV_STOP_GRACE
 
     script = ("import sys; from dbprune_assets.servers import supervise; "
-              f"sys.exit(supervise([sys.executable, '-c', {IGNORES_SIGTERM!r}]))")
-    sup = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, ENV_STOP_GRACE: "0.5"},
+              f"sys.exit(supervise([sys.executable, '-c', {server!r}]))")
+    sup = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, ENV_STOP_GRACE: grace_s},
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert sup.stdout.readline().strip() == "ready"
         sup.send_signal(signal.SIGTERM)
-        _, err = sup.communicate(timeout=60)
+        _, err = sup.communicate(timeout=timeout_s)
     finally:
         stop_group(sup)
-    assert sup.returncode == 0, err
+    return sup.returncode, err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux's /proc")
+def test_a_server_that_ignores_the_stop_signal_is_killed_after_the_grace_and_the_log_says_so(tmp_path: Path):
+    from dbprune_assets.servers import ENV_STOP_GRACE
+
+    rc, err = _stopped_supervisor(IGNORES_SIGTERM, "0.5", 60)
+    assert rc == 0, err
     assert f"dbprune: 1 process(es) of {Path(sys.executable).name} still running 0.5 s after the stop signal; " \
            f"killed them (${ENV_STOP_GRACE} gives them longer)" in err
 
@@ -365,19 +374,8 @@ def test_a_process_started_after_the_stop_signal_gets_it_too(tmp_path: Path):
     """The stop signal reaches the group's processes at that moment; one started
     after it (while the server shuts down) gets it as soon as it appears, so
     nothing waits out the grace (set far above) to be killed."""
-    from dbprune_assets.servers import ENV_STOP_GRACE
-
-    script = ("import sys; from dbprune_assets.servers import supervise; "
-              f"sys.exit(supervise([sys.executable, '-c', {STARTS_ONE_ON_SIGTERM!r}]))")
-    sup = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, ENV_STOP_GRACE: "120"},
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        assert sup.stdout.readline().strip() == "ready"
-        sup.send_signal(signal.SIGTERM)
-        _, err = sup.communicate(timeout=60)  # well before the grace (and the child's 600 s)
-    finally:
-        stop_group(sup)
-    assert sup.returncode == 0 and "killed them" not in err, err
+    rc, err = _stopped_supervisor(STARTS_ONE_ON_SIGTERM, "120", 60)  # well before the grace (and the child's 600 s)
+    assert rc == 0 and "killed them" not in err, err
 
 
 @pytest.mark.parametrize("raw", ["soon", "0", "-3", "nan"])
