@@ -433,6 +433,11 @@ def _execute_group(pipeline: _Pipeline, group: list[str], plan: _GroupPlan,
         return GroupResult(group, plan.stale, plan.skipped, time.monotonic() - g0, run_ids, plan.to_run), msg
     dt = time.monotonic() - g0
     pipeline.echo(f"✓ {plan.label}: {len(plan.stale) if plan.kind else 1} partition(s) in {dt:.1f}s")
+    if "raw_metadata" in plan.to_run:
+        from dbprune_assets.core.pool.reingest import unchanged_line
+
+        if line := unchanged_line(pipeline.layout, plan.stale):
+            pipeline.echo(line)
     return GroupResult(group, plan.stale, plan.skipped, dt, run_ids, plan.to_run), None
 
 

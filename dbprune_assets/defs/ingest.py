@@ -10,13 +10,13 @@ import dagster as dg
 from dbprune_assets.defs.automation import INTERVAL_S
 from dbprune_assets.core.method import stages
 from dbprune_assets.core.store.atomic import remove, write_parquet
-from dbprune_assets.core.pool import shardgroups
+from dbprune_assets.core.pool import reingest, shardgroups
 from dbprune_assets.core.store.layout import UNPARTITIONED, Layout, list_pool_shards, typical_shard_rows
 from dbprune_assets.core.pool.shardgroups import GroupSize
 from dbprune_assets.core.running.parallel import ordered_map
 from dbprune_assets.core.running.progress import progress
 from dbprune_assets.core.pool.shards import STATUSES, ShardError, failed_ingest
-from dbprune_assets.core.store.state import combine_versions, read_state
+from dbprune_assets.core.store.state import combine_versions, forget_last_commit, last_commit, read_state
 from dbprune_assets.defs.common import (ALL_PARTITIONS, PARTITION_METADATA_MAX, SHARDS, DbpruneResource, Facts, Node,
                                         Session, Versions, graph_nodes, shard_partitions, stage)
 from dbprune_assets.defs.plots import md_table
@@ -35,8 +35,9 @@ def remove_shard_outputs(layout: Layout, shard: str, tables: Sequence[str], pool
     for path in (layout.img_emb(shard), layout.text_emb(shard), layout.emb_metadata(shard),
                  layout.staged_pairs(shard)):
         remove(path)
-    for marker in layout.home.glob(str(layout.state("*", shard).relative_to(layout.home))):  # of every asset
-        remove(marker)
+    marker = str(layout.state("*", shard).relative_to(layout.home))
+    for path in (*layout.home.glob(marker), *layout.home.glob(marker + ".was")):  # of every asset
+        remove(path)
 
 
 def sync_shard_partitions(instance: dg.DagsterInstance, layout: Layout, nodes: Mapping[str, Node],
@@ -112,18 +113,29 @@ def raw_metadata(context: dg.AssetExecutionContext, s: Session) -> dg.Materializ
         raise dg.Failure(f"no such shard in the pool {s.layout.pool}: {', '.join(unknown[:5])} (no "
                          f"{unknown[0]}.parquet there); the partitions are the pool's parquet files: delete these "
                          "partitions, or put the shards in the pool (the sensor and dbprune run register them)")
-    def ingest_one(shard: str) -> tuple[Any, ShardError | None, Counter[str]]:  # in a thread: no Dagster calls
+    def ingest_one(shard: str) -> tuple[Any, ShardError | None, Counter[str], str, str | None]:  # no Dagster calls
+        previous = last_commit(s.layout, "raw_metadata", shard)  # dbprune run set it aside
         try:
             result, err = s.source.ingest(s.layout.pool, shard, s.settings, s.layout.home), None
         except ShardError as e:
             result, err = failed_ingest(shard, e), e
-        write_parquet(s.layout.table("samples", shard), result.samples, s.layout.tmp)
-        write_parquet(s.layout.table("problems", shard), result.problems, s.layout.tmp)
+        tar = reingest.tar_digest(s.layout.shard_tar(shard))
+        if previous is not None and reingest.unchanged(s.layout, result, tar, previous.summary):
+            reingest.drop_staged(s.layout, shard)  # read again, the same: later stages keep what they have
+            kept: str | None = previous.data_version
+        else:
+            forget_last_commit(s.layout, "raw_metadata", shard)  # before the tables it names change
+            write_parquet(s.layout.table("samples", shard), result.samples, s.layout.tmp)
+            write_parquet(s.layout.table("problems", shard), result.problems, s.layout.tmp)
+            kept = None
         counts = sorted(result.samples["status"].value_counts().iter_rows(), key=lambda kv: (-kv[1], kv[0]))
-        return result, err, Counter(dict(counts))  # most common first
+        return result, err, Counter(dict(counts)), tar, kept  # counts: most common first
 
     done = ordered_map(ingest_one, shards, s.parallel_shards(len(shards)))
-    for shard, (result, err, counts) in progress(done, desc="ingest", unit="shard", total=len(shards)):
+    unchanged: list[str] = []
+    for shard, (result, err, counts, tar, kept) in progress(done, desc="ingest", unit="shard", total=len(shards)):
+        if kept is not None:
+            unchanged.append(shard)
         if err is not None:
             failed[shard] = str(err)
             context.log.error(f"shard {shard} not ingested: {err}")
@@ -133,9 +145,11 @@ def raw_metadata(context: dg.AssetExecutionContext, s: Session) -> dg.Materializ
         if len(problems_preview) < 60:
             problems_preview.extend(result.problems.head(20).to_dicts())
         s.commit("raw_metadata", shard, {"rows": result.samples.height, "status": dict(counts),
-                                         "problems": result.problems.height,
+                                         "problems": result.problems.height, reingest.TAR_DIGEST: tar,
+                                         **({reingest.UNCHANGED: True} if kept is not None else {}),
                                          **({"failed": failed[shard]} if shard in failed else {})},
-                 metadata={"rows": result.samples.height, "ok": counts.get("ok", 0),
+                 data_version=kept,
+                 metadata={"rows": result.samples.height, "ok": counts.get("ok", 0), "unchanged": kept is not None,
                            "by_status": dg.MetadataValue.json(dict(counts)),
                            "problem_rows": result.problems.height,
                            "problems": dg.MetadataValue.md(md_table(result.problems.head(20).to_dicts(), 20)
@@ -144,6 +158,10 @@ def raw_metadata(context: dg.AssetExecutionContext, s: Session) -> dg.Materializ
         if result.problems.height or len(shards) <= PARTITION_METADATA_MAX:
             # a line per shard only where it tells something: each is an event Dagster stores
             context.log.info(f"shard {shard}: {result.samples.height} rows, {dict(counts)}")
+    if unchanged:
+        context.log.info(f"{len(unchanged)} shard(s) read again are unchanged (the same rows, tar bytes and "
+                         f"pairs): what follows them keeps its results ({', '.join(unchanged[:5])}"
+                         f"{'…' if len(unchanged) > 5 else ''})")
     s.refresh_catalog("samples", "problems")
     return dg.MaterializeResult(
         metadata={
@@ -151,6 +169,7 @@ def raw_metadata(context: dg.AssetExecutionContext, s: Session) -> dg.Materializ
             "ok": totals.get("ok", 0),
             "by_status": dg.MetadataValue.json(dict(totals)),
             "failed_shards": dg.MetadataValue.json(failed),
+            "unchanged_shards": len(unchanged),
             # step_*: the step's own, beside each partition's numbers (docs: the UI)
             "step_shards": dg.MetadataValue.md(md_table(per_shard, s.table_rows)),
             "step_problems": dg.MetadataValue.md(md_table(problems_preview, s.table_rows) if problems_preview

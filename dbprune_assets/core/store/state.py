@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -33,12 +34,19 @@ class State:
 
 
 def read_state(layout: Layout, asset: str, partition: str) -> State | None:
-    path = layout.state(asset, partition)
+    return _read_marker(layout.state(asset, partition))
+
+
+def _read_marker(path: Path) -> State | None:
     try:
         data = json.loads(path.read_text())
         return State(data["fingerprint"], data["data_version"], data.get("summary", {}))
     except (FileNotFoundError, json.JSONDecodeError, KeyError):
         return None
+
+
+def _set_aside(marker: Path) -> Path:
+    return marker.with_name(marker.name + ".was")
 
 
 def write_state(layout: Layout, asset: str, partition: str, state: State) -> None:
@@ -47,10 +55,32 @@ def write_state(layout: Layout, asset: str, partition: str, state: State) -> Non
         {"fingerprint": state.fingerprint, "data_version": state.data_version, "summary": dict(state.summary)},
         tmp_root=layout.tmp,
     )
+    remove(_set_aside(layout.state(asset, partition)))
 
 
 def clear_state(layout: Layout, asset: str, partition: str) -> None:
-    remove(layout.state(asset, partition))
+    """Drop the partition's commit marker before it is redone, so a crash half
+    way leaves it out of date.  The marker is set aside (``<partition>.json.was``)
+    until the partition commits again: :func:`last_commit` reads it."""
+    marker = layout.state(asset, partition)
+    try:
+        os.replace(marker, _set_aside(marker))
+    except FileNotFoundError:
+        pass
+
+
+def last_commit(layout: Layout, asset: str, partition: str) -> State | None:
+    """The commit marker the partition's outputs on disk were made with: its
+    marker, or the one :func:`clear_state` set aside for the run redoing it.  A
+    step that uses it (to keep a data version when it makes the same outputs
+    again, ``core/pool/reingest.py``) calls :func:`forget_last_commit` before
+    it replaces any output, so the marker never outlives the outputs it names."""
+    return read_state(layout, asset, partition) or _read_marker(_set_aside(layout.state(asset, partition)))
+
+
+def forget_last_commit(layout: Layout, asset: str, partition: str) -> None:
+    """Drop the set-aside marker of :func:`last_commit` (the outputs are about to change)."""
+    remove(_set_aside(layout.state(asset, partition)))
 
 
 def combine_versions(versions: Mapping[str, str | None]) -> str:
