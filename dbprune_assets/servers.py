@@ -101,11 +101,16 @@ def forget_daemon(instance: Any) -> None:
 LOCATION_ARGS: tuple[str, ...] = ("-m", "dbprune_assets.definitions")
 
 
+#: ``dagster dev`` warns at each start that ``dg dev`` supersedes it; ``dg dev`` needs a dg project
+#: layout and runs ``dagster dev`` itself, and users type ``dbprune ui``: the line only puzzles them
+QUIET_DEV = "ignore:Function `dev_command` is superseded:FutureWarning"
+
+
 def ui_argv(host: str, port: int, with_daemon: bool, location: Sequence[str] = LOCATION_ARGS) -> list[str]:
     """``dagster dev`` (webserver and daemon), or the webserver alone, serving ``location``."""
     where = [*location, "-h", host, "-p", str(port)]
     if with_daemon:
-        return [sys.executable, "-m", "dagster", "dev", *where]
+        return [sys.executable, "-W", QUIET_DEV, "-m", "dagster", "dev", *where]
     return [str(Path(sys.executable).with_name("dagster-webserver")), *where]
 
 

@@ -390,3 +390,21 @@ def test_a_stop_grace_that_is_not_a_positive_number_is_refused_with_the_variable
     assert stop_grace_s() == 42.5
     monkeypatch.delenv(ENV_STOP_GRACE)
     assert stop_grace_s() == 15.0
+
+
+def test_dagster_devs_supersession_line_is_not_shown() -> None:
+    """`dbprune ui` runs `dagster dev`, which warns at each start that `dg dev`
+    supersedes it: the interpreter flags of ui_argv silence exactly that line."""
+    from dbprune_assets.servers import ui_argv
+
+    code = ("from dagster._annotations import superseded\n"
+            "@superseded(additional_warn_text=\"Use 'dg dev' instead.\", emit_runtime_warning=True)\n"
+            "def dev_command():\n    pass\n"
+            "dev_command()\n"
+            "import warnings; warnings.warn('another warning', FutureWarning)\n")
+    argv = ui_argv("127.0.0.1", 1, with_daemon=True)
+    flags = argv[1:argv.index("-m")]
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    quiet = subprocess.run([sys.executable, *flags, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "`dev_command` is superseded" in plain.stderr  # what the flags are for
+    assert "superseded" not in quiet.stderr and "another warning" in quiet.stderr, quiet.stderr
