@@ -434,9 +434,9 @@ def _execute_group(pipeline: _Pipeline, group: list[str], plan: _GroupPlan,
     dt = time.monotonic() - g0
     pipeline.echo(f"✓ {plan.label}: {len(plan.stale) if plan.kind else 1} partition(s) in {dt:.1f}s")
     if "raw_metadata" in plan.to_run:
-        from dbprune_assets.core.pool.reingest import unchanged_line
+        from dbprune_assets.core.pool.reingest import reread_line
 
-        if line := unchanged_line(pipeline.layout, plan.stale):
+        if line := reread_line(pipeline.layout, plan.stale):
             pipeline.echo(line)
     return GroupResult(group, plan.stale, plan.skipped, dt, run_ids, plan.to_run), None
 

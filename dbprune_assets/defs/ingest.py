@@ -9,14 +9,14 @@ import dagster as dg
 
 from dbprune_assets.defs.automation import INTERVAL_S
 from dbprune_assets.core.method import stages
-from dbprune_assets.core.store.atomic import remove, write_parquet
+from dbprune_assets.core.store.atomic import remove
 from dbprune_assets.core.pool import reingest, shardgroups
 from dbprune_assets.core.store.layout import UNPARTITIONED, Layout, list_pool_shards, typical_shard_rows
 from dbprune_assets.core.pool.shardgroups import GroupSize
 from dbprune_assets.core.running.parallel import ordered_map
 from dbprune_assets.core.running.progress import progress
-from dbprune_assets.core.pool.shards import STATUSES, ShardError, failed_ingest
-from dbprune_assets.core.store.state import combine_versions, forget_last_commit, last_commit, read_state
+from dbprune_assets.core.pool.shards import STATUSES
+from dbprune_assets.core.store.state import combine_versions, read_state
 from dbprune_assets.defs.common import (ALL_PARTITIONS, PARTITION_METADATA_MAX, SHARDS, DbpruneResource, Facts, Node,
                                         Session, Versions, graph_nodes, shard_partitions, stage)
 from dbprune_assets.defs.plots import md_table
@@ -113,43 +113,28 @@ def raw_metadata(context: dg.AssetExecutionContext, s: Session) -> dg.Materializ
         raise dg.Failure(f"no such shard in the pool {s.layout.pool}: {', '.join(unknown[:5])} (no "
                          f"{unknown[0]}.parquet there); the partitions are the pool's parquet files: delete these "
                          "partitions, or put the shards in the pool (the sensor and dbprune run register them)")
-    def ingest_one(shard: str) -> tuple[Any, ShardError | None, Counter[str], str, str | None]:  # no Dagster calls
-        previous = last_commit(s.layout, "raw_metadata", shard)  # dbprune run set it aside
-        try:
-            result, err = s.source.ingest(s.layout.pool, shard, s.settings, s.layout.home), None
-        except ShardError as e:
-            result, err = failed_ingest(shard, e), e
-        tar = reingest.tar_digest(s.layout.shard_tar(shard))
-        if previous is not None and reingest.unchanged(s.layout, result, tar, previous.summary):
-            reingest.drop_staged(s.layout, shard)  # read again, the same: later stages keep what they have
-            kept: str | None = previous.data_version
-        else:
-            forget_last_commit(s.layout, "raw_metadata", shard)  # before the tables it names change
-            write_parquet(s.layout.table("samples", shard), result.samples, s.layout.tmp)
-            write_parquet(s.layout.table("problems", shard), result.problems, s.layout.tmp)
-            kept = None
-        counts = sorted(result.samples["status"].value_counts().iter_rows(), key=lambda kv: (-kv[1], kv[0]))
-        return result, err, Counter(dict(counts)), tar, kept  # counts: most common first
+    def ingest_one(shard: str) -> reingest.Ingested:  # in a thread: no Dagster calls
+        return reingest.ingest_and_write(s.layout, s.source, s.settings, shard)
 
     done = ordered_map(ingest_one, shards, s.parallel_shards(len(shards)))
     unchanged: list[str] = []
-    for shard, (result, err, counts, tar, kept) in progress(done, desc="ingest", unit="shard", total=len(shards)):
-        if kept is not None:
+    for shard, one in progress(done, desc="ingest", unit="shard", total=len(shards)):
+        result, counts = one.result, one.counts
+        if one.same:
             unchanged.append(shard)
-        if err is not None:
-            failed[shard] = str(err)
-            context.log.error(f"shard {shard} not ingested: {err}")
+        if one.error is not None:
+            failed[shard] = str(one.error)
+            context.log.error(f"shard {shard} not ingested: {one.error}")
         totals.update(counts)
         per_shard.append({"shard": shard, "rows": result.samples.height, **{k: counts.get(k, 0) for k in STATUSES},
                           "problems": result.problems.height})
         if len(problems_preview) < 60:
             problems_preview.extend(result.problems.head(20).to_dicts())
         s.commit("raw_metadata", shard, {"rows": result.samples.height, "status": dict(counts),
-                                         "problems": result.problems.height, reingest.TAR_DIGEST: tar,
-                                         **({reingest.UNCHANGED: True} if kept is not None else {}),
+                                         "problems": result.problems.height, **one.marker_summary(),
                                          **({"failed": failed[shard]} if shard in failed else {})},
-                 data_version=kept,
-                 metadata={"rows": result.samples.height, "ok": counts.get("ok", 0), "unchanged": kept is not None,
+                 data_version=one.data_version,
+                 metadata={"rows": result.samples.height, "ok": counts.get("ok", 0), "unchanged": one.same,
                            "by_status": dg.MetadataValue.json(dict(counts)),
                            "problem_rows": result.problems.height,
                            "problems": dg.MetadataValue.md(md_table(result.problems.head(20).to_dicts(), 20)

@@ -23,21 +23,32 @@ everything global), so they stay up to date and no model is retrained.
 
 Anything else, or any doubt (a file missing, a marker of an older dbprune
 without the tar digest), is a change: the shard gets a new data version and what
-follows it runs, as before.  Nothing here imports Dagster.
+follows it runs, as before.
+
+:func:`ingest_and_write` is one shard's whole ingest as ``raw_metadata`` runs it
+in a thread (read, compare, write the tables); :func:`reread_line` is what
+``dbprune run`` then says.  Nothing here imports Dagster.
 """
 
 from __future__ import annotations
 
 import filecmp
 import hashlib
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import polars as pl
 
-from dbprune_assets.core.pool.shards import ShardIngest
+from dbprune_assets.core.pool.shards import ShardError, ShardIngest
 from dbprune_assets.core.store.atomic import remove
 from dbprune_assets.core.store.layout import Layout
+from dbprune_assets.core.store.state import State, forget_last_commit, last_commit, read_state
+
+if TYPE_CHECKING:
+    from dbprune_assets.core.pool.sources.base import EmbeddingSource
+    from dbprune_assets.core.settings import PipelineSettings
 
 #: the commit-marker summary keys: the tar's digest; whether the ingest found the shard as it was
 TAR_DIGEST = "tar"
@@ -94,17 +105,59 @@ def drop_staged(layout: Layout, shard: str) -> None:
     remove(layout.staged_pairs(shard))
 
 
-def unchanged_shards(layout: Layout, shards: list[str]) -> list[str]:
-    """Those of ``shards`` whose last ingest found them as they were (its marker says so)."""
-    from dbprune_assets.core.store.state import read_state
+@dataclass(frozen=True)
+class Ingested:
+    """One shard's ingest as :func:`ingest_and_write` left it."""
 
-    return [sh for sh in shards if (st := read_state(layout, "raw_metadata", sh)) and st.summary.get(UNCHANGED)]
+    result: ShardIngest
+    error: ShardError | None  # the shard could not be read (recorded as failed; the others go on)
+    counts: Counter[str]  # rows per status, most common first
+    tar: str  # tar_digest of its tar
+    previous: State | None  # the earlier ingest's commit marker (None: a new shard)
+    same: bool  # read again and unchanged: its tables were kept, and it keeps ``previous``'s data version
+
+    @property
+    def data_version(self) -> str | None:
+        """The version to commit: the earlier one when unchanged, else None (the fingerprint)."""
+        return self.previous.data_version if self.same and self.previous else None
+
+    def marker_summary(self) -> dict[str, Any]:
+        """What this module needs in the commit marker: the tar digest, and for a shard read again, whether
+        it was unchanged."""
+        return {TAR_DIGEST: self.tar, **({UNCHANGED: self.same} if self.previous is not None else {})}
 
 
-def unchanged_line(layout: Layout, shards: list[str]) -> str | None:
-    """What ``dbprune run`` says after ingesting ``shards`` when some were read again unchanged."""
-    same = unchanged_shards(layout, shards)
-    if not same:
+def ingest_and_write(layout: Layout, source: EmbeddingSource, settings: PipelineSettings, shard: str) -> Ingested:
+    """Ingest ``shard`` with ``source`` and write its ``samples`` and
+    ``problems`` tables, unless it was read again and is :func:`unchanged`
+    (then they stay, and its staged pairs go).  Safe in a thread."""
+    from dbprune_assets.core.pool.shards import failed_ingest
+    from dbprune_assets.core.store.atomic import write_parquet
+
+    previous = last_commit(layout, "raw_metadata", shard)  # dbprune run set it aside
+    try:
+        result, err = source.ingest(layout.pool, shard, settings, layout.home), None
+    except ShardError as e:
+        result, err = failed_ingest(shard, e), e
+    tar = tar_digest(layout.shard_tar(shard))
+    same = previous is not None and unchanged(layout, result, tar, previous.summary)
+    if same:
+        drop_staged(layout, shard)
+    else:
+        forget_last_commit(layout, "raw_metadata", shard)  # before the tables it names change
+        write_parquet(layout.table("samples", shard), result.samples, layout.tmp)
+        write_parquet(layout.table("problems", shard), result.problems, layout.tmp)
+    counts = sorted(result.samples["status"].value_counts().iter_rows(), key=lambda kv: (-kv[1], kv[0]))
+    return Ingested(result, err, Counter(dict(counts)), tar, previous, same)
+
+
+def reread_line(layout: Layout, shards: list[str]) -> str | None:
+    """What ``dbprune run`` says after ingesting ``shards`` when some had been ingested before."""
+    seen = [st.summary[UNCHANGED] for sh in shards
+            if (st := read_state(layout, "raw_metadata", sh)) and UNCHANGED in st.summary]
+    if not seen:
         return None
-    return (f"  {len(same)} of them read again (their files' size or time changed), unchanged: the same rows, "
-            "tar bytes and stored pairs, so what follows them is kept")
+    same = sum(seen)
+    parts = ([f"{same} unchanged (the same rows, tar bytes and stored pairs: what follows them is kept)"]
+             if same else []) + ([f"{len(seen) - same} changed"] if len(seen) > same else [])
+    return f"  {len(seen)} of them read again (their files' size or time changed): {', '.join(parts)}"
