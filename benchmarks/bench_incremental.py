@@ -13,6 +13,10 @@ Writes a DataComp-format pool (``--shards`` + ``--added`` shards of
                decisions must equal A's, byte for byte (the contract)
   removed      ``--removed`` of A's first shards taken out, home A again,
                and a fresh home with --centroids-from A to compare
+  touched      every pool file touched (same bytes, a new mtime: ``touch``,
+               ``cp`` without ``-p``, a restored backup), home A again: the
+               shards are read again, found unchanged, and nothing after the
+               ingest runs; its decisions must be the ones before
 
 and prints each run's seconds and peak RSS, the groups the incremental run
 redid, the bytes it rewrote under the home (files changed, Dagster's own
@@ -65,8 +69,20 @@ def snapshot(home: Path) -> dict[str, tuple[int, int]]:
 
 def rewritten(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> tuple[int, int]:
     """(files, bytes) new or changed between two snapshots."""
-    changed = [k for k, v in after.items() if before.get(k) != v]
+    changed = changed_files(before, after)
     return len(changed), sum(after[k][0] for k in changed)
+
+
+def changed_files(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> list[str]:
+    return [k for k, v in after.items() if before.get(k) != v]
+
+
+def folders(paths: list[str]) -> str:
+    """``state/raw_metadata ×4, catalog.duckdb``: the folders of ``paths`` with their counts."""
+    from collections import Counter
+
+    counts = Counter(str(Path(p).parent) if "/" in p else p for p in paths)
+    return ", ".join(f"{k} ×{n}" if n > 1 else k for k, n in sorted(counts.items()))
 
 
 def last_run(home: Path) -> list[str]:
@@ -154,6 +170,15 @@ def main() -> None:
     fresh_rm = run_dbprune(homes["fresh_removed"], pool, config, ("--centroids-from", str(homes["a"])))
     same_removed = decisions_digest(homes["a"]) == decisions_digest(homes["fresh_removed"])
 
+    before_touch, decided = snapshot(homes["a"]), decisions_digest(homes["a"])
+    for f in pool.iterdir():
+        os.utime(f)  # now
+    touched = run_dbprune(homes["a"], pool, None)
+    show("touched", touched)
+    after_touch = snapshot(homes["a"])
+    touched_files, touched_size = rewritten(before_touch, after_touch)
+    touched_where = folders(changed_files(before_touch, after_touch))
+
     print(f"\nincremental / full: {inc['seconds'] / full['seconds']:.2f}× ({inc['seconds']:.1f}s / "
           f"{full['seconds']:.1f}s); peak RSS {inc['peak_rss_mib']} vs {full['peak_rss_mib']} MiB")
     print(f"removed / full:     {rm['seconds'] / full['seconds']:.2f}×")
@@ -171,6 +196,14 @@ def main() -> None:
     print("what the removal run decided:", *rm_history, sep="\n")
     print(f"decisions equal a fresh home with --centroids-from: after adding {same_added}, after removing "
           f"{same_removed} ({fresh_rm['seconds']:.1f}s)")
+    print(f"\ntouched / full: {touched['seconds'] / full['seconds']:.2f}× ({touched['seconds']:.1f}s; peak RSS "
+          f"{touched['peak_rss_mib']} MiB); groups that ran: "
+          f"{', '.join(g['group'] for g in touched['groups'] if g['partitions']) or 'none'}")
+    print(f"the touched run rewrote {touched_files} files ({touched_size / 2**20:.1f} MiB: {touched_where}); "
+          f"decisions unchanged: {decisions_digest(homes['a']) == decided}")
+    for line in touched["output"]:
+        if "read again" in line:
+            print("  " + line.strip())
     if not a.keep and a.work is None:
         shutil.rmtree(work, ignore_errors=True)
 
