@@ -172,7 +172,8 @@ def raw_metadata(context: dg.AssetExecutionContext, s: Session) -> dg.Materializ
 )
 def pool_manifest(context: dg.AssetExecutionContext, s: Session) -> dg.MaterializeResult:
     """The set of shards and their versions. Its data version changes when a shard is added, removed or
-    re-ingested, which marks every global asset downstream stale, also for pools of more than 100 shards
+    re-ingested with other contents (one read again the same keeps its version: a touched file changes
+    nothing), which marks every global asset downstream stale, also for pools of more than 100 shards
     (where Dagster stops tracking partition-level staleness). It applies the uid rule across shards: an ok
     row whose uid an earlier shard has is duplicate_uid (tables/duplicate_uids/all.parquet, with its problems
     row); the first occurrence in shard order keeps the uid."""
