@@ -238,3 +238,20 @@ def test_a_re_ingest_killed_after_its_tables_never_keeps_the_old_version(tmp_pat
     assert "read again" not in r.stdout
     assert read_state(layout, "raw_metadata", shard).data_version != version
     assert "pool_manifest [unpartitioned]" in r.stdout  # the changed shard carries on
+
+
+def test_a_set_aside_marker_lives_until_the_commit_or_the_shards_removal(tmp_path: Path) -> None:
+    from dbprune_assets.core.store.state import State, clear_state, last_commit, write_state
+    from dbprune_assets.defs.ingest import remove_shard_outputs
+
+    layout = Layout(tmp_path / "home", tmp_path / "pool")
+    write_state(layout, "raw_metadata", "00000", State("f1", "v1", {reingest.TAR_DIGEST: "absent"}))
+    clear_state(layout, "raw_metadata", "00000")
+    assert read_state(layout, "raw_metadata", "00000") is None  # a crash now leaves the shard out of date
+    assert last_commit(layout, "raw_metadata", "00000").data_version == "v1"
+    write_state(layout, "raw_metadata", "00000", State("f2", "v1", {}))
+    assert not list(layout.state("raw_metadata", "00000").parent.glob("*.was"))  # committed: gone
+    clear_state(layout, "raw_metadata", "00000")
+    remove_shard_outputs(layout, "00000", [])
+    assert last_commit(layout, "raw_metadata", "00000") is None
+    assert not list(layout.state("raw_metadata", "00000").parent.iterdir())
