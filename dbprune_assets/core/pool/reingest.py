@@ -53,12 +53,11 @@ if TYPE_CHECKING:
 #: the commit-marker summary keys: the tar's digest; whether the ingest found the shard as it was
 TAR_DIGEST = "tar"
 UNCHANGED = "unchanged"
-_CHUNK = 1 << 22
 
 
 def tar_digest(path: Path) -> str:
     """The sha256 of the file's bytes, or ``"absent"`` without one (a DataComp
-    metadata shard has no tar).  Read in 4 MiB blocks: memory stays flat."""
+    metadata shard has no tar).  Streamed: memory stays flat."""
     try:
         with open(path, "rb", buffering=0) as f:
             return hashlib.file_digest(f, "sha256").hexdigest()
@@ -160,4 +159,4 @@ def reread_line(layout: Layout, shards: list[str]) -> str | None:
     same = sum(seen)
     parts = ([f"{same} unchanged (the same rows, tar bytes and stored pairs: what follows them is kept)"]
              if same else []) + ([f"{len(seen) - same} changed"] if len(seen) > same else [])
-    return f"  {len(seen)} of them read again (their files' size or time changed): {', '.join(parts)}"
+    return f"  {len(seen)} of them read again: {', '.join(parts)}"
