@@ -194,9 +194,20 @@ def _kill_group(pgid: int, name: str, grace_s: float) -> None:
     stop, and say so on stderr."""
     members = group_members(pgid)
     count = f"{len(members)} process(es)" if members is not None else "processes"
+    which = "".join(f"\n  {pid}: {_command_line(pid)}" for pid in members or ())
     print(f"dbprune: {count} of {name} still running {grace_s:g} s after the stop signal; killed them "
-          f"(${ENV_STOP_GRACE} gives them longer)", file=sys.stderr, flush=True)
+          f"(${ENV_STOP_GRACE} gives them longer){which}", file=sys.stderr, flush=True)
     _signal_group(pgid, signal.SIGKILL)
+
+
+def _command_line(pid: int, width: int = 160) -> str:
+    """A process's command line from ``/proc`` (shortened), or ``?``."""
+    try:
+        words = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    line = " ".join(w.decode(errors="replace") for w in words if w)
+    return line if len(line) <= width else line[:width - 1] + "…"
 
 
 def _stop_group(pgid: int, name: str, grace_s: float, adopted: bool) -> None:

@@ -316,7 +316,8 @@ def test_ui_stops_promptly_on_sigterm_and_leaves_no_process(tmp_path: Path):
         stopped_s = time.monotonic() - t0
         assert line.split() == ["exited", "0"], line
         assert group_members(dev) == []  # shut down, none left running
-        assert "killed them" not in (tmp_path / "ui.log").read_text(), f"stopped after {stopped_s:.1f}s"
+        said = (tmp_path / "ui.log").read_text()
+        assert "killed them" not in said, f"stopped after {stopped_s:.1f}s; the log's end:\n{said[-3000:]}"
         print(f"dbprune ui stopped in {stopped_s:.1f}s")
     finally:
         parent.stdin.close()
@@ -355,6 +356,7 @@ def test_a_server_that_ignores_the_stop_signal_is_killed_after_the_grace_and_the
     assert rc == 0, err
     assert f"dbprune: 1 process(es) of {Path(sys.executable).name} still running 0.5 s after the stop signal; " \
            f"killed them (${ENV_STOP_GRACE} gives them longer)" in err
+    assert re.search(r"\n  \d+: \S*python\S* -c .*signal\.SIG_IGN", err), err  # which one it was
 
 
 #: a server that starts a process when told to stop (a code server starting up as the signal came): it

@@ -80,13 +80,13 @@ def reexecute(run: Any, parent_run_id: str, strategy: str) -> dict[str, Any]:
 
 
 def test_runs_of_dbprune_run_re_execute_from_the_ui(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from dbprune_assets.defs import ingest
+    from dbprune_assets.core.pool import reingest
     from dbprune_assets.runner import run_pipeline
 
     layout, settings = tiny_home(home)
     said: list[str] = []
     with monkeypatch.context() as m:  # a failed run: ingest breaks at its first write
-        m.setattr(ingest, "write_parquet", lambda *a, **k: (_ for _ in ()).throw(OSError("disk on fire")))
+        m.setattr(reingest, "write_parquet", lambda *a, **k: (_ for _ in ()).throw(OSError("disk on fire")))
         failed = run_pipeline(layout, settings, select="raw_metadata", echo=said.append)
     assert not failed.ok and "disk on fire" in (failed.failure or "")
     succeeded = run_pipeline(layout, settings, select="raw_metadata", echo=said.append)

@@ -41,8 +41,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import polars as pl
 
-from dbprune_assets.core.pool.shards import ShardError, ShardIngest
-from dbprune_assets.core.store.atomic import remove
+from dbprune_assets.core.pool.shards import ShardError, ShardIngest, failed_ingest
+from dbprune_assets.core.store.atomic import remove, write_parquet
 from dbprune_assets.core.store.layout import Layout
 from dbprune_assets.core.store.state import State, forget_last_commit, last_commit, read_state
 
@@ -130,9 +130,6 @@ def ingest_and_write(layout: Layout, source: EmbeddingSource, settings: Pipeline
     """Ingest ``shard`` with ``source`` and write its ``samples`` and
     ``problems`` tables, unless it was read again and is :func:`unchanged`
     (then they stay, and its staged pairs go).  Safe in a thread."""
-    from dbprune_assets.core.pool.shards import failed_ingest
-    from dbprune_assets.core.store.atomic import write_parquet
-
     previous = last_commit(layout, "raw_metadata", shard)  # dbprune run set it aside
     try:
         result, err = source.ingest(layout.pool, shard, settings, layout.home), None
