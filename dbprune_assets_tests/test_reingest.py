@@ -194,6 +194,8 @@ def test_a_touched_image_shard_is_not_embedded_again_but_other_images_are(tmp_pa
     version = read_state(layout, "raw_metadata", shard).data_version
     for ext in ("parquet", "tar"):
         _copy_without_times(pool / f"{shard}.{ext}")
+    for f in (pool / "reference").iterdir():  # the encoder's training data: by content too
+        _copy_without_times(f)
     assert run() == {"raw_metadata": [shard]}
     assert read_state(layout, "raw_metadata", shard).data_version == version
 

@@ -12,7 +12,7 @@ from dbprune_assets.core.store.layout import Layout, list_pool_shards
 from dbprune_assets.core.pool.sources.readers import SourceError
 from dbprune_assets.core.running.parallel import ordered_map
 from dbprune_assets.core.running.progress import progress
-from dbprune_assets.core.store.state import file_signature
+from dbprune_assets.core.store.state import file_digest, file_signature
 from dbprune_assets.defs.common import Facts, Session, Versions, shard_partitions, stage
 from dbprune_assets.defs.ingest import raw_metadata
 from dbprune_assets.defs.plots import artefact_md, loss_curve_png, table
@@ -39,13 +39,17 @@ def _reference_shards(layout: Layout) -> tuple[list, int, str]:
 
 
 def encoder_inputs(versions: Versions) -> dict[str, Any]:
-    """What the encoder reads besides settings: the reference split, and local
-    checkpoint files (a checkpoint replaced in place, same setting and new weights,
-    re-runs the encoder, whose data version, the weights hash, then turns every
-    shard's embeddings stale)."""
+    """What the encoder reads besides settings: the reference split (by
+    content: a pool copied without its times does not retrain the bootstrap
+    encoder), and local checkpoint files (by size and mtime: a checkpoint
+    replaced in place, same setting and new weights, re-runs the encoder, whose
+    data version, the weights hash, then turns every shard's embeddings stale;
+    one merely touched re-runs it to the same hash)."""
     from dbprune_assets.core.models.encoders import local_source_files
 
-    parts: dict[str, Any] = {"reference": file_signature(versions.layout.reference_dir / "sizes.json")}
+    ref = versions.layout.reference_dir
+    parts: dict[str, Any] = {"reference": versions.memo("reference", lambda: [
+        file_digest(p) for p in [ref / "sizes.json", *sorted(ref.glob("*.tar"))]])}
     enc = versions.settings.encoder
     local = [file_signature(p) for spec in (enc.cluster_encoder, enc.score) for p in local_source_files(spec)]
     if local:

@@ -33,7 +33,6 @@ in a thread (read, compare, write the tables); :func:`reread_line` is what
 from __future__ import annotations
 
 import filecmp
-import hashlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ import polars as pl
 from dbprune_assets.core.pool.shards import ShardError, ShardIngest, failed_ingest
 from dbprune_assets.core.store.atomic import remove, write_parquet
 from dbprune_assets.core.store.layout import Layout
-from dbprune_assets.core.store.state import State, forget_last_commit, last_commit, read_state
+from dbprune_assets.core.store.state import State, file_digest, forget_last_commit, last_commit, read_state
 
 if TYPE_CHECKING:
     from dbprune_assets.core.pool.sources.base import EmbeddingSource
@@ -56,13 +55,9 @@ UNCHANGED = "unchanged"
 
 
 def tar_digest(path: Path) -> str:
-    """The sha256 of the file's bytes, or ``"absent"`` without one (a DataComp
-    metadata shard has no tar).  Streamed: memory stays flat."""
-    try:
-        with open(path, "rb", buffering=0) as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
-    except FileNotFoundError:
-        return "absent"
+    """The sha256 of the tar's bytes, or ``"absent"`` without one (a DataComp
+    metadata shard has no tar)."""
+    return file_digest(path)
 
 
 def _same_frame(path: Path, frame: pl.DataFrame) -> bool:

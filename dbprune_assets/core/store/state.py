@@ -97,6 +97,16 @@ def file_signature(path: Path) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
+def file_digest(path: Path) -> str:
+    """The sha256 of a file's bytes (streamed: memory stays flat), or ``"absent"``.
+    Unlike :func:`file_signature`, a copy or ``touch`` leaves it as it was."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except FileNotFoundError:
+        return "absent"
+
+
 def ingested_statuses(layout: Layout, shards: Sequence[str]) -> dict[str, int] | None:
     """Rows per status of the ingested ``shards`` (raw_metadata's commit
     markers; a shard that failed counts its cause as ``failed``); None while a
