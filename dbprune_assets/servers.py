@@ -144,24 +144,41 @@ def supervise(argv: Sequence[str], grace_s: float | None = None) -> int:
     SIGHUP to that whole group; return when no process of the group is left
     (SIGKILL to what remains ``grace_s`` after a signal, or after the leader
     exited, saying so on stderr).  0 when stopped by a signal, else the
-    leader's exit status.  ``grace_s`` defaults to :func:`stop_grace_s`."""
+    leader's exit status.  ``grace_s`` defaults to :func:`stop_grace_s`.
+
+    The group starts with those signals at their defaults, also when this
+    process ignores some: a shell's ``&`` ignores SIGINT, and ``dagster dev``
+    answers SIGTERM with its SIGINT handler, so inheriting the ignored SIGINT
+    made it deaf to the stop signal (killed after the grace).  A SIGINT or
+    SIGHUP this process was started ignoring (``&``, ``nohup``) it goes on
+    ignoring: it is not forwarded."""
     grace_s = stop_grace_s() if grace_s is None else grace_s
     name = Path(argv[0]).name
     adopted = _become_subreaper()
-    proc = subprocess.Popen(list(argv), start_new_session=True)
     stop_at: list[float] = []
     stop_signal: list[int] = []
     signalled: set[int] = set()  # the group's processes the stop signal reached
+    group: list[int] = []  # the group's id, once started
 
     def forward(signum: int, _frame: object) -> None:
         if not stop_at:
             stop_at.append(time.monotonic() + grace_s)
             stop_signal.append(signum)
-        signalled.update(group_members(proc.pid) or ())
-        _signal_group(proc.pid, signum)
+        if group:
+            signalled.update(group_members(group[0]) or ())
+            _signal_group(group[0], signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}  # a handler: exec resets it to the default
+    ignored = [sig for sig, was in previous.items() if was is signal.SIG_IGN and sig != signal.SIGTERM]
+    for sig in ignored:
+        signal.signal(sig, _ignore)  # ignored here, yet not by the group
     try:
+        proc = subprocess.Popen(list(argv), start_new_session=True)
+        group.append(proc.pid)
+        for sig in ignored:
+            signal.signal(sig, signal.SIG_IGN)
+        if stop_at:  # the signal came while it started
+            _signal_group(proc.pid, stop_signal[0])
         while True:
             try:
                 rc = proc.wait(timeout=0.2)
@@ -177,6 +194,10 @@ def supervise(argv: Sequence[str], grace_s: float | None = None) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0 if stop_at else (rc if rc >= 0 else 128 - rc)
+
+
+def _ignore(_signum: int, _frame: object) -> None:
+    """An ignoring handler (not ``SIG_IGN``, which a child would inherit)."""
 
 
 def _signal_late(pgid: int, signum: int, signalled: set[int]) -> None:

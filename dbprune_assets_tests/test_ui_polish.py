@@ -287,8 +287,18 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _ignoring(*signums: int) -> Any:
+    """A ``preexec_fn`` that starts the process with ``signums`` ignored, as a shell's ``&`` (SIGINT) or
+    ``nohup`` (SIGHUP) does; what it starts inherits that."""
+    def pre() -> None:
+        for signum in signums:
+            signal.signal(signum, signal.SIG_IGN)
+    return pre
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux's /proc and PR_SET_CHILD_SUBREAPER")
-def test_ui_stops_promptly_on_sigterm_and_leaves_no_process(tmp_path: Path):
+@pytest.mark.parametrize("started", ["plain", "in the background"])
+def test_ui_stops_promptly_on_sigterm_and_leaves_no_process(tmp_path: Path, started: str):
     """SIGTERM to ``dbprune ui`` (``dagster dev``: webserver, daemon, code
     servers): it exits as soon as they have shut down, with none killed, and
     no process of its group is left.  Before the fix it waited for the whole
@@ -302,9 +312,11 @@ def test_ui_stops_promptly_on_sigterm_and_leaves_no_process(tmp_path: Path):
     env = {**os.environ, "DBPRUNE_HOME": str(tmp_path / "home"), "DBPRUNE_POOL": "", "DAGSTER_HOME": "",
            ENV_STOP_GRACE: "180"}
     log = (tmp_path / "ui.log").open("w")
+    # "in the background": `dbprune ui &` from a script, which starts it with SIGINT ignored
     parent = subprocess.Popen([sys.executable, "-c", NON_REAPING_PARENT, dbprune_exe(), "ui", "--port", str(port)],
                               env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
-                              start_new_session=True)
+                              start_new_session=True,
+                              preexec_fn=_ignoring(signal.SIGINT) if started == "in the background" else None)
     try:
         ui = int(parent.stdout.readline())
         wait_for_ui(port, tmp_path / "ui.log")
@@ -330,17 +342,25 @@ IGNORES_SIGTERM = ("import signal, time; signal.signal(signal.SIGTERM, signal.SI
                    "print('ready', flush=True); time.sleep(60)")
 
 
-def _stopped_supervisor(server: str, grace_s: str, timeout_s: float) -> tuple[int, str]:
+def _stopped_supervisor(server: str, grace_s: str, timeout_s: float, ignoring: tuple[int, ...] = (),
+                        first: tuple[int, ...] = ()) -> tuple[int, str]:
     """``supervise`` of the Python ``server`` (which prints ``ready``) with the
-    stop grace ``grace_s``, sent SIGTERM once ready: its exit status and stderr."""
+    stop grace ``grace_s``, started with ``ignoring`` ignored, sent the
+    signals ``first`` (each must leave it running), then SIGTERM, once
+    ready: its exit status and stderr."""
     from dbprune_assets.servers import ENV_STOP_GRACE
 
     script = ("import sys; from dbprune_assets.servers import supervise; "
               f"sys.exit(supervise([sys.executable, '-c', {server!r}]))")
     sup = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, ENV_STOP_GRACE: grace_s},
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                           preexec_fn=_ignoring(*ignoring))
     try:
         assert sup.stdout.readline().strip() == "ready"
+        for signum in first:
+            sup.send_signal(signum)
+            time.sleep(1.0)
+            assert sup.poll() is None, f"stopped by {signal.Signals(signum).name}"
         sup.send_signal(signal.SIGTERM)
         _, err = sup.communicate(timeout=timeout_s)
     finally:
@@ -377,6 +397,29 @@ def test_a_process_started_after_the_stop_signal_gets_it_too(tmp_path: Path):
     after it (while the server shuts down) gets it as soon as it appears, so
     nothing waits out the grace (set far above) to be killed."""
     rc, err = _stopped_supervisor(STARTS_ONE_ON_SIGTERM, "120", 60)  # well before the grace (and the child's 600 s)
+    assert rc == 0 and "killed them" not in err, err
+
+
+#: a server that, like ``dagster dev``, answers SIGTERM with its SIGINT handler
+SIGTERM_AS_SIGINT = ("import signal, time; signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGINT)); "
+                     "print('ready', flush=True); time.sleep(600)")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux's /proc")
+def test_servers_started_from_a_background_shell_job_still_hear_the_stop_signal() -> None:
+    """`dbprune ui &` runs with SIGINT ignored; its servers used to inherit that,
+    and dagster dev, answering SIGTERM as SIGINT, then ignored the stop signal
+    and was killed at the grace's end.  They start with the defaults now."""
+    rc, err = _stopped_supervisor(SIGTERM_AS_SIGINT, "120", 60, ignoring=(signal.SIGINT,))
+    assert rc == 0 and "killed them" not in err, err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux's /proc")
+def test_under_nohup_a_hangup_leaves_the_servers_running() -> None:
+    """A SIGHUP or SIGINT the supervisor was started ignoring (nohup, &) is not
+    forwarded: the servers run on, and SIGTERM still stops them."""
+    rc, err = _stopped_supervisor(SIGTERM_AS_SIGINT, "120", 60, ignoring=(signal.SIGHUP, signal.SIGINT),
+                                  first=(signal.SIGHUP, signal.SIGINT))
     assert rc == 0 and "killed them" not in err, err
 
 
