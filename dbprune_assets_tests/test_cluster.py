@@ -144,6 +144,24 @@ def test_queues_gpu_for_encoder_embeddings_training_and_eval_else_cpu() -> None:
         ["gpu", "gpu", "gpu", "gpu", "cpu", "cpu", "cpu", "cpu"]
 
 
+def test_a_died_or_lost_note_belongs_to_its_run_not_to_a_re_execution_that_copied_it() -> None:
+    """Dagster copies a run's tags onto its re-executions (the UI's Re-execute):
+    the note names its run, and a successful or failed re-execution is not
+    taken for a killed or lost run."""
+    from types import SimpleNamespace
+
+    from dbprune_assets.cluster.tags import DIED_TAG, LOST_TAG, own_note, run_note
+
+    parent_id, child_id = "8f3a2c1d-0000-4000-8000-000000000001", "c0ffee00-0000-4000-8000-000000000002"
+    note = run_note(parent_id, "its process on worker w2 was ended by SIGKILL")
+    assert note == "run 8f3a2c1d: its process on worker w2 was ended by SIGKILL"
+    parent = SimpleNamespace(run_id=parent_id, tags={DIED_TAG: note})
+    child = SimpleNamespace(run_id=child_id, tags={DIED_TAG: note, LOST_TAG: run_note(parent_id, "lost")})
+    assert own_note(parent, DIED_TAG) == "its process on worker w2 was ended by SIGKILL"
+    assert own_note(child, DIED_TAG) is None and own_note(child, LOST_TAG) is None
+    assert own_note(SimpleNamespace(run_id=child_id, tags={}), DIED_TAG) is None
+
+
 def test_worker_argv_names_queues_concurrency_and_node() -> None:
     argv = cluster.worker_argv(["cpu", "gpu"], 2, "w1@node-a")
     assert argv[argv.index("--queues") + 1] == "cpu,gpu"

@@ -11,7 +11,7 @@ from typing import Any
 
 from dbprune_assets.cluster.instance import first_line
 from dbprune_assets.cluster.tags import (DIED_TAG, GROUP_TAG, LOST_TAG, TASK_ID_TAG, WORKER_HOST_TAG, WORKER_PID_TAG,
-                                         WORKER_TAG)
+                                         WORKER_TAG, own_note)
 
 
 @dataclass
@@ -117,7 +117,7 @@ def failure_of(instance: Any, run: Any, att: Attempt) -> ClusterFailure:
         message = err.message.strip().splitlines()[0] if err.message.strip() else str(err.cls_name)
     else:
         message = next((e.message for e in events if e.event_type == dg.DagsterEventType.RUN_FAILURE and e.message),
-                       None) or run.tags.get(LOST_TAG) or f"the run ended {run.status.value}"
+                       None) or own_note(run, LOST_TAG) or f"the run ended {run.status.value}"
     return ClusterFailure(run.run_id, [_event(f"{run.tags.get(GROUP_TAG, '?')}: {place}", None, message)])
 
 
@@ -143,14 +143,14 @@ def casualty(instance: Any, run: Any) -> str | None:
     """Why ``run`` failed for no fault of its work, so that its range is
     submitted again: its process was killed (its worker says so) or its
     database connection broke (no step failed); else None."""
-    if run.status.value != "FAILURE" or run.tags.get(LOST_TAG):
+    if run.status.value != "FAILURE" or own_note(run, LOST_TAG):
         return None
-    return run.tags.get(DIED_TAG) or db_casualty(instance, run)
+    return own_note(run, DIED_TAG) or db_casualty(instance, run)
 
 
 def db_casualty(instance: Any, run: Any) -> str | None:
     """Why ``run`` failed when its database connection broke (no step failed), else None."""
-    if run.status.value != "FAILURE" or run.tags.get(LOST_TAG):
+    if run.status.value != "FAILURE" or own_note(run, LOST_TAG):
         return None
     events = _failure_events(instance, run.run_id)
     if events is None or any(e.is_step_failure for e in events):

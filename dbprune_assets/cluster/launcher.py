@@ -98,12 +98,12 @@ def _after_run(instance: Any, run_id: str, node: str, outcome: Any) -> int:
     """The run's process ended: when the run did not record its end (the
     process was killed), record it failed, tagged so that ``dbprune run``
     submits the range again."""
-    from dbprune_assets.cluster.tags import DIED_TAG
+    from dbprune_assets.cluster.tags import DIED_TAG, run_note
 
     run = instance.get_run_by_id(run_id)
     if outcome.stopped is None and run is not None and not run.is_finished:
         why = f"its process on worker {node} {outcome.words()} before the run recorded its end"
-        instance.add_run_tags(run_id, {DIED_TAG: why})
+        instance.add_run_tags(run_id, {DIED_TAG: run_note(run_id, why)})
         instance.report_run_failed(run, message=why)
     return outcome.returncode
 

@@ -25,7 +25,7 @@ from dbprune_assets.cluster.launcher import launcher_class, lease_url, reconstru
 from dbprune_assets.core.running.lease import Leases
 from dbprune_assets.cluster.tags import (ATTEMPT_TAG, GPU, GROUP_TAG, HOME_TAG, K8S_GPU_CONFIG, K8S_TAG, LEASE_TAG,
                                          LOST_TAG, QUEUE_TAG, RANGE_END_TAG, RANGE_START_TAG, SUBMITTER_TAG,
-                                         queue_for)
+                                         queue_for, run_note)
 
 Echo = Callable[[str], None]
 Range = tuple[str | None, str | None]
@@ -168,7 +168,7 @@ class GroupRuns:
             if why is None:
                 self.failures.append(failure_of(self.instance, run, att))
                 return None
-            _db(lambda: self.instance.add_run_tags(run_id, {LOST_TAG: why}), self.echo)
+            _db(lambda: self.instance.add_run_tags(run_id, {LOST_TAG: run_note(run_id, why)}), self.echo)
             return why
         lost = lost_reason(self.launcher, run, att, lease, now, check)
         if lost is None:
@@ -187,7 +187,7 @@ class GroupRuns:
             self.launcher.terminate(run.run_id)
         except Exception:  # noqa: BLE001 - its worker or the broker may be gone: the lease fences it
             pass
-        _db(lambda: self.instance.add_run_tags(run.run_id, {LOST_TAG: lost}), self.echo)
+        _db(lambda: self.instance.add_run_tags(run.run_id, {LOST_TAG: run_note(run.run_id, lost)}), self.echo)
         _db(lambda: self.instance.report_run_failed(run, message=f"given up by dbprune run: {lost}"), self.echo)
 
     def _retry_or_give_up(self, run: Any, att: Attempt, lost: str) -> None:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 GPU, CPU = "gpu", "cpu"
 QUEUES = (GPU, CPU)
 
@@ -22,6 +24,21 @@ LOST_TAG = "dbprune/lost"  # why dbprune run gave the run up (its worker was los
 DIED_TAG = "dbprune/died"  # why its worker recorded the run failed (its process was killed): submitted again
 LEASE_TAG = "dbprune/lease_s"  # the seconds a run's lease lasts without renewal (cluster.lease)
 K8S_TAG = "dagster-k8s/config"  # read by dagster-k8s (deploy/k8s), ignored by Celery
+
+def run_note(run_id: str, why: str) -> str:
+    """The value of a run's :data:`LOST_TAG` or :data:`DIED_TAG`: ``why``,
+    after the run's id.  Dagster copies a run's tags onto its re-executions
+    (the UI's Re-execute): there the id says whose note it is, and
+    :func:`own_note` does not take it for the new run's."""
+    return f"run {run_id[:8]}: {why}"
+
+
+def own_note(run: Any, tag: str) -> str | None:
+    """The run's own note under ``tag`` (:func:`run_note`), or None: none, or one copied from a parent run."""
+    value = run.tags.get(tag)
+    prefix = f"run {run.run_id[:8]}: "
+    return value[len(prefix):] if value and value.startswith(prefix) else None
+
 
 #: Dagster's documented run tags for a partition-range run (the single-run
 #: backfill policy turns it into one step over the range)
