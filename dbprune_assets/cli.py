@@ -262,6 +262,9 @@ def _serve_env(layout: Layout) -> None:
     os.environ["DAGSTER_HOME"] = str(layout.dagster_home)
     os.environ["DBPRUNE_HOME"] = str(layout.home)
     os.environ["DBPRUNE_POOL"] = str(layout.pool)
+    # their `python -m` would put the current folder first on sys.path: a gql.py or dagster/ there
+    # would replace Dagster's own modules
+    os.environ["PYTHONSAFEPATH"] = "1"
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
@@ -271,6 +274,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from dbprune_assets import servers
     from dbprune_assets.cluster.instance import dagster_instance
 
+    if taken := servers.port_taken(args.host, args.port):
+        return _err(f"cannot serve the UI on {args.host}:{args.port}: {taken} (another `dbprune ui` or "
+                    "program listens there): pick another port with --port", EXIT_BUSY)
     layout = Layout.from_env()
     instance = dagster_instance(layout)  # creates the instance folder and its dagster.yaml
     try:
@@ -285,6 +291,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
                                            location=workspace_args(layout)))  # the location the runs name
     if seen is None:
         servers.forget_stopped_daemon(layout.dagster_home)  # its daemon stopped with it
+    if rc:
+        print(servers.ended_line("the Dagster UI", rc), file=sys.stderr, flush=True)
     return rc
 
 
@@ -322,6 +330,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     print(f"dbprune: Dagster daemon on instance {layout.dagster_home}", flush=True)
     rc = servers.supervise(servers.daemon_argv(location=workspace_args(layout)))
     servers.forget_stopped_daemon(layout.dagster_home)
+    if rc:
+        print(servers.ended_line("the Dagster daemon", rc), file=sys.stderr, flush=True)
     return rc
 
 

@@ -114,6 +114,29 @@ def ui_argv(host: str, port: int, with_daemon: bool, location: Sequence[str] = L
     return [str(Path(sys.executable).with_name("dagster-webserver")), *where]
 
 
+def port_taken(host: str, port: int) -> str | None:
+    """Why the webserver could not listen on ``host:port`` (another process
+    listens there), or None.  Checked before ``dagster dev`` starts: it goes
+    on serving its daemon when its webserver cannot bind, so the UI's address
+    would answer with whatever holds the port."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the webserver binds: TIME_WAIT is no obstacle
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            return e.strerror or str(e)
+    return None
+
+
+def ended_line(what: str, rc: int) -> str:
+    """What ``dbprune ui`` or ``dbprune daemon`` says when its servers ended by themselves (not stopped)."""
+    return (f"dbprune: {what} ended by itself (exit status {rc}), not stopped: the lines above say why "
+            "(a port in use, a module that failed to import, …)")
+
+
 def daemon_argv(location: Sequence[str] = LOCATION_ARGS) -> list[str]:
     """``dagster-daemon run`` serving ``location``."""
     return [str(Path(sys.executable).with_name("dagster-daemon")), "run", *location]

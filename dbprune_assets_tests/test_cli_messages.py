@@ -49,3 +49,20 @@ def test_a_failed_shards_line_names_the_shard_once(tmp_path: Path) -> None:
     write_state(layout, "pool_manifest", UNPARTITIONED, State("f", "f", {"failed_shards": ["b05b"]}))
     write_state(layout, "raw_metadata", "b05b", State("f", "f", {"failed": "shard b05b: b05b.npz cannot be read"}))
     assert failed_shard_lines(layout)[1] == "  b05b: b05b.npz cannot be read"
+
+
+def test_ui_on_a_port_in_use_is_refused_before_anything_starts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """dagster dev whose webserver cannot bind goes on running its daemon:
+    the address printed would answer with whatever holds the port."""
+    import socket
+
+    monkeypatch.setenv("DBPRUNE_HOME", str(tmp_path / "home"))
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        assert main(["ui", "--port", str(port)]) == 75
+    err = capsys.readouterr().err
+    assert f"cannot serve the UI on 127.0.0.1:{port}: Address already in use" in err and "--port" in err
+    assert not (tmp_path / "home").exists()  # refused before the home is touched

@@ -312,10 +312,12 @@ def test_ui_stops_promptly_on_sigterm_and_leaves_no_process(tmp_path: Path, star
     env = {**os.environ, "DBPRUNE_HOME": str(tmp_path / "home"), "DBPRUNE_POOL": "", "DAGSTER_HOME": "",
            ENV_STOP_GRACE: "180"}
     log = (tmp_path / "ui.log").open("w")
+    # started from a folder with a module named like one of Dagster's: the servers must not import it
+    (tmp_path / "gql.py").write_text("raise SystemExit('the gql.py of the folder dbprune ui started in')\n")
     # "in the background": `dbprune ui &` from a script, which starts it with SIGINT ignored
     parent = subprocess.Popen([sys.executable, "-c", NON_REAPING_PARENT, dbprune_exe(), "ui", "--port", str(port)],
                               env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
-                              start_new_session=True,
+                              start_new_session=True, cwd=tmp_path,
                               preexec_fn=_ignoring(signal.SIGINT) if started == "in the background" else None)
     try:
         ui = int(parent.stdout.readline())
