@@ -66,3 +66,21 @@ def test_ui_on_a_port_in_use_is_refused_before_anything_starts(
     err = capsys.readouterr().err
     assert f"cannot serve the UI on 127.0.0.1:{port}: Address already in use" in err and "--port" in err
     assert not (tmp_path / "home").exists()  # refused before the home is touched
+
+
+def test_servers_that_end_by_themselves_are_said_to(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from dbprune_assets import servers
+
+    from .uiproc import free_port
+
+    monkeypatch.setenv("DBPRUNE_HOME", str(tmp_path / "home"))
+    for name in ("DBPRUNE_POOL", "DAGSTER_HOME", "PYTHONSAFEPATH"):
+        monkeypatch.setenv(name, "")  # cmd_ui sets them for its servers: restored after the test
+    monkeypatch.setattr(servers, "supervise", lambda argv, grace_s=None: 3)
+    assert main(["ui", "--port", str(free_port())]) == 3
+    assert ("dbprune: the Dagster UI ended by itself (exit status 3), not stopped: the lines above say why"
+            in capsys.readouterr().err)
+    monkeypatch.setattr(servers, "supervise", lambda argv, grace_s=None: 0)  # stopped by a signal: no line
+    assert main(["ui", "--port", str(free_port())]) == 0
+    assert "ended by itself" not in capsys.readouterr().err
