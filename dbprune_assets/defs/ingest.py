@@ -102,7 +102,9 @@ def raw_metadata(context: dg.AssetExecutionContext, s: Session) -> dg.Materializ
     """One row per parquet row of an img2dataset shard (failed downloads included) with its status: ok,
     failed_download, undecodable, missing_in_tar, empty_caption, truncated_tar or duplicate_uid. Writes
     tables/samples/<shard>.parquet and tables/problems/<shard>.parquet. A shard whose parquet has the wrong
-    schema is recorded as failed (no samples rows, one problems row naming the column) and the others go on."""
+    schema is recorded as failed (no samples rows, one problems row naming the column) and the others go on.
+    A shard read again (its files touched or copied, a setting changed) that comes out the same (rows, tar
+    bytes, stored pairs) keeps its data version, so nothing after it runs (metadata: unchanged)."""
     totals: Counter[str] = Counter()
     per_shard = []
     problems_preview = []
