@@ -113,14 +113,29 @@ def instance_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     return cfg
 
 
-#: the embedded default's dagster.yaml, byte for byte what dbprune always wrote
+#: the embedded default's dagster.yaml without a storage block (Dagster's own SQLite storage)
 EMBEDDED_YAML = "telemetry:\n  enabled: false\n"
+#: where ``dagster.yaml`` finds the embedded instance's storage: Dagster's SQLite
+#: storage whose event log keeps its engines (``cluster/sqlite_events.py``)
+SQLITE_STORAGE = ("dbprune_assets.cluster.sqlite_events", "DbpruneSqliteStorage")
 
 
-def instance_yaml(env: Mapping[str, str] | None = None) -> str:
+def instance_yaml(env: Mapping[str, str] | None = None, dagster_home: str | None = None) -> str:
+    """The instance's ``dagster.yaml``.  Embedded (no PostgreSQL), with
+    ``dagster_home``: Dagster's SQLite storage in that folder (the files an
+    instance without a storage block uses) through
+    :class:`~dbprune_assets.cluster.sqlite_events.DbpruneSqliteStorage`."""
     cfg = instance_config(env)
     if list(cfg) == ["telemetry"]:
-        return EMBEDDED_YAML
+        if dagster_home is None:
+            return EMBEDDED_YAML
+        import json
+
+        module, cls = SQLITE_STORAGE
+        # JSON strings are YAML: any folder name, quoted
+        return (EMBEDDED_YAML + "storage:\n  custom:\n"
+                f"    module: {module}\n    class: {cls}\n    config:\n"
+                f"      base_dir: {json.dumps(os.path.abspath(dagster_home))}\n")
     import yaml
 
     return ("# written by dbprune from DBPRUNE_POSTGRES_URL and DBPRUNE_BROKER (rewritten by every command\n"
@@ -218,7 +233,8 @@ def dagster_instance(layout: Layout):  # -> dg.DagsterInstance
 
     layout.dagster_home.mkdir(parents=True, exist_ok=True)
     cfg = layout.dagster_home / "dagster.yaml"
-    text = instance_yaml()  # SQLite; PostgreSQL and Celery with DBPRUNE_POSTGRES_URL / DBPRUNE_BROKER
+    # SQLite; PostgreSQL and Celery with DBPRUNE_POSTGRES_URL / DBPRUNE_BROKER
+    text = instance_yaml(dagster_home=str(layout.dagster_home))
     if not cfg.exists() or cfg.read_text() != text:
         from dbprune_assets.core.store.atomic import write_bytes
 
