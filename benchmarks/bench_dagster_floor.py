@@ -15,7 +15,9 @@ measures that floor with no dbprune code at all:
           Again with one ``add_asset_metadata`` call per partition (what
           shows each shard's own numbers in the UI), and again with one
           more materialisation per partition carrying its own data version
-          (what ``defs/dataversions.py`` adds over a range).
+          (what ``defs/dataversions.py`` adds over a range); then the plain
+          and data-version cases through the storage ``dbprune`` configures
+          (``cluster/sqlite_events.py``), beside Dagster's default.
   bare    the bare load of ``benchmarks/bench_pool_scale.py`` (every npz
           read once, the CLIP score of each pair, the image rows written to a
           float16 scratch file) over ``--shards`` generated DataComp shards.
@@ -42,9 +44,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def dagster_floor(partitions: int, metadata: bool = False, versions: bool = False) -> list[float]:
+def dagster_floor(partitions: int, metadata: bool = False, versions: bool = False, dbprune: bool = False
+                  ) -> list[float]:
     """Seconds per partition of each of two no-op per-shard assets, one range run each.
 
+    ``dbprune``: the instance's storage as ``dbprune`` configures it
+    (``cluster/sqlite_events.py``: the event log keeps its engines), else
+    Dagster's default SQLite storage.
     ``metadata``: one ``add_asset_metadata`` call per partition; ``versions``:
     after the result, one more materialisation per partition carrying that
     partition's own data version, as ``defs/dataversions.py`` yields over a range
@@ -74,7 +80,11 @@ def dagster_floor(partitions: int, metadata: bool = False, versions: bool = Fals
     quiet = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
     out = []
     with tempfile.TemporaryDirectory(prefix="floor-") as home:
-        instance = dg.DagsterInstance.from_config(home)  # SQLite storage: dbprune's embedded default
+        if dbprune:
+            from dbprune_assets.cluster import instance_yaml
+
+            Path(home, "dagster.yaml").write_text(instance_yaml({}, dagster_home=home))
+        instance = dg.DagsterInstance.from_config(home)  # SQLite storage, as the embedded default
         instance.add_dynamic_partitions("shards", keys)
         for name in ("first", "second"):
             job = defs.resolve_implicit_global_asset_job_def().get_subset(asset_selection={dg.AssetKey(name)})
@@ -116,18 +126,25 @@ def main() -> None:
     plain = dagster_floor(a.partitions)
     with_meta = dagster_floor(a.partitions, metadata=True)
     with_versions = dagster_floor(a.partitions, versions=True)
+    own = dagster_floor(a.partitions, dbprune=True)
+    own_versions = dagster_floor(a.partitions, versions=True, dbprune=True)
     bare = bare_load(a.shards, a.samples_per_shard)
     ms = [x * 1000 for x in plain]
     ms_meta = [x * 1000 for x in with_meta]
     ms_versions = [x * 1000 for x in with_versions]
+    ms_own, ms_own_versions = [x * 1000 for x in own], [x * 1000 for x in own_versions]
     print(f"Dagster's own cost per partition ({a.partitions:,} dynamic partitions, one range run per asset, "
           "SQLite instance, in process):")
     print(f"  no-op asset:                          {ms[0]:6.1f} / {ms[1]:6.1f} ms (first / second asset)")
     print(f"  with one add_asset_metadata call:     {ms_meta[0]:6.1f} / {ms_meta[1]:6.1f} ms")
     print(f"  with a data-version materialisation:  {ms_versions[0]:6.1f} / {ms_versions[1]:6.1f} ms "
           "(dbprune's per-partition data versions over a range)")
-    floor, with_own = sum(ms), sum(ms_versions)
-    print(f"  two per-shard load assets, no metadata: {floor:.1f} ms per shard")
+    print(f"  dbprune's storage, no-op asset:       {ms_own[0]:6.1f} / {ms_own[1]:6.1f} ms "
+          f"({sum(ms_own) / sum(ms):.2f}× Dagster's default)")
+    print(f"  dbprune's storage, with data versions: {ms_own_versions[0]:5.1f} / {ms_own_versions[1]:6.1f} ms "
+          f"({sum(ms_own_versions) / sum(ms_versions):.2f}×)")
+    floor, with_own = sum(ms_own), sum(ms_own_versions)
+    print(f"  two per-shard load assets through dbprune's storage, no metadata: {floor:.1f} ms per shard")
     print(f"bare load ({a.shards} shards × {a.samples_per_shard:,}, b32): {bare * 1000:.1f} ms per shard")
     budget = 0.5 * bare * 1000
     print(f"the 1.5× budget beyond the bare load: {budget:.1f} ms per shard; Dagster's floor alone: {floor:.1f} ms "
