@@ -124,3 +124,29 @@ def test_a_table_is_looked_up_once_and_a_missing_one_every_time(tmp_path: Path) 
         storage = instance.event_log_storage
         assert storage.has_table("asset_event_tags") and "asset_event_tags" in storage._found_tables
         assert not storage.has_table("no_such_table") and "no_such_table" not in storage._found_tables
+
+
+def test_a_moved_or_copied_home_is_refused_until_dbprune_writes_its_yaml(tmp_path: Path) -> None:
+    """The yaml names its folder by absolute path: a stale one would open another
+    home's runs, or create an empty instance where the home used to be."""
+    import shutil
+
+    from dbprune_assets.cluster.sqlite_events import MovedInstanceError
+
+    keys = ["s00"]
+    first = Layout(tmp_path / "first", tmp_path / "pool")
+    with cluster.dagster_instance(first) as instance:
+        instance.add_dynamic_partitions("shards", keys)
+        assert materialise(instance, keys).success
+    copied = Layout(tmp_path / "copied", tmp_path / "pool")
+    shutil.copytree(first.home, copied.home)
+    with pytest.raises(MovedInstanceError, match="moved or copied.*dbprune run"):
+        dg.DagsterInstance.from_config(str(copied.dagster_home))  # as a Dagster process opens it
+    moved = Layout(tmp_path / "moved", tmp_path / "pool")
+    first.home.rename(moved.home)
+    with pytest.raises(MovedInstanceError, match=str(first.dagster_home)):
+        dg.DagsterInstance.from_config(str(moved.dagster_home))
+    assert not first.home.exists()  # nothing created where the home used to be
+    for layout in (moved, copied):  # what dbprune run, ui and daemon do first
+        with cluster.dagster_instance(layout) as instance:
+            assert [p for _, p, _ in history(instance)] == keys and len(instance.get_runs()) == 1

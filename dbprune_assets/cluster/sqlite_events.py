@@ -6,8 +6,8 @@ opens, and ``store_event`` opens two to four of them for each asset event (the
 run's database, the cross-run index, a table check), then disposes of them.
 That work is most of what Dagster's bookkeeping costs per partition: a
 per-shard step over many partitions stores one materialisation per partition
-(``benchmarks/bench_dagster_floor.py``: 11.1 against 7.0 ms per no-op
-partition).  :class:`CachedSqliteEventLogStorage` keeps each database's engine
+(``benchmarks/bench_dagster_floor.py``: 6.6–7.0 against 11.7–11.9 ms per
+no-op partition).  :class:`CachedSqliteEventLogStorage` keeps each database's engine
 (``NullPool``: still one SQLite connection per use, opened and closed as
 before, so nothing is shared across threads or forks; only the engine and its
 compiled statements are kept) for the few databases most recently used, and
@@ -43,16 +43,37 @@ from sqlalchemy.pool import NullPool
 #: reading many runs' logs opens one engine per run beyond these, as Dagster always did)
 KEPT_ENGINES = 8
 
+
+class MovedInstanceError(RuntimeError):
+    """A ``dagster.yaml`` naming another folder's storage: its home was moved or copied."""
+
+
+def _moved(yaml_dir: str, base_dir: str) -> MovedInstanceError:
+    return MovedInstanceError(
+        f"the Dagster instance in {yaml_dir} names its storage folder as {base_dir}: the dbprune home was moved or "
+        "copied since dbprune last wrote its dagster.yaml. Run `dbprune run`, `dbprune ui` or `dbprune daemon` with "
+        "DBPRUNE_HOME set to where the home is now: each writes dagster.yaml again before it opens the instance")
+
+
 class CachedSqliteEventLogStorage(SqliteEventLogStorage):
     """Dagster's SQLite event log, keeping the engines of the
     :data:`KEPT_ENGINES` databases used last (see the module docstring)."""
 
-    def __init__(self, base_dir: str, inst_data: Any = None) -> None:
+    def __init__(self, base_dir: str, inst_data: Any = None, instance_dir: str | None = None) -> None:
         super().__init__(base_dir, inst_data)
+        #: the folder of the dagster.yaml naming this storage (DbpruneSqliteStorage's base_dir)
+        self._instance_dir = instance_dir
         self._engines: OrderedDict[str, Any] = OrderedDict()
         self._found_tables: set[str] = set()
         # held while a connection is in use, as Dagster's own lock is: SQLite and threads
         self._engine_lock = threading.RLock()
+
+    def register_instance(self, instance: Any) -> None:
+        root = instance.root_directory  # the folder of the dagster.yaml Dagster read
+        if (self._instance_dir is not None and root is not None
+                and os.path.realpath(root) != os.path.realpath(self._instance_dir)):  # a copied home
+            raise _moved(root, self._instance_dir)
+        super().register_instance(instance)
 
     def run_connection(self, run_id: str | None = None) -> Any:
         return self._connection(run_id)  # type: ignore[arg-type]  # Dagster's signature
@@ -101,14 +122,24 @@ class CachedSqliteEventLogStorage(SqliteEventLogStorage):
 
 class DbpruneSqliteStorage(DagsterSqliteStorage):
     """Dagster's default SQLite storage (runs, event log, schedules under
-    ``base_dir``) with :class:`CachedSqliteEventLogStorage` as its event log."""
+    ``base_dir``) with :class:`CachedSqliteEventLogStorage` as its event log.
+
+    ``base_dir`` is the folder of the ``dagster.yaml`` naming it, an absolute
+    path (a storage cannot learn where its ``dagster.yaml`` lies).  So a home
+    moved or copied is refused (a move before anything is written) until a
+    dbprune command writes the file again: a stale path would open the other
+    home's instance, or create an empty one where the home used to be."""
 
     def __init__(self, base_dir: str, inst_data: Any = None) -> None:
         super().__init__(base_dir, inst_data)
-        self._cached_events = CachedSqliteEventLogStorage(os.path.join(base_dir, "history", "runs", ""))
+        self._cached_events = CachedSqliteEventLogStorage(os.path.join(base_dir, "history", "runs", ""),
+                                                          instance_dir=base_dir)
 
     @classmethod
     def from_config_value(cls, inst_data: Any, config_value: Any) -> "DbpruneSqliteStorage":
+        base_dir = config_value["base_dir"]
+        if not os.path.isfile(os.path.join(base_dir, "dagster.yaml")):  # moved: nothing there to open
+            raise _moved("a folder holding a dagster.yaml", base_dir)
         return cls.from_local(inst_data=inst_data, **config_value)
 
     @property
