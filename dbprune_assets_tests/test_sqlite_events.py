@@ -150,3 +150,29 @@ def test_a_moved_or_copied_home_is_refused_until_dbprune_writes_its_yaml(tmp_pat
     for layout in (moved, copied):  # what dbprune run, ui and daemon do first
         with cluster.dagster_instance(layout) as instance:
             assert [p for _, p, _ in history(instance)] == keys and len(instance.get_runs()) == 1
+
+
+def test_a_connection_opened_inside_the_first_one_does_not_wait_forever(tmp_path: Path) -> None:
+    """``store_event`` checks a table (a second index connection) inside its index
+    transaction; in a fresh process that may be the index's first use, which goes
+    through Dagster's own, non-reentrant lock."""
+    import threading
+
+    from dbprune_assets.cluster.sqlite_events import CachedSqliteEventLogStorage
+
+    CachedSqliteEventLogStorage(str(tmp_path / "runs"))  # creates the index database
+    storage = CachedSqliteEventLogStorage(str(tmp_path / "runs"))  # as a new process opens it: no engine yet
+    assert not storage._engines
+    found: list[bool] = []
+
+    def nested() -> None:
+        with storage.index_connection():
+            found.append(storage.has_table("asset_event_tags"))
+        with storage.run_connection("a-run") as conn, storage.run_connection("a-run"):
+            found.append(conn is not None)
+
+    worker = threading.Thread(target=nested, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "a nested connection waited on a lock its own thread holds"
+    assert found == [True, True]

@@ -60,13 +60,13 @@ class CachedSqliteEventLogStorage(SqliteEventLogStorage):
     :data:`KEPT_ENGINES` databases used last (see the module docstring)."""
 
     def __init__(self, base_dir: str, inst_data: Any = None, instance_dir: str | None = None) -> None:
-        super().__init__(base_dir, inst_data)
         #: the folder of the dagster.yaml naming this storage (DbpruneSqliteStorage's base_dir)
         self._instance_dir = instance_dir
         self._engines: OrderedDict[str, Any] = OrderedDict()
         self._found_tables: set[str] = set()
         # held while a connection is in use, as Dagster's own lock is: SQLite and threads
         self._engine_lock = threading.RLock()
+        super().__init__(base_dir, inst_data)  # a new index database is indexed here, through index_connection
 
     def register_instance(self, instance: Any) -> None:
         root = instance.root_directory  # the folder of the dagster.yaml Dagster read
@@ -97,13 +97,16 @@ class CachedSqliteEventLogStorage(SqliteEventLogStorage):
         with self._engine_lock:
             engine = self._engines.get(shard)
             if engine is None:
-                # the first use of a database in this process: Dagster's own path creates its tables
-                with super().run_connection(shard) if shard != INDEX_SHARD_NAME else super().index_connection() as conn:
-                    yield conn
-                self._keep(shard, create_engine(self.conn_string_for_shard(shard), poolclass=NullPool,
-                                                connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS}))
-                return
-            self._engines.move_to_end(shard)
+                # the first use of a database in this process: Dagster's own path creates its tables.  It
+                # is left before this use begins, so that a connection opened inside this one (has_table
+                # inside an index transaction) never waits on Dagster's lock, which is not reentrant
+                with super().run_connection(shard) if shard != INDEX_SHARD_NAME else super().index_connection():
+                    pass
+                engine = create_engine(self.conn_string_for_shard(shard), poolclass=NullPool,
+                                       connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS})
+                self._keep(shard, engine)
+            else:
+                self._engines.move_to_end(shard)
             with engine.connect() as conn, conn.begin():
                 yield conn
 
