@@ -47,6 +47,7 @@ def instance_at(home: Path, yaml_text: str) -> dg.DagsterInstance:
 
 
 def test_the_embedded_yaml_names_dbprunes_sqlite_storage_in_the_home(tmp_path: Path) -> None:
+    # env {}: no DBPRUNE_SQLITE_STORAGE, so the default (cached)
     home = tmp_path / "a home with spaces: and a colon"
     text = cluster.instance_yaml({}, dagster_home=str(home))
     assert yaml.safe_load(text) == {"telemetry": {"enabled": False}, "storage": {"custom": {
@@ -57,13 +58,27 @@ def test_the_embedded_yaml_names_dbprunes_sqlite_storage_in_the_home(tmp_path: P
     assert cluster.instance_yaml(pg, dagster_home=str(home)) == cluster.instance_yaml(pg)
 
 
-def test_dbprunes_instance_uses_the_cached_event_log(tmp_path: Path) -> None:
+def test_dbprunes_instance_uses_the_cached_event_log_unless_told_plain(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from dbprune_assets.cluster.sqlite_events import CachedSqliteEventLogStorage
 
+    monkeypatch.delenv(cluster.ENV_SQLITE, raising=False)
     layout = Layout(tmp_path / "home", tmp_path / "pool")
+    keys = ["s00", "s01"]
     with cluster.dagster_instance(layout) as instance:
         assert isinstance(instance.event_log_storage, CachedSqliteEventLogStorage)
         assert (layout.dagster_home / "history" / "runs").is_dir()  # Dagster's own folders
+        instance.add_dynamic_partitions("shards", keys)
+        assert materialise(instance, keys[:1]).success
+    monkeypatch.setenv(cluster.ENV_SQLITE, "plain")  # the way back, should a Dagster release break the first
+    with cluster.dagster_instance(layout) as instance:
+        assert (layout.dagster_home / "dagster.yaml").read_text() == cluster.EMBEDDED_YAML
+        assert not isinstance(instance.event_log_storage, CachedSqliteEventLogStorage)
+        assert materialise(instance, keys[1:]).success
+        assert sorted(p for _, p, _ in history(instance)) == keys
+    monkeypatch.setenv(cluster.ENV_SQLITE, "fast")
+    with pytest.raises(cluster.ClusterError, match="DBPRUNE_SQLITE_STORAGE='fast'.*cached, plain"):
+        cluster.dagster_instance(layout)
 
 
 def test_it_stores_and_reads_what_dagsters_own_storage_does_in_the_same_files(tmp_path: Path) -> None:

@@ -76,7 +76,7 @@ from typing import Any
 
 from dbprune_assets.cluster.failures import ClusterFailure
 from dbprune_assets.cluster.instance import (EMBEDDED_YAML, ENV_BACKEND, ENV_BROKER, ENV_LOST_AFTER, ENV_POSTGRES,
-                                             ENV_RETRIES, LAUNCHER_MODULE, PG_SCHEME, PLANNED_SUBSET_ENV,
+                                             ENV_RETRIES, ENV_SQLITE, LAUNCHER_MODULE, PG_SCHEME, PLANNED_SUBSET_ENV,
                                              PLANNED_SUBSET_FROM, ClusterError, backend_url, check_broker,
                                              check_config, check_reachable, console_config, dagster_instance, enabled,
                                              instance_config, instance_yaml, mask_url, planned_events, use_psycopg2,
@@ -100,7 +100,7 @@ def __getattr__(name: str) -> Any:  # `dagster.yaml` names dbprune_assets.cluste
 
 __all__ = [
     "ATTEMPT_TAG", "CPU", "DAGSTER_CHECKED", "EMBEDDED_YAML", "ENV_BACKEND", "ENV_BROKER", "ENV_LOST_AFTER",
-    "ENV_POSTGRES", "ENV_RETRIES", "EXECUTE_TASK", "GPU", "GROUP_TAG", "HOME_TAG", "K8S_GPU_CONFIG", "K8S_TAG",
+    "ENV_POSTGRES", "ENV_RETRIES", "ENV_SQLITE", "EXECUTE_TASK", "GPU", "GROUP_TAG", "HOME_TAG", "K8S_GPU_CONFIG", "K8S_TAG",
     "LAUNCHER_MODULE", "LOST_TAG", "PG_SCHEME", "PLANNED_SUBSET_ENV", "PLANNED_SUBSET_FROM", "QUEUES", "QUEUE_TAG",
     "RANGE_END_TAG", "RANGE_START_TAG", "SUBMITTER_TAG", "TASK_ID_TAG", "WORKER_HOST_TAG", "WORKER_PID_TAG",
     "WORKER_TAG", "ClusterError", "ClusterFailure", "backend_url", "check_broker", "check_config",

@@ -22,6 +22,10 @@ ENV_BACKEND = "DBPRUNE_CELERY_BACKEND"
 ENV_RETRIES = "DBPRUNE_RUN_RETRIES"
 #: seconds a run's lease lasts without renewal before its run counts as lost (default 30; ``core/running/lease.py``)
 ENV_LOST_AFTER = "DBPRUNE_WORKER_LOST_S"
+#: the embedded instance's storage: ``cached`` (default: ``cluster/sqlite_events.py``) or ``plain``
+#: (Dagster's own SQLite storage, the same files), a way back should a Dagster release break the first
+ENV_SQLITE = "DBPRUNE_SQLITE_STORAGE"
+SQLITE_CHOICES = ("cached", "plain")
 
 #: where ``dagster.yaml`` finds ``DbpruneRunLauncher``: the package, which builds
 #: it on first use (``cluster/launcher.py``); the homes' existing files name it so
@@ -71,6 +75,7 @@ def backend_url(env: Mapping[str, str] | None = None) -> str | None:
 def check_config(env: Mapping[str, str] | None = None) -> None:
     """Refuse settings that cannot work, before anything connects."""
     env = os.environ if env is None else env
+    sqlite_storage(env)
     pg, broker = env.get(ENV_POSTGRES, "").strip(), env.get(ENV_BROKER, "").strip()
     if pg:
         scheme = pg.split("://", 1)[0] if "://" in pg else ""
@@ -120,14 +125,26 @@ EMBEDDED_YAML = "telemetry:\n  enabled: false\n"
 SQLITE_STORAGE = ("dbprune_assets.cluster.sqlite_events", "DbpruneSqliteStorage")
 
 
+def sqlite_storage(env: Mapping[str, str]) -> str:
+    """``$DBPRUNE_SQLITE_STORAGE``: ``cached`` (the default) or ``plain``; ClusterError for anything else."""
+    value = env.get(ENV_SQLITE, "").strip().lower() or "cached"
+    if value not in SQLITE_CHOICES:
+        raise ClusterError(f"{ENV_SQLITE}={env.get(ENV_SQLITE)!r} is not one of {', '.join(SQLITE_CHOICES)}: unset it "
+                           "(cached: Dagster's SQLite storage whose event log keeps its engines) or set plain "
+                           "(Dagster's own; the same files, so a home opens with either)")
+    return value
+
+
 def instance_yaml(env: Mapping[str, str] | None = None, dagster_home: str | None = None) -> str:
     """The instance's ``dagster.yaml``.  Embedded (no PostgreSQL), with
     ``dagster_home``: Dagster's SQLite storage in that folder (the files an
     instance without a storage block uses) through
-    :class:`~dbprune_assets.cluster.sqlite_events.DbpruneSqliteStorage`."""
+    :class:`~dbprune_assets.cluster.sqlite_events.DbpruneSqliteStorage`, unless
+    ``$DBPRUNE_SQLITE_STORAGE`` is ``plain``."""
+    env = os.environ if env is None else env
     cfg = instance_config(env)
     if list(cfg) == ["telemetry"]:
-        if dagster_home is None:
+        if dagster_home is None or sqlite_storage(env) == "plain":
             return EMBEDDED_YAML
         import json
 
